@@ -1,0 +1,96 @@
+//! The admin listener (loopback by default): `/metrics`, `/healthz`, `/readyz`.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// Readiness as last probed: `/readyz` is 200 only when every dependency answered.
+#[derive(Default)]
+pub struct Health {
+    pub directory_up: AtomicBool,
+    pub upstream_up: AtomicBool,
+}
+
+impl Health {
+    /// The names of the dependencies that are down.
+    pub fn failing(&self) -> Vec<&'static str> {
+        let mut down = Vec::new();
+        if !self.directory_up.load(Ordering::Acquire) {
+            down.push("directory");
+        }
+        if !self.upstream_up.load(Ordering::Acquire) {
+            down.push("upstream");
+        }
+        down
+    }
+}
+
+/// Serves the admin endpoints until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let metrics = Arc::clone(&metrics);
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = answer(request.uri().path(), &metrics, &health);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => match health.failing().as_slice() {
+            [] => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            down => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {} unreachable\n", down.join(", ")),
+            ),
+        },
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

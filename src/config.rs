@@ -1,0 +1,758 @@
+//! Configuration: a TOML file read into typed sections.
+//!
+//! Loading never stops at the first mistake: every problem is collected with the key path it
+//! belongs to (`directory.urls[1]`, `tls.certificate`), unknown keys included, so an operator
+//! fixes a broken file in one pass. The binary exits with code 64 when any problem is found.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit code for a configuration that cannot be used (EX_USAGE / EX_CONFIG family).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub directory: DirectoryConfig,
+    pub cache: CacheConfig,
+    pub mapping: MappingConfig,
+    pub identity: IdentityConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+}
+
+/// The device-facing listener.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    pub address: SocketAddr,
+    pub handshake_timeout: Duration,
+    /// Longest wait for a complete request head, counted from the connection's start or the
+    /// end of the previous response: the keep-alive idle timeout and the header-read timeout
+    /// in one (hyper arms its header timer as soon as a connection waits for a request).
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Server certificate and the enterprise CA that issues device certificates.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Where accounts come from.
+#[derive(Debug, Clone)]
+pub enum DirectoryConfig {
+    Ldap(LdapConfig),
+    /// An LDIF file served in process: for `seg demo` and trials, never for production.
+    Ldif { file: PathBuf },
+}
+
+/// Active Directory over LDAP.
+#[derive(Debug, Clone)]
+pub struct LdapConfig {
+    pub urls: Vec<String>,
+    pub base_dn: String,
+    pub bind_dn: String,
+    pub bind_password_file: PathBuf,
+    pub starttls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub operation_timeout: Duration,
+    pub pool_size: usize,
+    /// Simple binds over plain ldap:// allowed (the bind password crosses the network in clear).
+    pub danger_allow_plaintext: bool,
+}
+
+/// The identity cache in front of the directory.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Age after which a cached identity is refreshed in the background while still served.
+    pub soft_ttl: Duration,
+    /// Age after which a cached identity is never served: the most staleness tolerated.
+    pub hard_ttl: Duration,
+    /// Lifetime of a real denial (no mapping, disabled account).
+    pub negative_ttl: Duration,
+    pub max_entries: u64,
+    pub max_concurrent_lookups: usize,
+    pub max_queued_lookups: usize,
+    /// Deadline for resolving a device not in the cache.
+    pub lookup_timeout: Duration,
+}
+
+/// Certificate-to-account mapping.
+#[derive(Debug, Clone)]
+pub struct MappingConfig {
+    pub rules: Vec<crate::identity::MappingRule>,
+}
+
+/// How the mapped account is presented to the upstream.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub header: http::HeaderName,
+    pub value: IdentityValue,
+    pub netbios_domain: Option<String>,
+    /// Extra client header names to strip besides the built-in identity header list.
+    pub strip_headers: Vec<String>,
+}
+
+/// Which account attribute becomes the identity header's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityValue {
+    Upn,
+    DomainSam,
+    Sam,
+}
+
+/// The ActiveSync server behind seg.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: http::Uri,
+    pub path_prefix: String,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+/// The loopback admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    pub probe_interval: Duration,
+}
+
+/// Shortest timeout allowed on an ActiveSync request in flight: a Ping may be held 3540 s.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One thing wrong with the configuration, at one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {n} configuration problem{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a configuration file; relative paths are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![ConfigProblem {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Config::parse(&text, &base, &source_name)
+    }
+
+    /// Parses configuration text; `base` resolves relative paths.
+    pub fn parse(text: &str, base: &Path, source_name: &str) -> Result<Config, ConfigError> {
+        let mut problems = Problems::default();
+        let table = match text.parse::<toml::Table>() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ConfigError {
+                    source_name: source_name.into(),
+                    problems: vec![ConfigProblem {
+                        key: "(syntax)".into(),
+                        message: e.message().to_string()
+                            + &e.span()
+                                .map(|s| format!(" (at byte {})", s.start))
+                                .unwrap_or_default(),
+                    }],
+                });
+            }
+        };
+        let mut root = Section::root(table, base);
+        let config = read_config(&mut root, &mut problems);
+        root.finish(&mut problems);
+        match config {
+            Some(c) if problems.0.is_empty() => Ok(c),
+            _ => Err(ConfigError {
+                source_name: source_name.into(),
+                problems: problems.0,
+            }),
+        }
+    }
+
+    /// A short human summary for `seg check-config`.
+    pub fn summary(&self) -> String {
+        let directory = match &self.directory {
+            DirectoryConfig::Ldap(l) => format!("ldap {} (base {})", l.urls.join(", "), l.base_dn),
+            DirectoryConfig::Ldif { file } => format!("ldif file {} (demo only)", file.display()),
+        };
+        let rules: Vec<&str> = self.mapping.rules.iter().map(|r| r.name()).collect();
+        format!(
+            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {}\nidentity    header {} = {:?}\nupstream    {}{}\nadmin       {}\n",
+            self.listen.address,
+            self.tls.client_ca.display(),
+            directory,
+            rules.join(" → "),
+            self.identity.header,
+            self.identity.value,
+            self.upstream.url,
+            if self.upstream.path_prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" (path prefix {})", self.upstream.path_prefix)
+            },
+            self.admin.address,
+        )
+    }
+}
+
+fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
+    let mut s = root.section("listen", p);
+    let listen = ListenConfig {
+        address: s.socket_addr("address", Some("0.0.0.0:443"), p),
+        handshake_timeout: s.duration("handshake_timeout", "10s", p),
+        idle_timeout: s.duration("idle_timeout", "120s", p),
+        max_connections: s.integer("max_connections", 20_000, 1, p),
+    };
+    s.finish(p);
+
+    let mut s = root.section("tls", p);
+    let tls = TlsConfig {
+        certificate: s.file("certificate", p),
+        private_key: s.file("private_key", p),
+        client_ca: s.file("client_ca", p),
+    };
+    s.finish(p);
+
+    let mut s = root.section("directory", p);
+    let directory = read_directory(&mut s, p);
+    s.finish(p);
+
+    let mut s = root.section("cache", p);
+    let cache = CacheConfig {
+        soft_ttl: s.duration("soft_ttl", "5m", p),
+        hard_ttl: s.duration("hard_ttl", "1h", p),
+        negative_ttl: s.duration("negative_ttl", "1m", p),
+        max_entries: s.integer("max_entries", 200_000, 1, p) as u64,
+        max_concurrent_lookups: s.integer("max_concurrent_lookups", 16, 1, p),
+        max_queued_lookups: s.integer("max_queued_lookups", 1024, 0, p),
+        lookup_timeout: s.duration("lookup_timeout", "5s", p),
+    };
+    if cache.soft_ttl > cache.hard_ttl {
+        p.push("cache.soft_ttl", "must not exceed cache.hard_ttl");
+    }
+    s.finish(p);
+
+    let mut s = root.section("mapping", p);
+    let default_rules = ["upn", "issuer-serial", "subject-key-id", "email"];
+    let names = s.string_list("rules", &default_rules, p);
+    let mut rules = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match crate::identity::MappingRule::from_name(name) {
+            Some(rule) if rules.contains(&rule) => {
+                p.push(&format!("mapping.rules[{i}]"), &format!("\"{name}\" is listed twice"))
+            }
+            Some(rule) => rules.push(rule),
+            None => p.push(
+                &format!("mapping.rules[{i}]"),
+                &format!(
+                    "unknown rule \"{name}\"; known rules: {}",
+                    crate::identity::MappingRule::ALL
+                        .iter()
+                        .map(|r| r.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        }
+    }
+    if names.is_empty() {
+        p.push("mapping.rules", "at least one rule is needed");
+    }
+    s.finish(p);
+
+    let mut s = root.section("identity", p);
+    let identity = read_identity(&mut s, p);
+    s.finish(p);
+
+    let mut s = root.section("upstream", p);
+    let upstream = read_upstream(&mut s, p);
+    s.finish(p);
+
+    let mut s = root.section("admin", p);
+    let admin = AdminConfig {
+        address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
+        probe_interval: s.duration("probe_interval", "5s", p),
+    };
+    s.finish(p);
+
+    Some(Config {
+        listen,
+        tls,
+        directory: directory?,
+        cache,
+        mapping: MappingConfig { rules },
+        identity: identity?,
+        upstream: upstream?,
+        admin,
+    })
+}
+
+fn read_directory(s: &mut Section, p: &mut Problems) -> Option<DirectoryConfig> {
+    if s.has("ldif_file") {
+        let file = s.file("ldif_file", p);
+        for key in ["urls", "base_dn", "bind_dn", "bind_password_file"] {
+            if s.has(key) {
+                p.push(&s.key(key), "cannot be combined with directory.ldif_file");
+            }
+        }
+        return Some(DirectoryConfig::Ldif { file });
+    }
+    let urls = s.string_list("urls", &[], p);
+    if urls.is_empty() && !p.has(&s.key("urls")) {
+        p.push(
+            &s.key("urls"),
+            "required: one or more ldap:// or ldaps:// URLs (tried in order)",
+        );
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if !(url.starts_with("ldap://") || url.starts_with("ldaps://")) {
+            p.push(
+                &format!("{}[{i}]", s.key("urls")),
+                &format!("\"{url}\" is not an ldap:// or ldaps:// URL"),
+            );
+        }
+    }
+    let starttls = s.boolean("starttls", false, p);
+    let ldap = LdapConfig {
+        base_dn: s.required_string("base_dn", p).unwrap_or_default(),
+        bind_dn: s.required_string("bind_dn", p).unwrap_or_default(),
+        bind_password_file: s.file("bind_password_file", p),
+        starttls,
+        ca_file: s.optional_file("ca_file", p),
+        connect_timeout: s.duration("connect_timeout", "3s", p),
+        operation_timeout: s.duration("operation_timeout", "5s", p),
+        pool_size: s.integer("pool_size", 4, 1, p),
+        danger_allow_plaintext: s.boolean("danger_allow_plaintext", false, p),
+        urls,
+    };
+    let plain = ldap.urls.iter().any(|u| u.starts_with("ldap://"));
+    if plain && !ldap.starttls && !ldap.danger_allow_plaintext {
+        p.push(
+            &s.key("urls"),
+            "ldap:// without starttls sends the bind password in clear; use ldaps://, set starttls = true, or set danger_allow_plaintext = true",
+        );
+    }
+    Some(DirectoryConfig::Ldap(ldap))
+}
+
+fn read_identity(s: &mut Section, p: &mut Problems) -> Option<IdentityConfig> {
+    let mode = s.string("mode", "header", p);
+    if mode != "header" {
+        p.push(
+            &s.key("mode"),
+            &format!("unknown mode \"{mode}\"; supported: header"),
+        );
+    }
+    let header_name = s.string("header", "X-Remote-User", p);
+    let header = match http::HeaderName::from_bytes(header_name.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            p.push(
+                &s.key("header"),
+                &format!("\"{header_name}\" is not a valid header name"),
+            );
+            None
+        }
+    };
+    let value = match s.string("value", "upn", p).as_str() {
+        "upn" => IdentityValue::Upn,
+        "domain-sam" => IdentityValue::DomainSam,
+        "sam" => IdentityValue::Sam,
+        other => {
+            p.push(
+                &s.key("value"),
+                &format!("unknown value \"{other}\"; one of upn, domain-sam, sam"),
+            );
+            IdentityValue::Upn
+        }
+    };
+    let netbios_domain = s.optional_string("netbios_domain", p);
+    if value == IdentityValue::DomainSam && netbios_domain.is_none() {
+        p.push(
+            &s.key("netbios_domain"),
+            "required when identity.value = \"domain-sam\"",
+        );
+    }
+    let strip_headers = s.string_list("strip_headers", &[], p);
+    for (i, h) in strip_headers.iter().enumerate() {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            p.push(
+                &format!("{}[{i}]", s.key("strip_headers")),
+                &format!("\"{h}\" is not a valid header name"),
+            );
+        }
+    }
+    Some(IdentityConfig {
+        header: header?,
+        value,
+        netbios_domain,
+        strip_headers,
+    })
+}
+
+fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
+    let url_text = s.required_string("url", p);
+    let url = url_text.and_then(|text| match text.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http") | Some("https")) && u.host().is_some() => {
+            Some(u)
+        }
+        _ => {
+            p.push(
+                &s.key("url"),
+                &format!("\"{text}\" is not an http:// or https:// URL"),
+            );
+            None
+        }
+    });
+    let path_prefix = s.string("path_prefix", "", p);
+    if !path_prefix.is_empty() && (!path_prefix.starts_with('/') || path_prefix.ends_with('/')) {
+        p.push(
+            &s.key("path_prefix"),
+            "must start with '/' and not end with '/' (for example \"/SOGo\")",
+        );
+    }
+    let ca_file = s.optional_file("ca_file", p);
+    if let Some(u) = &url {
+        if u.scheme_str() == Some("https") && ca_file.is_none() {
+            p.push(
+                &s.key("ca_file"),
+                "required for an https:// upstream (system roots are never trusted)",
+            );
+        }
+        if u.path() != "/" && !u.path().is_empty() {
+            p.push(
+                &s.key("url"),
+                "must not carry a path; put it in upstream.path_prefix",
+            );
+        }
+    }
+    let request_timeout = s.duration("request_timeout", "3660s", p);
+    if request_timeout < MIN_REQUEST_TIMEOUT {
+        p.push(
+            &s.key("request_timeout"),
+            "must be at least 3600s: ActiveSync holds Ping and Sync for up to 3540 s",
+        );
+    }
+    Some(UpstreamConfig {
+        url: url?,
+        path_prefix,
+        ca_file,
+        connect_timeout: s.duration("connect_timeout", "5s", p),
+        request_timeout,
+        pool_max_idle_per_host: s.integer("pool_max_idle_per_host", 256, 0, p),
+        pool_idle_timeout: s.duration("pool_idle_timeout", "90s", p),
+    })
+}
+
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn push(&mut self, key: &str, message: &str) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.0.iter().any(|p| p.key == key)
+    }
+}
+
+/// One TOML table being consumed; keys left over at `finish` are unknown.
+struct Section {
+    path: String,
+    table: toml::Table,
+    base: PathBuf,
+}
+
+impl Section {
+    fn root(table: toml::Table, base: &Path) -> Section {
+        Section {
+            path: String::new(),
+            table,
+            base: base.to_path_buf(),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn section(&mut self, key: &str, p: &mut Problems) -> Section {
+        let table = match self.table.remove(key) {
+            Some(toml::Value::Table(t)) => t,
+            Some(_) => {
+                p.push(&self.key(key), "must be a table");
+                toml::Table::new()
+            }
+            None => toml::Table::new(),
+        };
+        Section {
+            path: self.key(key),
+            table,
+            base: self.base.clone(),
+        }
+    }
+
+    fn finish(self, p: &mut Problems) {
+        for key in self.table.keys() {
+            p.push(&self.key(key), "unknown key");
+        }
+    }
+
+    fn take(&mut self, key: &str, kind: &str, p: &mut Problems) -> Option<toml::Value> {
+        let v = self.table.remove(key)?;
+        let ok = match kind {
+            "string" => v.is_str(),
+            "integer" => v.is_integer(),
+            "boolean" => v.is_bool(),
+            "array" => v.is_array(),
+            _ => true,
+        };
+        if ok {
+            Some(v)
+        } else {
+            p.push(
+                &self.key(key),
+                &format!("must be a {kind}, found {}", v.type_str()),
+            );
+            None
+        }
+    }
+
+    fn optional_string(&mut self, key: &str, p: &mut Problems) -> Option<String> {
+        let v = self.take(key, "string", p)?;
+        v.as_str().map(str::to_string)
+    }
+
+    fn string(&mut self, key: &str, default: &str, p: &mut Problems) -> String {
+        self.optional_string(key, p)
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn required_string(&mut self, key: &str, p: &mut Problems) -> Option<String> {
+        let present = self.has(key);
+        let v = self.optional_string(key, p);
+        match &v {
+            Some(s) if s.is_empty() => p.push(&self.key(key), "must not be empty"),
+            None if !present => p.push(&self.key(key), "required"),
+            _ => {}
+        }
+        v.filter(|s| !s.is_empty())
+    }
+
+    fn string_list(&mut self, key: &str, default: &[&str], p: &mut Problems) -> Vec<String> {
+        let Some(v) = self.take(key, "array", p) else {
+            return default.iter().map(|s| s.to_string()).collect();
+        };
+        let mut out = Vec::new();
+        for (i, item) in v.as_array().into_iter().flatten().enumerate() {
+            match item.as_str() {
+                Some(s) => out.push(s.to_string()),
+                None => p.push(&format!("{}[{i}]", self.key(key)), "must be a string"),
+            }
+        }
+        out
+    }
+
+    fn boolean(&mut self, key: &str, default: bool, p: &mut Problems) -> bool {
+        self.take(key, "boolean", p)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(default)
+    }
+
+    fn integer(&mut self, key: &str, default: usize, min: usize, p: &mut Problems) -> usize {
+        let Some(v) = self.take(key, "integer", p).and_then(|v| v.as_integer()) else {
+            return default;
+        };
+        match usize::try_from(v) {
+            Ok(n) if n >= min => n,
+            _ => {
+                p.push(&self.key(key), &format!("must be an integer ≥ {min}"));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: &str, p: &mut Problems) -> Duration {
+        let fallback = parse_duration(default).unwrap_or_default();
+        let Some(text) = self.optional_string(key, p) else {
+            return fallback;
+        };
+        match parse_duration(&text) {
+            Some(d) if !d.is_zero() => d,
+            _ => {
+                p.push(
+                    &self.key(key),
+                    &format!("\"{text}\" is not a duration (for example \"250ms\", \"30s\", \"5m\", \"1h\")"),
+                );
+                fallback
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, default: Option<&str>, p: &mut Problems) -> SocketAddr {
+        let fallback: SocketAddr = default
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let Some(text) = self.optional_string(key, p) else {
+            return fallback;
+        };
+        text.parse().unwrap_or_else(|_| {
+            p.push(
+                &self.key(key),
+                &format!("\"{text}\" is not an address:port (for example \"0.0.0.0:443\")"),
+            );
+            fallback
+        })
+    }
+
+    fn resolve(&self, text: &str) -> PathBuf {
+        let path = PathBuf::from(text);
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn optional_file(&mut self, key: &str, p: &mut Problems) -> Option<PathBuf> {
+        let text = self.optional_string(key, p)?;
+        let path = self.resolve(&text);
+        if let Err(e) = std::fs::File::open(&path) {
+            p.push(
+                &self.key(key),
+                &format!("cannot read {}: {e}", path.display()),
+            );
+        }
+        Some(path)
+    }
+
+    fn file(&mut self, key: &str, p: &mut Problems) -> PathBuf {
+        if !self.has(key) {
+            p.push(&self.key(key), "required");
+            return PathBuf::new();
+        }
+        self.optional_file(key, p).unwrap_or_default()
+    }
+}
+
+/// Parses "250ms", "30s", "5m", "1h" or "2d".
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let millis = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(millis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5 minutes"), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let text = r#"
+            [listen]
+            address = "nowhere"
+            colour = "blue"
+            [tls]
+            certificate = "/nonexistent/cert.pem"
+            [directory]
+            urls = ["http://dc1"]
+            [mapping]
+            rules = ["upn", "telepathy"]
+            [upstream]
+            url = "http://eas.example"
+            request_timeout = "60s"
+            [bogus]
+        "#;
+        let err = Config::parse(text, Path::new("/"), "test.toml").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "listen.address",
+            "listen.colour",
+            "tls.certificate",
+            "tls.private_key",
+            "tls.client_ca",
+            "directory.urls[0]",
+            "directory.base_dn",
+            "directory.bind_dn",
+            "directory.bind_password_file",
+            "mapping.rules[1]",
+            "upstream.request_timeout",
+            "bogus",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Active Directory over LDAP: a small pool of bound connections, DCs tried in order,
+//! connect and operation timeouts, and searches that fail closed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
+use tokio::sync::Mutex;
+
+use super::{AccountEntry, DirectoryError, Lookup, ACCOUNT_ATTRIBUTES};
+use crate::config::LdapConfig;
+
+/// LDAP result codes handled by name.
+const RC_SUCCESS: u32 = 0;
+const RC_SIZE_LIMIT_EXCEEDED: u32 = 4;
+const RC_REFERRAL: u32 = 10;
+
+/// A pool of bound LDAP connections. Each connection multiplexes concurrent operations;
+/// a broken one is replaced on next use, trying the configured DCs in order.
+pub struct LdapDirectory {
+    urls: Vec<String>,
+    base_dn: String,
+    bind_dn: String,
+    bind_password: String,
+    settings: LdapConnSettings,
+    operation_timeout: Duration,
+    slots: Vec<Mutex<Option<Ldap>>>,
+    next: AtomicUsize,
+}
+
+impl LdapDirectory {
+    pub fn new(config: &LdapConfig) -> Result<LdapDirectory, DirectoryError> {
+        let bind_password = std::fs::read_to_string(&config.bind_password_file)
+            .map_err(|e| {
+                DirectoryError::Setup(format!(
+                    "cannot read bind password from {}: {e}",
+                    config.bind_password_file.display()
+                ))
+            })?
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
+        let mut settings = LdapConnSettings::new()
+            .set_conn_timeout(config.connect_timeout)
+            .set_starttls(config.starttls);
+        if let Some(ca) = &config.ca_file {
+            settings = settings.set_config(Arc::new(client_tls(ca)?));
+        }
+        Ok(LdapDirectory {
+            urls: config.urls.clone(),
+            base_dn: config.base_dn.clone(),
+            bind_dn: config.bind_dn.clone(),
+            bind_password,
+            settings,
+            operation_timeout: config.operation_timeout,
+            slots: (0..config.pool_size).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Up to two user entries matching the lookup (a second entry means ambiguous).
+    pub async fn search(&self, lookup: &Lookup) -> Result<Vec<AccountEntry>, DirectoryError> {
+        let filter = lookup.filter();
+        self.with_retry(|mut ldap| {
+            let filter = filter.clone();
+            async move {
+                let result = ldap
+                    .with_timeout(self.operation_timeout)
+                    .with_search_options(SearchOptions::new().sizelimit(2))
+                    .search(
+                        &self.base_dn,
+                        Scope::Subtree,
+                        &filter,
+                        ACCOUNT_ATTRIBUTES.to_vec(),
+                    )
+                    .await;
+                let ldap3::SearchResult(entries, status) = result.map_err(|e| self.error(e))?;
+                match status.rc {
+                    RC_SUCCESS | RC_SIZE_LIMIT_EXCEEDED | RC_REFERRAL => {}
+                    rc => return Err(result_error(rc, &status.text)),
+                }
+                Ok(entries
+                    .into_iter()
+                    // Referrals (AD answers them for other partitions) are ignored, never chased.
+                    .filter(|e| !e.is_ref() && !e.is_intermediate())
+                    .map(SearchEntry::construct)
+                    .map(|e| {
+                        AccountEntry::from_attributes(
+                            &e.dn,
+                            e.attrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                            e.bin_attrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                        )
+                    })
+                    .collect())
+            }
+        })
+        .await
+    }
+
+    /// Reads the base DN entry: proves a DC answers and the bind works.
+    pub async fn probe(&self) -> Result<(), DirectoryError> {
+        self.with_retry(|mut ldap| async move {
+            let ldap3::SearchResult(_, status) = ldap
+                .with_timeout(self.operation_timeout)
+                .search(&self.base_dn, Scope::Base, "(objectClass=*)", vec!["1.1"])
+                .await
+                .map_err(|e| self.error(e))?;
+            match status.rc {
+                RC_SUCCESS => Ok(()),
+                rc => Err(result_error(rc, &status.text)),
+            }
+        })
+        .await
+    }
+
+    /// Runs an operation on a pooled connection; a transport failure drops that connection and
+    /// the (idempotent) operation is tried once more on a fresh one.
+    async fn with_retry<F, Fut, T>(&self, op: F) -> Result<T, DirectoryError>
+    where
+        F: Fn(Ldap) -> Fut,
+        Fut: std::future::Future<Output = Result<T, DirectoryError>>,
+    {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut last = None;
+        for _ in 0..2 {
+            let ldap = self.connection(slot).await?;
+            match op(ldap).await {
+                Ok(v) => return Ok(v),
+                Err(e @ (DirectoryError::Unavailable(_) | DirectoryError::Timeout(_))) => {
+                    *self.slots[slot].lock().await = None;
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| DirectoryError::Unavailable("no attempt made".into())))
+    }
+
+    async fn connection(&self, slot: usize) -> Result<Ldap, DirectoryError> {
+        let mut guard = self.slots[slot].lock().await;
+        if let Some(ldap) = guard.as_mut() {
+            if !ldap.is_closed() {
+                return Ok(ldap.clone());
+            }
+        }
+        let ldap = self.connect().await?;
+        *guard = Some(ldap.clone());
+        Ok(ldap)
+    }
+
+    /// Connects and binds to the first DC that answers, in configured order.
+    async fn connect(&self) -> Result<Ldap, DirectoryError> {
+        let mut failures = Vec::new();
+        for url in &self.urls {
+            match self.connect_one(url).await {
+                Ok(ldap) => return Ok(ldap),
+                Err(e) => {
+                    tracing::warn!(target: "seg::directory", %url, error = %e, "directory server failed");
+                    failures.push(format!("{url}: {e}"));
+                }
+            }
+        }
+        Err(DirectoryError::Unavailable(failures.join("; ")))
+    }
+
+    async fn connect_one(&self, url: &str) -> Result<Ldap, DirectoryError> {
+        let (conn, mut ldap) = LdapConnAsync::with_settings(self.settings.clone(), url)
+            .await
+            .map_err(|e| self.error(e))?;
+        ldap3::drive!(conn);
+        let bound = ldap
+            .with_timeout(self.operation_timeout)
+            .simple_bind(&self.bind_dn, &self.bind_password)
+            .await
+            .map_err(|e| self.error(e))?;
+        if bound.rc != RC_SUCCESS {
+            return Err(DirectoryError::Refused(format!(
+                "bind as {} failed: result {} {}",
+                self.bind_dn, bound.rc, bound.text
+            )));
+        }
+        Ok(ldap)
+    }
+
+    fn error(&self, e: LdapError) -> DirectoryError {
+        match e {
+            LdapError::Timeout { .. } => DirectoryError::Timeout(self.operation_timeout),
+            other => DirectoryError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// A non-success LDAP result: busy and unavailable are transient, the rest are refusals.
+fn result_error(rc: u32, text: &str) -> DirectoryError {
+    match rc {
+        51 | 52 => DirectoryError::Unavailable(format!("server busy or unavailable: {rc} {text}")),
+        _ => DirectoryError::Refused(format!("result {rc} {text}")),
+    }
+}
+
+fn client_tls(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, DirectoryError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| DirectoryError::Setup(format!("directory.ca_file: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| DirectoryError::Setup(format!("directory.ca_file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| DirectoryError::Setup(format!("directory.ca_file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(DirectoryError::Setup(format!(
+            "directory.ca_file {} holds no certificate",
+            ca_file.display()
+        )));
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

@@ -1,0 +1,197 @@
+//! The `seg` command: parses arguments and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use seg::config::{Config, EXIT_CONFIG};
+use seg::demo::{Demo, DemoOptions};
+use seg::App;
+
+#[derive(Parser)]
+#[command(name = "seg", version, about = "Secure Email Gateway for Exchange ActiveSync")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve devices with the given configuration.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration, list every problem, exit 64 if there is one.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate and map one device certificate exactly as the listener would.
+    Map {
+        #[arg(long)]
+        config: PathBuf,
+        /// The device certificate (PEM; the first certificate is the leaf).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Intermediate certificates the device would send (PEM).
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// Explain the decision for a person instead of printing JSON.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Run a self-contained demo: throwaway CA, demo directory, echo upstream, seg.
+    Demo {
+        /// Where to write the demo's certificates and configuration (default: a new temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("seg: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::CheckConfig { config } => check_config(config),
+            Command::Map {
+                config,
+                cert,
+                chain,
+                explain,
+            } => map(config, cert, chain, explain).await,
+            Command::Demo { dir, listen, admin } => demo(dir, listen, admin).await,
+        }
+    });
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SEG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .init();
+}
+
+fn load(path: &std::path::Path) -> Result<Config, i32> {
+    Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        EXIT_CONFIG
+    })
+}
+
+fn build(config: Config) -> Result<App, i32> {
+    App::build(config).map_err(|e| {
+        eprintln!("seg: configuration cannot be used: {e}");
+        EXIT_CONFIG
+    })
+}
+
+async fn run(path: PathBuf) -> i32 {
+    let app = match load(&path).and_then(build) {
+        Ok(app) => app,
+        Err(code) => return code,
+    };
+    let running = match app.start().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("seg: cannot listen: {e}");
+            return 1;
+        }
+    };
+    wait_for_stop().await;
+    tracing::info!(target: "seg::listener", "stopping");
+    running.stop().await;
+    0
+}
+
+fn check_config(path: PathBuf) -> i32 {
+    match load(&path).and_then(|config| {
+        let summary = config.summary();
+        build(config).map(|_| summary)
+    }) {
+        Ok(summary) => {
+            print!("{}: configuration is valid\n{summary}", path.display());
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explain: bool) -> i32 {
+    let config = match load(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let app = match build(config.clone()) {
+        Ok(app) => app,
+        Err(code) => return code,
+    };
+    match seg::mapcheck::map_certificate(&config, app.resolver(), &cert, chain.as_deref()).await {
+        Ok(report) => {
+            if explain {
+                print!("{}", report.explain());
+            } else {
+                println!("{:#}", report.to_json());
+            }
+            report.outcome.exit_code()
+        }
+        Err(e) if e.key.starts_with("--") => {
+            eprintln!("seg map: {e}");
+            66
+        }
+        Err(e) => {
+            eprintln!("seg map: configuration cannot be used: {e}");
+            EXIT_CONFIG
+        }
+    }
+}
+
+async fn demo(dir: Option<PathBuf>, listen: SocketAddr, admin: SocketAddr) -> i32 {
+    let demo = match Demo::start(DemoOptions { dir, listen, admin }).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("seg demo: {e}");
+            return 1;
+        }
+    };
+    println!("{}", demo.instructions());
+    wait_for_stop().await;
+    println!("stopping the demo");
+    demo.running.stop().await;
+    0
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,174 @@
+//! `seg map`: what the listener would decide for one certificate, for an administrator.
+//!
+//! It runs the same chain validation (CA bundle, clientAuth EKU, validity) and the same
+//! uncached mapping against the configured directory, and renders the result as JSON or as
+//! an explanation: chain verdict, certificate facts, each rule with its LDAP filter, the
+//! account, its checks, and the decision with its reason code.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use rustls::pki_types::CertificateDer;
+
+use crate::config::Config;
+use crate::resolver::{Decision, Resolver, Trace};
+use crate::tls::{read_certs, ClientCertPolicy};
+
+/// The decision for one certificate and how it was reached.
+pub struct MapReport {
+    pub chain_error: Option<String>,
+    pub trace: Trace,
+    pub outcome: MapOutcome,
+}
+
+/// What the gateway would do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapOutcome {
+    /// Forwarded, carrying this identity header value.
+    Admit { identity: String },
+    /// Refused with a reason code (403, or a refused handshake for `certificate-invalid`).
+    Deny { reason: &'static str },
+    /// No decision possible now (503).
+    Unavailable { reason: &'static str, error: String },
+}
+
+impl MapOutcome {
+    /// Process exit code for `seg map`: 0 admit, 1 deny, 69 (EX_UNAVAILABLE) unavailable.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            MapOutcome::Admit { .. } => 0,
+            MapOutcome::Deny { .. } => 1,
+            MapOutcome::Unavailable { .. } => 69,
+        }
+    }
+}
+
+/// Validates and maps the first certificate of `cert_file`, with optional intermediates.
+pub async fn map_certificate(
+    config: &Config,
+    resolver: &Resolver,
+    cert_file: &Path,
+    chain_file: Option<&Path>,
+) -> Result<MapReport, crate::tls::TlsError> {
+    let leaf = read_certs(cert_file, "--cert")?.remove(0);
+    let intermediates: Vec<CertificateDer<'static>> = match chain_file {
+        Some(path) => read_certs(path, "--chain")?,
+        None => Vec::new(),
+    };
+    let policy = ClientCertPolicy::from_ca_file(&config.tls.client_ca)?;
+    if let Err(e) = policy.verify_chain(&leaf, &intermediates) {
+        return Ok(MapReport {
+            chain_error: Some(e.to_string()),
+            trace: Trace::default(),
+            outcome: MapOutcome::Deny {
+                reason: "certificate-invalid",
+            },
+        });
+    }
+    let (result, trace) = resolver.explain(leaf.as_ref()).await;
+    let outcome = match result {
+        Ok(Decision::Admit(identity)) => MapOutcome::Admit {
+            identity: String::from_utf8_lossy(identity.header_value.as_bytes()).into_owned(),
+        },
+        Ok(Decision::Deny(denial)) => MapOutcome::Deny {
+            reason: denial.reason.code(),
+        },
+        Err(e) => MapOutcome::Unavailable {
+            reason: e.code(),
+            error: e.to_string(),
+        },
+    };
+    Ok(MapReport {
+        chain_error: None,
+        trace,
+        outcome,
+    })
+}
+
+impl MapReport {
+    pub fn to_json(&self) -> serde_json::Value {
+        let (decision, reason, identity, error) = match &self.outcome {
+            MapOutcome::Admit { identity } => ("admit", "mapped", Some(identity.clone()), None),
+            MapOutcome::Deny { reason } => ("deny", *reason, None, None),
+            MapOutcome::Unavailable { reason, error } => {
+                ("unavailable", *reason, None, Some(error.clone()))
+            }
+        };
+        serde_json::json!({
+            "chain": { "valid": self.chain_error.is_none(), "error": self.chain_error },
+            "certificate": self.trace.facts,
+            "rules": self.trace.rules,
+            "account": self.trace.account,
+            "checks": self.trace.checks,
+            "decision": decision,
+            "reason": reason,
+            "identity": identity,
+            "error": error,
+        })
+    }
+
+    /// The explanation for a person.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        match &self.chain_error {
+            None => out.push_str("chain        valid (enterprise CA bundle, clientAuth EKU, validity)\n"),
+            Some(e) => {
+                let _ = writeln!(out, "chain        INVALID: {e}");
+                let _ = writeln!(out, "             the TLS handshake would be refused; no mapping is attempted");
+            }
+        }
+        if let Some(f) = &self.trace.facts {
+            let none = || "-".to_string();
+            let _ = writeln!(out, "certificate");
+            let _ = writeln!(out, "  subject    {}", f.subject);
+            let _ = writeln!(out, "  issuer     {}", f.issuer);
+            let _ = writeln!(out, "  issuer, as AD writes it   {}", f.issuer_ad);
+            let _ = writeln!(out, "  serial     {}", f.serial_hex());
+            let _ = writeln!(out, "  UPN        {}", if f.upns.is_empty() { none() } else { f.upns.join(", ") });
+            let _ = writeln!(out, "  email      {}", if f.emails.is_empty() { none() } else { f.emails.join(", ") });
+            let _ = writeln!(
+                out,
+                "  SKI        {}",
+                f.subject_key_id.as_deref().map(crate::identity::hex).unwrap_or_else(none)
+            );
+        }
+        if !self.trace.rules.is_empty() {
+            let _ = writeln!(out, "rules, in configured order");
+        }
+        for (i, attempt) in self.trace.rules.iter().enumerate() {
+            let strength = match attempt.strength {
+                crate::identity::MappingStrength::Strong => "strong",
+                crate::identity::MappingStrength::Weak => "weak",
+            };
+            let _ = writeln!(out, "  {}. {} ({strength})", i + 1, attempt.rule.name());
+            if let Some(filter) = &attempt.filter {
+                let _ = writeln!(out, "     filter  {filter}");
+            }
+            let _ = writeln!(out, "     result  {}", attempt.outcome);
+        }
+        if let Some(a) = &self.trace.account {
+            let _ = writeln!(out, "account      {}", a.dn);
+            let _ = writeln!(
+                out,
+                "             sAMAccountName {}, UPN {}",
+                a.sam_account_name.as_deref().unwrap_or("-"),
+                a.user_principal_name.as_deref().unwrap_or("-")
+            );
+        }
+        for check in &self.trace.checks {
+            let mark = if check.passed { "ok  " } else { "FAIL" };
+            let _ = writeln!(out, "  {mark} {:<12} {}", check.check, check.detail);
+        }
+        let _ = match &self.outcome {
+            MapOutcome::Admit { identity } => {
+                writeln!(out, "decision     ADMIT, forwarded as {identity} (reason: mapped)")
+            }
+            MapOutcome::Deny { reason } => writeln!(out, "decision     DENY (reason: {reason})"),
+            MapOutcome::Unavailable { reason, error } => writeln!(
+                out,
+                "decision     UNAVAILABLE, 503 + Retry-After (reason: {reason}): {error}"
+            ),
+        };
+        out
+    }
+}

@@ -1,0 +1,172 @@
+//! Every metric seg exports, on one explicit registry, prefixed `seg_`.
+//!
+//! Labels are fixed, small sets: never a user, device or certificate.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The metrics of one gateway process.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub handshakes: IntCounterVec,
+    pub identity_cache: IntCounterVec,
+    pub identity_decisions: IntCounterVec,
+    pub directory_searches: IntCounterVec,
+    pub directory_search_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub open_connections: IntGauge,
+    pub connections_refused: IntCounter,
+    pub dependency_up: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("seg".into()), None)
+            .expect("static registry options are valid");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Device requests answered, by ActiveSync command and status class.",
+            ),
+            &["command", "status_class"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request head to the end of the response body, by request kind.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+            ]),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let handshakes = IntCounterVec::new(
+            Opts::new("tls_handshakes_total", "TLS handshakes, by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let identity_cache = IntCounterVec::new(
+            Opts::new(
+                "identity_cache_lookups_total",
+                "Identity cache lookups: hit, miss (this lookup asked the directory), coalesced (waited for another's lookup), stale (served past the soft TTL).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let identity_decisions = IntCounterVec::new(
+            Opts::new(
+                "identity_decisions_total",
+                "Identity resolutions made against the directory, by decision and reason code.",
+            ),
+            &["decision", "reason"],
+        )
+        .expect("valid metric");
+        let directory_searches = IntCounterVec::new(
+            Opts::new("directory_searches_total", "Directory searches, by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let directory_search_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "directory_search_duration_seconds",
+                "Directory search latency.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["result"],
+        )
+        .expect("valid metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "upstream_errors_total",
+                "Requests the upstream could not answer, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let open_connections = IntGauge::new(
+            "open_connections",
+            "Device connections currently open (TLS handshake included).",
+        )
+        .expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Device connections closed at accept because max_connections was reached.",
+        )
+        .expect("valid metric");
+        let dependency_up = IntGaugeVec::new(
+            Opts::new(
+                "dependency_up",
+                "1 when the last readiness probe of a dependency succeeded.",
+            ),
+            &["dependency"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let metrics = Metrics {
+            registry,
+            requests,
+            request_duration,
+            handshakes,
+            identity_cache,
+            identity_decisions,
+            directory_searches,
+            directory_search_duration,
+            upstream_errors,
+            open_connections,
+            connections_refused,
+            dependency_up,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.requests.clone()),
+            Box::new(metrics.request_duration.clone()),
+            Box::new(metrics.handshakes.clone()),
+            Box::new(metrics.identity_cache.clone()),
+            Box::new(metrics.identity_decisions.clone()),
+            Box::new(metrics.directory_searches.clone()),
+            Box::new(metrics.directory_search_duration.clone()),
+            Box::new(metrics.upstream_errors.clone()),
+            Box::new(metrics.open_connections.clone()),
+            Box::new(metrics.connections_refused.clone()),
+            Box::new(metrics.dependency_up.clone()),
+            Box::new(build_info),
+        ];
+        for c in collectors {
+            metrics
+                .registry
+                .register(c)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

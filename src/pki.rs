@@ -1,0 +1,203 @@
+//! A throwaway PKI for `seg demo` and the tests: an enterprise CA, a server certificate and
+//! device certificates carrying what mapping rules read (UPN, email, serial, SKI).
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, OtherNameValue, SanType, SerialNumber,
+};
+
+/// A PKI error (rcgen's, with context).
+#[derive(Debug, thiserror::Error)]
+#[error("certificate generation failed: {0}")]
+pub struct PkiError(String);
+
+impl From<rcgen::Error> for PkiError {
+    fn from(e: rcgen::Error) -> Self {
+        PkiError(e.to_string())
+    }
+}
+
+/// An issuing certificate authority.
+pub struct CertAuthority {
+    key: KeyPair,
+    cert: rcgen::Certificate,
+}
+
+/// A certificate with its key, PEM-encoded.
+#[derive(Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+/// Which extended key usages a leaf carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    ClientAuth,
+    ServerAuth,
+    /// No EKU extension at all.
+    None,
+}
+
+/// A calendar date (year, month, day).
+pub type Ymd = (i32, u8, u8);
+
+/// What a leaf certificate holds.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub common_name: String,
+    pub upn: Option<String>,
+    pub emails: Vec<String>,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// Big-endian serial; random when absent.
+    pub serial: Option<Vec<u8>>,
+    pub usage: Usage,
+    /// (year, month, day) validity; a year either side of today when absent.
+    pub validity: Option<(Ymd, Ymd)>,
+}
+
+impl LeafSpec {
+    /// A device certificate: clientAuth, the name as CN.
+    pub fn device(common_name: &str) -> LeafSpec {
+        LeafSpec {
+            common_name: common_name.into(),
+            upn: None,
+            emails: Vec::new(),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            serial: None,
+            usage: Usage::ClientAuth,
+            validity: None,
+        }
+    }
+
+    /// A TLS server certificate for loopback.
+    pub fn loopback_server() -> LeafSpec {
+        LeafSpec {
+            dns_names: vec!["localhost".into()],
+            ip_addresses: vec![[127, 0, 0, 1].into()],
+            usage: Usage::ServerAuth,
+            ..LeafSpec::device("localhost")
+        }
+    }
+
+    pub fn upn(mut self, upn: &str) -> Self {
+        self.upn = Some(upn.into());
+        self
+    }
+
+    pub fn email(mut self, email: &str) -> Self {
+        self.emails.push(email.into());
+        self
+    }
+
+    pub fn serial(mut self, serial: &[u8]) -> Self {
+        self.serial = Some(serial.to_vec());
+        self
+    }
+
+    pub fn usage(mut self, usage: Usage) -> Self {
+        self.usage = usage;
+        self
+    }
+
+    pub fn validity(mut self, from: Ymd, until: Ymd) -> Self {
+        self.validity = Some((from, until));
+        self
+    }
+}
+
+/// OID arcs of the UPN otherName (szOID_NT_PRINCIPAL_NAME).
+const UPN_OID: [u64; 9] = [1, 3, 6, 1, 4, 1, 311, 20, 2];
+
+impl CertAuthority {
+    /// A self-signed root with the given organisation and common name.
+    pub fn new(organization: &str, common_name: &str) -> Result<CertAuthority, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, organization);
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority { key, cert })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn der(&self) -> Vec<u8> {
+        self.cert.der().to_vec()
+    }
+
+    /// Issues a leaf certificate signed by this CA.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<IssuedCert, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, spec.common_name.as_str());
+        params.distinguished_name = dn;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match spec.usage {
+            Usage::ClientAuth => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::ServerAuth => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::None => vec![],
+        };
+        if let Some(upn) = &spec.upn {
+            let mut oid = UPN_OID.to_vec();
+            oid.push(3);
+            params
+                .subject_alt_names
+                .push(SanType::OtherName((oid, OtherNameValue::Utf8String(upn.clone()))));
+        }
+        for email in &spec.emails {
+            params
+                .subject_alt_names
+                .push(SanType::Rfc822Name(email.clone().try_into()?));
+        }
+        for name in &spec.dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
+        }
+        for ip in &spec.ip_addresses {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        let serial = spec.serial.clone().unwrap_or_else(random_serial);
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        match spec.validity {
+            Some(((y1, m1, d1), (y2, m2, d2))) => {
+                params.not_before = rcgen::date_time_ymd(y1, m1, d1);
+                params.not_after = rcgen::date_time_ymd(y2, m2, d2);
+            }
+            None => {
+                let now = std::time::SystemTime::now();
+                let year = std::time::Duration::from_secs(365 * 86_400);
+                params.not_before = (now - year).into();
+                params.not_after = (now + year).into();
+            }
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+}
+
+/// 16 random bytes with the top bit clear, so the DER integer needs no sign byte.
+fn random_serial() -> Vec<u8> {
+    let mut serial = vec![0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        .expect("system randomness is available");
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    serial
+}

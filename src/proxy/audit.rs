@@ -1,0 +1,204 @@
+//! One audit record per request, written when its response body ends (or is abandoned), so
+//! a long poll is recorded with its real duration and byte counts.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::activesync::EasRequest;
+use crate::metrics::Metrics;
+
+/// What the audit log says about one request.
+pub struct AuditRecord {
+    pub started: Instant,
+    pub peer: SocketAddr,
+    pub cert_serial: String,
+    pub cert_issuer: String,
+    pub account: String,
+    pub eas: EasRequest,
+    pub status: u16,
+    /// `forwarded`, `denied`, `unavailable`, `refused` or `upstream-error`.
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub bytes_in: Arc<AtomicU64>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AuditRecord {
+    fn finish(&self, bytes_out: u64, completed: bool) {
+        let duration = self.started.elapsed();
+        let command = self.eas.command_label();
+        let status_class = match self.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[command, status_class])
+            .inc();
+        let kind = if matches!(command, "Ping" | "Sync") {
+            "long_poll_capable"
+        } else {
+            "short"
+        };
+        self.metrics
+            .request_duration
+            .with_label_values(&[kind])
+            .observe(duration.as_secs_f64());
+        tracing::info!(
+            target: "seg::audit",
+            peer = %self.peer,
+            cert_serial = %self.cert_serial,
+            cert_issuer = %self.cert_issuer,
+            account = %self.account,
+            cmd = self.eas.command.as_deref().unwrap_or(""),
+            device_id = self.eas.device_id.as_deref().unwrap_or(""),
+            device_type = self.eas.device_type.as_deref().unwrap_or(""),
+            user_param = self.eas.user.as_deref().unwrap_or(""),
+            status = self.status,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            completed,
+            decision = self.decision,
+            reason = self.reason,
+            "request"
+        );
+    }
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// The response body toward the device; counts bytes and writes the audit record at its end.
+pub struct AuditBody {
+    inner: Inner,
+    record: Option<Box<AuditRecord>>,
+    bytes_out: u64,
+}
+
+impl AuditBody {
+    pub fn upstream(body: Incoming, record: AuditRecord) -> AuditBody {
+        AuditBody {
+            inner: Inner::Upstream(body),
+            record: Some(Box::new(record)),
+            bytes_out: 0,
+        }
+    }
+
+    pub fn local(bytes: Bytes, record: AuditRecord) -> AuditBody {
+        AuditBody {
+            inner: Inner::Local(Some(bytes)),
+            record: Some(Box::new(record)),
+            bytes_out: 0,
+        }
+    }
+
+    fn complete(&mut self, completed: bool) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes_out, completed);
+        }
+    }
+}
+
+impl Body for AuditBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Inner::Local(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.complete(true),
+            Poll::Ready(Some(Err(_))) => this.complete(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Local(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(body) => body.size_hint(),
+            Inner::Local(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Inner::Local(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for AuditBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the device went away or the connection failed.
+        self.complete(false);
+    }
+}
+
+/// The request body toward the upstream; counts bytes for the audit record.
+pub struct CountingBody {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl CountingBody {
+    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> CountingBody {
+        CountingBody { inner, count }
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            match frame.data_ref() {
+                Some(data) => {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // Request trailers are never forwarded: they could carry identity headers.
+                None => return Poll::Ready(None),
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

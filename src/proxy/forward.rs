@@ -1,0 +1,321 @@
+//! The upstream hop: header hygiene and the pooled HTTP client.
+//!
+//! Hygiene runs before seg adds anything: hop-by-hop headers and the headers a `Connection`
+//! token names are removed, then every client-supplied identity header in any spelling
+//! (case, `_` for `-`, duplicates), `Authorization` and the forwarding headers. Only then
+//! are the identity header and `X-Forwarded-For` added, so nothing the client sent can
+//! remove or replace them.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::audit::CountingBody;
+use super::refusal::Refusal;
+use crate::config::{IdentityConfig, UpstreamConfig};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 and the historic ones).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Client headers that claim an identity or a forwarding path; always removed.
+const IDENTITY_HEADERS: [&str; 17] = [
+    "authorization",
+    "x-remote-user",
+    "remote-user",
+    "x-forwarded-user",
+    "x-authenticated-user",
+    "x-forwarded-client-cert",
+    "client-cert",
+    "client-cert-chain",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-s-dn",
+    "x-webobjects-remote-user",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+/// Headers a `Connection` token may never remove: framing and routing.
+const CONNECTION_PROTECTED: [&str; 2] = ["content-length", "host"];
+
+/// Which request headers are stripped and what seg adds.
+pub struct HeaderPolicy {
+    identity_header: HeaderName,
+    /// Lowercase names with `-`; compared against names with `_` folded to `-`.
+    stripped: Vec<String>,
+}
+
+impl HeaderPolicy {
+    pub fn new(config: &IdentityConfig) -> HeaderPolicy {
+        let mut stripped: Vec<String> = IDENTITY_HEADERS.iter().map(|s| s.to_string()).collect();
+        let own = config.header.as_str().replace('_', "-");
+        for name in std::iter::once(own).chain(
+            config
+                .strip_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase().replace('_', "-")),
+        ) {
+            if !stripped.contains(&name) {
+                stripped.push(name);
+            }
+        }
+        HeaderPolicy {
+            identity_header: config.header.clone(),
+            stripped,
+        }
+    }
+
+    /// Cleans the client's headers, then adds the identity and the device's address.
+    pub fn apply(&self, headers: &mut HeaderMap, identity: &HeaderValue, peer_ip: &HeaderValue) {
+        let nominated: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && !CONNECTION_PROTECTED.contains(&t.as_str()))
+            .collect();
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
+        for name in &nominated {
+            headers.remove(name.as_str());
+        }
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.is_stripped(name.as_str()))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
+        headers.insert(self.identity_header.clone(), identity.clone());
+        headers.insert("x-forwarded-for", peer_ip.clone());
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    }
+
+    fn is_stripped(&self, name: &str) -> bool {
+        self.stripped.iter().any(|s| {
+            s.len() == name.len()
+                && s.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
+        })
+    }
+}
+
+/// Removes hop-by-hop headers from an upstream response.
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    let nominated: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && !CONNECTION_PROTECTED.contains(&t.as_str()))
+        .collect();
+    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(nominated) {
+        headers.remove(name.as_str());
+    }
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The pooled client toward the ActiveSync server.
+pub struct Upstream {
+    client: Client<Connector, CountingBody>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    host: HeaderValue,
+    path_prefix: String,
+    request_timeout: Duration,
+}
+
+/// An upstream setup problem.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream.ca_file: {0}")]
+pub struct UpstreamSetupError(String);
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &config.ca_file {
+            let certs = crate::tls::read_certs(ca, "upstream.ca_file")
+                .map_err(|e| UpstreamSetupError(e.message))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| UpstreamSetupError(e.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| UpstreamSetupError(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(connector);
+        let scheme = config.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let authority = config
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamSetupError("upstream.url has no host".into()))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| UpstreamSetupError(e.to_string()))?;
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+            host,
+            path_prefix: config.path_prefix.clone(),
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    /// The upstream URI for a device's path and query.
+    pub fn uri_for(&self, device_uri: &Uri) -> Result<Uri, Refusal> {
+        let path_and_query = device_uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut target = String::with_capacity(self.path_prefix.len() + path_and_query.len());
+        target.push_str(&self.path_prefix);
+        target.push_str(path_and_query);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(target)
+            .build()
+            .map_err(|_| Refusal::NotFound)
+    }
+
+    /// Sends one request; the body streams, and hyper only re-sends a request it never wrote.
+    pub async fn send(
+        &self,
+        mut request: Request<CountingBody>,
+    ) -> Result<Response<Incoming>, Refusal> {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Err(_) => Err(Refusal::UpstreamTimeout),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(target: "seg::upstream", error = %e, "upstream connect failed");
+                Err(Refusal::UpstreamUnreachable)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
+                Err(Refusal::UpstreamFailed)
+            }
+        }
+    }
+
+    /// Checks that the upstream accepts TCP connections, for `/readyz`.
+    pub async fn probe(&self) -> bool {
+        let port = self.authority.port_u16().unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        });
+        let host = self.authority.host().trim_start_matches('[').trim_end_matches(']');
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect((host, port))
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentityValue;
+
+    fn policy() -> HeaderPolicy {
+        HeaderPolicy::new(&IdentityConfig {
+            header: HeaderName::from_static("x-remote-user"),
+            value: IdentityValue::Upn,
+            netbios_domain: None,
+            strip_headers: vec!["X-Custom-Identity".into()],
+        })
+    }
+
+    #[test]
+    fn spoofed_identities_are_replaced() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x-remote-user", "bob"),
+            ("X-REMOTE-USER", "bob2"),
+            ("x_remote_user", "bob3"),
+            ("X_Remote-User", "bob4"),
+            ("x-forwarded-client-cert", "Hash=1"),
+            ("authorization", "Basic Ym9iOng="),
+            ("x-custom-identity", "bob"),
+            ("x_webobjects_remote_user", "bob"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("content-type", "application/vnd.ms-sync.wbxml"),
+        ] {
+            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static(value));
+        }
+        policy().apply(&mut h, &HeaderValue::from_static("alice@corp.test"), &HeaderValue::from_static("192.0.2.7"));
+        assert_eq!(h.get_all("x-remote-user").iter().collect::<Vec<_>>(), ["alice@corp.test"]);
+        for gone in ["x_remote_user", "x_remote-user", "x-forwarded-client-cert", "authorization", "x-custom-identity", "x_webobjects_remote_user"] {
+            assert!(h.get(gone).is_none(), "{gone} survived");
+        }
+        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.7"]);
+        assert_eq!(h["content-type"], "application/vnd.ms-sync.wbxml");
+    }
+
+    #[test]
+    fn connection_tokens_cannot_remove_gateway_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, X-Remote-User, x-forwarded-for, content-length, x-extra"));
+        h.insert("x-extra", HeaderValue::from_static("1"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        policy().apply(&mut h, &HeaderValue::from_static("alice@corp.test"), &HeaderValue::from_static("192.0.2.7"));
+        assert_eq!(h["x-remote-user"], "alice@corp.test");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["content-length"], "5");
+        for gone in ["connection", "x-extra", "upgrade", "te"] {
+            assert!(h.get(gone).is_none(), "{gone} survived");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The device-facing proxy: accept, TLS handshake, identity, forward, audit.
+//!
+//! `Gateway::serve` owns the accept loop and connection limits; each request is resolved to
+//! a decision (a cache hit for a known device), refused in `refusal` or forwarded through
+//! `forward`, and audited by the response body when it ends.
+
+mod audit;
+mod forward;
+mod refusal;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+pub use audit::AuditBody;
+pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
+pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS};
+
+use crate::activesync::EasRequest;
+use crate::config::ListenConfig;
+use crate::identity::CertFingerprint;
+use crate::metrics::Metrics;
+use crate::resolver::{Decision, Resolver};
+use audit::{AuditRecord, CountingBody};
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    pub resolver: Arc<Resolver>,
+    pub upstream: Upstream,
+    pub headers: HeaderPolicy,
+    pub metrics: Arc<Metrics>,
+    pub listen: ListenConfig,
+}
+
+/// What seg knows about one device connection after its handshake.
+struct DeviceConnection {
+    peer: SocketAddr,
+    peer_ip: HeaderValue,
+    fingerprint: CertFingerprint,
+    leaf: Vec<u8>,
+}
+
+/// How long shutdown waits for open requests before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl Gateway {
+    /// Accepts devices until `shutdown` turns true, then lets open requests finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let acceptor = TlsAcceptor::from(tls);
+        let max = self.listen.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.changed() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(target: "seg::listener", error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                self.metrics.connections_refused.inc();
+                continue;
+            };
+            let gateway = Arc::clone(&self);
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                gateway.connection(tcp, peer, acceptor, shutdown).await;
+                drop(slot);
+            });
+        }
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await;
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.metrics.open_connections.inc();
+        let _open = OpenConnection(Arc::clone(&self.metrics));
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(self.listen.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let label = crate::tls::handshake_failure_label(&e);
+                self.metrics.handshakes.with_label_values(&[label]).inc();
+                tracing::debug!(target: "seg::tls", %peer, error = %e, result = label, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshakes.with_label_values(&["timeout"]).inc();
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) else {
+            // Unreachable with a mandatory verifier; refuse rather than serve without identity.
+            self.metrics.handshakes.with_label_values(&["no_client_certificate"]).inc();
+            return;
+        };
+        self.metrics
+            .handshakes
+            .with_label_values(&[if resumed { "resumed" } else { "full" }])
+            .inc();
+        let device = Arc::new(DeviceConnection {
+            peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            fingerprint: CertFingerprint::of(leaf.as_ref()),
+            leaf: leaf.as_ref().to_vec(),
+        });
+        let gateway = Arc::clone(&self);
+        let service = service_fn(move |request| {
+            let gateway = Arc::clone(&gateway);
+            let device = Arc::clone(&device);
+            async move { Ok::<_, Infallible>(gateway.handle(request, &device).await) }
+        });
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.listen.idle_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(tls), service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(target: "seg::listener", %peer, error = %e, "connection ended with an error");
+                }
+            }
+            _ = shutdown.changed() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    }
+
+    /// One device request: identity, route, forward.
+    async fn handle(&self, request: Request<Incoming>, device: &DeviceConnection) -> Response<AuditBody> {
+        let mut record = AuditRecord {
+            started: Instant::now(),
+            peer: device.peer,
+            cert_serial: String::new(),
+            cert_issuer: String::new(),
+            account: String::new(),
+            eas: EasRequest::from_query(request.uri().query()),
+            status: 0,
+            decision: "forwarded",
+            reason: "",
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let identity = match self.resolver.resolve(device.fingerprint, &device.leaf).await {
+            Ok(Decision::Admit(identity)) => identity,
+            Ok(Decision::Deny(denial)) => {
+                record.cert_serial = denial.cert_serial.clone();
+                record.cert_issuer = denial.cert_issuer.clone();
+                record.account = denial.account.clone().unwrap_or_default();
+                return refuse(Refusal::Denied(denial.reason), record);
+            }
+            Err(e) => {
+                tracing::warn!(target: "seg::identity", peer = %device.peer, error = %e, "identity unavailable");
+                return refuse(Refusal::from_resolve_error(&e), record);
+            }
+        };
+        record.cert_serial = identity.cert_serial.clone();
+        record.cert_issuer = identity.cert_issuer.clone();
+        record.account = identity.account.dn.clone();
+        if let Err(refusal) = route(&request) {
+            return refuse(refusal, record);
+        }
+        let (mut parts, body) = request.into_parts();
+        parts.uri = match self.upstream.uri_for(&parts.uri) {
+            Ok(uri) => uri,
+            Err(refusal) => return refuse(refusal, record),
+        };
+        parts.version = Version::HTTP_11;
+        self.headers.apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
+        let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
+        match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                forward::clean_response_headers(&mut parts.headers);
+                record.status = parts.status.as_u16();
+                Response::from_parts(parts, AuditBody::upstream(body, record))
+            }
+            Err(refusal) => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[refusal.code()])
+                    .inc();
+                refuse(refusal, record)
+            }
+        }
+    }
+}
+
+/// Which requests seg forwards: ActiveSync and Autodiscover, by POST or OPTIONS.
+fn route(request: &Request<Incoming>) -> Result<(), Refusal> {
+    let path = request.uri().path();
+    let activesync = path
+        .get(..28)
+        .is_some_and(|p| p.eq_ignore_ascii_case("/Microsoft-Server-ActiveSync"))
+        && matches!(path.as_bytes().get(28), None | Some(b'/'));
+    let autodiscover = path.eq_ignore_ascii_case("/autodiscover/autodiscover.xml");
+    if !activesync && !autodiscover {
+        return Err(Refusal::NotFound);
+    }
+    if request.method() != Method::POST && request.method() != Method::OPTIONS {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    Ok(())
+}
+
+fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
+    let (parts, body) = refusal.response().into_parts();
+    record.status = parts.status.as_u16();
+    record.reason = refusal.code();
+    record.decision = match refusal {
+        Refusal::Denied(_) => "denied",
+        _ => match refusal.fault() {
+            Fault::Client => "refused",
+            Fault::Dependency => "unavailable",
+            Fault::Upstream => "upstream-error",
+        },
+    };
+    Response::from_parts(parts, AuditBody::local(body, record))
+}
+
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}

@@ -1,0 +1,433 @@
+//! Certificate → decision, cached: the performance-critical core.
+//!
+//! Keyed by the SHA-256 of the leaf certificate. A hit costs one cache read. A miss parses the
+//! certificate once, tries the mapping rules in order against the directory, checks the
+//! account and caches the decision: admissions until the hard TTL (refreshed in the background
+//! after the soft TTL, served stale while the directory is down), real denials for the short
+//! negative TTL, directory failures never. Concurrent misses for one certificate make one
+//! lookup, and one global bound with a bounded queue limits directory work.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::config::{CacheConfig, IdentityConfig, MappingConfig};
+use crate::directory::{AccountEntry, Directory, DirectoryError};
+use crate::identity::{
+    check_account, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason, Identity,
+    MappingRule, MappingStrength,
+};
+use crate::metrics::Metrics;
+
+/// What the gateway does with a device.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Admit(Arc<Identity>),
+    Deny(Arc<Denial>),
+}
+
+/// A real denial: the certificate is fine, the account is not (or there is none).
+#[derive(Debug)]
+pub struct Denial {
+    pub reason: DenyReason,
+    /// DN of the account found, if one was.
+    pub account: Option<String>,
+    pub cert_serial: String,
+    pub cert_issuer: String,
+}
+
+/// Why no decision could be made now. Never cached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error("directory work queue is full")]
+    Overloaded,
+    #[error("identity lookup took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+impl ResolveError {
+    /// The audit reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ResolveError::Directory(_) => "directory-unavailable",
+            ResolveError::Overloaded => "directory-overloaded",
+            ResolveError::Timeout(_) => "directory-timeout",
+        }
+    }
+}
+
+/// Everything a resolution looked at, for `seg map --explain`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Trace {
+    pub facts: Option<CertFacts>,
+    pub rules: Vec<RuleAttempt>,
+    pub account: Option<AccountEntry>,
+    pub checks: Vec<AccountCheck>,
+}
+
+/// One mapping rule tried.
+#[derive(Debug, serde::Serialize)]
+pub struct RuleAttempt {
+    pub rule: MappingRule,
+    pub strength: MappingStrength,
+    /// The LDAP filter sent; absent when the certificate lacks what the rule needs.
+    pub filter: Option<String>,
+    pub outcome: String,
+}
+
+/// The cached identity resolver.
+pub struct Resolver {
+    cache: moka::future::Cache<CertFingerprint, CachedDecision>,
+    directory: Arc<Directory>,
+    rules: Vec<MappingRule>,
+    identity: IdentityConfig,
+    soft_ttl: Duration,
+    lookup_timeout: Duration,
+    limiter: WorkLimiter,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+struct CachedDecision {
+    decision: Decision,
+    resolved_at: Instant,
+    facts: Arc<CertFacts>,
+    refreshing: Arc<AtomicBool>,
+}
+
+/// How long a failed background refresh waits before the next one may start.
+const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+impl Resolver {
+    pub fn new(
+        directory: Arc<Directory>,
+        mapping: &MappingConfig,
+        identity: &IdentityConfig,
+        cache: &CacheConfig,
+        metrics: Arc<Metrics>,
+    ) -> Resolver {
+        let cache_store = moka::future::Cache::builder()
+            .max_capacity(cache.max_entries)
+            .expire_after(DecisionExpiry {
+                admit: cache.hard_ttl,
+                deny: cache.negative_ttl,
+            })
+            .build();
+        Resolver {
+            cache: cache_store,
+            directory,
+            rules: mapping.rules.clone(),
+            identity: identity.clone(),
+            soft_ttl: cache.soft_ttl,
+            lookup_timeout: cache.lookup_timeout,
+            limiter: WorkLimiter::new(cache.max_concurrent_lookups, cache.max_queued_lookups),
+            metrics,
+        }
+    }
+
+    /// The decision for a leaf certificate, from the cache when possible.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        fingerprint: CertFingerprint,
+        leaf_der: &[u8],
+    ) -> Result<Decision, ResolveError> {
+        if let Some(cached) = self.cache.get(&fingerprint).await {
+            if cached.resolved_at.elapsed() >= self.soft_ttl {
+                self.metrics.identity_cache.with_label_values(&["stale"]).inc();
+                self.refresh_in_background(fingerprint, &cached);
+            } else {
+                self.metrics.identity_cache.with_label_values(&["hit"]).inc();
+            }
+            return Ok(cached.decision);
+        }
+        let entry = self
+            .cache
+            .entry(fingerprint)
+            .or_try_insert_with(self.lookup_bounded(leaf_der))
+            .await
+            .map_err(|e| (*e).clone())?;
+        let label = if entry.is_fresh() { "miss" } else { "coalesced" };
+        self.metrics.identity_cache.with_label_values(&[label]).inc();
+        Ok(entry.into_value().decision)
+    }
+
+    /// Resolves without the cache and records every step: `seg map`.
+    pub async fn explain(&self, leaf_der: &[u8]) -> (Result<Decision, ResolveError>, Trace) {
+        let mut trace = Trace::default();
+        let facts = match CertFacts::from_der(leaf_der) {
+            Ok(f) => f,
+            Err(_) => {
+                let denial = Denial {
+                    reason: DenyReason::CertificateUnreadable,
+                    account: None,
+                    cert_serial: String::new(),
+                    cert_issuer: String::new(),
+                };
+                return (Ok(Decision::Deny(Arc::new(denial))), trace);
+            }
+        };
+        let result = self.decide(&facts, &mut trace).await;
+        trace.facts = Some(facts);
+        (result, trace)
+    }
+
+    /// Number of cached decisions (approximate; for tests and diagnostics).
+    pub fn cached_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    async fn lookup_bounded(&self, leaf_der: &[u8]) -> Result<CachedDecision, ResolveError> {
+        let facts = match CertFacts::from_der(leaf_der) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                tracing::warn!(target: "seg::identity", error = %e, "accepted certificate is unreadable");
+                return Err(ResolveError::Directory(DirectoryError::Setup(e.to_string())));
+            }
+        };
+        self.lookup_facts(facts).await
+    }
+
+    async fn lookup_facts(&self, facts: Arc<CertFacts>) -> Result<CachedDecision, ResolveError> {
+        let work = async {
+            let _permit = self.limiter.acquire().await?;
+            self.decide(&facts, &mut Trace::default()).await
+        };
+        let decision = tokio::time::timeout(self.lookup_timeout, work)
+            .await
+            .map_err(|_| ResolveError::Timeout(self.lookup_timeout))??;
+        Ok(CachedDecision {
+            decision,
+            resolved_at: Instant::now(),
+            facts,
+            refreshing: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, fingerprint: CertFingerprint, cached: &CachedDecision) {
+        if !matches!(cached.decision, Decision::Admit(_)) {
+            return;
+        }
+        if cached.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let resolver = Arc::clone(self);
+        let facts = Arc::clone(&cached.facts);
+        let refreshing = Arc::clone(&cached.refreshing);
+        tokio::spawn(async move {
+            match resolver.lookup_facts(facts).await {
+                Ok(fresh) => resolver.cache.insert(fingerprint, fresh).await,
+                Err(e) => {
+                    tracing::warn!(target: "seg::identity", error = %e, "identity refresh failed; serving the cached decision");
+                    tokio::time::sleep(REFRESH_RETRY_DELAY).await;
+                    refreshing.store(false, Ordering::Release);
+                }
+            }
+        });
+    }
+
+    /// Tries the rules in order, then checks the account found.
+    async fn decide(&self, facts: &CertFacts, trace: &mut Trace) -> Result<Decision, ResolveError> {
+        let deny = |reason: DenyReason, account: Option<&AccountEntry>| {
+            self.metrics
+                .identity_decisions
+                .with_label_values(&["deny", reason.code()])
+                .inc();
+            Decision::Deny(Arc::new(Denial {
+                reason,
+                account: account.map(|a| a.dn.clone()),
+                cert_serial: facts.serial_hex(),
+                cert_issuer: facts.issuer.clone(),
+            }))
+        };
+        let mut found = None;
+        for &rule in &self.rules {
+            let lookup = match rule.lookup(facts) {
+                Ok(l) => l,
+                Err(why) => {
+                    trace.rules.push(RuleAttempt {
+                        rule,
+                        strength: rule.strength(),
+                        filter: None,
+                        outcome: format!("not applicable: {why}"),
+                    });
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let result = self.directory.search(&lookup).await;
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.metric_label(),
+            };
+            self.metrics.directory_searches.with_label_values(&[label]).inc();
+            self.metrics
+                .directory_search_duration
+                .with_label_values(&[label])
+                .observe(started.elapsed().as_secs_f64());
+            let mut attempt = RuleAttempt {
+                rule,
+                strength: rule.strength(),
+                filter: Some(lookup.filter()),
+                outcome: String::new(),
+            };
+            let entries = match result {
+                Ok(entries) => entries,
+                Err(e) => {
+                    attempt.outcome = format!("directory error: {e}");
+                    trace.rules.push(attempt);
+                    return Err(e.into());
+                }
+            };
+            match entries.len() {
+                0 => {
+                    attempt.outcome = "no account".into();
+                    trace.rules.push(attempt);
+                }
+                1 => {
+                    attempt.outcome = format!("found {}", entries[0].dn);
+                    trace.rules.push(attempt);
+                    found = entries.into_iter().next().map(|a| (rule, a));
+                    break;
+                }
+                _ => {
+                    attempt.outcome = format!(
+                        "more than one account ({}, {}): refused",
+                        entries[0].dn, entries[1].dn
+                    );
+                    trace.rules.push(attempt);
+                    return Ok(deny(DenyReason::AmbiguousMapping, None));
+                }
+            }
+        }
+        let Some((rule, account)) = found else {
+            return Ok(deny(DenyReason::NoMapping, None));
+        };
+        let (checks, failure) = check_account(&account, SystemTime::now());
+        trace.checks = checks;
+        trace.account = Some(account.clone());
+        if let Some(reason) = failure {
+            return Ok(deny(reason, Some(&account)));
+        }
+        let header_value = match header_value(&account, &self.identity) {
+            Ok(v) => v,
+            Err(reason) => return Ok(deny(reason, Some(&account))),
+        };
+        self.metrics
+            .identity_decisions
+            .with_label_values(&["admit", "mapped"])
+            .inc();
+        Ok(Decision::Admit(Arc::new(Identity {
+            account,
+            rule,
+            header_value,
+            cert_serial: facts.serial_hex(),
+            cert_issuer: facts.issuer.clone(),
+        })))
+    }
+}
+
+struct DecisionExpiry {
+    admit: Duration,
+    deny: Duration,
+}
+
+impl moka::Expiry<CertFingerprint, CachedDecision> for DecisionExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CertFingerprint,
+        value: &CachedDecision,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match value.decision {
+            Decision::Admit(_) => self.admit,
+            Decision::Deny(_) => self.deny,
+        })
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &CertFingerprint,
+        value: &CachedDecision,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// One global bound on concurrent directory work, with a bounded queue: past it, refuse at once.
+struct WorkLimiter {
+    permits: Semaphore,
+    queued: AtomicUsize,
+    max_queued: usize,
+}
+
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl WorkLimiter {
+    fn new(max_concurrent: usize, max_queued: usize) -> WorkLimiter {
+        WorkLimiter {
+            permits: Semaphore::new(max_concurrent),
+            queued: AtomicUsize::new(0),
+            max_queued,
+        }
+    }
+
+    async fn acquire(&self) -> Result<SemaphorePermit<'_>, ResolveError> {
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ResolveError::Overloaded);
+        }
+        let _slot = QueueSlot(&self.queued);
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| ResolveError::Overloaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn limiter_refuses_past_the_queue() {
+        let limiter = WorkLimiter::new(1, 1);
+        let first = limiter.acquire().await.unwrap();
+        let queued = limiter.acquire();
+        tokio::pin!(queued);
+        // Poll once so the second caller takes the one queue slot.
+        assert!(futures_poll_once(queued.as_mut()).await.is_none());
+        assert!(matches!(
+            limiter.acquire().await,
+            Err(ResolveError::Overloaded)
+        ));
+        drop(first);
+        assert!(queued.await.is_ok());
+        assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,178 @@
+//! The device-facing TLS configuration and the client-certificate policy.
+//!
+//! A client certificate is mandatory and must chain to the configured enterprise CA bundle
+//! (never the system roots). rustls-webpki accepts a leaf with no extended key usage at all,
+//! so `ClientCertPolicy` also requires the leaf to name clientAuth explicitly.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use x509_parser::prelude::FromDer;
+
+use crate::config::TlsConfig;
+
+/// A TLS setup problem, named by the configuration key it comes from.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct TlsError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn tls_error(key: &'static str, message: impl std::fmt::Display) -> TlsError {
+    TlsError {
+        key,
+        message: message.to_string(),
+    }
+}
+
+/// The crypto provider every TLS configuration of seg uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the listener's rustls configuration from the `[tls]` section.
+pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = ClientCertPolicy::from_ca_file(&config.client_ca)?;
+    let certs = read_certs(&config.certificate, "tls.certificate")?;
+    let key = PrivateKeyDer::from_pem_file(&config.private_key)
+        .map_err(|e| tls_error("tls.private_key", format!("{}: {e}", config.private_key.display())))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| tls_error("tls", e))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error("tls.private_key", format!("does not match tls.certificate or is unsupported: {e}")))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(server))
+}
+
+/// Reads every certificate of a PEM file; an empty file is an error.
+pub fn read_certs(path: &Path, key: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(tls_error(key, format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Client-certificate verification: webpki chain validation to the enterprise CAs, plus an
+/// explicit clientAuth EKU in the leaf.
+#[derive(Debug)]
+pub struct ClientCertPolicy {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertPolicy {
+    /// Trusts exactly the certificates in `ca_file` (roots and issuing intermediates).
+    pub fn from_ca_file(ca_file: &Path) -> Result<ClientCertPolicy, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in read_certs(ca_file, "tls.client_ca")? {
+            roots
+                .add(cert)
+                .map_err(|e| tls_error("tls.client_ca", format!("unusable CA certificate: {e}")))?;
+        }
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| tls_error("tls.client_ca", e))?;
+        Ok(ClientCertPolicy { inner })
+    }
+
+    /// The same verdict the listener reaches, outside a handshake (`seg map`).
+    pub fn verify_chain(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        self.verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+    }
+}
+
+/// OID 1.3.6.1.5.5.7.3.2, id-kp-clientAuth, is read through x509-parser's EKU flags.
+fn has_client_auth_eku(leaf: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf) else {
+        return false;
+    };
+    matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth)
+}
+
+impl ClientCertVerifier for ClientCertPolicy {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if !has_client_auth_eku(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Label for `seg_tls_handshakes_total{result}` from a handshake error.
+pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
+    let Some(inner) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return "io_error";
+    };
+    match inner {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "certificate_expired"
+        }
+        rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose)
+        | rustls::Error::InvalidCertificate(CertificateError::InvalidPurposeContext { .. }) => {
+            "certificate_wrong_purpose"
+        }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        rustls::Error::InvalidCertificate(_) => "certificate_invalid",
+        _ => "protocol_error",
+    }
+}
