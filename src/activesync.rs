@@ -14,10 +14,31 @@ pub struct EasRequest {
 
 /// Commands counted under their own name in metrics; anything else is `other`.
 const KNOWN_COMMANDS: [&str; 25] = [
-    "Autodiscover", "Find", "FolderCreate", "FolderDelete", "FolderSync", "FolderUpdate",
-    "GetAttachment", "GetHierarchy", "GetItemEstimate", "ItemOperations", "MeetingResponse",
-    "MoveItems", "Ping", "Provision", "ResolveRecipients", "Search", "SendMail", "Settings",
-    "SmartForward", "SmartReply", "Sync", "ValidateCert", "Options", "Notify", "CreateCollection",
+    "Autodiscover",
+    "Find",
+    "FolderCreate",
+    "FolderDelete",
+    "FolderSync",
+    "FolderUpdate",
+    "GetAttachment",
+    "GetHierarchy",
+    "GetItemEstimate",
+    "ItemOperations",
+    "MeetingResponse",
+    "MoveItems",
+    "Ping",
+    "Provision",
+    "ResolveRecipients",
+    "Search",
+    "SendMail",
+    "Settings",
+    "SmartForward",
+    "SmartReply",
+    "Sync",
+    "ValidateCert",
+    "Options",
+    "Notify",
+    "CreateCollection",
 ];
 
 impl EasRequest {
@@ -100,7 +121,10 @@ mod tests {
         assert_eq!(r.device_id.as_deref(), Some("ABC123"));
         assert_eq!(r.device_type.as_deref(), Some("iPhone"));
         assert_eq!(r.command_label(), "Sync");
-        assert_eq!(EasRequest::from_query(Some("Cmd=Bogus")).command_label(), "other");
+        assert_eq!(
+            EasRequest::from_query(Some("Cmd=Bogus")).command_label(),
+            "other"
+        );
         assert_eq!(EasRequest::from_query(None).command_label(), "none");
     }
 

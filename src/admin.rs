@@ -84,7 +84,11 @@ fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes
                 format!("not ready: {} unreachable\n", down.join(", ")),
             ),
         },
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

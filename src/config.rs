@@ -50,7 +50,9 @@ pub struct TlsConfig {
 pub enum DirectoryConfig {
     Ldap(LdapConfig),
     /// An LDIF file served in process: for `seg demo` and trials, never for production.
-    Ldif { file: PathBuf },
+    Ldif {
+        file: PathBuf,
+    },
 }
 
 /// Active Directory over LDAP.
@@ -277,9 +279,10 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let mut rules = Vec::new();
     for (i, name) in names.iter().enumerate() {
         match crate::identity::MappingRule::from_name(name) {
-            Some(rule) if rules.contains(&rule) => {
-                p.push(&format!("mapping.rules[{i}]"), &format!("\"{name}\" is listed twice"))
-            }
+            Some(rule) if rules.contains(&rule) => p.push(
+                &format!("mapping.rules[{i}]"),
+                &format!("\"{name}\" is listed twice"),
+            ),
             Some(rule) => rules.push(rule),
             None => p.push(
                 &format!("mapping.rules[{i}]"),

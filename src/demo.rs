@@ -72,9 +72,21 @@ impl Demo {
         write_pair(&dir, "server", &ca.issue(&LeafSpec::loopback_server())?)?;
         let alice = LeafSpec::device("alice").upn("alice@demo.test");
         write_pair(&devices, "alice", &ca.issue(&alice)?)?;
-        write_pair(&devices, "bob", &ca.issue(&LeafSpec::device("bob").serial(&BOB_SERIAL))?)?;
-        write_pair(&devices, "dave", &ca.issue(&LeafSpec::device("dave").upn("dave@demo.test"))?)?;
-        write_pair(&devices, "erin", &ca.issue(&LeafSpec::device("erin").upn("erin@demo.test"))?)?;
+        write_pair(
+            &devices,
+            "bob",
+            &ca.issue(&LeafSpec::device("bob").serial(&BOB_SERIAL))?,
+        )?;
+        write_pair(
+            &devices,
+            "dave",
+            &ca.issue(&LeafSpec::device("dave").upn("dave@demo.test"))?,
+        )?;
+        write_pair(
+            &devices,
+            "erin",
+            &ca.issue(&LeafSpec::device("erin").upn("erin@demo.test"))?,
+        )?;
         // Mallory claims Alice's UPN, from a CA the gateway does not trust.
         let rogue = CertAuthority::new("elsewhere", "rogue CA")?;
         write_pair(&devices, "mallory", &rogue.issue(&alice.clone())?)?;

@@ -197,8 +197,12 @@ async fn probe_dependencies(
         health.directory_up.store(directory_up, Ordering::Release);
         health.upstream_up.store(upstream_up, Ordering::Release);
         let gauge = &gateway.metrics.dependency_up;
-        gauge.with_label_values(&["directory"]).set(directory_up as i64);
-        gauge.with_label_values(&["upstream"]).set(upstream_up as i64);
+        gauge
+            .with_label_values(&["directory"])
+            .set(directory_up as i64);
+        gauge
+            .with_label_values(&["upstream"])
+            .set(upstream_up as i64);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

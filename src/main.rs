@@ -10,7 +10,11 @@ use seg::demo::{Demo, DemoOptions};
 use seg::App;
 
 #[derive(Parser)]
-#[command(name = "seg", version, about = "Secure Email Gateway for Exchange ActiveSync")]
+#[command(
+    name = "seg",
+    version,
+    about = "Secure Email Gateway for Exchange ActiveSync"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,7 +62,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("seg: cannot start the runtime: {e}");

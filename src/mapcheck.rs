@@ -111,10 +111,14 @@ impl MapReport {
     pub fn explain(&self) -> String {
         let mut out = String::new();
         match &self.chain_error {
-            None => out.push_str("chain        valid (enterprise CA bundle, clientAuth EKU, validity)\n"),
+            None => out
+                .push_str("chain        valid (enterprise CA bundle, clientAuth EKU, validity)\n"),
             Some(e) => {
                 let _ = writeln!(out, "chain        INVALID: {e}");
-                let _ = writeln!(out, "             the TLS handshake would be refused; no mapping is attempted");
+                let _ = writeln!(
+                    out,
+                    "             the TLS handshake would be refused; no mapping is attempted"
+                );
             }
         }
         if let Some(f) = &self.trace.facts {
@@ -124,12 +128,31 @@ impl MapReport {
             let _ = writeln!(out, "  issuer     {}", f.issuer);
             let _ = writeln!(out, "  issuer, as AD writes it   {}", f.issuer_ad);
             let _ = writeln!(out, "  serial     {}", f.serial_hex());
-            let _ = writeln!(out, "  UPN        {}", if f.upns.is_empty() { none() } else { f.upns.join(", ") });
-            let _ = writeln!(out, "  email      {}", if f.emails.is_empty() { none() } else { f.emails.join(", ") });
+            let _ = writeln!(
+                out,
+                "  UPN        {}",
+                if f.upns.is_empty() {
+                    none()
+                } else {
+                    f.upns.join(", ")
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  email      {}",
+                if f.emails.is_empty() {
+                    none()
+                } else {
+                    f.emails.join(", ")
+                }
+            );
             let _ = writeln!(
                 out,
                 "  SKI        {}",
-                f.subject_key_id.as_deref().map(crate::identity::hex).unwrap_or_else(none)
+                f.subject_key_id
+                    .as_deref()
+                    .map(crate::identity::hex)
+                    .unwrap_or_else(none)
             );
         }
         if !self.trace.rules.is_empty() {
@@ -161,7 +184,10 @@ impl MapReport {
         }
         let _ = match &self.outcome {
             MapOutcome::Admit { identity } => {
-                writeln!(out, "decision     ADMIT, forwarded as {identity} (reason: mapped)")
+                writeln!(
+                    out,
+                    "decision     ADMIT, forwarded as {identity} (reason: mapped)"
+                )
             }
             MapOutcome::Deny { reason } => writeln!(out, "decision     DENY (reason: {reason})"),
             MapOutcome::Unavailable { reason, error } => writeln!(

@@ -2,8 +2,8 @@
 //! device certificates carrying what mapping rules read (UPN, email, serial, SKI).
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose, OtherNameValue, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, OtherNameValue, SanType, SerialNumber,
 };
 
 /// A PKI error (rcgen's, with context).
@@ -56,6 +56,10 @@ pub struct LeafSpec {
     pub usage: Usage,
     /// (year, month, day) validity; a year either side of today when absent.
     pub validity: Option<(Ymd, Ymd)>,
+    /// subjectKeyIdentifier extension value; none when absent.
+    pub subject_key_id: Option<Vec<u8>>,
+    /// A PKCS#8 PEM key to certify (an RSA key made elsewhere, say); a new P-256 key when absent.
+    pub key_pem: Option<String>,
 }
 
 impl LeafSpec {
@@ -70,6 +74,8 @@ impl LeafSpec {
             serial: None,
             usage: Usage::ClientAuth,
             validity: None,
+            subject_key_id: None,
+            key_pem: None,
         }
     }
 
@@ -100,6 +106,16 @@ impl LeafSpec {
 
     pub fn usage(mut self, usage: Usage) -> Self {
         self.usage = usage;
+        self
+    }
+
+    pub fn subject_key_id(mut self, id: &[u8]) -> Self {
+        self.subject_key_id = Some(id.to_vec());
+        self
+    }
+
+    pub fn key_pem(mut self, pem: &str) -> Self {
+        self.key_pem = Some(pem.into());
         self
     }
 
@@ -152,9 +168,10 @@ impl CertAuthority {
         if let Some(upn) = &spec.upn {
             let mut oid = UPN_OID.to_vec();
             oid.push(3);
-            params
-                .subject_alt_names
-                .push(SanType::OtherName((oid, OtherNameValue::Utf8String(upn.clone()))));
+            params.subject_alt_names.push(SanType::OtherName((
+                oid,
+                OtherNameValue::Utf8String(upn.clone()),
+            )));
         }
         for email in &spec.emails {
             params
@@ -183,7 +200,21 @@ impl CertAuthority {
                 params.not_after = (now + year).into();
             }
         }
-        let key = KeyPair::generate()?;
+        if let Some(id) = &spec.subject_key_id {
+            // OCTET STRING holding the identifier (RFC 5280 §4.2.1.2).
+            let mut value = vec![0x04, id.len() as u8];
+            value.extend_from_slice(id);
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[2, 5, 29, 14],
+                    value,
+                ));
+        }
+        let key = match &spec.key_pem {
+            Some(pem) => KeyPair::from_pem(pem)?,
+            None => KeyPair::generate()?,
+        };
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),

@@ -137,10 +137,16 @@ impl Resolver {
     ) -> Result<Decision, ResolveError> {
         if let Some(cached) = self.cache.get(&fingerprint).await {
             if cached.resolved_at.elapsed() >= self.soft_ttl {
-                self.metrics.identity_cache.with_label_values(&["stale"]).inc();
+                self.metrics
+                    .identity_cache
+                    .with_label_values(&["stale"])
+                    .inc();
                 self.refresh_in_background(fingerprint, &cached);
             } else {
-                self.metrics.identity_cache.with_label_values(&["hit"]).inc();
+                self.metrics
+                    .identity_cache
+                    .with_label_values(&["hit"])
+                    .inc();
             }
             return Ok(cached.decision);
         }
@@ -150,8 +156,15 @@ impl Resolver {
             .or_try_insert_with(self.lookup_bounded(leaf_der))
             .await
             .map_err(|e| (*e).clone())?;
-        let label = if entry.is_fresh() { "miss" } else { "coalesced" };
-        self.metrics.identity_cache.with_label_values(&[label]).inc();
+        let label = if entry.is_fresh() {
+            "miss"
+        } else {
+            "coalesced"
+        };
+        self.metrics
+            .identity_cache
+            .with_label_values(&[label])
+            .inc();
         Ok(entry.into_value().decision)
     }
 
@@ -185,7 +198,9 @@ impl Resolver {
             Ok(f) => Arc::new(f),
             Err(e) => {
                 tracing::warn!(target: "seg::identity", error = %e, "accepted certificate is unreadable");
-                return Err(ResolveError::Directory(DirectoryError::Setup(e.to_string())));
+                return Err(ResolveError::Directory(DirectoryError::Setup(
+                    e.to_string(),
+                )));
             }
         };
         self.lookup_facts(facts).await
@@ -207,7 +222,11 @@ impl Resolver {
         })
     }
 
-    fn refresh_in_background(self: &Arc<Self>, fingerprint: CertFingerprint, cached: &CachedDecision) {
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        fingerprint: CertFingerprint,
+        cached: &CachedDecision,
+    ) {
         if !matches!(cached.decision, Decision::Admit(_)) {
             return;
         }
@@ -263,7 +282,10 @@ impl Resolver {
                 Ok(_) => "ok",
                 Err(e) => e.metric_label(),
             };
-            self.metrics.directory_searches.with_label_values(&[label]).inc();
+            self.metrics
+                .directory_searches
+                .with_label_values(&[label])
+                .inc();
             self.metrics
                 .directory_search_duration
                 .with_label_values(&[label])

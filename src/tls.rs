@@ -41,26 +41,41 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let verifier = ClientCertPolicy::from_ca_file(&config.client_ca)?;
     let certs = read_certs(&config.certificate, "tls.certificate")?;
-    let key = PrivateKeyDer::from_pem_file(&config.private_key)
-        .map_err(|e| tls_error("tls.private_key", format!("{}: {e}", config.private_key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&config.private_key).map_err(|e| {
+        tls_error(
+            "tls.private_key",
+            format!("{}: {e}", config.private_key.display()),
+        )
+    })?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| tls_error("tls", e))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(certs, key)
-        .map_err(|e| tls_error("tls.private_key", format!("does not match tls.certificate or is unsupported: {e}")))?;
+        .map_err(|e| {
+            tls_error(
+                "tls.private_key",
+                format!("does not match tls.certificate or is unsupported: {e}"),
+            )
+        })?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(server))
 }
 
 /// Reads every certificate of a PEM file; an empty file is an error.
-pub fn read_certs(path: &Path, key: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certs(
+    path: &Path,
+    key: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(tls_error(key, format!("{} holds no PEM certificate", path.display())));
+        return Err(tls_error(
+            key,
+            format!("{} holds no PEM certificate", path.display()),
+        ));
     }
     Ok(certs)
 }
@@ -125,9 +140,13 @@ impl ClientCertVerifier for ClientCertPolicy {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if !has_client_auth_eku(end_entity) {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose));
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ));
         }
         Ok(verified)
     }
@@ -157,7 +176,10 @@ impl ClientCertVerifier for ClientCertPolicy {
 
 /// Label for `seg_tls_handshakes_total{result}` from a handshake error.
 pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
-    let Some(inner) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+    let Some(inner) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
         return "io_error";
     };
     match inner {

@@ -84,7 +84,10 @@ impl MappingRule {
                 ("altSecurityIdentities", values)
             }
             MappingRule::SubjectKeyId => match &facts.subject_key_id {
-                Some(ski) => ("altSecurityIdentities", vec![format!("X509:<SKI>{}", hex(ski))]),
+                Some(ski) => (
+                    "altSecurityIdentities",
+                    vec![format!("X509:<SKI>{}", hex(ski))],
+                ),
                 None => ("altSecurityIdentities", Vec::new()),
             },
         };

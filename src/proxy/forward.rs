@@ -186,7 +186,11 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .build(connector);
-        let scheme = config.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let scheme = config
+            .url
+            .scheme()
+            .cloned()
+            .unwrap_or(http::uri::Scheme::HTTP);
         let authority = config
             .url
             .authority()
@@ -245,12 +249,19 @@ impl Upstream {
 
     /// Checks that the upstream accepts TCP connections, for `/readyz`.
     pub async fn probe(&self) -> bool {
-        let port = self.authority.port_u16().unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
-            443
-        } else {
-            80
-        });
-        let host = self.authority.host().trim_start_matches('[').trim_end_matches(']');
+        let port =
+            self.authority
+                .port_u16()
+                .unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
+                    443
+                } else {
+                    80
+                });
+        let host = self
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         matches!(
             tokio::time::timeout(
                 Duration::from_secs(3),
@@ -291,26 +302,55 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("content-type", "application/vnd.ms-sync.wbxml"),
         ] {
-            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static(value));
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
         }
-        policy().apply(&mut h, &HeaderValue::from_static("alice@corp.test"), &HeaderValue::from_static("192.0.2.7"));
-        assert_eq!(h.get_all("x-remote-user").iter().collect::<Vec<_>>(), ["alice@corp.test"]);
-        for gone in ["x_remote_user", "x_remote-user", "x-forwarded-client-cert", "authorization", "x-custom-identity", "x_webobjects_remote_user"] {
+        policy().apply(
+            &mut h,
+            &HeaderValue::from_static("alice@corp.test"),
+            &HeaderValue::from_static("192.0.2.7"),
+        );
+        assert_eq!(
+            h.get_all("x-remote-user").iter().collect::<Vec<_>>(),
+            ["alice@corp.test"]
+        );
+        for gone in [
+            "x_remote_user",
+            "x_remote-user",
+            "x-forwarded-client-cert",
+            "authorization",
+            "x-custom-identity",
+            "x_webobjects_remote_user",
+        ] {
             assert!(h.get(gone).is_none(), "{gone} survived");
         }
-        assert_eq!(h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), ["192.0.2.7"]);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["192.0.2.7"]
+        );
         assert_eq!(h["content-type"], "application/vnd.ms-sync.wbxml");
     }
 
     #[test]
     fn connection_tokens_cannot_remove_gateway_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, X-Remote-User, x-forwarded-for, content-length, x-extra"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static(
+                "close, X-Remote-User, x-forwarded-for, content-length, x-extra",
+            ),
+        );
         h.insert("x-extra", HeaderValue::from_static("1"));
         h.insert("content-length", HeaderValue::from_static("5"));
         h.insert("upgrade", HeaderValue::from_static("h2c"));
         h.insert("te", HeaderValue::from_static("trailers"));
-        policy().apply(&mut h, &HeaderValue::from_static("alice@corp.test"), &HeaderValue::from_static("192.0.2.7"));
+        policy().apply(
+            &mut h,
+            &HeaderValue::from_static("alice@corp.test"),
+            &HeaderValue::from_static("192.0.2.7"),
+        );
         assert_eq!(h["x-remote-user"], "alice@corp.test");
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["content-length"], "5");

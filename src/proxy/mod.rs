@@ -105,7 +105,9 @@ impl Gateway {
         self.metrics.open_connections.inc();
         let _open = OpenConnection(Arc::clone(&self.metrics));
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(self.listen.handshake_timeout, acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(self.listen.handshake_timeout, acceptor.accept(tcp))
+            .await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let label = crate::tls::handshake_failure_label(&e);
@@ -114,7 +116,10 @@ impl Gateway {
                 return;
             }
             Err(_) => {
-                self.metrics.handshakes.with_label_values(&["timeout"]).inc();
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["timeout"])
+                    .inc();
                 return;
             }
         };
@@ -122,7 +127,10 @@ impl Gateway {
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) else {
             // Unreachable with a mandatory verifier; refuse rather than serve without identity.
-            self.metrics.handshakes.with_label_values(&["no_client_certificate"]).inc();
+            self.metrics
+                .handshakes
+                .with_label_values(&["no_client_certificate"])
+                .inc();
             return;
         };
         self.metrics
@@ -162,7 +170,11 @@ impl Gateway {
     }
 
     /// One device request: identity, route, forward.
-    async fn handle(&self, request: Request<Incoming>, device: &DeviceConnection) -> Response<AuditBody> {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        device: &DeviceConnection,
+    ) -> Response<AuditBody> {
         let mut record = AuditRecord {
             started: Instant::now(),
             peer: device.peer,
@@ -176,7 +188,11 @@ impl Gateway {
             bytes_in: Arc::new(AtomicU64::new(0)),
             metrics: Arc::clone(&self.metrics),
         };
-        let identity = match self.resolver.resolve(device.fingerprint, &device.leaf).await {
+        let identity = match self
+            .resolver
+            .resolve(device.fingerprint, &device.leaf)
+            .await
+        {
             Ok(Decision::Admit(identity)) => identity,
             Ok(Decision::Deny(denial)) => {
                 record.cert_serial = denial.cert_serial.clone();
@@ -201,7 +217,8 @@ impl Gateway {
             Err(refusal) => return refuse(refusal, record),
         };
         parts.version = Version::HTTP_11;
-        self.headers.apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
+        self.headers
+            .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
         match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok(response) => {

@@ -535,6 +535,8 @@ objectclass ( 1.2.840.113556.1.5.9 NAME 'user'
         userAccountControl $ accountExpires $ objectSid $ objectGUID $
         memberOf $ groupType $ proxyAddresses $ whenCreated $ lockoutTime $
         dNSHostName $ mail ) )
+objectclass ( 1.2.840.113556.1.5.30 NAME 'computer'
+  SUP user STRUCTURAL )
 objectclass ( 1.2.840.113556.1.5.8 NAME 'group'
   SUP top STRUCTURAL MUST cn
   MAY ( member $ groupType $ sAMAccountName $ objectSid ) )

@@ -1,0 +1,218 @@
+//! The per-request identity path, measured.
+//!
+//! - `cache_hit_identity`: a known device reconnecting. `fingerprint_and_resolve` is what the
+//!   listener pays per connection (SHA-256 of the leaf DER, then a warm-cache
+//!   `Resolver::resolve`); `resolve_only` is the cache read alone.
+//! - `cold_mapping`: the CPU part of a cache miss without the directory: the certificate
+//!   parsed into `CertFacts` and the lookup filter of every mapping rule built.
+//! - `header_hygiene`: `HeaderPolicy::apply` on a realistic ActiveSync request (the map is
+//!   cloned inside each iteration, so the figure includes one clone).
+//!
+//! `cargo bench --bench identity` measures; `cargo bench --bench identity -- --test` runs
+//! each benchmark once (CI does this through tests/run.sh).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue};
+
+use seg::config::Config;
+use seg::directory::Directory;
+use seg::identity::{CertFacts, CertFingerprint, MappingRule};
+use seg::metrics::Metrics;
+use seg::pki::{CertAuthority, LeafSpec};
+use seg::proxy::HeaderPolicy;
+use seg::resolver::{Decision, Resolver};
+
+const LDIF: &str = "\
+dn: DC=corp,DC=test
+objectClass: domain
+dc: corp
+
+dn: CN=Alice Example,OU=Users,DC=corp,DC=test
+objectClass: top
+objectClass: person
+objectClass: organizationalPerson
+objectClass: user
+cn: Alice Example
+sAMAccountName: alice
+userPrincipalName: alice@corp.test
+mail: alice@corp.test
+userAccountControl: 512
+accountExpires: 0
+";
+
+/// A minimal configuration, read by the real parser so every default is the shipped one.
+const CONFIG: &str = r#"
+[listen]
+address = "127.0.0.1:0"
+
+[tls]
+certificate = "server.pem"
+private_key = "server.key"
+client_ca = "ca.pem"
+
+[directory]
+ldif_file = "directory.ldif"
+
+[mapping]
+rules = ["upn", "issuer-serial", "subject-key-id", "email"]
+
+[identity]
+header = "X-Remote-User"
+value = "upn"
+
+[upstream]
+url = "http://127.0.0.1:9"
+
+[admin]
+address = "127.0.0.1:0"
+"#;
+
+/// Alice's device certificate, the configuration the gateway would run with and the
+/// resolver `App::build` would make from it (directory from the config, shipped defaults).
+struct Fixture {
+    leaf_der: Vec<u8>,
+    config: Config,
+    resolver: Arc<Resolver>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = std::env::temp_dir().join(format!("seg-bench-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let ca = CertAuthority::new("seg bench", "seg bench CA").expect("CA");
+        let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+        let leaf = ca
+            .issue(&LeafSpec::device("alice").upn("alice@corp.test"))
+            .expect("device cert");
+        for (name, text) in [
+            ("ca.pem", ca.cert_pem()),
+            ("server.pem", server.cert_pem),
+            ("server.key", server.key_pem),
+            ("directory.ldif", LDIF.to_string()),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write fixture file");
+        }
+        let config = Config::parse(CONFIG, &dir, "bench.toml").unwrap_or_else(|e| panic!("{e}"));
+        let directory = Directory::from_config(&config.directory).expect("LDIF directory");
+        assert!(matches!(directory, Directory::Memory(_)));
+        let resolver = Arc::new(Resolver::new(
+            Arc::new(directory),
+            &config.mapping,
+            &config.identity,
+            &config.cache,
+            Arc::new(Metrics::new()),
+        ));
+        // Everything has been read.
+        let _ = std::fs::remove_dir_all(&dir);
+        Fixture {
+            leaf_der: leaf.der,
+            config,
+            resolver,
+        }
+    }
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn cache_hit_identity(c: &mut Criterion, fixture: &Fixture) {
+    let rt = current_thread_runtime();
+    let resolver = &fixture.resolver;
+    let der = fixture.leaf_der.as_slice();
+    let fingerprint = CertFingerprint::of(der);
+    // Warm the cache with one real miss and make sure it is an admission.
+    match rt.block_on(resolver.resolve(fingerprint, der)) {
+        Ok(Decision::Admit(identity)) => {
+            assert_eq!(identity.header_value, "alice@corp.test");
+        }
+        other => panic!("alice should be admitted, got {other:?}"),
+    }
+
+    let mut group = c.benchmark_group("cache_hit_identity");
+    group.bench_function("fingerprint_and_resolve", |b| {
+        b.to_async(&rt).iter(|| async {
+            let fingerprint = CertFingerprint::of(black_box(der));
+            resolver.resolve(fingerprint, der).await.expect("resolve")
+        })
+    });
+    group.bench_function("resolve_only", |b| {
+        b.to_async(&rt).iter(|| async {
+            resolver
+                .resolve(black_box(fingerprint), der)
+                .await
+                .expect("resolve")
+        })
+    });
+    group.finish();
+}
+
+fn cold_mapping(c: &mut Criterion, fixture: &Fixture) {
+    let der = fixture.leaf_der.as_slice();
+    c.bench_function("cold_mapping", |b| {
+        b.iter(|| {
+            let facts = CertFacts::from_der(black_box(der)).expect("facts");
+            let mut filters = Vec::with_capacity(MappingRule::ALL.len());
+            for rule in MappingRule::ALL {
+                if let Ok(lookup) = rule.lookup(&facts) {
+                    filters.push(lookup.filter());
+                }
+            }
+            filters
+        })
+    });
+}
+
+/// What an iPhone's Mail app sends on a Sync, plus a spoofed identity header.
+fn activesync_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("host", "mail.corp.test"),
+        ("user-agent", "Apple-iPhone15C2/2101.87"),
+        ("ms-asprotocolversion", "16.1"),
+        ("x-ms-policykey", "3942419847"),
+        ("content-type", "application/vnd.ms-sync.wbxml"),
+        ("content-length", "131"),
+        ("authorization", "Basic YWxpY2VAY29ycC50ZXN0OnBhc3N3b3Jk"),
+        ("x-remote-user", "administrator@corp.test"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    headers
+}
+
+fn header_hygiene(c: &mut Criterion, fixture: &Fixture) {
+    let policy = HeaderPolicy::new(&fixture.config.identity);
+    let template = activesync_headers();
+    let identity = HeaderValue::from_static("alice@corp.test");
+    let peer_ip = HeaderValue::from_static("203.0.113.7");
+    // Check once that the bench measures the real thing.
+    let mut cleaned = template.clone();
+    policy.apply(&mut cleaned, &identity, &peer_ip);
+    assert_eq!(cleaned["x-remote-user"], "alice@corp.test");
+    assert!(!cleaned.contains_key("authorization"));
+
+    c.bench_function("header_hygiene", |b| {
+        b.iter(|| {
+            let mut headers = black_box(&template).clone();
+            policy.apply(&mut headers, &identity, &peer_ip);
+            headers
+        })
+    });
+}
+
+fn benches(c: &mut Criterion) {
+    let fixture = Fixture::new();
+    cache_hit_identity(c, &fixture);
+    cold_mapping(c, &fixture);
+    header_hygiene(c, &fixture);
+}
+
+criterion_group!(identity, benches);
+criterion_main!(identity);

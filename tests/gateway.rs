@@ -1,0 +1,645 @@
+//! End to end: devices with certificates from a test CA, through real TLS handshakes, to
+//! seg mapping them against a real slapd (1,000+ AD-shaped users, LDAPS) and forwarding to a
+//! recording upstream.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use seg::pki::{LeafSpec, Usage};
+use support::lab::{
+    assert_refused, eas_target, metric_value, reversed_hex, Client, Lab, Pki, TlsVersion,
+    CA_AD_NAME,
+};
+use support::slapd::UserSpec;
+
+/// The serial from KB5014754's example, with its Windows byte-reversed form.
+const KB_SERIAL_HEX: &str = "620000000ccffc58f9832f285600000000000c";
+const KB_SERIAL_REVERSED: &str = "0c000000000056282f83f958fccf0c00000062";
+const SKI: [u8; 20] = [
+    0x5a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5, 0xc6, 0xd7, 0xe8, 0xf9,
+    0x0a, 0x1b, 0x2c, 0x3d,
+];
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn user(sam: &str, upn: Option<&str>) -> UserSpec {
+    let mut u = UserSpec::new(sam);
+    u.upn = upn.map(str::to_string);
+    u
+}
+
+/// The accounts every mapping form needs.
+fn mapping_users() -> Vec<UserSpec> {
+    let mut bob = user("bob", Some("bob@corp.test"));
+    bob.alt_security_identities = vec![format!("X509:<I>{CA_AD_NAME}<SR>{KB_SERIAL_REVERSED}")];
+    let forward_serial = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+    let mut carol = user("carol", Some("carol@corp.test"));
+    carol.alt_security_identities = vec![format!(
+        "X509:<I>{CA_AD_NAME}<SR>{}",
+        seg::identity::hex(&forward_serial)
+    )];
+    let mut dan = user("dan", Some("dan@corp.test"));
+    // Upper-case hex: AD compares altSecurityIdentities case-insensitively.
+    dan.alt_security_identities = vec![format!(
+        "X509:<SKI>{}",
+        seg::identity::hex(&SKI).to_uppercase()
+    )];
+    let mut eve = user("eve", Some("eve.upn@corp.test"));
+    eve.mail = Some("eve@corp.test".into());
+    let mut dave = user("dave", Some("dave@corp.test"));
+    dave.user_account_control = 514;
+    let mut erin = user("erin", Some("erin@corp.test"));
+    erin.account_expires = Some(116_444_736_000_000_000 + 10_000_000);
+    let mut frank = user("frank", Some("frank@corp.test"));
+    frank.account_expires = Some(0x7FFF_FFFF_FFFF_FFFF);
+    vec![
+        user("alice", Some("alice@corp.test")),
+        bob,
+        carol,
+        dan,
+        eve,
+        dave,
+        erin,
+        frank,
+        user("twin1", Some("twin@corp.test")),
+        user("twin2", Some("twin@corp.test")),
+    ]
+}
+
+#[tokio::test]
+async fn every_mapping_form_reaches_the_upstream_as_its_account() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let client = lab.client();
+    let rows: Vec<(LeafSpec, &str)> = vec![
+        (
+            LeafSpec::device("alice").upn("alice@corp.test"),
+            "alice@corp.test",
+        ),
+        (
+            LeafSpec::device("bob").serial(&unhex(KB_SERIAL_HEX)),
+            "bob@corp.test",
+        ),
+        (
+            LeafSpec::device("carol").serial(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66]),
+            "carol@corp.test",
+        ),
+        (
+            LeafSpec::device("dan").subject_key_id(&SKI),
+            "dan@corp.test",
+        ),
+        (
+            LeafSpec::device("eve").email("eve@corp.test"),
+            "eve.upn@corp.test",
+        ),
+        (
+            LeafSpec::device("frank").upn("FRANK@corp.test"),
+            "frank@corp.test",
+        ),
+    ];
+    for (spec, expected) in rows {
+        let name = spec.common_name.clone();
+        let device = lab.pki.device(spec);
+        let before = lab.upstream.requests().len();
+        let response = client
+            .post(Some(&device), &eas_target("Sync", &name), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(response.status, 200, "{name}: {}", response.text());
+        let requests = lab.upstream.requests();
+        assert_eq!(
+            requests.len(),
+            before + 1,
+            "{name}: exactly one upstream request"
+        );
+        let seen = &requests[before];
+        assert_eq!(seen.header_values("x-remote-user"), [expected], "{name}");
+        assert_eq!(
+            seen.header_values("x-forwarded-for"),
+            ["127.0.0.1"],
+            "{name}"
+        );
+        assert!(
+            seen.target
+                .starts_with("/Microsoft-Server-ActiveSync?Cmd=Sync"),
+            "{}",
+            seen.target
+        );
+    }
+    // The reversed KB5014754 serial is what slapd was asked for first.
+    let filters = lab.slapd.search_filters().join("\n");
+    assert!(
+        filters
+            .to_lowercase()
+            .contains(&format!("<sr>{KB_SERIAL_REVERSED}")),
+        "filters: {filters}"
+    );
+    assert_eq!(reversed_hex(&unhex(KB_SERIAL_HEX)), KB_SERIAL_REVERSED);
+}
+
+#[tokio::test]
+async fn real_denials_get_403_and_nothing_reaches_the_upstream() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let client = lab.client();
+    let rows = [
+        (
+            LeafSpec::device("nobody").upn("nobody@corp.test"),
+            "no-mapping",
+        ),
+        (LeafSpec::device("bare"), "no-mapping"),
+        (
+            LeafSpec::device("dave").upn("dave@corp.test"),
+            "account-disabled",
+        ),
+        (
+            LeafSpec::device("erin").upn("erin@corp.test"),
+            "account-expired",
+        ),
+        (
+            LeafSpec::device("twin").upn("twin@corp.test"),
+            "ambiguous-mapping",
+        ),
+    ];
+    for (spec, reason) in rows {
+        let name = spec.common_name.clone();
+        let device = lab.pki.device(spec);
+        let response = client
+            .post(Some(&device), &eas_target("Sync", &name), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(response.status, 403, "{name}");
+        assert!(!response.text().contains("ldap"), "body names no internals");
+        let decisions =
+            format!("seg_identity_decisions_total{{decision=\"deny\",reason=\"{reason}\"}}");
+        assert!(lab.metric(&decisions) >= 1.0, "{name}: {decisions}");
+    }
+    assert!(
+        lab.upstream.requests().is_empty(),
+        "the upstream saw a denied device"
+    );
+}
+
+#[tokio::test]
+async fn handshakes_without_a_valid_client_certificate_are_refused() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let client = lab.client();
+    let target = eas_target("Sync", "alice");
+
+    assert_refused(
+        client.post(None, &target, &[]).await,
+        "no client certificate",
+    );
+    let foreign = lab.pki.foreign_device(
+        "Elsewhere CA",
+        LeafSpec::device("alice").upn("alice@corp.test"),
+    );
+    assert_refused(
+        client.post(Some(&foreign), &target, &[]).await,
+        "another CA",
+    );
+    let impostor = lab.pki.foreign_device(
+        "Corp Test Issuing CA",
+        LeafSpec::device("alice").upn("alice@corp.test"),
+    );
+    assert_refused(
+        client.post(Some(&impostor), &target, &[]).await,
+        "another CA with the same name",
+    );
+    let server_only = lab.pki.device(
+        LeafSpec::device("alice")
+            .upn("alice@corp.test")
+            .usage(Usage::ServerAuth),
+    );
+    assert_refused(
+        client.post(Some(&server_only), &target, &[]).await,
+        "serverAuth-only leaf",
+    );
+    let no_eku = lab.pki.device(
+        LeafSpec::device("alice")
+            .upn("alice@corp.test")
+            .usage(Usage::None),
+    );
+    assert_refused(
+        client.post(Some(&no_eku), &target, &[]).await,
+        "leaf without EKU",
+    );
+    let expired = lab.pki.device(
+        LeafSpec::device("alice")
+            .upn("alice@corp.test")
+            .validity((2020, 1, 1), (2021, 1, 1)),
+    );
+    assert_refused(
+        client.post(Some(&expired), &target, &[]).await,
+        "expired certificate",
+    );
+
+    assert!(lab.upstream.requests().is_empty());
+    let m = lab.seg.metrics.render();
+    for label in [
+        "no_client_certificate",
+        "unknown_issuer",
+        "certificate_invalid",
+        "certificate_wrong_purpose",
+        "certificate_expired",
+    ] {
+        let sample = format!("seg_tls_handshakes_total{{result=\"{label}\"}}");
+        assert!(metric_value(&m, &sample) >= 1.0, "{sample} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn tls12_and_rsa_device_keys_are_served() {
+    let pki = Pki::new();
+    let rsa_key = pki.dir.path().join("rsa.key");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&rsa_key)
+        .output()
+        .expect("openssl is needed (apt-get install openssl; ./tests/run.sh installs it)");
+    assert!(status.status.success(), "openssl genpkey failed");
+    let rsa_pem = std::fs::read_to_string(&rsa_key).unwrap();
+    let rsa = pki.device(
+        LeafSpec::device("alice-rsa")
+            .upn("alice@corp.test")
+            .key_pem(&rsa_pem),
+    );
+    let ecdsa = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let lab = Lab::start_with(pki, mapping_users(), "").await;
+    let client = lab.client();
+    for (device, version) in [
+        (&rsa, TlsVersion::Any),
+        (&rsa, TlsVersion::Tls12),
+        (&ecdsa, TlsVersion::Tls12),
+    ] {
+        let mut conn = client
+            .connect(Some(device), version)
+            .await
+            .expect("handshake");
+        let response = conn
+            .request("POST", &eas_target("Ping", "alice"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{}", device.name);
+    }
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_are_replaced_by_the_real_one() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let mut conn = lab
+        .client()
+        .connect(Some(&alice), TlsVersion::Any)
+        .await
+        .unwrap();
+    let spoofs: &[(&str, &str)] = &[
+        ("X-Remote-User", "bob@corp.test"),
+        ("x-remote-user", "bob2@corp.test"),
+        ("X-REMOTE-USER", "bob3@corp.test"),
+        ("X_Remote_User", "bob4@corp.test"),
+        ("x_remote-user", "bob5@corp.test"),
+        (
+            "X-Forwarded-Client-Cert",
+            "By=spiffe://x;Hash=00;Subject=\"CN=bob\"",
+        ),
+        ("X-Forwarded-For", "10.9.8.7"),
+        ("Forwarded", "for=10.9.8.7"),
+        ("x-webobjects-remote-user", "bob"),
+        ("Authorization", "Basic Ym9iOng="),
+        ("Connection", "X-Remote-User, X-Forwarded-For"),
+    ];
+    let response = conn
+        .request("POST", &eas_target("Sync", "alice"), spoofs, b"hello")
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let seen = &lab.upstream.requests()[0];
+    assert_eq!(seen.header_values("x-remote-user"), ["alice@corp.test"]);
+    assert_eq!(seen.header_values("x-forwarded-for"), ["127.0.0.1"]);
+    for gone in [
+        "x_remote_user",
+        "x_remote-user",
+        "x-forwarded-client-cert",
+        "forwarded",
+        "x-webobjects-remote-user",
+        "authorization",
+        "connection",
+    ] {
+        assert!(
+            seen.header_values(gone).is_empty(),
+            "{gone} reached the upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains("bob")),
+        "a client-chosen identity reached the upstream: {:?}",
+        seen.headers
+    );
+    assert_eq!(seen.body, b"hello");
+}
+
+#[tokio::test]
+async fn ldap_metacharacters_in_the_upn_are_escaped_and_match_nothing() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let client = lab.client();
+    let rows = [
+        ("*", "\\2A"),
+        ("*@corp.test", "\\2A@corp.test"),
+        (
+            "alice@corp.test)(userPrincipalName=*",
+            "alice@corp.test\\29\\28userprincipalname=\\2A",
+        ),
+        ("back\\slash@corp.test", "back\\5Cslash@corp.test"),
+        ("alice@corp.test\0", "alice@corp.test\\00"),
+    ];
+    for (upn, logged) in rows {
+        let device = lab.pki.device(LeafSpec::device("injector").upn(upn));
+        let response = client
+            .post(Some(&device), &eas_target("Sync", "alice"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{upn:?}: {e}"));
+        assert_eq!(response.status, 403, "{upn:?} matched an account");
+        let expected = format!("(userPrincipalName={logged})");
+        let filters = lab.slapd.search_filters();
+        assert!(
+            filters.iter().any(|f| f.contains(&expected)),
+            "{upn:?}: slapd never received {expected}; it received {filters:#?}"
+        );
+    }
+    assert!(lab.upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_stopped_directory_serves_cached_identities_and_503_for_unknown_devices() {
+    let mut lab = Lab::start(mapping_users(), "").await;
+    let client = lab.client();
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+
+    lab.slapd.stop();
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status, 200,
+        "a cached identity is served while the directory is down"
+    );
+
+    let bob = lab
+        .pki
+        .device(LeafSpec::device("bob").serial(&unhex(KB_SERIAL_HEX)));
+    let started = Instant::now();
+    let response = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "503 took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(response.header("retry-after"), Some("30"));
+    assert_eq!(
+        lab.upstream.requests().len(),
+        2,
+        "the unknown device reached the upstream"
+    );
+
+    // Transport errors are never cached: the device maps once the directory is back.
+    lab.slapd.restart();
+    let response = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        lab.upstream.requests()[2].header_values("x-remote-user"),
+        ["bob@corp.test"]
+    );
+}
+
+#[tokio::test]
+async fn readiness_follows_the_directory() {
+    let mut lab = Lab::start(mapping_users(), "").await;
+    let admin = lab.seg.admin_addr;
+    let ready = || async move {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let wait_for = |want: &'static str| async move {
+        for _ in 0..50 {
+            let answer = ready().await;
+            if answer.starts_with(want) {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("/readyz never answered {want}");
+    };
+    wait_for("HTTP/1.1 200").await;
+    lab.slapd.stop();
+    let answer = wait_for("HTTP/1.1 503").await;
+    assert!(answer.contains("directory"), "{answer}");
+    lab.slapd.restart();
+    wait_for("HTTP/1.1 200").await;
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_for_one_certificate_make_one_directory_search() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let client = std::sync::Arc::new(lab.client());
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let client = std::sync::Arc::clone(&client);
+        let alice = alice.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(Some(&alice), &eas_target("Ping", "alice"), &[])
+                .await
+                .map(|r| r.status)
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 200);
+    }
+    let searches: Vec<String> = lab
+        .slapd
+        .search_filters()
+        .into_iter()
+        .filter(|f| f.contains("alice@corp.test"))
+        .collect();
+    assert_eq!(
+        searches.len(),
+        1,
+        "directory searches for alice: {searches:#?}"
+    );
+    let m = lab.seg.metrics.render();
+    assert_eq!(
+        metric_value(&m, "seg_identity_cache_lookups_total{result=\"miss\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(lab.upstream.requests().len(), 100);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_serve_many_requests_with_one_lookup() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let mut conn = lab
+        .client()
+        .connect(Some(&alice), TlsVersion::Any)
+        .await
+        .unwrap();
+    for cmd in ["FolderSync", "Sync", "Ping", "SendMail"] {
+        let response = conn
+            .request("POST", &eas_target(cmd, "alice"), &[], b"x")
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{cmd}");
+    }
+    assert_eq!(lab.upstream.requests().len(), 4);
+    assert_eq!(
+        lab.metric("seg_directory_searches_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        lab.metric("seg_requests_total{command=\"SendMail\",status_class=\"2xx\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn other_paths_and_methods_are_not_forwarded() {
+    let lab = Lab::start(mapping_users(), "").await;
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let mut conn = lab
+        .client()
+        .connect(Some(&alice), TlsVersion::Any)
+        .await
+        .unwrap();
+    let r = conn.request("POST", "/owa/", &[], b"").await.unwrap();
+    assert_eq!(r.status, 404);
+    let r = conn
+        .request("GET", "/Microsoft-Server-ActiveSync", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+    let r = conn
+        .request("POST", "/Microsoft-Server-ActiveSyncX", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    let r = conn
+        .request("OPTIONS", "/Microsoft-Server-ActiveSync", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = conn
+        .request("POST", "/autodiscover/autodiscover.xml", &[], b"<x/>")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(lab.upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn the_second_directory_url_is_used_when_the_first_is_down() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // A port nothing listens on: bind and drop.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let urls = [format!("ldaps://{dead}"), slapd.ldaps_url()];
+    let text = support::lab::config_text(&pki, &urls, &slapd, upstream.addr, "");
+    let path = pki.dir.write("failover.toml", &text);
+    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        upstream.requests()[0].header_values("x-remote-user"),
+        ["alice@corp.test"]
+    );
+    seg.stop().await;
+}
+
+#[tokio::test]
+async fn the_identity_header_value_follows_the_configuration() {
+    let lab = Lab::start(
+        mapping_users(),
+        "[identity]\nheader = \"X-WebObjects-Remote-User\"\nvalue = \"domain-sam\"\nnetbios_domain = \"CORP\"\n",
+    )
+    .await;
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let response = lab
+        .client()
+        .post(
+            Some(&alice),
+            &eas_target("Sync", "alice"),
+            &[
+                ("x-webobjects-remote-user", "bob"),
+                ("X-Remote-User", "bob"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let seen = &lab.upstream.requests()[0];
+    assert_eq!(
+        seen.header_values("x-webobjects-remote-user"),
+        ["CORP\\alice"]
+    );
+    assert!(seen.header_values("x-remote-user").is_empty());
+}

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The project's one test command, for a fresh Debian 12 machine (and CI, through .ci/run).
+#
+#   ./tests/run.sh                 everything
+#   ./tests/run.sh --test ldap     extra arguments go to `cargo test`
+#
+# 1. Installs what the tests need when it is missing: slapd and ldap-utils (the integration
+#    tests start their own throwaway slapd), openssl, curl, and the rustfmt/clippy components.
+# 2. cargo fmt --check; cargo clippy (all targets, warnings are errors); cargo test (unit and
+#    integration tests); the criterion benchmarks once each in test mode, so they keep
+#    compiling and working. Everything builds with the release profile, so dependencies are
+#    compiled once for tests and benches alike.
+# 3. Prints each step's wall time, the total, and one closing line with the test counts.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+APT_PACKAGES=(slapd ldap-utils openssl curl)
+
+now() { date +%s%N; }
+secs() { awk -v ns="$1" 'BEGIN { printf "%.1f s", ns / 1e9 }'; }
+
+T0=$(now)
+STEP_NAMES=()
+STEP_TIMES=()
+STEP_RESULTS=()
+TEST_LOG=
+POLICY_RC_D=
+
+summary() {
+    local i
+    echo
+    echo "==> timings"
+    for i in "${!STEP_NAMES[@]}"; do
+        printf '    %-8s %10s  %s\n' "${STEP_RESULTS[$i]}" "$(secs "${STEP_TIMES[$i]}")" "${STEP_NAMES[$i]}"
+    done
+    printf '    %-8s %10s\n' "total" "$(secs $(($(now) - T0)))"
+    if [[ -n "$TEST_LOG" && -s "$TEST_LOG" ]]; then
+        # The totals of every `test result:` line cargo test printed.
+        awk '/^test result: / {
+                for (i = 1; i <= NF; i++) {
+                    if ($(i + 1) ~ /^passed/) p += $i
+                    if ($(i + 1) ~ /^failed/) f += $i
+                    if ($(i + 1) ~ /^ignored/) s += $i
+                }
+             }
+             END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$TEST_LOG"
+    fi
+}
+
+on_exit() {
+    local rc=$?
+    if [[ -n "$POLICY_RC_D" ]]; then
+        rm -f "$POLICY_RC_D"
+    fi
+    if [[ -n "$TEST_LOG" ]]; then
+        rm -f "$TEST_LOG"
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
+# step NAME COMMAND...: runs one step with a header line and records its wall time.
+# The command runs in an `||` context, where `set -e` does not apply: the step functions
+# below return on their own errors.
+step() {
+    local name=$1 start rc=0
+    shift
+    echo
+    echo "==> [$((${#STEP_NAMES[@]} + 1))] $name"
+    start=$(now)
+    "$@" || rc=$?
+    STEP_NAMES+=("$name")
+    STEP_TIMES+=($(($(now) - start)))
+    if ((rc == 0)); then
+        STEP_RESULTS+=("ok")
+    else
+        STEP_RESULTS+=("FAILED")
+        echo "==> $name failed (exit $rc)" >&2
+        summary
+        exit "$rc"
+    fi
+}
+
+missing_packages() {
+    local pkg status
+    for pkg in "${APT_PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+        if [[ "$status" != "installed" ]]; then
+            echo "$pkg"
+        fi
+    done
+}
+
+install_packages() {
+    local missing
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        echo "no dpkg here: make sure slapd, slapadd, ldap-utils, openssl and curl are installed"
+        return 0
+    fi
+    mapfile -t missing < <(missing_packages)
+    if ((${#missing[@]} == 0)); then
+        echo "already installed: ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    if ((EUID != 0)); then
+        echo "missing Debian packages: ${missing[*]}; as root, run:" >&2
+        echo "  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        return 1
+    fi
+    # Debian's slapd starts a system daemon on install; the tests run their own, so forbid
+    # service starts for the duration (policy-rc.d exit 101: "action forbidden").
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        POLICY_RC_D=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC_D" || return
+        chmod +x "$POLICY_RC_D" || return
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || return
+    apt-get install -y -q --no-install-recommends \
+        -o DPkg::Lock::Timeout=300 \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" || return
+    if [[ -n "$POLICY_RC_D" ]]; then
+        rm -f "$POLICY_RC_D"
+        POLICY_RC_D=
+    fi
+}
+
+install_rust_components() {
+    local components=()
+    cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
+    if ((${#components[@]} == 0)); then
+        echo "already installed: rustfmt, clippy"
+        return 0
+    fi
+    rustup component add "${components[@]}" || return
+}
+
+run_tests() {
+    TEST_LOG=$(mktemp) || return
+    # --no-fail-fast: every test binary runs, so one report names every failure.
+    cargo test --release --no-fail-fast "$@" 2>&1 | tee "$TEST_LOG"
+}
+
+step "install Debian packages (${APT_PACKAGES[*]})" install_packages
+step "install rustfmt and clippy" install_rust_components
+step "cargo fmt --check" cargo fmt --check
+step "cargo clippy --release --all-targets -- -D warnings" \
+    cargo clippy --release --all-targets -- -D warnings
+step "cargo test --release $*" run_tests "$@"
+step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
+summary

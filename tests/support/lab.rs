@@ -1,0 +1,466 @@
+//! The test lab: a throwaway enterprise PKI, a real slapd over LDAPS holding AD-shaped
+//! accounts, the recording echo upstream, and seg itself started in process on port 0; plus
+//! a small HTTP/1.1 client over real TLS handshakes that presents device certificates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use seg::config::Config;
+use seg::echo::EchoUpstream;
+use seg::pki::{CertAuthority, IssuedCert, LeafSpec};
+use seg::{App, Running};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::slapd::{bulk_users, Slapd, SlapdOptions, TlsFiles, UserSpec};
+
+/// The enterprise CA's name as AD writes it in `altSecurityIdentities` (most significant first).
+pub const CA_AD_NAME: &str = "O=Corp Test,CN=Corp Test Issuing CA";
+
+/// A folder under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "seg-test-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A device: its certificate and key, on disk and in memory.
+#[derive(Clone)]
+pub struct Device {
+    pub name: String,
+    pub issued: IssuedCert,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+/// The enterprise PKI of a test.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: CertAuthority,
+    pub ca_path: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = TempDir::new("pki");
+        let ca = CertAuthority::new("Corp Test", "Corp Test Issuing CA").expect("CA");
+        let ca_path = dir.write("ca.pem", &ca.cert_pem());
+        let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+        let server_cert = dir.write("server.pem", &server.cert_pem);
+        let server_key = dir.write("server.key", &server.key_pem);
+        Pki {
+            dir,
+            ca,
+            ca_path,
+            server_cert,
+            server_key,
+        }
+    }
+
+    /// Issues a device certificate from the enterprise CA.
+    pub fn device(&self, spec: LeafSpec) -> Device {
+        let issued = self.ca.issue(&spec).expect("device cert");
+        self.store(&spec.common_name, issued)
+    }
+
+    /// Issues a device certificate from another CA the gateway does not trust, named
+    /// `ca_name` (the enterprise CA's own name makes an impostor).
+    pub fn foreign_device(&self, ca_name: &str, spec: LeafSpec) -> Device {
+        let rogue = CertAuthority::new("Corp Test", ca_name).expect("rogue CA");
+        let issued = rogue.issue(&spec).expect("foreign cert");
+        self.store(&format!("foreign-{}", spec.common_name), issued)
+    }
+
+    fn store(&self, name: &str, issued: IssuedCert) -> Device {
+        let cert_path = self.dir.write(&format!("{name}.pem"), &issued.cert_pem);
+        let key_path = self.dir.write(&format!("{name}.key"), &issued.key_pem);
+        Device {
+            name: name.into(),
+            issued,
+            cert_path,
+            key_path,
+        }
+    }
+}
+
+/// Reverses a byte string's hex (the Windows `<SR>` serial order).
+pub fn reversed_hex(bytes: &[u8]) -> String {
+    let mut reversed = bytes.to_vec();
+    reversed.reverse();
+    seg::identity::hex(&reversed)
+}
+
+/// slapd with 1,000 bulk users plus the given ones, over LDAPS with the lab's CA.
+pub fn start_slapd(pki: &Pki, users: Vec<UserSpec>) -> Slapd {
+    let mut all = bulk_users(1000, "corp.test");
+    all.extend(users);
+    Slapd::start(SlapdOptions {
+        users: all,
+        bind_password: "svc-password".into(),
+        tls: Some(TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: pki.ca_path.clone(),
+        }),
+        ..SlapdOptions::default()
+    })
+}
+
+/// A configuration pointing at the lab's slapd and upstream; `extra` is appended verbatim.
+pub fn config_text(
+    pki: &Pki,
+    directory_urls: &[String],
+    slapd: &Slapd,
+    upstream: SocketAddr,
+    extra: &str,
+) -> String {
+    let password = pki.dir.write("bind-password", "svc-password\n");
+    let urls: Vec<String> = directory_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+handshake_timeout = "5s"
+
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+client_ca = "{ca}"
+
+[directory]
+urls = [{urls}]
+base_dn = "{base}"
+bind_dn = "{bind}"
+bind_password_file = "{password}"
+ca_file = "{ca}"
+connect_timeout = "1s"
+operation_timeout = "2s"
+
+[upstream]
+url = "http://{upstream}"
+
+[admin]
+address = "127.0.0.1:0"
+probe_interval = "200ms"
+{extra}
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        ca = pki.ca_path.display(),
+        urls = urls.join(", "),
+        base = slapd.suffix(),
+        bind = slapd.bind_dn(),
+        password = password.display(),
+    )
+}
+
+/// Everything one test needs, running.
+pub struct Lab {
+    pub pki: Pki,
+    pub slapd: Slapd,
+    pub upstream: EchoUpstream,
+    pub seg: Running,
+    pub config_path: PathBuf,
+}
+
+impl Lab {
+    /// PKI, slapd (1,000 bulk users plus `users`), echo upstream and seg.
+    pub async fn start(users: Vec<UserSpec>, extra_config: &str) -> Lab {
+        let pki = Pki::new();
+        Lab::start_with(pki, users, extra_config).await
+    }
+
+    pub async fn start_with(pki: Pki, users: Vec<UserSpec>, extra_config: &str) -> Lab {
+        let slapd = start_slapd(&pki, users);
+        let upstream = EchoUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("echo upstream");
+        let text = config_text(
+            &pki,
+            &[slapd.ldaps_url()],
+            &slapd,
+            upstream.addr,
+            extra_config,
+        );
+        let config_path = pki.dir.write("seg.toml", &text);
+        let config = Config::load(&config_path).unwrap_or_else(|e| panic!("lab config: {e}"));
+        let seg = App::build(config)
+            .unwrap_or_else(|e| panic!("lab build: {e}"))
+            .start()
+            .await
+            .expect("seg start");
+        Lab {
+            pki,
+            slapd,
+            upstream,
+            seg,
+            config_path,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.seg.listen_addr, &self.pki.ca_path)
+    }
+
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.seg.metrics.render(), name_and_labels)
+    }
+}
+
+/// The value of one sample in a Prometheus exposition, 0 when absent.
+pub fn metric_value(exposition: &str, name_and_labels: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// An HTTP response as the device saw it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A device-side client: real TLS handshakes, HTTP/1.1 written by hand.
+pub struct Client {
+    addr: SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+/// How a device's TLS client is set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Any,
+    Tls12,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, ca: &Path) -> Client {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
+            roots.add(cert.expect("ca cert")).expect("add root");
+        }
+        Client {
+            addr,
+            roots: Arc::new(roots),
+        }
+    }
+
+    fn tls(&self, device: Option<&Device>, version: TlsVersion) -> TlsConnector {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] = match version {
+            TlsVersion::Any => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::Tls12 => &[&rustls::version::TLS12],
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(Arc::clone(&self.roots));
+        let config = match device {
+            Some(d) => {
+                let certs = vec![CertificateDer::from(d.issued.der.clone())];
+                let key = PrivateKeyDer::from_pem_slice(d.issued.key_pem.as_bytes()).expect("key");
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .expect("client auth")
+            }
+            None => builder.with_no_client_auth(),
+        };
+        TlsConnector::from(Arc::new(config))
+    }
+
+    /// Opens a TLS connection presenting `device` (or no certificate).
+    pub async fn connect(
+        &self,
+        device: Option<&Device>,
+        version: TlsVersion,
+    ) -> std::io::Result<Connection> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let stream = self.tls(device, version).connect(name, tcp).await?;
+        Ok(Connection { stream })
+    }
+
+    /// One request on a fresh connection.
+    pub async fn post(
+        &self,
+        device: Option<&Device>,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<HttpResponse> {
+        let mut conn = self.connect(device, TlsVersion::Any).await?;
+        conn.request("POST", target, headers, b"").await
+    }
+}
+
+/// One device connection; requests go out one after another (keep-alive).
+pub struct Connection {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+impl Connection {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<HttpResponse> {
+        let mut head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.send_raw(head.as_bytes()).await?;
+        self.send_raw(body).await?;
+        self.read_response().await
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// Reads one response framed by Content-Length (or by the connection's end).
+    pub async fn read_response(&mut self) -> std::io::Result<HttpResponse> {
+        let mut buffer = Vec::new();
+        let header_end = loop {
+            if let Some(i) = find(&buffer, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed before a response",
+                ));
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buffer[..header_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let mut body = buffer[header_end..].to_vec();
+        match length {
+            Some(len) => {
+                while body.len() < len {
+                    let mut chunk = [0u8; 4096];
+                    let n = self.stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                body.truncate(len);
+            }
+            None => {
+                let _ = self.stream.read_to_end(&mut body).await;
+            }
+        }
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The ActiveSync path with a plain query.
+pub fn eas_target(cmd: &str, user: &str) -> String {
+    format!(
+        "/Microsoft-Server-ActiveSync?Cmd={cmd}&User={user}&DeviceId=TESTDEVICE1&DeviceType=iPhone"
+    )
+}
+
+/// Asserts a device got no HTTP answer because the TLS handshake was refused.
+pub fn assert_refused(result: std::io::Result<HttpResponse>, why: &str) {
+    match result {
+        Ok(response) => panic!(
+            "{why}: expected a refused handshake, got HTTP {}",
+            response.status
+        ),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("alert")
+                    || text.contains("closed")
+                    || text.contains("reset")
+                    || text.contains("Broken pipe"),
+                "{why}: unexpected error {text}"
+            );
+        }
+    }
+}
