@@ -65,6 +65,27 @@ pub struct Device {
     pub key_path: PathBuf,
 }
 
+impl Device {
+    /// A device whose certificate and key were written by someone else (`seg demo`).
+    pub fn from_files(name: &str, cert_path: &Path, key_path: &Path) -> Device {
+        let cert_pem = std::fs::read_to_string(cert_path).expect("device cert");
+        let key_pem = std::fs::read_to_string(key_path).expect("device key");
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .expect("pem")
+            .to_vec();
+        Device {
+            name: name.into(),
+            issued: IssuedCert {
+                cert_pem,
+                key_pem,
+                der,
+            },
+            cert_path: cert_path.into(),
+            key_path: key_path.into(),
+        }
+    }
+}
+
 /// The enterprise PKI of a test.
 pub struct Pki {
     pub dir: TempDir,

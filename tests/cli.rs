@@ -1,0 +1,339 @@
+//! The `seg` binary: check-config, map and demo, run as a process.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use seg::pki::LeafSpec;
+use support::lab::{config_text, eas_target, start_slapd, Client, Device, Pki, TempDir};
+use support::slapd::UserSpec;
+
+const SEG: &str = env!("CARGO_BIN_EXE_seg");
+
+fn seg(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(SEG)
+        .args(args)
+        .env("SEG_LOG", "off")
+        .output()
+        .expect("run seg");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_broken_config_lists_every_problem_and_exits_64() {
+    let dir = TempDir::new("badconfig");
+    let path = dir.write(
+        "seg.toml",
+        r#"
+[listen]
+address = "not an address"
+handshake_timeout = "soon"
+colour = "blue"
+
+[tls]
+certificate = "/nonexistent/server.pem"
+
+[directory]
+urls = ["http://dc1.corp.test"]
+base_dn = ""
+
+[mapping]
+rules = ["upn", "telepathy", "upn"]
+
+[identity]
+value = "domain-sam"
+
+[upstream]
+url = "https://eas.corp.test/SOGo"
+request_timeout = "30s"
+
+[unknown_section]
+x = 1
+"#,
+    );
+    let (code, stdout, stderr) = seg(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "stdout: {stdout}\nstderr: {stderr}");
+    for key in [
+        "listen.address",
+        "listen.handshake_timeout",
+        "listen.colour: unknown key",
+        "tls.certificate",
+        "tls.private_key: required",
+        "tls.client_ca: required",
+        "directory.urls[0]",
+        "directory.base_dn: must not be empty",
+        "directory.bind_dn: required",
+        "directory.bind_password_file: required",
+        "mapping.rules[1]: unknown rule \"telepathy\"",
+        "mapping.rules[2]: \"upn\" is listed twice",
+        "identity.netbios_domain: required when identity.value = \"domain-sam\"",
+        "upstream.ca_file: required for an https:// upstream",
+        "upstream.url: must not carry a path",
+        "upstream.request_timeout: must be at least 3600s",
+        "unknown_section: unknown key",
+    ] {
+        assert!(stderr.contains(key), "missing {key:?} in:\n{stderr}");
+    }
+    // `run` refuses the same file with the same code.
+    let (code, _, stderr) = seg(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "{stderr}");
+    let (code, _, stderr) = seg(&["check-config", "--config", "/nonexistent/seg.toml"]);
+    assert_eq!(code, 64, "{stderr}");
+}
+
+#[test]
+fn a_good_config_is_summarised() {
+    let pki = Pki::new();
+    let slapd = start_slapd(&pki, vec![]);
+    let text = config_text(
+        &pki,
+        &[slapd.ldaps_url()],
+        &slapd,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let path = pki.dir.write("seg.toml", &text);
+    let (code, stdout, stderr) = seg(&["check-config", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(
+        stdout.contains("upn → issuer-serial → subject-key-id → email"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn map_explains_each_decision_against_the_directory() {
+    let pki = Pki::new();
+    let mut dave = UserSpec::new("dave");
+    dave.upn = Some("dave@corp.test".into());
+    dave.user_account_control = 514;
+    let mut alice = UserSpec::new("alice");
+    alice.upn = Some("alice@corp.test".into());
+    let mut slapd = start_slapd(&pki, vec![alice, dave]);
+    let text = config_text(
+        &pki,
+        &[slapd.ldaps_url()],
+        &slapd,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    );
+    let config = pki.dir.write("seg.toml", &text);
+    let config = config.to_str().unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let dave = pki.device(LeafSpec::device("dave").upn("dave@corp.test"));
+    let foreign = pki.foreign_device(
+        "Elsewhere CA",
+        LeafSpec::device("alice").upn("alice@corp.test"),
+    );
+
+    let (code, stdout, stderr) = seg(&[
+        "map",
+        "--config",
+        config,
+        "--cert",
+        alice.cert_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(json["decision"], "admit");
+    assert_eq!(json["identity"], "alice@corp.test");
+    assert_eq!(json["chain"]["valid"], true);
+    assert_eq!(json["rules"][0]["rule"], "upn");
+    assert_eq!(
+        json["rules"][0]["filter"],
+        "(&(objectClass=user)(!(objectClass=computer))(userPrincipalName=alice@corp.test))"
+    );
+
+    let (code, stdout, _) = seg(&[
+        "map",
+        "--config",
+        config,
+        "--cert",
+        dave.cert_path.to_str().unwrap(),
+        "--explain",
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    for fact in [
+        "chain        valid",
+        "UPN        dave@corp.test",
+        "1. upn (weak)",
+        "filter  (&(objectClass=user)(!(objectClass=computer))(userPrincipalName=dave@corp.test))",
+        "FAIL enabled      userAccountControl = 0x202",
+        "DENY (reason: account-disabled)",
+    ] {
+        assert!(stdout.contains(fact), "missing {fact:?} in:\n{stdout}");
+    }
+
+    let (code, stdout, _) = seg(&[
+        "map",
+        "--config",
+        config,
+        "--cert",
+        foreign.cert_path.to_str().unwrap(),
+        "--explain",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("chain        INVALID"), "{stdout}");
+    assert!(stdout.contains("reason: certificate-invalid"), "{stdout}");
+
+    slapd.stop();
+    let (code, stdout, _) = seg(&[
+        "map",
+        "--config",
+        config,
+        "--cert",
+        alice.cert_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 69, "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(json["decision"], "unavailable");
+    assert_eq!(json["reason"], "directory-unavailable");
+}
+
+#[tokio::test]
+async fn the_demo_serves_maps_refuses_and_stops_cleanly() {
+    let dir = TempDir::new("demo");
+    let mut child = Command::new(SEG)
+        .args([
+            "demo",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env("SEG_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn seg demo");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    while let Some(Ok(line)) = lines.next() {
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let port = |marker: &str| -> u16 {
+        let start = printed
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker} in {printed}"))
+            + marker.len();
+        printed[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let listen = port("serving on https://127.0.0.1:");
+    let admin = port("(admin http://127.0.0.1:");
+    for needle in [
+        "curl --cacert",
+        "devices/alice.pem",
+        "devices/dave.pem",
+        "devices/mallory.pem",
+        "/metrics",
+    ] {
+        assert!(
+            printed.contains(needle),
+            "{needle} missing from:\n{printed}"
+        );
+    }
+
+    let client = Client::new(
+        format!("127.0.0.1:{listen}").parse().unwrap(),
+        &dir.path().join("ca.pem"),
+    );
+    let device = |name: &str| {
+        Device::from_files(
+            name,
+            &dir.path().join(format!("devices/{name}.pem")),
+            &dir.path().join(format!("devices/{name}.key")),
+        )
+    };
+    let response = client
+        .post(
+            Some(&device("alice")),
+            &eas_target("FolderSync", "alice"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert!(
+        response.text().contains("alice@demo.test"),
+        "{}",
+        response.text()
+    );
+    let response = client
+        .post(Some(&device("bob")), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert!(
+        response.text().contains("bob@demo.test"),
+        "{}",
+        response.text()
+    );
+    let response = client
+        .post(Some(&device("dave")), &eas_target("Sync", "dave"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 403);
+    let response = client
+        .post(Some(&device("erin")), &eas_target("Sync", "erin"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 403);
+    support::lab::assert_refused(
+        client
+            .post(Some(&device("mallory")), &eas_target("Sync", "alice"), &[])
+            .await,
+        "mallory's CA is not trusted",
+    );
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("seg_requests_total{command=\"FolderSync\",status_class=\"2xx\"} 1"),
+        "{metrics}"
+    );
+
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "demo exited with {status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "demo did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
