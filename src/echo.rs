@@ -46,6 +46,21 @@ pub struct EchoUpstream {
 impl EchoUpstream {
     /// Listens on `addr` (use port 0 for any).
     pub async fn start(addr: SocketAddr) -> std::io::Result<EchoUpstream> {
+        EchoUpstream::start_with(addr, None).await
+    }
+
+    /// Listens with TLS, serving the given certificate chain and key.
+    pub async fn start_tls(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<EchoUpstream> {
+        EchoUpstream::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<EchoUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let recorded = Arc::new(Mutex::new(Vec::new()));
@@ -53,14 +68,22 @@ impl EchoUpstream {
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let log = Arc::clone(&log);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let log = Arc::clone(&log);
                         async move { Ok::<_, Infallible>(echo(request, &log).await) }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
+                    let http = http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(tcp), service).await,
+                        Some(acceptor) => match acceptor.accept(tcp).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });

@@ -307,6 +307,16 @@ async fn the_demo_serves_maps_refuses_and_stops_cleanly() {
         "{metrics}"
     );
 
+    let response = client
+        .post(
+            Some(&device("alice")),
+            "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=AUDIT1&DeviceType=iPad",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+
     let pid = child.id().to_string();
     Command::new("kill").args(["-INT", &pid]).status().unwrap();
     let started = Instant::now();

@@ -366,6 +366,10 @@ async fn ldap_metacharacters_in_the_upn_are_escaped_and_match_nothing() {
         ),
         ("back\\slash@corp.test", "back\\5Cslash@corp.test"),
         ("alice@corp.test\0", "alice@corp.test\\00"),
+        (
+            "alice@corp.test\r\nX-Remote-User: bob",
+            "alice@corp.test\\0D\\0Ax-remote-user: bob",
+        ),
     ];
     for (upn, logged) in rows {
         let device = lab.pki.device(LeafSpec::device("injector").upn(upn));
@@ -642,4 +646,228 @@ async fn the_identity_header_value_follows_the_configuration() {
         ["CORP\\alice"]
     );
     assert!(seen.header_values("x-remote-user").is_empty());
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_its_own_ca_and_a_path_prefix() {
+    let pki = Pki::new();
+    // The upstream's certificate comes from a CA of its own, trusted only through ca_file.
+    let upstream_ca = seg::pki::CertAuthority::new("Mail", "Mail Servers CA").unwrap();
+    let upstream_cert = upstream_ca.issue(&LeafSpec::loopback_server()).unwrap();
+    let upstream_ca_path = pki.dir.write("upstream-ca.pem", &upstream_ca.cert_pem());
+    let server_tls = rustls::ServerConfig::builder_with_provider(seg::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![upstream_cert.der.clone().into()],
+            rustls::pki_types::PrivateKeyDer::try_from(
+                rustls::pki_types::pem::PemObject::from_pem_slice(upstream_cert.key_pem.as_bytes())
+                    .map(|k: rustls::pki_types::PrivatePkcs8KeyDer<'static>| {
+                        k.secret_pkcs8_der().to_vec()
+                    })
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let upstream = seg::echo::EchoUpstream::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(server_tls),
+    )
+    .await
+    .unwrap();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let mut text = support::lab::config_text(&pki, &[slapd.ldaps_url()], &slapd, upstream.addr, "");
+    text = text.replace(
+        &format!("url = \"http://{}\"", upstream.addr),
+        &format!(
+            "url = \"https://localhost:{}\"\nca_file = \"{}\"\npath_prefix = \"/SOGo\"",
+            upstream.addr.port(),
+            upstream_ca_path.display()
+        ),
+    );
+    let path = pki.dir.write("https.toml", &text);
+    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let seen = &upstream.requests()[0];
+    assert!(
+        seen.target
+            .starts_with("/SOGo/Microsoft-Server-ActiveSync?Cmd=Sync"),
+        "{}",
+        seen.target
+    );
+    assert_eq!(seen.header_values("x-remote-user"), ["alice@corp.test"]);
+    seg.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = support::lab::config_text(&pki, &[slapd.ldaps_url()], &slapd, dead, "");
+    let path = pki.dir.write("dead-upstream.toml", &text);
+    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 502);
+    assert!(
+        metric_value(
+            &seg.metrics.render(),
+            "seg_upstream_errors_total{kind=\"upstream-unreachable\"}"
+        ) >= 1.0
+    );
+    seg.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, vec![]);
+    let text = support::lab::config_text(
+        &pki,
+        &[slapd.ldaps_url()],
+        &slapd,
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    )
+    .replace("handshake_timeout = \"5s\"", "handshake_timeout = \"1s\"");
+    let path = pki.dir.write("timeout.toml", &text);
+    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(seg.listen_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("seg kept a silent connection open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        metric_value(
+            &seg.metrics.render(),
+            "seg_tls_handshakes_total{result=\"timeout\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_soft_ttl() {
+    let lab = Lab::start(
+        mapping_users(),
+        "[cache]\nsoft_ttl = \"1s\"\nhard_ttl = \"1h\"\nnegative_ttl = \"1s\"\n",
+    )
+    .await;
+    let client = lab.client();
+    let users = lab.slapd.users_dn();
+    let set_uac = |sam: &str, value: u32| {
+        lab.slapd.modify(&format!(
+            "dn: CN={sam},{users}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {value}\n"
+        ))
+    };
+    let dave = lab
+        .pki
+        .device(LeafSpec::device("dave").upn("dave@corp.test"));
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let status = |device: &support::lab::Device| {
+        let client = &client;
+        let device = device.clone();
+        async move {
+            client
+                .post(Some(&device), &eas_target("Sync", "x"), &[])
+                .await
+                .unwrap()
+                .status
+        }
+    };
+
+    assert_eq!(status(&dave).await, 403);
+    assert_eq!(status(&alice).await, 200);
+    set_uac("dave", 512);
+    set_uac("alice", 514);
+    assert_eq!(
+        status(&dave).await,
+        403,
+        "the denial is cached for the negative TTL"
+    );
+    assert_eq!(status(&alice).await, 200, "the admission is cached");
+
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        status(&dave).await,
+        200,
+        "after the negative TTL the directory is asked again"
+    );
+    // Past the soft TTL the stale admission is served once while a refresh runs behind it.
+    assert_eq!(status(&alice).await, 200);
+    let mut refused = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if status(&alice).await == 403 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the background refresh never saw alice disabled");
+    assert!(lab.metric("seg_identity_cache_lookups_total{result=\"stale\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn starttls_on_plain_ldap_works() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let text = support::lab::config_text(&pki, &[slapd.ldap_url()], &slapd, upstream.addr, "")
+        .replace("connect_timeout", "starttls = true\nconnect_timeout");
+    let path = pki.dir.write("starttls.toml", &text);
+    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let response = Client::new(seg.listen_addr, &pki.ca_path)
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    seg.stop().await;
 }

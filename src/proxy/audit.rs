@@ -105,6 +105,13 @@ impl AuditBody {
         }
     }
 
+    fn inner_ended(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Local(bytes) => bytes.is_none(),
+        }
+    }
+
     fn complete(&mut self, completed: bool) {
         if let Some(record) = self.record.take() {
             record.finish(self.bytes_out, completed);
@@ -130,6 +137,10 @@ impl Body for AuditBody {
                 if let Some(data) = frame.data_ref() {
                     this.bytes_out += data.len() as u64;
                 }
+                // hyper stops polling a body that reports its end; record completion now.
+                if this.inner_ended() {
+                    this.complete(true);
+                }
             }
             Poll::Ready(None) => this.complete(true),
             Poll::Ready(Some(Err(_))) => this.complete(false),
@@ -139,10 +150,7 @@ impl Body for AuditBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Upstream(body) => body.is_end_stream(),
-            Inner::Local(bytes) => bytes.is_none(),
-        }
+        self.inner_ended()
     }
 
     fn size_hint(&self) -> SizeHint {
