@@ -20,6 +20,7 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub cache: CacheConfig,
     pub mapping: MappingConfig,
+    pub account: AccountPolicyConfig,
     pub identity: IdentityConfig,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
@@ -90,7 +91,57 @@ pub struct CacheConfig {
 /// Certificate-to-account mapping.
 #[derive(Debug, Clone)]
 pub struct MappingConfig {
+    /// Rules in the order they are tried; a strong match always beats a weak one.
     pub rules: Vec<crate::identity::MappingRule>,
+    pub enforcement: Enforcement,
+    /// IIS-style many-to-one rules (the `many-to-one` rule), first match wins.
+    pub many_to_one: Vec<ManyToOneRule>,
+}
+
+/// KB5014754 certificate-mapping enforcement, as a domain controller applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// Only a strong mapping or a matching certificate SID admits (the default).
+    Full,
+    /// A weak mapping also admits when no SID contradicts it and the account predates the
+    /// certificate.
+    Compatibility,
+}
+
+/// Certificates from one issuer whose subject fields match patterns → one named account.
+#[derive(Debug, Clone)]
+pub struct ManyToOneRule {
+    pub name: String,
+    /// Issuer DN as AD writes it (most significant RDN first), compared case-insensitively.
+    pub issuer: String,
+    /// (Windows attribute label such as `OU`, glob pattern with `*`), all must match.
+    pub subject: Vec<(String, String)>,
+    /// The sAMAccountName every matching certificate maps to.
+    pub account: String,
+}
+
+/// Account state and group rules checked after mapping.
+#[derive(Debug, Clone)]
+pub struct AccountPolicyConfig {
+    /// How long a non-zero `lockoutTime` locks an account (the domain's lockout duration).
+    pub lockout_duration: Duration,
+    /// Group DNs the account must be in (all of them).
+    pub required_groups: Vec<String>,
+    /// Group DNs the account must not be in (any of them denies).
+    pub denied_groups: Vec<String>,
+    pub group_method: GroupMethod,
+}
+
+/// How group membership is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupMethod {
+    /// Nested membership via LDAP_MATCHING_RULE_IN_CHAIN (Active Directory only).
+    InChain,
+    /// Nested membership via the account's constructed `tokenGroups` (Active Directory only).
+    TokenGroups,
+    /// Direct `memberOf` values only (any directory; no nesting).
+    MemberOf,
 }
 
 /// How the mapped account is presented to the upstream.
@@ -218,11 +269,12 @@ impl Config {
         };
         let rules: Vec<&str> = self.mapping.rules.iter().map(|r| r.name()).collect();
         format!(
-            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {}\nidentity    header {} = {:?}\nupstream    {}{}\nadmin       {}\n",
+            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {} (enforcement {:?})\nidentity    header {} = {:?}\nupstream    {}{}\nadmin       {}\n",
             self.listen.address,
             self.tls.client_ca.display(),
             directory,
             rules.join(" → "),
+            self.mapping.enforcement,
             self.identity.header,
             self.identity.value,
             self.upstream.url,
@@ -274,7 +326,14 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     s.finish(p);
 
     let mut s = root.section("mapping", p);
-    let default_rules = ["upn", "issuer-serial", "subject-key-id", "email"];
+    let default_rules = [
+        "issuer-serial",
+        "subject-key-id",
+        "sha1-public-key",
+        "issuer-sid",
+        "upn",
+        "email",
+    ];
     let names = s.string_list("rules", &default_rules, p);
     let mut rules = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -300,6 +359,66 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     if names.is_empty() {
         p.push("mapping.rules", "at least one rule is needed");
     }
+    let enforcement = match s.string("enforcement", "full", p).as_str() {
+        "full" => Enforcement::Full,
+        "compatibility" => Enforcement::Compatibility,
+        other => {
+            p.push(
+                "mapping.enforcement",
+                &format!("unknown mode \"{other}\"; one of full, compatibility"),
+            );
+            Enforcement::Full
+        }
+    };
+    let mut many_to_one = Vec::new();
+    for mut t in s.table_list("many_to_one", p) {
+        let name = t.required_string("name", p).unwrap_or_default();
+        let issuer = t.required_string("issuer", p).unwrap_or_default();
+        let account = t.required_string("account", p).unwrap_or_default();
+        let subject = t.section("subject", p).string_pairs(p);
+        many_to_one.push(ManyToOneRule {
+            name,
+            issuer,
+            subject,
+            account,
+        });
+        t.finish(p);
+    }
+    let uses_many_to_one = rules.contains(&crate::identity::MappingRule::ManyToOne);
+    if uses_many_to_one && many_to_one.is_empty() {
+        p.push(
+            "mapping.many_to_one",
+            "the many-to-one rule is enabled but no [[mapping.many_to_one]] table is defined",
+        );
+    }
+    if !uses_many_to_one && !many_to_one.is_empty() {
+        p.push(
+            "mapping.rules",
+            "[[mapping.many_to_one]] tables are defined but the many-to-one rule is not enabled",
+        );
+    }
+    s.finish(p);
+
+    let mut s = root.section("account", p);
+    let account = AccountPolicyConfig {
+        lockout_duration: s.duration("lockout_duration", "30m", p),
+        required_groups: s.string_list("required_groups", &[], p),
+        denied_groups: s.string_list("denied_groups", &[], p),
+        group_method: match s.string("group_method", "in-chain", p).as_str() {
+            "in-chain" => GroupMethod::InChain,
+            "token-groups" => GroupMethod::TokenGroups,
+            "member-of" => GroupMethod::MemberOf,
+            other => {
+                p.push(
+                    "account.group_method",
+                    &format!(
+                        "unknown method \"{other}\"; one of in-chain, token-groups, member-of"
+                    ),
+                );
+                GroupMethod::InChain
+            }
+        },
+    };
     s.finish(p);
 
     let mut s = root.section("identity", p);
@@ -322,7 +441,12 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         tls,
         directory: directory?,
         cache,
-        mapping: MappingConfig { rules },
+        mapping: MappingConfig {
+            rules,
+            enforcement,
+            many_to_one,
+        },
+        account,
         identity: identity?,
         upstream: upstream?,
         admin,
@@ -544,6 +668,37 @@ impl Section {
             table,
             base: self.base.clone(),
         }
+    }
+
+    /// An array of tables (`[[key]]`), each a section named `key[i]`.
+    fn table_list(&mut self, key: &str, p: &mut Problems) -> Vec<Section> {
+        let Some(v) = self.take(key, "array", p) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in v.as_array().into_iter().flatten().enumerate() {
+            match item.as_table() {
+                Some(t) => out.push(Section {
+                    path: format!("{}[{i}]", self.key(key)),
+                    table: t.clone(),
+                    base: self.base.clone(),
+                }),
+                None => p.push(&format!("{}[{i}]", self.key(key)), "must be a table"),
+            }
+        }
+        out
+    }
+
+    /// Every key of this table as a string pair; non-strings are problems.
+    fn string_pairs(self, p: &mut Problems) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (key, value) in &self.table {
+            match value.as_str() {
+                Some(v) => out.push((key.to_ascii_uppercase(), v.to_string())),
+                None => p.push(&self.key(key), "must be a string"),
+            }
+        }
+        out
     }
 
     fn finish(self, p: &mut Problems) {

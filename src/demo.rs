@@ -70,23 +70,20 @@ impl Demo {
         let ca = CertAuthority::new("seg demo", "seg demo enterprise CA")?;
         write(&dir.join("ca.pem"), &ca.cert_pem())?;
         write_pair(&dir, "server", &ca.issue(&LeafSpec::loopback_server())?)?;
-        let alice = LeafSpec::device("alice").upn("alice@demo.test");
+        let alice = LeafSpec::device("alice")
+            .upn("alice@demo.test")
+            .sid_extension("S-1-5-21-1000-2000-3000-1104");
         write_pair(&devices, "alice", &ca.issue(&alice)?)?;
-        write_pair(
-            &devices,
-            "bob",
-            &ca.issue(&LeafSpec::device("bob").serial(&BOB_SERIAL))?,
-        )?;
-        write_pair(
-            &devices,
-            "dave",
-            &ca.issue(&LeafSpec::device("dave").upn("dave@demo.test"))?,
-        )?;
-        write_pair(
-            &devices,
-            "erin",
-            &ca.issue(&LeafSpec::device("erin").upn("erin@demo.test"))?,
-        )?;
+        let bob = LeafSpec::device("bob").serial(&BOB_SERIAL);
+        write_pair(&devices, "bob", &ca.issue(&bob)?)?;
+        let dave = LeafSpec::device("dave")
+            .upn("dave@demo.test")
+            .sid_extension("S-1-5-21-1000-2000-3000-1106");
+        write_pair(&devices, "dave", &ca.issue(&dave)?)?;
+        let erin = LeafSpec::device("erin")
+            .upn("erin@demo.test")
+            .sid_extension("S-1-5-21-1000-2000-3000-1107");
+        write_pair(&devices, "erin", &ca.issue(&erin)?)?;
         // Mallory claims Alice's UPN, from a CA the gateway does not trust.
         let rogue = CertAuthority::new("elsewhere", "rogue CA")?;
         write_pair(&devices, "mallory", &rogue.issue(&alice.clone())?)?;
@@ -126,7 +123,8 @@ impl Demo {
         };
         format!(
             "seg demo is serving on https://{listen} (admin http://{admin}); files in {d}\n\n\
-             A mapped request (alice's UPN → her account; the echo upstream shows X-Remote-User):\n  {alice}\n\n\
+             A mapped request (alice's UPN → her account, made strong by the SID in her certificate;\n\
+             the echo upstream shows X-Remote-User):\n  {alice}\n\n\
              The same by an explicit altSecurityIdentities binding (bob):\n  {bob}\n\n\
              Rejected: a disabled account → 403 (and erin, an expired one, likewise):\n  {dave}\n\n\
              Rejected: a certificate from an untrusted CA → the TLS handshake fails:\n  {mallory}\n\n\
@@ -159,7 +157,9 @@ client_ca = "ca.pem"
 ldif_file = "directory.ldif"
 
 [mapping]
-rules = ["upn", "issuer-serial", "subject-key-id", "email"]
+# The defaults: strong forms first, and KB5014754 full enforcement.
+rules = ["issuer-serial", "subject-key-id", "sha1-public-key", "issuer-sid", "upn", "email"]
+enforcement = "full"
 
 [identity]
 header = "X-Remote-User"

@@ -99,6 +99,7 @@ impl App {
         let resolver = Arc::new(Resolver::new(
             Arc::clone(&directory),
             &config.mapping,
+            &config.account,
             &config.identity,
             &config.cache,
             Arc::clone(&metrics),

@@ -26,8 +26,12 @@ pub struct MapReport {
 pub enum MapOutcome {
     /// Forwarded, carrying this identity header value.
     Admit { identity: String },
-    /// Refused with a reason code (403, or a refused handshake for `certificate-invalid`).
-    Deny { reason: &'static str },
+    /// Refused with a reason code (403, or a refused handshake for `certificate-invalid`),
+    /// and the KDC event it mirrors.
+    Deny {
+        reason: &'static str,
+        kdc_event: Option<u32>,
+    },
     /// No decision possible now (503).
     Unavailable { reason: &'static str, error: String },
 }
@@ -62,6 +66,7 @@ pub async fn map_certificate(
             trace: Trace::default(),
             outcome: MapOutcome::Deny {
                 reason: "certificate-invalid",
+                kdc_event: None,
             },
         });
     }
@@ -72,6 +77,7 @@ pub async fn map_certificate(
         },
         Ok(Decision::Deny(denial)) => MapOutcome::Deny {
             reason: denial.reason.code(),
+            kdc_event: denial.reason.kdc_event(),
         },
         Err(e) => MapOutcome::Unavailable {
             reason: e.code(),
@@ -87,17 +93,23 @@ pub async fn map_certificate(
 
 impl MapReport {
     pub fn to_json(&self) -> serde_json::Value {
-        let (decision, reason, identity, error) = match &self.outcome {
-            MapOutcome::Admit { identity } => ("admit", "mapped", Some(identity.clone()), None),
-            MapOutcome::Deny { reason } => ("deny", *reason, None, None),
+        let (decision, reason, identity, error, kdc_event) = match &self.outcome {
+            MapOutcome::Admit { identity } => {
+                ("admit", "mapped", Some(identity.clone()), None, None)
+            }
+            MapOutcome::Deny { reason, kdc_event } => ("deny", *reason, None, None, *kdc_event),
             MapOutcome::Unavailable { reason, error } => {
-                ("unavailable", *reason, None, Some(error.clone()))
+                ("unavailable", *reason, None, Some(error.clone()), None)
             }
         };
         serde_json::json!({
             "chain": { "valid": self.chain_error.is_none(), "error": self.chain_error },
             "certificate": self.trace.facts,
+            "enforcement": self.trace.enforcement,
+            "filter": self.trace.filter,
             "rules": self.trace.rules,
+            "reasoning": self.trace.reasoning,
+            "kdc_event": kdc_event,
             "account": self.trace.account,
             "checks": self.trace.checks,
             "decision": decision,
@@ -154,6 +166,18 @@ impl MapReport {
                     .map(crate::identity::hex)
                     .unwrap_or_else(none)
             );
+            let sids = if f.sids.is_empty() {
+                none()
+            } else {
+                f.sids.join(", ")
+            };
+            let _ = writeln!(out, "  SID        {sids}");
+        }
+        if let Some(enforcement) = self.trace.enforcement {
+            let _ = writeln!(out, "enforcement  {enforcement:?}");
+        }
+        if let Some(filter) = &self.trace.filter {
+            let _ = writeln!(out, "LDAP filter  {filter}");
         }
         if !self.trace.rules.is_empty() {
             let _ = writeln!(out, "rules, in configured order");
@@ -164,10 +188,13 @@ impl MapReport {
                 crate::identity::MappingStrength::Weak => "weak",
             };
             let _ = writeln!(out, "  {}. {} ({strength})", i + 1, attempt.rule.name());
-            if let Some(filter) = &attempt.filter {
-                let _ = writeln!(out, "     filter  {filter}");
+            for value in &attempt.looked_for {
+                let _ = writeln!(out, "     looked for  {value}");
             }
-            let _ = writeln!(out, "     result  {}", attempt.outcome);
+            let _ = writeln!(out, "     result      {}", attempt.outcome);
+        }
+        for line in &self.trace.reasoning {
+            let _ = writeln!(out, "strength     {line}");
         }
         if let Some(a) = &self.trace.account {
             let _ = writeln!(out, "account      {}", a.dn);
@@ -189,7 +216,16 @@ impl MapReport {
                     "decision     ADMIT, forwarded as {identity} (reason: mapped)"
                 )
             }
-            MapOutcome::Deny { reason } => writeln!(out, "decision     DENY (reason: {reason})"),
+            MapOutcome::Deny {
+                reason,
+                kdc_event: Some(event),
+            } => writeln!(
+                out,
+                "decision     DENY (reason: {reason}; a domain controller logs event {event})"
+            ),
+            MapOutcome::Deny { reason, .. } => {
+                writeln!(out, "decision     DENY (reason: {reason})")
+            }
             MapOutcome::Unavailable { reason, error } => writeln!(
                 out,
                 "decision     UNAVAILABLE, 503 + Retry-After (reason: {reason}): {error}"

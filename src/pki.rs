@@ -58,6 +58,10 @@ pub struct LeafSpec {
     pub validity: Option<(Ymd, Ymd)>,
     /// subjectKeyIdentifier extension value; none when absent.
     pub subject_key_id: Option<Vec<u8>>,
+    /// A SID for the KB5014754 SID extension (1.3.6.1.4.1.311.25.2).
+    pub sid_extension: Option<String>,
+    /// A SID for a `tag:microsoft.com,2022-09-14:sid:` subjectAltName URI.
+    pub sid_uri: Option<String>,
     /// A PKCS#8 PEM key to certify (an RSA key made elsewhere, say); a new P-256 key when absent.
     pub key_pem: Option<String>,
 }
@@ -75,6 +79,8 @@ impl LeafSpec {
             usage: Usage::ClientAuth,
             validity: None,
             subject_key_id: None,
+            sid_extension: None,
+            sid_uri: None,
             key_pem: None,
         }
     }
@@ -111,6 +117,16 @@ impl LeafSpec {
 
     pub fn subject_key_id(mut self, id: &[u8]) -> Self {
         self.subject_key_id = Some(id.to_vec());
+        self
+    }
+
+    pub fn sid_extension(mut self, sid: &str) -> Self {
+        self.sid_extension = Some(sid.into());
+        self
+    }
+
+    pub fn sid_uri(mut self, sid: &str) -> Self {
+        self.sid_uri = Some(sid.into());
         self
     }
 
@@ -211,6 +227,18 @@ impl CertAuthority {
                     value,
                 ));
         }
+        if let Some(sid) = &spec.sid_extension {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 311, 25, 2],
+                    sid_extension_value(sid),
+                ));
+        }
+        if let Some(sid) = &spec.sid_uri {
+            let uri = format!("{}{sid}", crate::identity::SID_URI_PREFIX);
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        }
         let key = match &spec.key_pem {
             Some(pem) => KeyPair::from_pem(pem)?,
             None => KeyPair::generate()?,
@@ -222,6 +250,26 @@ impl CertAuthority {
             der: cert.der().to_vec(),
         })
     }
+}
+
+/// DER of the SID extension as AD CS writes it: GeneralNames { otherName
+/// 1.3.6.1.4.1.311.25.2.1 [0] { OCTET STRING "S-1-5-…" } }.
+fn sid_extension_value(sid: &str) -> Vec<u8> {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            out.extend([0x81, len as u8]);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+    let oid = crate::identity::oid_der("1.3.6.1.4.1.311.25.2.1");
+    let mut other_name = tlv(0x06, &oid);
+    other_name.extend(tlv(0xA0, &tlv(0x04, sid.as_bytes())));
+    tlv(0x30, &tlv(0xA0, &other_name))
 }
 
 /// 16 random bytes with the top bit clear, so the DER integer needs no sign byte.

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::config::{CacheConfig, IdentityConfig, MappingConfig};
+use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
 use crate::identity::{
-    check_account, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason, Identity,
-    MappingRule, MappingStrength,
+    check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
+    Identity, MappingPlan, RuleAttempt,
 };
 use crate::metrics::Metrics;
 
@@ -64,26 +64,22 @@ impl ResolveError {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Trace {
     pub facts: Option<CertFacts>,
+    pub enforcement: Option<Enforcement>,
+    /// The one LDAP filter sent; absent when no rule applied.
+    pub filter: Option<String>,
     pub rules: Vec<RuleAttempt>,
+    /// How strength and enforcement were judged.
+    pub reasoning: Vec<String>,
     pub account: Option<AccountEntry>,
     pub checks: Vec<AccountCheck>,
-}
-
-/// One mapping rule tried.
-#[derive(Debug, serde::Serialize)]
-pub struct RuleAttempt {
-    pub rule: MappingRule,
-    pub strength: MappingStrength,
-    /// The LDAP filter sent; absent when the certificate lacks what the rule needs.
-    pub filter: Option<String>,
-    pub outcome: String,
 }
 
 /// The cached identity resolver.
 pub struct Resolver {
     cache: moka::future::Cache<CertFingerprint, CachedDecision>,
     directory: Arc<Directory>,
-    rules: Vec<MappingRule>,
+    mapping: MappingConfig,
+    account_policy: AccountPolicyConfig,
     identity: IdentityConfig,
     soft_ttl: Duration,
     lookup_timeout: Duration,
@@ -106,6 +102,7 @@ impl Resolver {
     pub fn new(
         directory: Arc<Directory>,
         mapping: &MappingConfig,
+        account_policy: &AccountPolicyConfig,
         identity: &IdentityConfig,
         cache: &CacheConfig,
         metrics: Arc<Metrics>,
@@ -120,7 +117,8 @@ impl Resolver {
         Resolver {
             cache: cache_store,
             directory,
-            rules: mapping.rules.clone(),
+            mapping: mapping.clone(),
+            account_policy: account_policy.clone(),
             identity: identity.clone(),
             soft_ttl: cache.soft_ttl,
             lookup_timeout: cache.lookup_timeout,
@@ -248,7 +246,7 @@ impl Resolver {
         });
     }
 
-    /// Tries the rules in order, then checks the account found.
+    /// One search for every rule's values, the KB5014754 verdict, then the account checks.
     async fn decide(&self, facts: &CertFacts, trace: &mut Trace) -> Result<Decision, ResolveError> {
         let deny = |reason: DenyReason, account: Option<&AccountEntry>| {
             self.metrics
@@ -262,22 +260,14 @@ impl Resolver {
                 cert_issuer: facts.issuer.clone(),
             }))
         };
-        let mut found = None;
-        for &rule in &self.rules {
-            let lookup = match rule.lookup(facts) {
-                Ok(l) => l,
-                Err(why) => {
-                    trace.rules.push(RuleAttempt {
-                        rule,
-                        strength: rule.strength(),
-                        filter: None,
-                        outcome: format!("not applicable: {why}"),
-                    });
-                    continue;
-                }
-            };
+        trace.enforcement = Some(self.mapping.enforcement);
+        let plan = MappingPlan::new(facts, &self.mapping);
+        let entries = if plan.lookup.is_empty() {
+            Vec::new()
+        } else {
+            trace.filter = Some(plan.lookup.filter());
             let started = Instant::now();
-            let result = self.directory.search(&lookup).await;
+            let result = self.directory.search(&plan.lookup).await;
             let label = match &result {
                 Ok(_) => "ok",
                 Err(e) => e.metric_label(),
@@ -290,48 +280,30 @@ impl Resolver {
                 .directory_search_duration
                 .with_label_values(&[label])
                 .observe(started.elapsed().as_secs_f64());
-            let mut attempt = RuleAttempt {
-                rule,
-                strength: rule.strength(),
-                filter: Some(lookup.filter()),
-                outcome: String::new(),
-            };
-            let entries = match result {
-                Ok(entries) => entries,
-                Err(e) => {
-                    attempt.outcome = format!("directory error: {e}");
-                    trace.rules.push(attempt);
-                    return Err(e.into());
-                }
-            };
-            match entries.len() {
-                0 => {
-                    attempt.outcome = "no account".into();
-                    trace.rules.push(attempt);
-                }
-                1 => {
-                    attempt.outcome = format!("found {}", entries[0].dn);
-                    trace.rules.push(attempt);
-                    found = entries.into_iter().next().map(|a| (rule, a));
-                    break;
-                }
-                _ => {
-                    attempt.outcome = format!(
-                        "more than one account ({}, {}): refused",
-                        entries[0].dn, entries[1].dn
-                    );
-                    trace.rules.push(attempt);
-                    return Ok(deny(DenyReason::AmbiguousMapping, None));
-                }
-            }
-        }
-        let Some((rule, account)) = found else {
-            return Ok(deny(DenyReason::NoMapping, None));
+            result?
         };
-        let (checks, failure) = check_account(&account, SystemTime::now());
-        trace.checks = checks;
+        let verdict = decide(facts, &plan, &entries, self.mapping.enforcement);
+        trace.rules = verdict.attempts;
+        trace.reasoning = verdict.reasoning;
+        let mapped = match verdict.outcome {
+            Ok(mapped) => mapped,
+            Err((reason, account)) => {
+                trace.account = account.clone();
+                return Ok(deny(reason, account.as_ref()));
+            }
+        };
+        let account = mapped.account;
         trace.account = Some(account.clone());
+        let (checks, failure) = check_account(
+            &account,
+            SystemTime::now(),
+            self.account_policy.lockout_duration,
+        );
+        trace.checks = checks;
         if let Some(reason) = failure {
+            return Ok(deny(reason, Some(&account)));
+        }
+        if let Some(reason) = self.check_groups(&account, trace).await? {
             return Ok(deny(reason, Some(&account)));
         }
         let header_value = match header_value(&account, &self.identity) {
@@ -344,11 +316,62 @@ impl Resolver {
             .inc();
         Ok(Decision::Admit(Arc::new(Identity {
             account,
-            rule,
+            rule: mapped.rule,
+            strength: mapped.strength,
             header_value,
             cert_serial: facts.serial_hex(),
             cert_issuer: facts.issuer.clone(),
         })))
+    }
+
+    /// Denied groups first, then required ones; a directory that cannot say is an error.
+    async fn check_groups(
+        &self,
+        account: &AccountEntry,
+        trace: &mut Trace,
+    ) -> Result<Option<DenyReason>, ResolveError> {
+        let method = self.account_policy.group_method;
+        let rules = self
+            .account_policy
+            .denied_groups
+            .iter()
+            .map(|g| (g, false))
+            .chain(
+                self.account_policy
+                    .required_groups
+                    .iter()
+                    .map(|g| (g, true)),
+            );
+        for (group, required) in rules {
+            let member = self
+                .directory
+                .is_member(account, group, method)
+                .await
+                .inspect_err(|e| {
+                    tracing::error!(target: "seg::identity", group = %group, error = %e, "group membership cannot be evaluated");
+                })?;
+            let passed = member == required;
+            trace.checks.push(AccountCheck {
+                check: if required {
+                    "in-required-group"
+                } else {
+                    "not-in-denied-group"
+                },
+                passed,
+                detail: format!(
+                    "{group} ({method:?}): {}",
+                    if member { "member" } else { "not a member" }
+                ),
+            });
+            if !passed {
+                return Ok(Some(if required {
+                    DenyReason::GroupRequired
+                } else {
+                    DenyReason::GroupDenied
+                }));
+            }
+        }
+        Ok(None)
     }
 }
 

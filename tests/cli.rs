@@ -103,7 +103,9 @@ fn a_good_config_is_summarised() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("configuration is valid"), "{stdout}");
     assert!(
-        stdout.contains("upn → issuer-serial → subject-key-id → email"),
+        stdout.contains(
+            "issuer-serial → subject-key-id → sha1-public-key → issuer-sid → upn → email (enforcement Compatibility)"
+        ),
         "{stdout}"
     );
 }
@@ -114,8 +116,10 @@ fn map_explains_each_decision_against_the_directory() {
     let mut dave = UserSpec::new("dave");
     dave.upn = Some("dave@corp.test".into());
     dave.user_account_control = 514;
+    dave.when_created = Some("20200101000000.0Z".into());
     let mut alice = UserSpec::new("alice");
     alice.upn = Some("alice@corp.test".into());
+    alice.when_created = Some("20200101000000.0Z".into());
     let mut slapd = start_slapd(&pki, vec![alice, dave]);
     let text = config_text(
         &pki,
@@ -145,10 +149,26 @@ fn map_explains_each_decision_against_the_directory() {
     assert_eq!(json["decision"], "admit");
     assert_eq!(json["identity"], "alice@corp.test");
     assert_eq!(json["chain"]["valid"], true);
-    assert_eq!(json["rules"][0]["rule"], "upn");
+    let upn = json["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "upn")
+        .expect("the upn rule");
+    assert_eq!(upn["looked_for"][0], "userPrincipalName=alice@corp.test");
     assert_eq!(
-        json["rules"][0]["filter"],
-        "(&(objectClass=user)(!(objectClass=computer))(userPrincipalName=alice@corp.test))"
+        upn["outcome"].as_str().map(|o| o.starts_with("found ")),
+        Some(true),
+        "{upn}"
+    );
+    let filter = json["filter"].as_str().unwrap();
+    assert!(
+        filter.starts_with("(&(objectClass=user)(!(objectClass=computer))(|"),
+        "{filter}"
+    );
+    assert!(
+        filter.contains("(userPrincipalName=alice@corp.test)"),
+        "{filter}"
     );
 
     let (code, stdout, _) = seg(&[
@@ -163,8 +183,12 @@ fn map_explains_each_decision_against_the_directory() {
     for fact in [
         "chain        valid",
         "UPN        dave@corp.test",
-        "1. upn (weak)",
-        "filter  (&(objectClass=user)(!(objectClass=computer))(userPrincipalName=dave@corp.test))",
+        "enforcement  Compatibility",
+        "LDAP filter  (&(objectClass=user)(!(objectClass=computer))(|",
+        "1. issuer-serial (strong)",
+        "5. upn (weak)",
+        "looked for  userPrincipalName=dave@corp.test",
+        "weak mapping admitted in compatibility mode",
         "FAIL enabled      userAccountControl = 0x202",
         "DENY (reason: account-disabled)",
     ] {

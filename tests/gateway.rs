@@ -28,9 +28,11 @@ fn unhex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A user created in 2020, before any test certificate (compatibility mode checks that).
 fn user(sam: &str, upn: Option<&str>) -> UserSpec {
     let mut u = UserSpec::new(sam);
     u.upn = upn.map(str::to_string);
+    u.when_created = Some("20200101000000.0Z".into());
     u
 }
 

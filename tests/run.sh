@@ -11,6 +11,7 @@
 #    compiling and working. Everything builds with the release profile, so dependencies are
 #    compiled once for tests and benches alike.
 # 3. Prints each step's wall time, the total, and one closing line with the test counts.
+#    A failed check does not stop the later ones; the exit status is the first failure's.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,8 +44,9 @@ summary() {
                     if ($(i + 1) ~ /^failed/) f += $i
                     if ($(i + 1) ~ /^ignored/) s += $i
                 }
+                n++
              }
-             END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$TEST_LOG"
+             END { if (n) printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$TEST_LOG"
     fi
 }
 
@@ -60,11 +62,20 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# step NAME COMMAND...: runs one step with a header line and records its wall time.
+# step [--fatal] NAME COMMAND...: runs one step with a header line and records its wall
+# time. A failed step is reported and the later steps still run (one run shows every
+# problem, a formatting slip does not hide test results); the script then exits non-zero.
+# --fatal stops at once (the installs: nothing after them can work without them).
 # The command runs in an `||` context, where `set -e` does not apply: the step functions
 # below return on their own errors.
+FIRST_FAILURE=0
 step() {
-    local name=$1 start rc=0
+    local fatal=0 name start rc=0
+    if [[ $1 == --fatal ]]; then
+        fatal=1
+        shift
+    fi
+    name=$1
     shift
     echo
     echo "==> [$((${#STEP_NAMES[@]} + 1))] $name"
@@ -74,9 +85,12 @@ step() {
     STEP_TIMES+=($(($(now) - start)))
     if ((rc == 0)); then
         STEP_RESULTS+=("ok")
-    else
-        STEP_RESULTS+=("FAILED")
-        echo "==> $name failed (exit $rc)" >&2
+        return 0
+    fi
+    STEP_RESULTS+=("FAILED")
+    echo "==> $name failed (exit $rc)" >&2
+    ((FIRST_FAILURE != 0)) || FIRST_FAILURE=$rc
+    if ((fatal)); then
         summary
         exit "$rc"
     fi
@@ -135,6 +149,10 @@ install_rust_components() {
         echo "already installed: rustfmt, clippy"
         return 0
     fi
+    if ! command -v rustup >/dev/null 2>&1; then
+        echo "cargo ${components[*]} is missing and there is no rustup to add it" >&2
+        return 1
+    fi
     rustup component add "${components[@]}" || return
 }
 
@@ -144,11 +162,12 @@ run_tests() {
     cargo test --release --no-fail-fast "$@" 2>&1 | tee "$TEST_LOG"
 }
 
-step "install Debian packages (${APT_PACKAGES[*]})" install_packages
-step "install rustfmt and clippy" install_rust_components
+step --fatal "install Debian packages (${APT_PACKAGES[*]})" install_packages
+step --fatal "install rustfmt and clippy" install_rust_components
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings" \
     cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release $*" run_tests "$@"
 step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
 summary
+exit "$FIRST_FAILURE"

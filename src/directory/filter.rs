@@ -20,21 +20,42 @@ pub fn escape_value(value: &[u8]) -> String {
     out
 }
 
-/// `(&(objectClass=user)(!(objectClass=computer))(|(attr=v1)(attr=v2)…))`.
-pub fn user_filter(attribute: &str, values: &[String]) -> String {
-    let mut out = String::from("(&(objectClass=user)(!(objectClass=computer))");
-    let alternatives = values.len() > 1;
-    if alternatives {
+use super::Condition;
+
+/// `(&(objectClass=user)(!(objectClass=computer))(|…))` for users, `(&(objectClass=computer)(|…))`
+/// for computers, OR-ed when both are asked for.
+pub fn lookup_filter(user: &[Condition], computer: &[Condition]) -> String {
+    let users = kind_filter("(objectClass=user)(!(objectClass=computer))", user);
+    let computers = kind_filter("(objectClass=computer)", computer);
+    match (users, computers) {
+        (Some(u), Some(c)) => format!("(|{u}{c})"),
+        (Some(f), None) | (None, Some(f)) => f,
+        // Matches nothing; never sent (an empty lookup is answered without searching).
+        (None, None) => "(!(objectClass=*))".to_string(),
+    }
+}
+
+fn kind_filter(class: &str, conditions: &[Condition]) -> Option<String> {
+    if conditions.is_empty() {
+        return None;
+    }
+    let mut out = format!("(&{class}");
+    if conditions.len() > 1 {
         out.push_str("(|");
     }
-    for v in values {
-        let _ = write!(out, "({attribute}={})", escape_value(v.as_bytes()));
+    for c in conditions {
+        let _ = write!(
+            out,
+            "({}={})",
+            c.attribute,
+            escape_value(c.value.as_bytes())
+        );
     }
-    if alternatives {
+    if conditions.len() > 1 {
         out.push(')');
     }
     out.push(')');
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -53,13 +74,20 @@ mod tests {
 
     #[test]
     fn filters() {
+        let mail = [Condition::new("mail", "a@b")];
         assert_eq!(
-            user_filter("mail", &["a@b".into()]),
+            lookup_filter(&mail, &[]),
             "(&(objectClass=user)(!(objectClass=computer))(mail=a@b))"
         );
+        let two = [Condition::new("x", "1"), Condition::new("y", "2*")];
         assert_eq!(
-            user_filter("x", &["1".into(), "2*".into()]),
-            "(&(objectClass=user)(!(objectClass=computer))(|(x=1)(x=2\\2a)))"
+            lookup_filter(&two, &[]),
+            "(&(objectClass=user)(!(objectClass=computer))(|(x=1)(y=2\\2a)))"
+        );
+        let host = [Condition::new("dNSHostName", "pc1.corp.test")];
+        assert_eq!(
+            lookup_filter(&mail, &host),
+            "(|(&(objectClass=user)(!(objectClass=computer))(mail=a@b))(&(objectClass=computer)(dNSHostName=pc1.corp.test)))"
         );
     }
 }

@@ -8,8 +8,13 @@ use std::time::Duration;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, SearchOptions};
 use tokio::sync::Mutex;
 
-use super::{AccountEntry, DirectoryError, Lookup, ACCOUNT_ATTRIBUTES};
-use crate::config::LdapConfig;
+use super::{escape_value, AccountEntry, DirectoryError, Lookup, ACCOUNT_ATTRIBUTES, SEARCH_LIMIT};
+use crate::config::{GroupMethod, LdapConfig};
+
+/// LDAP_MATCHING_RULE_IN_CHAIN: nested group membership, evaluated by AD only.
+const MATCHING_RULE_IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
+/// LDAP_CAP_ACTIVE_DIRECTORY_OID in the rootDSE's supportedCapabilities.
+const ACTIVE_DIRECTORY_CAPABILITY: &str = "1.2.840.113556.1.4.800";
 
 /// LDAP result codes handled by name.
 const RC_SUCCESS: u32 = 0;
@@ -27,6 +32,8 @@ pub struct LdapDirectory {
     operation_timeout: Duration,
     slots: Vec<Mutex<Option<Ldap>>>,
     next: AtomicUsize,
+    /// Whether the directory announced itself as Active Directory (asked once).
+    active_directory: tokio::sync::OnceCell<bool>,
 }
 
 impl LdapDirectory {
@@ -55,10 +62,11 @@ impl LdapDirectory {
             operation_timeout: config.operation_timeout,
             slots: (0..config.pool_size).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            active_directory: tokio::sync::OnceCell::new(),
         })
     }
 
-    /// Up to two user entries matching the lookup (a second entry means ambiguous).
+    /// Entries matching the lookup, at most `SEARCH_LIMIT`.
     pub async fn search(&self, lookup: &Lookup) -> Result<Vec<AccountEntry>, DirectoryError> {
         let filter = lookup.filter();
         self.with_retry(|mut ldap| {
@@ -66,7 +74,7 @@ impl LdapDirectory {
             async move {
                 let result = ldap
                     .with_timeout(self.operation_timeout)
-                    .with_search_options(SearchOptions::new().sizelimit(2))
+                    .with_search_options(SearchOptions::new().sizelimit(SEARCH_LIMIT as i32))
                     .search(
                         &self.base_dn,
                         Scope::Subtree,
@@ -91,6 +99,109 @@ impl LdapDirectory {
                             e.bin_attrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
                         )
                     })
+                    .collect())
+            }
+        })
+        .await
+    }
+
+    /// Nested membership by LDAP_MATCHING_RULE_IN_CHAIN or `tokenGroups`, both AD-only:
+    /// another directory is an error, never a silent "not a member".
+    pub async fn is_member(
+        &self,
+        account_dn: &str,
+        group_dn: &str,
+        method: GroupMethod,
+    ) -> Result<bool, DirectoryError> {
+        let is_ad = self
+            .active_directory
+            .get_or_try_init(|| self.announces_active_directory())
+            .await?;
+        if !is_ad {
+            return Err(DirectoryError::Setup(format!(
+                "account.group_method = {method:?} needs Active Directory, and this directory does not announce it (use \"member-of\")"
+            )));
+        }
+        match method {
+            GroupMethod::MemberOf => Err(DirectoryError::Setup(
+                "member-of is evaluated without the directory".into(),
+            )),
+            GroupMethod::InChain => {
+                let filter = format!(
+                    "(memberOf:{MATCHING_RULE_IN_CHAIN}:={})",
+                    escape_value(group_dn.as_bytes())
+                );
+                let found = self.read(account_dn, &filter, &["1.1"]).await?;
+                Ok(!found.is_empty())
+            }
+            GroupMethod::TokenGroups => {
+                let tokens = self
+                    .read(account_dn, "(objectClass=*)", &["tokenGroups"])
+                    .await?;
+                let tokens: Vec<Vec<u8>> = tokens
+                    .into_iter()
+                    .flat_map(|e| e.bin_attrs.into_iter().chain(text_as_binary(e.attrs)))
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("tokenGroups"))
+                    .flat_map(|(_, v)| v)
+                    .collect();
+                if tokens.is_empty() {
+                    return Err(DirectoryError::Refused(format!(
+                        "no tokenGroups returned for {account_dn}"
+                    )));
+                }
+                let group = self
+                    .read(group_dn, "(objectClass=*)", &["objectSid"])
+                    .await?;
+                let sid = group
+                    .into_iter()
+                    .flat_map(|e| e.bin_attrs.into_iter().chain(text_as_binary(e.attrs)))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("objectSid"))
+                    .and_then(|(_, v)| v.into_iter().next())
+                    .ok_or_else(|| {
+                        DirectoryError::Refused(format!("group {group_dn} has no objectSid"))
+                    })?;
+                Ok(tokens.contains(&sid))
+            }
+        }
+    }
+
+    async fn announces_active_directory(&self) -> Result<bool, DirectoryError> {
+        let root = self
+            .read("", "(objectClass=*)", &["supportedCapabilities"])
+            .await?;
+        Ok(root.iter().any(|e| {
+            e.attrs
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("supportedCapabilities"))
+                .flat_map(|(_, v)| v)
+                .any(|v| v == ACTIVE_DIRECTORY_CAPABILITY)
+        }))
+    }
+
+    /// A base-scope read of one entry.
+    async fn read(
+        &self,
+        dn: &str,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<Vec<SearchEntry>, DirectoryError> {
+        let attrs: Vec<String> = attrs.iter().map(|a| a.to_string()).collect();
+        self.with_retry(|mut ldap| {
+            let attrs = attrs.clone();
+            async move {
+                let ldap3::SearchResult(entries, status) = ldap
+                    .with_timeout(self.operation_timeout)
+                    .search(dn, Scope::Base, filter, attrs)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                match status.rc {
+                    RC_SUCCESS => {}
+                    rc => return Err(result_error(rc, &status.text)),
+                }
+                Ok(entries
+                    .into_iter()
+                    .filter(|e| !e.is_ref() && !e.is_intermediate())
+                    .map(SearchEntry::construct)
                     .collect())
             }
         })
@@ -188,6 +299,15 @@ impl LdapDirectory {
             other => DirectoryError::Unavailable(other.to_string()),
         }
     }
+}
+
+/// ldap3 files binary values that happen to be valid UTF-8 among the text attributes.
+fn text_as_binary(
+    attrs: std::collections::HashMap<String, Vec<String>>,
+) -> impl Iterator<Item = (String, Vec<Vec<u8>>)> {
+    attrs
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().map(String::into_bytes).collect()))
 }
 
 /// A non-success LDAP result: busy and unavailable are transient, the rest are refusals.

@@ -18,6 +18,8 @@ struct MemoryEntry {
     dn: String,
     /// Lowercased attribute name → values.
     attributes: HashMap<String, Vec<String>>,
+    /// Values given base64-encoded that are not UTF-8 (objectSid).
+    binary: HashMap<String, Vec<Vec<u8>>>,
 }
 
 impl MemoryDirectory {
@@ -31,23 +33,26 @@ impl MemoryDirectory {
             }
             let mut dn = None;
             let mut attributes: HashMap<String, Vec<String>> = HashMap::new();
+            let mut binary: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
             for line in lines {
                 let (name, value) = parse_line(line).ok_or_else(|| {
                     DirectoryError::Setup(format!("ldif record {}: bad line {line:?}", index + 1))
                 })?;
-                if name.eq_ignore_ascii_case("dn") {
-                    dn = Some(value);
-                } else {
-                    attributes
-                        .entry(name.to_ascii_lowercase())
-                        .or_default()
-                        .push(value);
+                let name = name.to_ascii_lowercase();
+                match (name.as_str(), String::from_utf8(value)) {
+                    ("dn", Ok(text)) => dn = Some(text),
+                    (_, Ok(text)) => attributes.entry(name).or_default().push(text),
+                    (_, Err(bytes)) => binary.entry(name).or_default().push(bytes.into_bytes()),
                 }
             }
             let dn = dn.ok_or_else(|| {
                 DirectoryError::Setup(format!("ldif record {} has no dn", index + 1))
             })?;
-            entries.push(MemoryEntry { dn, attributes });
+            entries.push(MemoryEntry {
+                dn,
+                attributes,
+                binary,
+            });
         }
         Ok(MemoryDirectory { entries })
     }
@@ -60,36 +65,25 @@ impl MemoryDirectory {
         self.entries.is_empty()
     }
 
-    /// Up to two matching user entries.
+    /// The matching user and computer entries, at most `SEARCH_LIMIT`.
     pub fn search(&self, lookup: &Lookup) -> Vec<AccountEntry> {
-        let attribute = lookup.attribute.to_ascii_lowercase();
         self.entries
             .iter()
-            .filter(|e| e.has_class("user") && !e.has_class("computer"))
-            .filter(|e| {
-                e.attributes.get(&attribute).is_some_and(|values| {
-                    values
-                        .iter()
-                        .any(|v| lookup.values.iter().any(|l| l.eq_ignore_ascii_case(v)))
-                })
-            })
-            .take(2)
             .map(|e| {
                 AccountEntry::from_attributes(
                     &e.dn,
                     e.attributes.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-                    std::iter::empty(),
+                    e.binary.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
                 )
             })
+            .filter(|e| {
+                e.object_classes
+                    .iter()
+                    .any(|c| c.eq_ignore_ascii_case("user"))
+            })
+            .filter(|e| lookup.matches(e))
+            .take(super::SEARCH_LIMIT)
             .collect()
-    }
-}
-
-impl MemoryEntry {
-    fn has_class(&self, class: &str) -> bool {
-        self.attributes
-            .get("objectclass")
-            .is_some_and(|v| v.iter().any(|c| c.eq_ignore_ascii_case(class)))
     }
 }
 
@@ -106,20 +100,21 @@ fn unfold(text: &str) -> Vec<String> {
     lines
 }
 
-fn parse_line(line: &str) -> Option<(String, String)> {
+fn parse_line(line: &str) -> Option<(String, Vec<u8>)> {
     let (name, rest) = line.split_once(':')?;
     if let Some(encoded) = rest.strip_prefix(':') {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .ok()?;
-        return Some((name.to_string(), String::from_utf8(bytes).ok()?));
+        return Some((name.to_string(), bytes));
     }
-    Some((name.to_string(), rest.trim_start().to_string()))
+    Some((name.to_string(), rest.trim_start().as_bytes().to_vec()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::directory::Condition;
 
     const LDIF: &str = "\
 dn: CN=alice,DC=demo
@@ -143,21 +138,16 @@ mail:: Ym9iQGRlbW8udGVzdA==
     fn searches_users_case_insensitively() {
         let d = MemoryDirectory::from_ldif(LDIF).unwrap();
         assert_eq!(d.len(), 3);
-        let found = d.search(&Lookup {
-            attribute: "userPrincipalName",
-            values: vec!["ALICE@demo.test".into()],
-        });
+        let lookup = |attribute, value: &str| Lookup {
+            user: vec![Condition::new(attribute, value)],
+            computer: vec![],
+        };
+        let found = d.search(&lookup("userPrincipalName", "ALICE@demo.test"));
         assert_eq!(found.len(), 1, "the computer account never maps");
         assert_eq!(found[0].sam_account_name.as_deref(), Some("alice"));
-        let folded = d.search(&Lookup {
-            attribute: "altSecurityIdentities",
-            values: vec!["x509:<ski>ABCD".into()],
-        });
+        let folded = d.search(&lookup("altSecurityIdentities", "x509:<ski>ABCD"));
         assert_eq!(folded.len(), 1);
-        let b64 = d.search(&Lookup {
-            attribute: "mail",
-            values: vec!["bob@demo.test".into()],
-        });
+        let b64 = d.search(&lookup("mail", "bob@demo.test"));
         assert_eq!(b64[0].dn, "CN=b64,DC=demo");
     }
 

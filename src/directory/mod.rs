@@ -11,14 +11,27 @@ mod memory;
 
 use std::time::Duration;
 
-pub use filter::{escape_value, user_filter};
+pub use filter::escape_value;
 pub use ldap::LdapDirectory;
 pub use memory::MemoryDirectory;
 
-use crate::config::DirectoryConfig;
+use crate::config::{DirectoryConfig, GroupMethod};
+
+/// DN equality as the gateway needs it: case-insensitive, spaces after commas ignored.
+pub fn dn_eq(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        s.split(',')
+            .map(|part| part.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    norm(a) == norm(b)
+}
 
 /// Attributes read for every account.
-pub const ACCOUNT_ATTRIBUTES: [&str; 10] = [
+pub const ACCOUNT_ATTRIBUTES: [&str; 13] = [
+    "objectClass",
+    "altSecurityIdentities",
+    "dNSHostName",
     "sAMAccountName",
     "userPrincipalName",
     "mail",
@@ -31,17 +44,70 @@ pub const ACCOUNT_ATTRIBUTES: [&str; 10] = [
     "lockoutTime",
 ];
 
-/// An equality search on one attribute: an account matches if it holds any of the values.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lookup {
+/// Most entries one lookup returns; reaching it is treated as an ambiguous mapping.
+pub const SEARCH_LIMIT: usize = 16;
+
+/// What kind of account an entry is. A computer never maps as a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountKind {
+    User,
+    Computer,
+}
+
+/// One equality condition: the attribute holds the value (compared case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Condition {
     pub attribute: &'static str,
-    pub values: Vec<String>,
+    pub value: String,
+}
+
+impl Condition {
+    pub fn new(attribute: &'static str, value: impl Into<String>) -> Condition {
+        Condition {
+            attribute,
+            value: value.into(),
+        }
+    }
+}
+
+/// One directory search: user accounts meeting any user condition, and computer accounts
+/// meeting any computer condition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lookup {
+    pub user: Vec<Condition>,
+    pub computer: Vec<Condition>,
 }
 
 impl Lookup {
-    /// The LDAP filter sent for this lookup: user objects only, never computers.
+    pub fn add(&mut self, kind: AccountKind, condition: Condition) {
+        let list = match kind {
+            AccountKind::User => &mut self.user,
+            AccountKind::Computer => &mut self.computer,
+        };
+        if !list.contains(&condition) {
+            list.push(condition);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.user.is_empty() && self.computer.is_empty()
+    }
+
+    /// The LDAP filter sent for this lookup.
     pub fn filter(&self) -> String {
-        user_filter(self.attribute, &self.values)
+        filter::lookup_filter(&self.user, &self.computer)
+    }
+
+    /// Whether an entry meets this lookup (the in-process directory's evaluation).
+    pub fn matches(&self, entry: &AccountEntry) -> bool {
+        let conditions = match entry.kind() {
+            AccountKind::User => &self.user,
+            AccountKind::Computer => &self.computer,
+        };
+        conditions
+            .iter()
+            .any(|c| entry.has_value(c.attribute, &c.value))
     }
 }
 
@@ -49,6 +115,9 @@ impl Lookup {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AccountEntry {
     pub dn: String,
+    pub object_classes: Vec<String>,
+    pub alt_security_identities: Vec<String>,
+    pub dns_host_name: Option<String>,
     pub sam_account_name: Option<String>,
     pub user_principal_name: Option<String>,
     pub mail: Option<String>,
@@ -64,6 +133,33 @@ pub struct AccountEntry {
 }
 
 impl AccountEntry {
+    pub fn kind(&self) -> AccountKind {
+        if self
+            .object_classes
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case("computer"))
+        {
+            AccountKind::Computer
+        } else {
+            AccountKind::User
+        }
+    }
+
+    /// Whether the attribute holds the value, compared case-insensitively as AD does for
+    /// these (Unicode string) attributes.
+    pub fn has_value(&self, attribute: &str, value: &str) -> bool {
+        let eq = |v: &String| v.eq_ignore_ascii_case(value);
+        match attribute.to_ascii_lowercase().as_str() {
+            "altsecurityidentities" => self.alt_security_identities.iter().any(eq),
+            "userprincipalname" => self.user_principal_name.iter().any(eq),
+            "mail" => self.mail.iter().any(eq),
+            "proxyaddresses" => self.proxy_addresses.iter().any(eq),
+            "samaccountname" => self.sam_account_name.iter().any(eq),
+            "dnshostname" => self.dns_host_name.iter().any(eq),
+            _ => false,
+        }
+    }
+
     /// Fills an entry from attribute name/value pairs (names compared case-insensitively).
     pub fn from_attributes<'a>(
         dn: &str,
@@ -77,6 +173,9 @@ impl AccountEntry {
         for (name, values) in text {
             let first = values.first().cloned();
             match name.to_ascii_lowercase().as_str() {
+                "objectclass" => entry.object_classes = values.to_vec(),
+                "altsecurityidentities" => entry.alt_security_identities = values.to_vec(),
+                "dnshostname" => entry.dns_host_name = first,
                 "samaccountname" => entry.sam_account_name = first,
                 "userprincipalname" => entry.user_principal_name = first,
                 "mail" => entry.mail = first,
@@ -132,7 +231,7 @@ impl DirectoryError {
 
 /// The configured backend.
 pub enum Directory {
-    Ldap(LdapDirectory),
+    Ldap(Box<LdapDirectory>),
     Memory(MemoryDirectory),
 }
 
@@ -140,7 +239,7 @@ impl Directory {
     /// Builds the backend; nothing is contacted yet.
     pub fn from_config(config: &DirectoryConfig) -> Result<Directory, DirectoryError> {
         match config {
-            DirectoryConfig::Ldap(l) => Ok(Directory::Ldap(LdapDirectory::new(l)?)),
+            DirectoryConfig::Ldap(l) => Ok(Directory::Ldap(Box::new(LdapDirectory::new(l)?))),
             DirectoryConfig::Ldif { file } => {
                 let text = std::fs::read_to_string(file).map_err(|e| {
                     DirectoryError::Setup(format!("cannot read {}: {e}", file.display()))
@@ -150,11 +249,30 @@ impl Directory {
         }
     }
 
-    /// Every user entry matching the lookup; at most two are returned (two means ambiguous).
+    /// Every entry matching the lookup, at most `SEARCH_LIMIT`.
     pub async fn search(&self, lookup: &Lookup) -> Result<Vec<AccountEntry>, DirectoryError> {
         match self {
             Directory::Ldap(l) => l.search(lookup).await,
             Directory::Memory(m) => Ok(m.search(lookup)),
+        }
+    }
+
+    /// Whether the account is a member of the group, by the configured method. A directory
+    /// that cannot answer by that method is an error, never a silent "not a member".
+    pub async fn is_member(
+        &self,
+        account: &AccountEntry,
+        group_dn: &str,
+        method: GroupMethod,
+    ) -> Result<bool, DirectoryError> {
+        if method == GroupMethod::MemberOf {
+            return Ok(account.member_of.iter().any(|g| dn_eq(g, group_dn)));
+        }
+        match self {
+            Directory::Ldap(l) => l.is_member(&account.dn, group_dn, method).await,
+            Directory::Memory(_) => Err(DirectoryError::Setup(
+                "the LDIF directory evaluates direct memberOf only: set account.group_method = \"member-of\"".into(),
+            )),
         }
     }
 

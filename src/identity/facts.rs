@@ -33,6 +33,12 @@ impl std::fmt::Debug for CertFingerprint {
 
 /// OID of the UPN otherName in a subjectAltName (szOID_NT_PRINCIPAL_NAME).
 const UPN_OID: &str = "1.3.6.1.4.1.311.20.2.3";
+/// The SID extension AD CS adds since KB5014754 (szOID_NTDS_CA_SECURITY_EXT).
+pub const SID_EXTENSION_OID: &str = "1.3.6.1.4.1.311.25.2";
+/// The otherName inside it that holds the textual SID.
+const SID_OTHER_NAME_OID: &str = "1.3.6.1.4.1.311.25.2.1";
+/// A subjectAltName URI carrying the SID (the KB5014754 alternative to the extension).
+pub const SID_URI_PREFIX: &str = "tag:microsoft.com,2022-09-14:sid:";
 
 /// The facts of one certificate that mapping rules and the audit log use.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,6 +62,16 @@ pub struct CertFacts {
     pub dns_names: Vec<String>,
     #[serde(serialize_with = "ser_opt_hex")]
     pub subject_key_id: Option<Vec<u8>>,
+    /// SHA-1 of the subjectPublicKey bits: `X509:<SHA1-PUKEY>` as MS-PKCA describes it.
+    #[serde(serialize_with = "ser_hex")]
+    pub sha1_public_key: Vec<u8>,
+    /// SHA-1 of the whole certificate (the thumbprint), which some tooling writes instead.
+    #[serde(serialize_with = "ser_hex")]
+    pub sha1_thumbprint: Vec<u8>,
+    /// SIDs the certificate claims, from the SID extension and SAN URIs (textual, as found).
+    pub sids: Vec<String>,
+    /// Subject attributes as (Windows label, value), in certificate order.
+    pub subject_fields: Vec<(String, String)>,
     pub not_before_unix: i64,
     pub not_after_unix: i64,
 }
@@ -83,17 +99,36 @@ impl CertFacts {
             emails: Vec::new(),
             dns_names: Vec::new(),
             subject_key_id: None,
+            sha1_public_key: sha1(&cert.public_key().subject_public_key.data),
+            sha1_thumbprint: sha1(der),
+            sids: Vec::new(),
+            subject_fields: dn_fields(cert.subject()),
             not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
         };
         let upn_oid: Oid = UPN_OID.parse().map_err(|_| FactsError::Der("oid".into()))?;
+        let sid_ext_oid: Oid = SID_EXTENSION_OID
+            .parse()
+            .map_err(|_| FactsError::Der("oid".into()))?;
         for ext in cert.extensions() {
+            if ext.oid == sid_ext_oid {
+                facts.sids.extend(sid_extension_values(ext.value));
+                continue;
+            }
             match ext.parsed_extension() {
                 ParsedExtension::SubjectAlternativeName(san) => {
                     for name in &san.general_names {
                         match name {
                             GeneralName::RFC822Name(m) => facts.emails.push(m.to_string()),
                             GeneralName::DNSName(d) => facts.dns_names.push(d.to_string()),
+                            GeneralName::URI(uri) => {
+                                let tagged = uri
+                                    .get(..SID_URI_PREFIX.len())
+                                    .filter(|p| p.eq_ignore_ascii_case(SID_URI_PREFIX));
+                                if tagged.is_some() {
+                                    facts.sids.push(uri[SID_URI_PREFIX.len()..].to_string());
+                                }
+                            }
                             GeneralName::OtherName(oid, value) if *oid == upn_oid => {
                                 if let Some(upn) = other_name_utf8(value) {
                                     facts.upns.push(upn);
@@ -115,6 +150,69 @@ impl CertFacts {
     pub fn serial_hex(&self) -> String {
         hex(&self.serial)
     }
+}
+
+fn sha1(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+/// Reads the SID extension: GeneralNames holding an otherName
+/// 1.3.6.1.4.1.311.25.2.1 whose `[0] EXPLICIT` value is the textual SID (an OCTET STRING
+/// in AD CS certificates; a UTF8String or IA5String is accepted too).
+fn sid_extension_values(value: &[u8]) -> Vec<String> {
+    let mut sids = Vec::new();
+    let Some((0x30, mut names, _)) = der_tlv(value) else {
+        return sids;
+    };
+    let sid_oid = oid_der(SID_OTHER_NAME_OID);
+    while let Some((tag, content, rest)) = der_tlv(names) {
+        names = rest;
+        // otherName is [0] IMPLICIT SEQUENCE { type-id OID, value [0] EXPLICIT ANY }.
+        if tag != 0xA0 {
+            continue;
+        }
+        let Some((0x06, oid, after_oid)) = der_tlv(content) else {
+            continue;
+        };
+        if oid != sid_oid.as_slice() {
+            continue;
+        }
+        let Some((0xA0, wrapped, _)) = der_tlv(after_oid) else {
+            continue;
+        };
+        if let Some((0x04 | 0x0C | 0x16, text, _)) = der_tlv(wrapped) {
+            if let Ok(text) = std::str::from_utf8(text) {
+                sids.push(text.to_string());
+            }
+        }
+    }
+    sids
+}
+
+/// DER content octets of a dotted OID (first two arcs combined, base-128 arcs).
+pub fn oid_der(dotted: &str) -> Vec<u8> {
+    let arcs: Vec<u64> = dotted.split('.').filter_map(|a| a.parse().ok()).collect();
+    let mut out = Vec::new();
+    if arcs.len() < 2 {
+        return out;
+    }
+    let mut push = |mut arc: u64| {
+        let mut chunk = vec![(arc & 0x7f) as u8];
+        arc >>= 7;
+        while arc > 0 {
+            chunk.push(0x80 | (arc & 0x7f) as u8);
+            arc >>= 7;
+        }
+        chunk.reverse();
+        out.extend(chunk);
+    };
+    push(arcs[0] * 40 + arcs[1]);
+    for &arc in &arcs[2..] {
+        push(arc);
+    }
+    out
 }
 
 /// Lowercase hex of bytes.
@@ -148,11 +246,28 @@ fn strip_sign_byte(serial: &[u8]) -> &[u8] {
 /// first) order, Windows attribute names, values quoted when they hold a separator.
 pub fn ad_dn(name: &X509Name<'_>) -> String {
     let mut out = String::new();
+    for (label, value) in dn_fields(name) {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&label);
+        out.push('=');
+        if value.contains([',', '+', '=', '"', '<', '>', '#', ';', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&value.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(&value);
+        }
+    }
+    out
+}
+
+/// The attributes of a DN as (Windows label, value), most significant first.
+fn dn_fields(name: &X509Name<'_>) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
     for rdn in name.iter() {
         for attr in rdn.iter() {
-            if !out.is_empty() {
-                out.push(',');
-            }
             let oid = attr.attr_type().to_id_string();
             let label = match oid.as_str() {
                 "2.5.4.3" => "CN".to_string(),
@@ -175,18 +290,10 @@ pub fn ad_dn(name: &X509Name<'_>) -> String {
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|_| format!("#{}", hex(attr.attr_value().data)));
-            out.push_str(&label);
-            out.push('=');
-            if value.contains([',', '+', '=', '"', '<', '>', '#', ';', '\n', '\r']) {
-                out.push('"');
-                out.push_str(&value.replace('"', "\"\""));
-                out.push('"');
-            } else {
-                out.push_str(&value);
-            }
+            fields.push((label, value));
         }
     }
-    out
+    fields
 }
 
 /// Reads `[0] EXPLICIT UTF8String` (the UPN otherName value); x509-parser hands over the
@@ -240,6 +347,35 @@ mod tests {
         assert_eq!(other_name_utf8(&[0xA0, 5, 0x0C, 9, b'a']), None);
         assert_eq!(other_name_utf8(&[0xA0, 3, 0x0C, 1, 0xff]), None);
         assert_eq!(other_name_utf8(&[]), None);
+    }
+
+    #[test]
+    fn oid_encoding() {
+        // 1.3.6.1.4.1.311.25.2.1 as it appears in AD CS certificates.
+        assert_eq!(
+            oid_der("1.3.6.1.4.1.311.25.2.1"),
+            [0x2b, 0x06, 0x01, 0x04, 0x01, 0x82, 0x37, 0x19, 0x02, 0x01]
+        );
+    }
+
+    #[test]
+    fn sid_extension() {
+        let sid = b"S-1-5-21-1-2-3-1104";
+        let oid = oid_der(SID_OTHER_NAME_OID);
+        let mut octets = vec![0x04, sid.len() as u8];
+        octets.extend_from_slice(sid);
+        let mut explicit = vec![0xA0, octets.len() as u8];
+        explicit.extend(octets);
+        let mut other = vec![0x06, oid.len() as u8];
+        other.extend(oid);
+        other.extend(explicit);
+        let mut name = vec![0xA0, other.len() as u8];
+        name.extend(other);
+        let mut value = vec![0x30, name.len() as u8];
+        value.extend(name);
+        assert_eq!(sid_extension_values(&value), ["S-1-5-21-1-2-3-1104"]);
+        assert!(sid_extension_values(&[0x30, 0x00]).is_empty());
+        assert!(sid_extension_values(&value[..value.len() - 3]).is_empty());
     }
 
     #[test]

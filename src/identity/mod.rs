@@ -5,109 +5,31 @@
 //! and the checks judge the `AccountEntry` the directory returned.
 
 mod facts;
+mod mapping;
+mod sid;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 
-pub use facts::{ad_dn, hex, CertFacts, CertFingerprint, FactsError};
+pub use facts::{
+    ad_dn, hex, oid_der, CertFacts, CertFingerprint, FactsError, SID_EXTENSION_OID, SID_URI_PREFIX,
+};
+pub use mapping::{
+    decide, generalized_time_unix, glob_match, Mapped, MappingPlan, MappingRule, MappingStrength,
+    MappingVerdict, RuleAttempt,
+};
+pub use sid::{sid_from_text, sid_to_text};
 
 use crate::config::{IdentityConfig, IdentityValue};
-use crate::directory::{AccountEntry, Lookup};
-
-/// One way of finding the account a certificate belongs to (MS-PKCA 3.1.5.2.1, KB5014754).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MappingRule {
-    /// UPN otherName in the subjectAltName → `userPrincipalName` (implicit, weak).
-    Upn,
-    /// `altSecurityIdentities` = `X509:<I>issuer<SR>serial`, both serial byte orders (strong).
-    IssuerSerial,
-    /// `altSecurityIdentities` = `X509:<SKI>subjectKeyIdentifier` (strong).
-    SubjectKeyId,
-    /// rfc822Name in the subjectAltName → `mail` (weak).
-    Email,
-}
-
-/// How much a mapping proves, in KB5014754's terms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MappingStrength {
-    Strong,
-    Weak,
-}
-
-impl MappingRule {
-    pub const ALL: [MappingRule; 4] = [
-        MappingRule::Upn,
-        MappingRule::IssuerSerial,
-        MappingRule::SubjectKeyId,
-        MappingRule::Email,
-    ];
-
-    /// The name used in the configuration and the audit log.
-    pub fn name(self) -> &'static str {
-        match self {
-            MappingRule::Upn => "upn",
-            MappingRule::IssuerSerial => "issuer-serial",
-            MappingRule::SubjectKeyId => "subject-key-id",
-            MappingRule::Email => "email",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<MappingRule> {
-        MappingRule::ALL.into_iter().find(|r| r.name() == name)
-    }
-
-    pub fn strength(self) -> MappingStrength {
-        match self {
-            MappingRule::IssuerSerial | MappingRule::SubjectKeyId => MappingStrength::Strong,
-            MappingRule::Upn | MappingRule::Email => MappingStrength::Weak,
-        }
-    }
-
-    /// The directory lookup this rule makes for a certificate, or why it does not apply.
-    pub fn lookup(self, facts: &CertFacts) -> Result<Lookup, &'static str> {
-        let (attribute, values) = match self {
-            MappingRule::Upn => ("userPrincipalName", facts.upns.clone()),
-            MappingRule::Email => ("mail", facts.emails.clone()),
-            MappingRule::IssuerSerial => {
-                let forward = hex(&facts.serial);
-                let mut reversed_bytes = facts.serial.clone();
-                reversed_bytes.reverse();
-                let reversed = hex(&reversed_bytes);
-                // Windows writes the serial byte-reversed; other tooling forward. Prefer Windows.
-                let mut values = vec![format!("X509:<I>{}<SR>{reversed}", facts.issuer_ad)];
-                if forward != reversed {
-                    values.push(format!("X509:<I>{}<SR>{forward}", facts.issuer_ad));
-                }
-                ("altSecurityIdentities", values)
-            }
-            MappingRule::SubjectKeyId => match &facts.subject_key_id {
-                Some(ski) => (
-                    "altSecurityIdentities",
-                    vec![format!("X509:<SKI>{}", hex(ski))],
-                ),
-                None => ("altSecurityIdentities", Vec::new()),
-            },
-        };
-        if values.is_empty() {
-            return Err(match self {
-                MappingRule::Upn => "certificate has no UPN in its subjectAltName",
-                MappingRule::Email => "certificate has no email in its subjectAltName",
-                MappingRule::SubjectKeyId => "certificate has no subject key identifier",
-                MappingRule::IssuerSerial => "certificate has no serial",
-            });
-        }
-        Ok(Lookup { attribute, values })
-    }
-}
+use crate::directory::AccountEntry;
 
 /// A device's resolved account, shared by every request on its connections.
 #[derive(Debug)]
 pub struct Identity {
     pub account: AccountEntry,
     pub rule: MappingRule,
+    pub strength: MappingStrength,
     /// The identity header's value, checked once to hold no CR, LF, NUL or other controls.
     pub header_value: HeaderValue,
     /// Certificate serial (hex) and issuer, for the audit log.
@@ -123,8 +45,19 @@ pub enum DenyReason {
     NoMapping,
     /// A rule found more than one account: fail closed.
     AmbiguousMapping,
+    /// Only a weak mapping, no SID to confirm it, full enforcement (KDC event 39).
+    NoStrongMapping,
+    /// Weak mapping in compatibility mode, account newer than the certificate (KDC event 40).
+    CertificatePredatesAccount,
+    /// The certificate's SID is not the account's (KDC event 41).
+    SidMismatch,
     AccountDisabled,
     AccountExpired,
+    AccountLocked,
+    /// Not a member of a required group.
+    GroupRequired,
+    /// A member of a denied group.
+    GroupDenied,
     /// The account lacks the attribute the identity header is made of.
     IdentityMissing,
     /// The attribute holds characters that cannot go into a header.
@@ -138,8 +71,14 @@ impl DenyReason {
         match self {
             DenyReason::NoMapping => "no-mapping",
             DenyReason::AmbiguousMapping => "ambiguous-mapping",
+            DenyReason::NoStrongMapping => "no-strong-mapping",
+            DenyReason::CertificatePredatesAccount => "certificate-predates-account",
+            DenyReason::SidMismatch => "sid-mismatch",
             DenyReason::AccountDisabled => "account-disabled",
             DenyReason::AccountExpired => "account-expired",
+            DenyReason::AccountLocked => "account-locked",
+            DenyReason::GroupRequired => "group-required",
+            DenyReason::GroupDenied => "group-denied",
             DenyReason::IdentityMissing => "identity-missing",
             DenyReason::IdentityUnrepresentable => "identity-unrepresentable",
             DenyReason::CertificateUnreadable => "certificate-unreadable",
@@ -160,13 +99,35 @@ pub struct AccountCheck {
     pub detail: String,
 }
 
-/// Judges the account state; returns every check made and the first failure.
+/// The KDC event a reason code mirrors, if any.
+impl DenyReason {
+    pub fn kdc_event(self) -> Option<u32> {
+        match self {
+            DenyReason::NoStrongMapping => Some(39),
+            DenyReason::CertificatePredatesAccount => Some(40),
+            DenyReason::SidMismatch => Some(41),
+            _ => None,
+        }
+    }
+}
+
+fn filetime_unix(filetime: i64) -> i64 {
+    filetime / 10_000_000 - FILETIME_UNIX_OFFSET_SECS
+}
+
+/// Judges the account state (disabled, expired, locked out); returns every check made and
+/// the first failure.
 pub fn check_account(
     account: &AccountEntry,
     now: SystemTime,
+    lockout_duration: Duration,
 ) -> (Vec<AccountCheck>, Option<DenyReason>) {
     let mut checks = Vec::new();
     let mut failure = None;
+    let now_unix = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let disabled = account.user_account_control & UAC_ACCOUNT_DISABLED != 0;
     checks.push(AccountCheck {
         check: "enabled",
@@ -179,11 +140,7 @@ pub fn check_account(
     let (expired, detail) = match account.account_expires {
         None | Some(0) | Some(i64::MAX) => (false, "accountExpires: never".to_string()),
         Some(filetime) => {
-            let expires_unix = filetime / 10_000_000 - FILETIME_UNIX_OFFSET_SECS;
-            let now_unix = now
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let expires_unix = filetime_unix(filetime);
             (
                 expires_unix <= now_unix,
                 format!("accountExpires = {filetime} (unix {expires_unix})"),
@@ -197,6 +154,24 @@ pub fn check_account(
     });
     if expired && failure.is_none() {
         failure = Some(DenyReason::AccountExpired);
+    }
+    let (locked, detail) = match account.lockout_time {
+        None | Some(0) => (false, "lockoutTime: not locked".to_string()),
+        Some(filetime) => {
+            let until = filetime_unix(filetime) + lockout_duration.as_secs() as i64;
+            (
+                now_unix < until,
+                format!("lockoutTime = {filetime} (locked until unix {until})"),
+            )
+        }
+    };
+    checks.push(AccountCheck {
+        check: "not-locked",
+        passed: !locked,
+        detail,
+    });
+    if locked && failure.is_none() {
+        failure = Some(DenyReason::AccountLocked);
     }
     (checks, failure)
 }
@@ -239,15 +214,35 @@ mod tests {
     #[test]
     fn account_checks() {
         let now = SystemTime::now();
-        assert_eq!(check_account(&account(), now).1, None);
+        let lockout = Duration::from_secs(1800);
+        assert_eq!(check_account(&account(), now, lockout).1, None);
         let mut a = account();
         a.user_account_control = 514;
-        assert_eq!(check_account(&a, now).1, Some(DenyReason::AccountDisabled));
+        assert_eq!(
+            check_account(&a, now, lockout).1,
+            Some(DenyReason::AccountDisabled)
+        );
         let mut a = account();
         a.account_expires = Some(116_444_736_000_000_000 + 10_000_000); // 1970-01-01T00:00:01
-        assert_eq!(check_account(&a, now).1, Some(DenyReason::AccountExpired));
+        assert_eq!(
+            check_account(&a, now, lockout).1,
+            Some(DenyReason::AccountExpired)
+        );
         a.account_expires = Some(0x7FFF_FFFF_FFFF_FFFF);
-        assert_eq!(check_account(&a, now).1, None);
+        assert_eq!(check_account(&a, now, lockout).1, None);
+        let unix_now = now.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let filetime = |unix: i64| (unix + FILETIME_UNIX_OFFSET_SECS) * 10_000_000;
+        a.lockout_time = Some(filetime(unix_now - 60));
+        assert_eq!(
+            check_account(&a, now, lockout).1,
+            Some(DenyReason::AccountLocked)
+        );
+        a.lockout_time = Some(filetime(unix_now - 3600));
+        assert_eq!(
+            check_account(&a, now, lockout).1,
+            None,
+            "the lockout has run out"
+        );
     }
 
     #[test]

@@ -1,3 +1,4 @@
 #![allow(dead_code)]
 pub mod lab;
+pub mod samba;
 pub mod slapd;
