@@ -491,6 +491,13 @@ fn read_directory(s: &mut Section, p: &mut Problems) -> Option<DirectoryConfig> 
         danger_allow_plaintext: s.boolean("danger_allow_plaintext", false, p),
         urls,
     };
+    let uses_tls = ldap.starttls || ldap.urls.iter().any(|u| u.starts_with("ldaps://"));
+    if uses_tls && ldap.ca_file.is_none() && !p.has(&s.key("ca_file")) {
+        p.push(
+            &s.key("ca_file"),
+            "required with ldaps:// or starttls: the CA that issued the domain controllers' certificates (system roots are never trusted)",
+        );
+    }
     let plain = ldap.urls.iter().any(|u| u.starts_with("ldap://"));
     if plain && !ldap.starttls && !ldap.danger_allow_plaintext {
         p.push(
@@ -788,7 +795,11 @@ impl Section {
         };
         match parse_duration(&text) {
             Some(d) if !d.is_zero() => d,
-            _ => {
+            Some(_) => {
+                p.push(&self.key(key), "must be longer than zero");
+                fallback
+            }
+            None => {
                 p.push(
                     &self.key(key),
                     &format!("\"{text}\" is not a duration (for example \"250ms\", \"30s\", \"5m\", \"1h\")"),

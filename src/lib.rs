@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //!
-//! Data flows top to bottom; a module only uses the ones listed above it.
+//! Data flows top to bottom. The lower modules (`config` to `tls`) never use the proxy, the
+//! admin listener or the command line.
 //!
 //! - [`config`]: the TOML file → typed `Config`; every problem reported with its key path.
 //! - [`directory`]: accounts by `Lookup` — AD over LDAP (pool, failover, RFC 4515 escaping)
@@ -68,6 +69,7 @@ pub enum BuildError {
 /// A gateway built from a configuration, not yet listening.
 pub struct App {
     config: Config,
+    upstream: Upstream,
     metrics: Arc<Metrics>,
     directory: Arc<Directory>,
     resolver: Arc<Resolver>,
@@ -96,6 +98,7 @@ impl App {
             }
         }
         let directory = Arc::new(Directory::from_config(&config.directory)?);
+        let upstream = Upstream::new(&config.upstream)?;
         let resolver = Arc::new(Resolver::new(
             Arc::clone(&directory),
             &config.mapping,
@@ -106,6 +109,7 @@ impl App {
         ));
         Ok(App {
             config,
+            upstream,
             metrics,
             directory,
             resolver,
@@ -124,11 +128,9 @@ impl App {
         let admin_listener = TcpListener::bind(self.config.admin.address).await?;
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let upstream = Upstream::new(&self.config.upstream)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let gateway = Arc::new(Gateway {
             resolver: Arc::clone(&self.resolver),
-            upstream,
+            upstream: self.upstream,
             headers: HeaderPolicy::new(&self.config.identity),
             metrics: Arc::clone(&self.metrics),
             listen: self.config.listen.clone(),

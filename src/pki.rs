@@ -56,6 +56,10 @@ pub struct LeafSpec {
     pub usage: Usage,
     /// (year, month, day) validity; a year either side of today when absent.
     pub validity: Option<(Ymd, Ymd)>,
+    /// Start of validity to the second (overrides `validity`'s start); a year later it ends.
+    pub valid_from: Option<std::time::SystemTime>,
+    /// An organizational unit in the subject (OU), after the CN.
+    pub organizational_unit: Option<String>,
     /// subjectKeyIdentifier extension value; none when absent.
     pub subject_key_id: Option<Vec<u8>>,
     /// A SID for the KB5014754 SID extension (1.3.6.1.4.1.311.25.2).
@@ -78,6 +82,8 @@ impl LeafSpec {
             serial: None,
             usage: Usage::ClientAuth,
             validity: None,
+            valid_from: None,
+            organizational_unit: None,
             subject_key_id: None,
             sid_extension: None,
             sid_uri: None,
@@ -135,6 +141,16 @@ impl LeafSpec {
         self
     }
 
+    pub fn valid_from(mut self, from: std::time::SystemTime) -> Self {
+        self.valid_from = Some(from);
+        self
+    }
+
+    pub fn organizational_unit(mut self, ou: &str) -> Self {
+        self.organizational_unit = Some(ou.into());
+        self
+    }
+
     pub fn validity(mut self, from: Ymd, until: Ymd) -> Self {
         self.validity = Some((from, until));
         self
@@ -173,6 +189,9 @@ impl CertAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, spec.common_name.as_str());
+        if let Some(ou) = &spec.organizational_unit {
+            dn.push(DnType::OrganizationalUnitName, ou.as_str());
+        }
         params.distinguished_name = dn;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -204,14 +223,18 @@ impl CertAuthority {
         }
         let serial = spec.serial.clone().unwrap_or_else(random_serial);
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        match spec.validity {
-            Some(((y1, m1, d1), (y2, m2, d2))) => {
+        let year = std::time::Duration::from_secs(365 * 86_400);
+        match (spec.valid_from, spec.validity) {
+            (Some(from), _) => {
+                params.not_before = from.into();
+                params.not_after = (from + year).into();
+            }
+            (None, Some(((y1, m1, d1), (y2, m2, d2)))) => {
                 params.not_before = rcgen::date_time_ymd(y1, m1, d1);
                 params.not_after = rcgen::date_time_ymd(y2, m2, d2);
             }
-            None => {
+            (None, None) => {
                 let now = std::time::SystemTime::now();
-                let year = std::time::Duration::from_secs(365 * 86_400);
                 params.not_before = (now - year).into();
                 params.not_after = (now + year).into();
             }

@@ -91,7 +91,8 @@ pub struct Resolver {
 struct CachedDecision {
     decision: Decision,
     resolved_at: Instant,
-    facts: Arc<CertFacts>,
+    /// What a background refresh maps again; absent for an unreadable certificate.
+    facts: Option<Arc<CertFacts>>,
     refreshing: Arc<AtomicBool>,
 }
 
@@ -134,7 +135,8 @@ impl Resolver {
         leaf_der: &[u8],
     ) -> Result<Decision, ResolveError> {
         if let Some(cached) = self.cache.get(&fingerprint).await {
-            if cached.resolved_at.elapsed() >= self.soft_ttl {
+            let admitted = matches!(cached.decision, Decision::Admit(_));
+            if admitted && cached.resolved_at.elapsed() >= self.soft_ttl {
                 self.metrics
                     .identity_cache
                     .with_label_values(&["stale"])
@@ -195,10 +197,23 @@ impl Resolver {
         let facts = match CertFacts::from_der(leaf_der) {
             Ok(f) => Arc::new(f),
             Err(e) => {
+                // The handshake accepted it, so this is a real (and lasting) refusal.
                 tracing::warn!(target: "seg::identity", error = %e, "accepted certificate is unreadable");
-                return Err(ResolveError::Directory(DirectoryError::Setup(
-                    e.to_string(),
-                )));
+                self.metrics
+                    .identity_decisions
+                    .with_label_values(&["deny", DenyReason::CertificateUnreadable.code()])
+                    .inc();
+                return Ok(CachedDecision {
+                    decision: Decision::Deny(Arc::new(Denial {
+                        reason: DenyReason::CertificateUnreadable,
+                        account: None,
+                        cert_serial: String::new(),
+                        cert_issuer: String::new(),
+                    })),
+                    resolved_at: Instant::now(),
+                    facts: None,
+                    refreshing: Arc::new(AtomicBool::new(false)),
+                });
             }
         };
         self.lookup_facts(facts).await
@@ -215,7 +230,7 @@ impl Resolver {
         Ok(CachedDecision {
             decision,
             resolved_at: Instant::now(),
-            facts,
+            facts: Some(facts),
             refreshing: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -225,14 +240,14 @@ impl Resolver {
         fingerprint: CertFingerprint,
         cached: &CachedDecision,
     ) {
-        if !matches!(cached.decision, Decision::Admit(_)) {
+        let (Decision::Admit(_), Some(facts)) = (&cached.decision, &cached.facts) else {
             return;
-        }
+        };
         if cached.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let resolver = Arc::clone(self);
-        let facts = Arc::clone(&cached.facts);
+        let facts = Arc::clone(facts);
         let refreshing = Arc::clone(&cached.refreshing);
         tokio::spawn(async move {
             match resolver.lookup_facts(facts).await {

@@ -267,7 +267,11 @@ impl LdapDirectory {
                 Ok(ldap) => return Ok(ldap),
                 Err(e) => {
                     tracing::warn!(target: "seg::directory", %url, error = %e, "directory server failed");
-                    failures.push(format!("{url}: {e}"));
+                    let detail = match e {
+                        DirectoryError::Unavailable(detail) => detail,
+                        other => other.to_string(),
+                    };
+                    failures.push(format!("{url}: {detail}"));
                 }
             }
         }

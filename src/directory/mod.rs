@@ -207,7 +207,7 @@ impl AccountEntry {
 /// Why the directory could not answer. Never cached: the next request tries again.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DirectoryError {
-    #[error("no directory server reachable: {0}")]
+    #[error("directory unavailable: {0}")]
     Unavailable(String),
     #[error("directory operation timed out after {0:?}")]
     Timeout(Duration),

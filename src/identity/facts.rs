@@ -52,7 +52,7 @@ pub struct CertFacts {
     pub issuer_ad: String,
     /// Subject DN, most significant RDN first.
     pub subject_ad: String,
-    /// Issuer DN in RFC 4514 order, for the audit log.
+    /// Issuer DN as x509-parser prints it (certificate order, `, `-separated), for the audit log.
     pub issuer: String,
     pub subject: String,
     /// UPNs from subjectAltName otherNames (valid UTF-8 only).

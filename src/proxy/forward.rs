@@ -3,8 +3,8 @@
 //! Hygiene runs before seg adds anything: hop-by-hop headers and the headers a `Connection`
 //! token names are removed, then every client-supplied identity header in any spelling
 //! (case, `_` for `-`, duplicates), `Authorization` and the forwarding headers. Only then
-//! are the identity header and `X-Forwarded-For` added, so nothing the client sent can
-//! remove or replace them.
+//! are the identity header, `X-Forwarded-For` and `X-Forwarded-Proto` added, so nothing the
+//! client sent can remove or replace them.
 
 use std::time::Duration;
 

@@ -32,7 +32,7 @@
 //! * [`Samba::modify`], [`Samba::set_attribute`], [`Samba::disable`],
 //!   [`Samba::set_expired`], [`Samba::set_locked`]
 //! * [`Samba::search`], [`Samba::search_scoped`] (raw `ldapsearch -LLL`
-//!   output), [`sid_to_string`], [`decode_base64`]
+//!   output), [`strip_references`], [`sid_to_string`], [`decode_base64`]
 //!
 //! All reads and writes go over LDAPS as `Administrator` with the OpenLDAP
 //! command-line tools (`LDAPTLS_CACERT` set to the copied CA), never behind
@@ -892,6 +892,27 @@ fn unicode_pwd(password: &str) -> Vec<u8> {
         .encode_utf16()
         .flat_map(u16::to_le_bytes)
         .collect()
+}
+
+/// `ldif` (the output of [`Samba::search`]) without its search result
+/// references: each `# ref...` line and the blank line after it go, so a
+/// subtree search from the domain root compares equal to one from
+/// `CN=Users`.
+pub fn strip_references(ldif: &str) -> String {
+    let mut out = String::with_capacity(ldif.len());
+    let mut after_reference = false;
+    for line in ldif.lines() {
+        if line.starts_with("# ref") {
+            after_reference = true;
+            continue;
+        }
+        if !(after_reference && line.is_empty()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        after_reference = false;
+    }
+    out
 }
 
 /// A textual SID (`S-1-5-21-...`) from its binary form; `None` if malformed.
