@@ -93,8 +93,7 @@ fn a_good_config_is_summarised() {
     let slapd = start_slapd(&pki, vec![]);
     let text = config_text(
         &pki,
-        &[slapd.ldaps_url()],
-        &slapd,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
         "127.0.0.1:9".parse().unwrap(),
         "",
     );
@@ -123,8 +122,7 @@ fn map_explains_each_decision_against_the_directory() {
     let mut slapd = start_slapd(&pki, vec![alice, dave]);
     let text = config_text(
         &pki,
-        &[slapd.ldaps_url()],
-        &slapd,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
         "127.0.0.1:9".parse().unwrap(),
         "",
     );

@@ -598,7 +598,12 @@ async fn the_second_directory_url_is_used_when_the_first_is_down() {
         .local_addr()
         .unwrap();
     let urls = [format!("ldaps://{dead}"), slapd.ldaps_url()];
-    let text = support::lab::config_text(&pki, &urls, &slapd, upstream.addr, "");
+    let text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &urls),
+        upstream.addr,
+        "",
+    );
     let path = pki.dir.write("failover.toml", &text);
     let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
         .unwrap()
@@ -680,7 +685,12 @@ async fn an_https_upstream_with_its_own_ca_and_a_path_prefix() {
     .await
     .unwrap();
     let slapd = support::lab::start_slapd(&pki, mapping_users());
-    let mut text = support::lab::config_text(&pki, &[slapd.ldaps_url()], &slapd, upstream.addr, "");
+    let mut text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
+        upstream.addr,
+        "",
+    );
     text = text.replace(
         &format!("url = \"http://{}\"", upstream.addr),
         &format!(
@@ -721,7 +731,12 @@ async fn an_unreachable_upstream_is_a_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let text = support::lab::config_text(&pki, &[slapd.ldaps_url()], &slapd, dead, "");
+    let text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
+        dead,
+        "",
+    );
     let path = pki.dir.write("dead-upstream.toml", &text);
     let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
         .unwrap()
@@ -750,8 +765,7 @@ async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
     let slapd = support::lab::start_slapd(&pki, vec![]);
     let text = support::lab::config_text(
         &pki,
-        &[slapd.ldaps_url()],
-        &slapd,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
         "127.0.0.1:9".parse().unwrap(),
         "",
     )
@@ -857,8 +871,13 @@ async fn starttls_on_plain_ldap_works() {
     let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let text = support::lab::config_text(&pki, &[slapd.ldap_url()], &slapd, upstream.addr, "")
-        .replace("connect_timeout", "starttls = true\nconnect_timeout");
+    let text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldap_url()]),
+        upstream.addr,
+        "",
+    )
+    .replace("connect_timeout", "starttls = true\nconnect_timeout");
     let path = pki.dir.write("starttls.toml", &text);
     let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
         .unwrap()

@@ -161,16 +161,37 @@ pub fn start_slapd(pki: &Pki, users: Vec<UserSpec>) -> Slapd {
     })
 }
 
-/// A configuration pointing at the lab's slapd and upstream; `extra` is appended verbatim.
+/// Where seg finds a test directory and how it binds.
+pub struct DirectoryRef {
+    pub urls: Vec<String>,
+    pub base_dn: String,
+    pub bind_dn: String,
+    pub password: String,
+}
+
+impl DirectoryRef {
+    /// The lab slapd at the given URLs.
+    pub fn slapd(slapd: &Slapd, urls: &[String]) -> DirectoryRef {
+        DirectoryRef {
+            urls: urls.to_vec(),
+            base_dn: slapd.suffix().to_string(),
+            bind_dn: slapd.bind_dn(),
+            password: "svc-password".into(),
+        }
+    }
+}
+
+/// A configuration pointing at a test directory and upstream; `extra` is appended verbatim.
 pub fn config_text(
     pki: &Pki,
-    directory_urls: &[String],
-    slapd: &Slapd,
+    directory: &DirectoryRef,
     upstream: SocketAddr,
     extra: &str,
 ) -> String {
-    let password = pki.dir.write("bind-password", "svc-password\n");
-    let urls: Vec<String> = directory_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    let password = pki
+        .dir
+        .write("bind-password", &format!("{}\n", directory.password));
+    let urls: Vec<String> = directory.urls.iter().map(|u| format!("\"{u}\"")).collect();
     format!(
         r#"
 [listen]
@@ -207,8 +228,8 @@ probe_interval = "200ms"
         key = pki.server_key.display(),
         ca = pki.ca_path.display(),
         urls = urls.join(", "),
-        base = slapd.suffix(),
-        bind = slapd.bind_dn(),
+        base = directory.base_dn,
+        bind = directory.bind_dn,
         password = password.display(),
     )
 }
@@ -234,13 +255,8 @@ impl Lab {
         let upstream = EchoUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("echo upstream");
-        let text = config_text(
-            &pki,
-            &[slapd.ldaps_url()],
-            &slapd,
-            upstream.addr,
-            extra_config,
-        );
+        let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+        let text = config_text(&pki, &directory, upstream.addr, extra_config);
         let config_path = pki.dir.write("seg.toml", &text);
         let config = Config::load(&config_path).unwrap_or_else(|e| panic!("lab config: {e}"));
         let seg = App::build(config)

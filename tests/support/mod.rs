@@ -1,4 +1,5 @@
 #![allow(dead_code)]
 pub mod lab;
+pub mod mapping_table;
 pub mod samba;
 pub mod slapd;

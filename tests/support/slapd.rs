@@ -99,6 +99,12 @@ pub struct UserSpec {
     pub when_created: Option<String>,
     /// `memberOf` group DNs.
     pub member_of: Vec<String>,
+    /// `lockoutTime` (FILETIME), `None` = attribute absent.
+    pub lockout_time: Option<i64>,
+    /// A computer account (objectClass `computer`, a subclass of `user`) instead of a user.
+    pub computer: bool,
+    /// `dNSHostName`, for computer accounts.
+    pub dns_host_name: Option<String>,
 }
 
 impl UserSpec {
@@ -115,6 +121,9 @@ impl UserSpec {
             proxy_addresses: Vec::new(),
             when_created: None,
             member_of: Vec::new(),
+            lockout_time: None,
+            computer: false,
+            dns_host_name: None,
         }
     }
 }
@@ -675,6 +684,7 @@ fn directory_ldif(opts: &SlapdOptions) -> String {
         let dn = format!("CN={},OU=Users,{suffix}", escape_rdn_value(&user.sam));
         let uac = user.user_account_control.to_string();
         let expires = user.account_expires.map(|v| v.to_string());
+        let lockout = user.lockout_time.map(|v| v.to_string());
         let mut attrs: Vec<(&str, &[u8])> = vec![
             ("cn", user.sam.as_bytes()),
             ("sn", user.sam.as_bytes()),
@@ -685,6 +695,11 @@ fn directory_ldif(opts: &SlapdOptions) -> String {
             ("userPrincipalName", user.upn.as_deref().map(str::as_bytes)),
             ("mail", user.mail.as_deref().map(str::as_bytes)),
             ("accountExpires", expires.as_deref().map(str::as_bytes)),
+            ("lockoutTime", lockout.as_deref().map(str::as_bytes)),
+            (
+                "dNSHostName",
+                user.dns_host_name.as_deref().map(str::as_bytes),
+            ),
             ("objectSid", user.object_sid.as_deref()),
             (
                 "whenCreated",
@@ -707,7 +722,17 @@ fn directory_ldif(opts: &SlapdOptions) -> String {
                 .map(|v| ("proxyAddresses", v.as_bytes())),
         );
         attrs.extend(user.member_of.iter().map(|v| ("memberOf", v.as_bytes())));
-        entry(&mut out, &dn, user_classes, &attrs);
+        let computer_classes: Vec<&str> = user_classes
+            .iter()
+            .copied()
+            .chain(std::iter::once("computer"))
+            .collect();
+        let classes = if user.computer {
+            &computer_classes[..]
+        } else {
+            user_classes
+        };
+        entry(&mut out, &dn, classes, &attrs);
 
         for group in &user.member_of {
             // Only plain `CN=name,OU=Groups,<suffix>` DNs get a group entry.
