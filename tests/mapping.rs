@@ -246,3 +246,112 @@ pub async fn run_table(pki: &Pki, directory: &DirectoryRef, table: &[Row], devic
         failures.join("\n")
     );
 }
+
+/// Required and denied groups by direct memberOf on slapd; the in-chain method, which slapd
+/// cannot evaluate (it silently returns no entries), is refused loudly instead: 503, never a
+/// quiet "not a member".
+#[tokio::test]
+async fn group_policy_on_slapd() {
+    let pki = Pki::new();
+    let groups = "OU=Groups,DC=corp,DC=test";
+    let mut users = Vec::new();
+    let mut devices = Vec::new();
+    for (index, (sam, member_of)) in [
+        ("member", vec![format!("CN=EAS Users,{groups}")]),
+        ("outsider", vec![]),
+        (
+            "blocked",
+            vec![
+                format!("CN=EAS Users,{groups}"),
+                format!("CN=Blocked,{groups}"),
+            ],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let serial = [0x33, index as u8, 0x44, 0x55];
+        let mut reversed = serial.to_vec();
+        reversed.reverse();
+        let mut user = UserSpec::new(sam);
+        user.upn = Some(format!("{sam}@corp.test"));
+        user.member_of = member_of;
+        user.alt_security_identities = vec![format!(
+            "X509:<I>{CA_AD_NAME}<SR>{}",
+            seg::identity::hex(&reversed)
+        )];
+        users.push(user);
+        devices.push(pki.device(LeafSpec::device(sam).serial(&serial)));
+    }
+    let slapd = Slapd::start(SlapdOptions {
+        users,
+        bind_password: "svc-password".into(),
+        tls: Some(TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: pki.ca_path.clone(),
+        }),
+        ..SlapdOptions::default()
+    });
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+    for (method, expected) in [
+        ("member-of", [200, 403, 403]),
+        ("in-chain", [503, 503, 503]),
+    ] {
+        let extra = format!(
+            "[account]\nrequired_groups = [\"CN=EAS Users,{groups}\"]\ndenied_groups = [\"cn=blocked, {}\"]\ngroup_method = \"{method}\"\n",
+            groups.to_lowercase()
+        );
+        let path = pki.dir.write(
+            &format!("groups-{method}.toml"),
+            &config_text(&pki, &directory, upstream.addr, &extra),
+        );
+        let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let client = Client::new(seg.listen_addr, &pki.ca_path);
+        for (device, status) in devices.iter().zip(expected) {
+            let response = client
+                .post(Some(device), &eas_target("Sync", &device.name), &[])
+                .await
+                .unwrap();
+            assert_eq!(response.status, status, "{method} {}", device.name);
+        }
+        let m = seg.metrics.render();
+        if method == "member-of" {
+            assert_eq!(
+                metric_value(
+                    &m,
+                    "seg_identity_decisions_total{decision=\"deny\",reason=\"group-required\"}"
+                ),
+                1.0
+            );
+            assert_eq!(
+                metric_value(
+                    &m,
+                    "seg_identity_decisions_total{decision=\"deny\",reason=\"group-denied\"}"
+                ),
+                1.0
+            );
+        } else {
+            assert_eq!(
+                metric_value(
+                    &m,
+                    "seg_identity_decisions_total{decision=\"deny\",reason=\"group-required\"}"
+                ),
+                0.0
+            );
+        }
+        seg.stop().await;
+    }
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the member reached the upstream"
+    );
+}
