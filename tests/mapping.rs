@@ -8,10 +8,8 @@ mod support;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use seg::pki::LeafSpec;
-use support::lab::{
-    config_text, eas_target, metric_value, Client, Device, DirectoryRef, Pki, CA_AD_NAME,
-};
-use support::mapping_table::{rows, EmailForm, Expect, Row, State};
+use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
+use support::mapping_table::{rows, run_table, EmailForm, State};
 use support::slapd::{Slapd, SlapdOptions, TlsFiles, UserSpec};
 
 /// Golden strings: the exact altSecurityIdentities values for a known certificate, as an AD
@@ -163,88 +161,6 @@ async fn the_mapping_table_on_slapd() {
     });
     let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
     run_table(&pki, &directory, &table, &devices).await;
-}
-
-/// Starts seg once per enforcement mode and checks every row in both; reports every
-/// failing row at once.
-pub async fn run_table(pki: &Pki, directory: &DirectoryRef, table: &[Row], devices: &[Device]) {
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut failures = Vec::new();
-    for mode in ["full", "compatibility"] {
-        let template = config_text(pki, directory, upstream.addr, "");
-        let lab_mapping = "[mapping]\n# The issue-2 suites map by UPN and email too; strong-mapping enforcement has its own table.\nenforcement = \"compatibility\"\n";
-        assert!(
-            template.contains(lab_mapping),
-            "the lab config template changed:\n{template}"
-        );
-        let text = template.replace(
-            lab_mapping,
-            &format!(
-                "[mapping]\nenforcement = \"{mode}\"\nrules = [\"issuer-serial\", \"subject-key-id\", \"sha1-public-key\", \"issuer-sid\", \"issuer-subject\", \"subject\", \"rfc822\", \"upn\", \"email\", \"many-to-one\"]\n\n[[mapping.many_to_one]]\nname = \"kiosks\"\nissuer = \"{CA_AD_NAME}\"\naccount = \"kiosk-shared\"\n[mapping.many_to_one.subject]\nOU = \"Kiosk*\"\n"
-            ),
-        );
-        let path = pki.dir.write(&format!("table-{mode}.toml"), &text);
-        let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
-        let client = Client::new(seg.listen_addr, &pki.ca_path);
-        for (row, device) in table.iter().zip(devices) {
-            let expect = if mode == "full" { row.full } else { row.compat };
-            let before_upstream = upstream.requests().len();
-            let before = seg.metrics.render();
-            let response = client
-                .post(Some(device), &eas_target("Sync", row.account), &[])
-                .await;
-            let after = seg.metrics.render();
-            let status = match response {
-                Ok(r) => r.status,
-                Err(e) => {
-                    failures.push(format!("{mode} {}: no response ({e})", row.account));
-                    continue;
-                }
-            };
-            match expect {
-                Expect::Admit(account) => {
-                    let seen = upstream.requests();
-                    let identity = seen
-                        .get(before_upstream)
-                        .map(|r| r.header_values("x-remote-user").join(","));
-                    if status != 200
-                        || identity.as_deref() != Some(format!("{account}@corp.test").as_str())
-                    {
-                        failures.push(format!(
-                            "{mode} {}: expected admit as {account}, got {status} as {identity:?}",
-                            row.account
-                        ));
-                    }
-                }
-                Expect::Deny(reason) => {
-                    let sample = format!(
-                        "seg_identity_decisions_total{{decision=\"deny\",reason=\"{reason}\"}}"
-                    );
-                    let counted = metric_value(&after, &sample) - metric_value(&before, &sample);
-                    if status != 403
-                        || counted != 1.0
-                        || upstream.requests().len() != before_upstream
-                    {
-                        failures.push(format!("{mode} {}: expected 403 {reason}, got {status} (reason counted {counted})", row.account));
-                    }
-                }
-            }
-        }
-        seg.stop().await;
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        table.len() * 2,
-        failures.join("\n")
-    );
 }
 
 /// Required and denied groups by direct memberOf on slapd; the in-chain method, which slapd
