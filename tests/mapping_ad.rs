@@ -1,0 +1,209 @@
+//! The mapping table against a real Active Directory: a Samba AD DC provisioned for this
+//! run, its own objectSids, whenCreated, lockout and nested groups. One test function, so
+//! the DC is provisioned once (only one Samba DC can run on a machine).
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use seg::pki::LeafSpec;
+use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
+use support::mapping_table::{rows, run_table, EmailForm, Second, State};
+use support::samba::{Samba, SambaTls};
+
+fn start_samba(pki: &Pki) -> Samba {
+    let mut spec = LeafSpec::loopback_server();
+    spec.dns_names.push("dc1.corp.test".into());
+    let server = pki.ca.issue(&spec).expect("DC certificate");
+    Samba::start(SambaTls {
+        cert: pki.dir.write("dc1.pem", &server.cert_pem),
+        key: pki.dir.write("dc1.key", &server.key_pem),
+        ca: pki.ca_path.clone(),
+    })
+}
+
+#[tokio::test]
+async fn mapping_against_samba_ad() {
+    let pki = Pki::new();
+    let samba = start_samba(&pki);
+    let directory = DirectoryRef {
+        urls: vec![samba.ldaps_url()],
+        base_dn: samba.base_dn().to_string(),
+        bind_dn: samba.admin_dn(),
+        password: samba.admin_password().to_string(),
+    };
+
+    // Golden: what AD stores for altSecurityIdentities is found case-insensitively, in the
+    // exact forms seg writes.
+    samba.create_user("golden", "golden@corp.test");
+    let golden = format!("X509:<I>{CA_AD_NAME}<SR>0c000000000056282f83f958fccf0c00000062");
+    samba.set_attribute(&samba.dn_of("golden"), "altSecurityIdentities", &[&golden]);
+    let found = samba.search(
+        &format!("(altSecurityIdentities={})", golden.to_uppercase()),
+        &["sAMAccountName"],
+    );
+    assert!(
+        found.contains("sAMAccountName: golden"),
+        "AD did not match case-insensitively:\n{found}"
+    );
+
+    // Accounts first (AD assigns their SIDs and whenCreated), then certificates valid from
+    // now, so every account predates its certificate, except the row that says otherwise.
+    let table = rows();
+    let mut sids = Vec::new();
+    let mut young_certs = Vec::new();
+    for (index, row) in table.iter().enumerate() {
+        if row.created_after_cert {
+            // Issued before its account exists: compatibility mode's event 40.
+            let from = SystemTime::now() - Duration::from_secs(3600);
+            young_certs.push((index, from));
+        }
+        for (n, account) in row.accounts().into_iter().enumerate() {
+            if n == 0 && row.computer {
+                let dn = samba.create_computer(account, &format!("{account}.corp.test"));
+                samba.set_attribute(&dn, "userPrincipalName", &[&format!("{account}@corp.test")]);
+            } else {
+                samba.create_user(account, &format!("{account}@corp.test"));
+            }
+        }
+        let primary = row.accounts().first().map(|a| {
+            if row.computer {
+                format!("{a}$")
+            } else {
+                a.to_string()
+            }
+        });
+        sids.push(
+            primary
+                .map(|a| samba.object_sid(&a))
+                .unwrap_or_else(|| "S-1-5-21-1-2-3-4".into()),
+        );
+    }
+    let foreign_sid = samba.object_sid("golden");
+    std::thread::sleep(Duration::from_millis(1100));
+    let now = SystemTime::now();
+    let mut devices = Vec::new();
+    for (index, row) in table.iter().enumerate() {
+        let from = young_certs
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, f)| *f)
+            .unwrap_or(now);
+        let device = pki.device(row.leaf(index, &sids[index], &foreign_sid, Some(from)));
+        if row.has_account && !row.computer {
+            let dn = samba.dn_of(row.account);
+            let values = row.binding_values(index, &device, &sids[index]);
+            if !values.is_empty() {
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                samba.set_attribute(&dn, "altSecurityIdentities", &refs);
+            }
+            match row.email {
+                Some(EmailForm::Mail) => {
+                    samba.set_attribute(&dn, "mail", &[&format!("{}@corp.test", row.account)])
+                }
+                Some(EmailForm::ProxyAddress) => samba.set_attribute(
+                    &dn,
+                    "proxyAddresses",
+                    &[&format!("SMTP:{}@corp.test", row.account)],
+                ),
+                None => {}
+            }
+            match row.state {
+                State::Normal => {}
+                State::Disabled => samba.disable(row.account),
+                State::Expired => samba.set_expired(row.account),
+                State::Locked => samba.set_locked(row.account),
+            }
+        }
+        if let Second::Twin(twin) = row.second {
+            let values = row.second_binding_values(index, &device, &sids[index]);
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            samba.set_attribute(&samba.dn_of(twin), "altSecurityIdentities", &refs);
+        }
+        devices.push(device);
+    }
+    run_table(&pki, &directory, &table, &devices).await;
+
+    group_policy(&pki, &samba, &directory).await;
+}
+
+/// Nested groups through the in-chain rule and tokenGroups, as only AD evaluates them.
+async fn group_policy(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
+    let outer = samba.create_group("EAS Users");
+    let inner = samba.create_group("EAS Phones");
+    let blocked = samba.create_group("EAS Blocked");
+    samba.add_member("EAS Users", "EAS Phones");
+    let mut devices = Vec::new();
+    for (index, (sam, groups)) in [
+        ("nested", vec!["EAS Phones"]),
+        ("outsider", vec![]),
+        ("barred", vec!["EAS Phones", "EAS Blocked"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        samba.create_user(sam, &format!("{sam}@corp.test"));
+        for g in groups {
+            samba.add_member(g, sam);
+        }
+        let serial = [0x44, index as u8, 0x55, 0x66];
+        let mut reversed = serial.to_vec();
+        reversed.reverse();
+        let value = format!("X509:<I>{CA_AD_NAME}<SR>{}", seg::identity::hex(&reversed));
+        samba.set_attribute(&samba.dn_of(sam), "altSecurityIdentities", &[&value]);
+        devices.push(pki.device(LeafSpec::device(sam).serial(&serial)));
+    }
+    let direct = samba.search_scoped(
+        &samba.dn_of("nested"),
+        "base",
+        "(objectClass=*)",
+        &["memberOf"],
+    );
+    assert!(
+        !direct.to_lowercase().contains("cn=eas users"),
+        "nesting must not be direct:\n{direct}"
+    );
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for (method, expected) in [
+        ("in-chain", [200, 403, 403]),
+        ("token-groups", [200, 403, 403]),
+        // Direct memberOf does not see the nesting: the nested member is refused.
+        ("member-of", [403, 403, 403]),
+    ] {
+        let extra = format!(
+            "[account]\nrequired_groups = [\"{outer}\"]\ndenied_groups = [\"{blocked}\"]\ngroup_method = \"{method}\"\n"
+        );
+        let path = pki.dir.write(
+            &format!("ad-groups-{method}.toml"),
+            &config_text(pki, directory, upstream.addr, &extra),
+        );
+        let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        let client = Client::new(seg.listen_addr, &pki.ca_path);
+        for (device, status) in devices.iter().zip(expected) {
+            let response = client
+                .post(Some(device), &eas_target("Sync", &device.name), &[])
+                .await
+                .unwrap();
+            assert_eq!(response.status, status, "{method} {}", device.name);
+        }
+        let m = seg.metrics.render();
+        let denied = metric_value(
+            &m,
+            "seg_identity_decisions_total{decision=\"deny\",reason=\"group-denied\"}",
+        );
+        if method != "member-of" {
+            assert_eq!(
+                denied, 1.0,
+                "{method}: the barred user is refused for the denied group"
+            );
+        }
+        seg.stop().await;
+    }
+    let _ = inner;
+}
