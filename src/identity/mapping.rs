@@ -506,6 +506,73 @@ pub fn generalized_time_unix(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::{CertAuthority, LeafSpec};
+
+    fn facts(spec: LeafSpec) -> CertFacts {
+        let ca = CertAuthority::new("Unit", "Unit CA").unwrap();
+        CertFacts::from_der(&ca.issue(&spec).unwrap().der).unwrap()
+    }
+
+    fn config(rules: &[MappingRule]) -> MappingConfig {
+        MappingConfig {
+            rules: rules.to_vec(),
+            enforcement: Enforcement::Full,
+            many_to_one: vec![],
+        }
+    }
+
+    fn account(dn: &str, classes: &[&str]) -> AccountEntry {
+        AccountEntry {
+            dn: dn.into(),
+            object_classes: classes.iter().map(|c| c.to_string()).collect(),
+            user_principal_name: Some("a@corp.test".into()),
+            dns_host_name: Some("pc1.corp.test".into()),
+            object_sid: crate::identity::sid_from_text("S-1-5-21-1-2-3-500"),
+            ..AccountEntry::default()
+        }
+    }
+
+    #[test]
+    fn conflicting_certificate_sids_refuse() {
+        let f = facts(
+            LeafSpec::device("a")
+                .upn("a@corp.test")
+                .sid_extension("S-1-5-21-1-2-3-500")
+                .sid_uri("S-1-5-21-1-2-3-501"),
+        );
+        let plan = MappingPlan::new(&f, &config(&[MappingRule::Upn]));
+        let entries = [account("CN=a", &["user"])];
+        let verdict = decide(&f, &plan, &entries, Enforcement::Compatibility);
+        assert_eq!(verdict.outcome.unwrap_err().0, DenyReason::SidMismatch);
+    }
+
+    #[test]
+    fn the_dns_rule_maps_computers_only() {
+        let mut spec = LeafSpec::device("pc1");
+        spec.dns_names.push("pc1.corp.test".into());
+        let f = facts(spec);
+        let plan = MappingPlan::new(&f, &config(&[MappingRule::Dns]));
+        assert!(plan.lookup.user.is_empty());
+        assert_eq!(plan.lookup.computer.len(), 1);
+        let user = [account("CN=u", &["user"])];
+        let verdict = decide(&f, &plan, &user, Enforcement::Compatibility);
+        assert_eq!(verdict.outcome.unwrap_err().0, DenyReason::NoMapping);
+        let mut computer = account("CN=pc1", &["user", "computer"]);
+        computer.when_created = Some("20000101000000.0Z".into());
+        let verdict = decide(&f, &plan, &[computer], Enforcement::Compatibility);
+        assert_eq!(verdict.outcome.unwrap().account.dn, "CN=pc1");
+    }
+
+    #[test]
+    fn a_full_search_is_ambiguous() {
+        let f = facts(LeafSpec::device("a").upn("a@corp.test"));
+        let plan = MappingPlan::new(&f, &config(&[MappingRule::Upn]));
+        let entries: Vec<_> = (0..SEARCH_LIMIT)
+            .map(|i| account(&format!("CN={i}"), &["user"]))
+            .collect();
+        let verdict = decide(&f, &plan, &entries, Enforcement::Compatibility);
+        assert_eq!(verdict.outcome.unwrap_err().0, DenyReason::AmbiguousMapping);
+    }
 
     #[test]
     fn globs() {
