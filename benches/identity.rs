@@ -3,8 +3,9 @@
 //! - `cache_hit_identity`: a known device reconnecting. `fingerprint_and_resolve` is what the
 //!   listener pays per connection (SHA-256 of the leaf DER, then a warm-cache
 //!   `Resolver::resolve`); `resolve_only` is the cache read alone.
-//! - `cold_mapping`: the CPU part of a cache miss without the directory: the certificate
-//!   parsed into `CertFacts` and the lookup filter of every mapping rule built.
+//! - `cold_mapping`: the CPU part of a cache miss before the directory is asked: the
+//!   certificate parsed into `CertFacts`, every mapping rule's conditions gathered into the one
+//!   `Lookup` (`MappingPlan`) and its LDAP filter written.
 //! - `header_hygiene`: `HeaderPolicy::apply` on a realistic ActiveSync request (the map is
 //!   cloned inside each iteration, so the figure includes one clone).
 //!
@@ -19,7 +20,7 @@ use http::{HeaderMap, HeaderValue};
 
 use seg::config::Config;
 use seg::directory::Directory;
-use seg::identity::{CertFacts, CertFingerprint, MappingRule};
+use seg::identity::{CertFacts, CertFingerprint, MappingPlan, MappingRule};
 use seg::metrics::Metrics;
 use seg::pki::{CertAuthority, LeafSpec};
 use seg::proxy::HeaderPolicy;
@@ -41,9 +42,15 @@ userPrincipalName: alice@corp.test
 mail: alice@corp.test
 userAccountControl: 512
 accountExpires: 0
+objectSid:: AQUAAAAAAAUVAAAA6AMAANAHAAC4CwAAUAQAAA==
 ";
 
-/// A minimal configuration, read by the real parser so every default is the shipped one.
+/// The objectSid above: alice's certificate carries it (the KB5014754 SID extension), which
+/// makes her UPN mapping strong under the default full enforcement.
+const ALICE_SID: &str = "S-1-5-21-1000-2000-3000-1104";
+
+/// A minimal configuration, read by the real parser so every default (mapping rules and
+/// enforcement, cache, account policy) is the shipped one.
 const CONFIG: &str = r#"
 [listen]
 address = "127.0.0.1:0"
@@ -55,9 +62,6 @@ client_ca = "ca.pem"
 
 [directory]
 ldif_file = "directory.ldif"
-
-[mapping]
-rules = ["upn", "issuer-serial", "subject-key-id", "email"]
 
 [identity]
 header = "X-Remote-User"
@@ -85,7 +89,11 @@ impl Fixture {
         let ca = CertAuthority::new("seg bench", "seg bench CA").expect("CA");
         let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
         let leaf = ca
-            .issue(&LeafSpec::device("alice").upn("alice@corp.test"))
+            .issue(
+                &LeafSpec::device("alice")
+                    .upn("alice@corp.test")
+                    .sid_extension(ALICE_SID),
+            )
             .expect("device cert");
         for (name, text) in [
             ("ca.pem", ca.cert_pem()),
@@ -101,6 +109,7 @@ impl Fixture {
         let resolver = Arc::new(Resolver::new(
             Arc::new(directory),
             &config.mapping,
+            &config.account,
             &config.identity,
             &config.cache,
             Arc::new(Metrics::new()),
@@ -155,16 +164,13 @@ fn cache_hit_identity(c: &mut Criterion, fixture: &Fixture) {
 
 fn cold_mapping(c: &mut Criterion, fixture: &Fixture) {
     let der = fixture.leaf_der.as_slice();
+    // Every rule the gateway knows, not only the default ones.
+    let mut mapping = fixture.config.mapping.clone();
+    mapping.rules = MappingRule::ALL.to_vec();
     c.bench_function("cold_mapping", |b| {
         b.iter(|| {
             let facts = CertFacts::from_der(black_box(der)).expect("facts");
-            let mut filters = Vec::with_capacity(MappingRule::ALL.len());
-            for rule in MappingRule::ALL {
-                if let Ok(lookup) = rule.lookup(&facts) {
-                    filters.push(lookup.filter());
-                }
-            }
-            filters
+            MappingPlan::new(&facts, &mapping).lookup.filter()
         })
     });
 }

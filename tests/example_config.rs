@@ -4,8 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use seg::config::{Config, DirectoryConfig, IdentityValue, MIN_REQUEST_TIMEOUT};
-use seg::identity::MappingRule;
+use seg::config::{
+    Config, DirectoryConfig, Enforcement, GroupMethod, IdentityValue, MIN_REQUEST_TIMEOUT,
+};
+use seg::identity::{CertFacts, MappingRule};
+use seg::pki::{CertAuthority, LeafSpec};
 
 const EXAMPLE: &str = include_str!("../config/seg.example.toml");
 
@@ -108,12 +111,23 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
     assert_eq!(
         config.mapping.rules,
         [
-            MappingRule::Upn,
             MappingRule::IssuerSerial,
             MappingRule::SubjectKeyId,
+            MappingRule::Sha1PublicKey,
+            MappingRule::IssuerSid,
+            MappingRule::Upn,
             MappingRule::Email
         ]
     );
+    assert_eq!(config.mapping.enforcement, Enforcement::Full);
+    assert!(config.mapping.many_to_one.is_empty());
+    assert_eq!(
+        config.account.lockout_duration,
+        Duration::from_secs(30 * 60)
+    );
+    assert!(config.account.required_groups.is_empty());
+    assert!(config.account.denied_groups.is_empty());
+    assert_eq!(config.account.group_method, GroupMethod::InChain);
     assert_eq!(config.identity.header.as_str(), "x-remote-user");
     assert_eq!(config.identity.value, IdentityValue::Upn);
     assert_eq!(config.identity.netbios_domain, None);
@@ -156,6 +170,7 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
         base_dn = "DC=corp,DC=example"
         bind_dn = "CN=svc-seg,DC=corp,DC=example"
         bind_password_file = "{root}/bind-password"
+        ca_file = "{root}/ad-ca.pem"
         [upstream]
         url = "http://exchange.corp.example"
         "#
@@ -200,8 +215,25 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
         "[cache] bounds"
     );
     assert_eq!(
-        config.mapping.rules, defaults.mapping.rules,
-        "[mapping] rules"
+        (&config.mapping.rules, config.mapping.enforcement),
+        (&defaults.mapping.rules, defaults.mapping.enforcement),
+        "[mapping]"
+    );
+    let (a, d) = (&config.account, &defaults.account);
+    assert_eq!(
+        (
+            a.lockout_duration,
+            &a.required_groups,
+            &a.denied_groups,
+            a.group_method
+        ),
+        (
+            d.lockout_duration,
+            &d.required_groups,
+            &d.denied_groups,
+            d.group_method
+        ),
+        "[account]"
     );
     let (i, d) = (&config.identity, &defaults.identity);
     assert_eq!(
@@ -264,24 +296,27 @@ fn the_commented_ldif_alternative_is_accurate() {
 }
 
 /// Each key name `src/config.rs` reads through its `Section` helpers appears in the example,
-/// set or in a comment, so a key added to the code without documentation fails here.
+/// set, in a comment or as a table header, so a key added to the code without documentation
+/// fails here.
 #[test]
 fn every_key_read_by_config_rs_is_documented() {
     let source_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config.rs");
     let source = std::fs::read_to_string(&source_path).expect("read src/config.rs");
+    // Any receiver (`s.`, `t.`, `root.`): the helper name and a literal key are what count.
     let helpers = [
-        "s.socket_addr(\"",
-        "s.duration(\"",
-        "s.integer(\"",
-        "s.file(\"",
-        "s.optional_file(\"",
-        "s.boolean(\"",
-        "s.string(\"",
-        "s.optional_string(\"",
-        "s.required_string(\"",
-        "s.string_list(\"",
-        "s.has(\"",
-        "root.section(\"",
+        ".socket_addr(\"",
+        ".duration(\"",
+        ".integer(\"",
+        ".file(\"",
+        ".optional_file(\"",
+        ".boolean(\"",
+        ".string(\"",
+        ".optional_string(\"",
+        ".required_string(\"",
+        ".string_list(\"",
+        ".has(\"",
+        ".section(\"",
+        ".table_list(\"",
     ];
     let mut keys = Vec::new();
     for helper in helpers {
@@ -293,15 +328,33 @@ fn every_key_read_by_config_rs_is_documented() {
     }
     keys.sort();
     keys.dedup();
+    for expected in [
+        "enforcement",
+        "many_to_one",
+        "subject",
+        "group_method",
+        "ca_file",
+    ] {
+        assert!(
+            keys.contains(&expected.to_string()),
+            "the scan of src/config.rs missed {expected:?} ({keys:?}); have the Section helpers been renamed? update this test"
+        );
+    }
     assert!(
-        keys.len() >= 40,
+        keys.len() >= 50,
         "found only {} key names in src/config.rs ({keys:?}); have the Section helpers been renamed? update this test",
         keys.len()
     );
     let documented = |key: &str| {
         EXAMPLE.lines().any(|line| {
             let line = line.trim_start().trim_start_matches('#').trim_start();
-            line.starts_with(&format!("[{key}]")) || line.starts_with(&format!("{key} ="))
+            let is_table_named_key = line.starts_with('[')
+                && line
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .rsplit('.')
+                    .next()
+                    == Some(key);
+            is_table_named_key || line.starts_with(&format!("{key} ="))
         })
     };
     let missing: Vec<&String> = keys.iter().filter(|k| !documented(k)).collect();
@@ -309,4 +362,197 @@ fn every_key_read_by_config_rs_is_documented() {
         missing.is_empty(),
         "keys read by src/config.rs but absent from config/seg.example.toml: {missing:?}"
     );
+}
+
+/// The commented `[[mapping.many_to_one]]` example, uncommented, is what its comments say:
+/// refused without the rule, accepted with it, and its patterns match the certificates they
+/// are meant for.
+#[test]
+fn the_commented_many_to_one_example_is_accurate() {
+    let dir = TempDir::new("example-many-to-one");
+    let text = example_with_placeholders(&dir.0);
+    let block = commented_block(&text, "# [[mapping.many_to_one]]");
+    assert!(
+        block.len() >= 6,
+        "the many-to-one example is shorter than expected: {block:#?}"
+    );
+    let uncommented: Vec<String> = block
+        .iter()
+        .map(|l| l.trim_start_matches('#').trim_start().to_string())
+        .collect();
+    let with_tables = text.replacen(&block.join("\n"), &uncommented.join("\n"), 1);
+
+    let err = Config::parse(&with_tables, &dir.0, "seg.example.toml")
+        .expect_err("tables without the many-to-one rule are refused");
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["mapping.rules"], "{err}");
+
+    let rules_line = with_tables
+        .lines()
+        .find(|l| l.starts_with("rules = ["))
+        .expect("the example sets mapping.rules");
+    let enabled = with_tables.replacen(
+        rules_line,
+        &rules_line.replacen("rules = [", "rules = [\"many-to-one\", ", 1),
+        1,
+    );
+    let config = match Config::parse(&enabled, &dir.0, "seg.example.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("the uncommented many-to-one example does not parse:\n{e}"),
+    };
+    assert_eq!(config.mapping.rules[0], MappingRule::ManyToOne);
+    let [rule] = config.mapping.many_to_one.as_slice() else {
+        panic!(
+            "one many-to-one table expected: {:?}",
+            config.mapping.many_to_one
+        );
+    };
+    assert_eq!(rule.name, "kiosks");
+    assert_eq!(rule.issuer, "DC=example,DC=corp,CN=Corp Issuing CA");
+    assert_eq!(rule.account, "svc-kiosk");
+
+    // The same patterns against real certificates, with the issuer of a throwaway CA.
+    let ca = CertAuthority::new("Corp", "Corp Issuing CA").expect("ca");
+    let facts =
+        |spec: LeafSpec| CertFacts::from_der(&ca.issue(&spec).expect("issue").der).expect("facts");
+    let kiosk = facts(LeafSpec::device("Kiosk-017").organizational_unit("kiosks"));
+    let mut rule = rule.clone();
+    rule.issuer = kiosk.issuer_ad.to_ascii_lowercase();
+    assert!(
+        rule.applies_to(&kiosk),
+        "case-insensitive issuer, labels and globs"
+    );
+    let phone = facts(LeafSpec::device("kiosk-018").organizational_unit("Phones"));
+    assert!(!rule.applies_to(&phone), "every subject pattern must match");
+    let no_ou = facts(LeafSpec::device("kiosk-019"));
+    assert!(
+        !rule.applies_to(&no_ou),
+        "a missing attribute does not match"
+    );
+    let other_ca = CertAuthority::new("Corp", "Other CA").expect("ca");
+    let elsewhere = CertFacts::from_der(
+        &other_ca
+            .issue(&LeafSpec::device("kiosk-017").organizational_unit("Kiosks"))
+            .expect("issue")
+            .der,
+    )
+    .expect("facts");
+    assert!(
+        !rule.applies_to(&elsewhere),
+        "another issuer does not match"
+    );
+}
+
+/// The constraints the example's comments state are the code's.
+#[test]
+fn the_documented_constraints_hold() {
+    let dir = TempDir::new("example-constraints");
+    let text = example_with_placeholders(&dir.0);
+    let problems_with = |from: &str, to: &str| -> Vec<(String, String)> {
+        assert!(
+            text.contains(from),
+            "the example no longer contains {from:?}"
+        );
+        match Config::parse(&text.replacen(from, to, 1), &dir.0, "seg.example.toml") {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
+        }
+    };
+    let keys = |problems: Vec<(String, String)>| -> Vec<String> {
+        problems.into_iter().map(|(k, _)| k).collect()
+    };
+
+    // directory.ca_file: required with ldaps:// (and with starttls).
+    let ca_line = text
+        .lines()
+        .find(|l| l.starts_with("ca_file = ") && l.contains("ad-ca.pem"))
+        .expect("the example sets directory.ca_file")
+        .to_string();
+    assert_eq!(keys(problems_with(&ca_line, "")), ["directory.ca_file"]);
+    let starttls_only = text
+        .replacen(&ca_line, "", 1)
+        .replace("ldaps://", "ldap://")
+        .replacen("starttls = false", "starttls = true", 1);
+    let err = Config::parse(&starttls_only, &dir.0, "seg.example.toml")
+        .expect_err("starttls without ca_file is refused");
+    let starttls_keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(starttls_keys, ["directory.ca_file"]);
+
+    // Zero durations are refused.
+    let zero = problems_with("handshake_timeout = \"10s\"", "handshake_timeout = \"0s\"");
+    assert_eq!(
+        zero,
+        [(
+            "listen.handshake_timeout".to_string(),
+            "must be longer than zero".to_string()
+        )]
+    );
+    assert_eq!(
+        keys(problems_with(
+            "lockout_duration = \"30m\"",
+            "lockout_duration = \"0m\""
+        )),
+        ["account.lockout_duration"]
+    );
+
+    // The documented values of enforcement and group_method, and nothing else.
+    assert!(problems_with("enforcement = \"full\"", "enforcement = \"compatibility\"").is_empty());
+    assert_eq!(
+        keys(problems_with(
+            "enforcement = \"full\"",
+            "enforcement = \"audit\""
+        )),
+        ["mapping.enforcement"]
+    );
+    for method in ["token-groups", "member-of"] {
+        assert!(
+            problems_with(
+                "group_method = \"in-chain\"",
+                &format!("group_method = \"{method}\"")
+            )
+            .is_empty(),
+            "{method}"
+        );
+    }
+    assert_eq!(
+        keys(problems_with(
+            "group_method = \"in-chain\"",
+            "group_method = \"nested\""
+        )),
+        ["account.group_method"]
+    );
+
+    // Every rule the comments list is a rule name the code knows, and the reverse.
+    let mapping = &text
+        [text.find("[mapping]").expect("[mapping]")..text.find("[account]").expect("[account]")];
+    for rule in MappingRule::ALL {
+        assert!(
+            mapping.contains(&format!("#   {} ", rule.name())),
+            "rule {} is not described in the [mapping] comments",
+            rule.name()
+        );
+    }
+}
+
+/// The lines from the one starting with `first` that are commented-out TOML (`# key = …`,
+/// `# [table]`), up to the first line that is not.
+fn commented_block<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(first));
+    let mut block: Vec<&str> = lines.next().into_iter().collect();
+    assert!(!block.is_empty(), "no line starts with {first:?}");
+    for line in lines {
+        let Some(rest) = line.strip_prefix("# ") else {
+            break;
+        };
+        let key = rest.split(" = ").next().unwrap_or("");
+        let is_toml = rest.starts_with('[')
+            || (rest.contains(" = ")
+                && !key.is_empty()
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        if !is_toml {
+            break;
+        }
+        block.push(line);
+    }
+    block
 }

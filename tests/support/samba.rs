@@ -26,7 +26,7 @@
 //! * [`Samba::ldaps_url`], [`Samba::base_dn`], [`Samba::admin_dn`],
 //!   [`Samba::admin_password`], [`Samba::ca_file`], [`Samba::krb5_conf`],
 //!   [`Samba::dir`], [`Samba::log`]
-//! * [`Samba::create_user`] (password [`USER_PASSWORD`]),
+//! * [`Samba::create_user`] (password [`USER_PASSWORD`]), [`Samba::create_users`],
 //!   [`Samba::create_computer`], [`Samba::create_group`],
 //!   [`Samba::add_member`], [`Samba::dn_of`], [`Samba::object_sid`]
 //! * [`Samba::modify`], [`Samba::set_attribute`], [`Samba::disable`],
@@ -65,16 +65,46 @@
 //! * Without `-s seed.conf`, provisioning copies /etc/samba/smb.conf. The
 //!   generated smb.conf still puts the pid file and sockets under /run/samba;
 //!   `start` moves them into `DIR/run/`.
-//! * Subtree searches from `DC=corp,DC=test` return search result references
-//!   (to `CN=Configuration,DC=corp,DC=test` etc.) next to the entries;
-//!   `ldapsearch -LLL` prints each as a line `# refldaps://corp.test/<DN>`.
-//!   A client must ignore them, not chase them.
+//! * Subtree searches from `DC=corp,DC=test` return one search result
+//!   reference, `ldaps://corp.test/CN=Configuration,DC=corp,DC=test`, next
+//!   to the entries (none from `CN=Users,...`); `ldapsearch -LLL` prints it
+//!   as a line `# refldaps://corp.test/CN=Configuration,DC=corp,DC=test`
+//!   followed by a blank line ([`strip_references`] removes both). A client
+//!   must ignore references, not chase them. Entries come back unsorted and
+//!   attributes in Samba's stored order, not the requested one.
+//! * `tokenGroups` (binary SIDs of every group, transitively, plus the
+//!   primary group `...-513` and `S-1-5-32-545` Users) is only returned by a
+//!   base-scope search; a subtree search asking for it fails with
+//!   `Operations error (1)`, "Cannot provide tokenGroups attribute, this is
+//!   not a BASE search". Direct `memberOf` lists neither the primary group
+//!   nor nested groups. The in-chain rule
+//!   `(memberOf:1.2.840.113556.1.4.1941:=<group DN>)` matches nested groups
+//!   as well as users: add `(objectClass=user)`/`(objectCategory=person)`.
+//! * `altSecurityIdentities`, `mail` and `userPrincipalName` match
+//!   case-insensitively (equality and substring).
+//! * `lockoutTime` can be written directly (real AD only accepts 0): the
+//!   account then shows bit 16 in `msDS-User-Account-Control-Computed`, not in
+//!   `userAccountControl`, and its binds fail with 49 `data 775`; writing 0
+//!   unlocks. An expired `accountExpires` shows in neither attribute: a
+//!   client must compare it with the clock. LDAP-created users get
+//!   `accountExpires: 9223372036854775807` (never).
+//! * Samba answers a bind but not the WhoAmI extended operation
+//!   (`ldapwhoami` fails with protocol error 2 after a successful bind); test
+//!   a password with `ldapsearch` instead.
 //! * Default password policy: complexity on, so passwords need three
 //!   character classes. `unicodePwd` can only be written over an encrypted
 //!   connection, as the quoted password in UTF-16LE.
-//! * `samba-tool` starts Python each time (~0.5 s per call); an LDAP add is
-//!   ~10x faster, which is why users, groups and computers are created over
-//!   LDAPS. `samba-tool computer create` makes a *disabled* account
+//! * Speed: provisioning 4-6 s, samba answering 0.5 s after it starts, so
+//!   `start` takes ~5 s (8-14 s on a machine busy compiling). Every helper
+//!   call is one `ldapsearch`/`ldapmodify` process with its own TLS handshake
+//!   and bind, 25-50 ms; a user costs ~25 ms more for hashing its password
+//!   into Kerberos keys ([`Samba::create_users`] loads many in one process,
+//!   ~22-30 ms per user). `ldb:nosync = true` (Samba's own test-suite
+//!   setting) is set: without it every write is fsynced and an add without
+//!   password took 63 ms instead of 5 ms of server time.
+//! * `samba-tool` starts Python each time (~0.5 s per call), which is why
+//!   users, groups and computers are created over LDAPS instead.
+//!   `samba-tool computer create` makes a *disabled* account
 //!   (`userAccountControl: 4098`) without `dNSHostName`.
 //! * A long bulk load blocks the single-process server, its KDC included.
 //!   Keep it to a few hundred users.
