@@ -109,6 +109,56 @@ pub enum Enforcement {
     Compatibility,
 }
 
+impl Enforcement {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Enforcement::Full => "full",
+            Enforcement::Compatibility => "compatibility",
+        }
+    }
+}
+
+impl GroupMethod {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupMethod::InChain => "in-chain",
+            GroupMethod::TokenGroups => "token-groups",
+            GroupMethod::MemberOf => "member-of",
+        }
+    }
+}
+
+impl IdentityValue {
+    /// The configuration spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentityValue::Upn => "upn",
+            IdentityValue::DomainSam => "domain-sam",
+            IdentityValue::Sam => "sam",
+        }
+    }
+}
+
+/// Subject labels a many-to-one pattern may name (the Windows spellings `ad_dn` writes).
+const SUBJECT_LABELS: [&str; 14] = [
+    "CN",
+    "OU",
+    "O",
+    "L",
+    "S",
+    "C",
+    "STREET",
+    "SERIALNUMBER",
+    "T",
+    "G",
+    "SN",
+    "DC",
+    "UID",
+    "E",
+];
+
 /// Certificates from one issuer whose subject fields match patterns → one named account.
 #[derive(Debug, Clone)]
 pub struct ManyToOneRule {
@@ -269,14 +319,14 @@ impl Config {
         };
         let rules: Vec<&str> = self.mapping.rules.iter().map(|r| r.name()).collect();
         format!(
-            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {} (enforcement {:?})\nidentity    header {} = {:?}\nupstream    {}{}\nadmin       {}\n",
+            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {} (enforcement {})\nidentity    header {} = {}\nupstream    {}{}\nadmin       {}\n",
             self.listen.address,
             self.tls.client_ca.display(),
             directory,
             rules.join(" → "),
-            self.mapping.enforcement,
+            self.mapping.enforcement.name(),
             self.identity.header,
-            self.identity.value,
+            self.identity.value.name(),
             self.upstream.url,
             if self.upstream.path_prefix.is_empty() {
                 String::new()
@@ -375,7 +425,25 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         let name = t.required_string("name", p).unwrap_or_default();
         let issuer = t.required_string("issuer", p).unwrap_or_default();
         let account = t.required_string("account", p).unwrap_or_default();
+        let subject_key = t.key("subject");
         let subject = t.section("subject", p).string_pairs(p);
+        if subject.is_empty() {
+            p.push(
+                &subject_key,
+                "needs at least one pattern (for example OU = \"Kiosks\"); an empty one would match every certificate of the issuer",
+            );
+        }
+        for (label, _) in &subject {
+            if !SUBJECT_LABELS.contains(&label.as_str()) {
+                p.push(
+                    &format!("{subject_key}.{label}"),
+                    &format!(
+                        "unknown subject label; one of {}",
+                        SUBJECT_LABELS.join(", ")
+                    ),
+                );
+            }
+        }
         many_to_one.push(ManyToOneRule {
             name,
             issuer,
@@ -436,6 +504,16 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     };
     s.finish(p);
 
+    let has_groups = !account.required_groups.is_empty() || !account.denied_groups.is_empty();
+    if has_groups
+        && account.group_method != GroupMethod::MemberOf
+        && matches!(directory, Some(DirectoryConfig::Ldif { .. }))
+    {
+        p.push(
+            "account.group_method",
+            "the LDIF directory evaluates direct memberOf only: set group_method = \"member-of\"",
+        );
+    }
     Some(Config {
         listen,
         tls,
@@ -886,6 +964,31 @@ mod tests {
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("5 minutes"), None);
         assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+
+    #[test]
+    fn many_to_one_rules_are_checked() {
+        let text = r#"
+            [mapping]
+            rules = ["many-to-one"]
+            [[mapping.many_to_one]]
+            name = "kiosks"
+            issuer = "O=Corp,CN=Corp CA"
+            account = "kiosk"
+            [mapping.many_to_one.subject]
+            ST = "Bavaria"
+            [[mapping.many_to_one]]
+            name = "empty"
+            issuer = "O=Corp,CN=Corp CA"
+            account = "kiosk"
+        "#;
+        let err = Config::parse(text, Path::new("/"), "test.toml").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.contains(&"mapping.many_to_one[0].subject.ST"),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"mapping.many_to_one[1].subject"), "{keys:?}");
     }
 
     #[test]

@@ -60,7 +60,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // `run` and `demo` log to stdout with the audit records; the one-shot commands keep
+    // stdout for their answer (JSON from `seg map`) and log to stderr.
+    init_logging(matches!(
+        cli.command,
+        Command::Run { .. } | Command::Demo { .. }
+    ));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -88,14 +93,18 @@ fn main() -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn init_logging() {
+fn init_logging(to_stdout: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SEG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
-        .with_current_span(false)
-        .init();
+        .with_current_span(false);
+    if to_stdout {
+        builder.init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, i32> {

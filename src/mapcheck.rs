@@ -174,7 +174,7 @@ impl MapReport {
             let _ = writeln!(out, "  SID        {sids}");
         }
         if let Some(enforcement) = self.trace.enforcement {
-            let _ = writeln!(out, "enforcement  {enforcement:?}");
+            let _ = writeln!(out, "enforcement  {}", enforcement.name());
         }
         if let Some(filter) = &self.trace.filter {
             let _ = writeln!(out, "LDAP filter  {filter}");

@@ -374,7 +374,8 @@ impl Resolver {
                 },
                 passed,
                 detail: format!(
-                    "{group} ({method:?}): {}",
+                    "{group} ({}): {}",
+                    method.name(),
                     if member { "member" } else { "not a member" }
                 ),
             });

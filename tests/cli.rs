@@ -103,7 +103,7 @@ fn a_good_config_is_summarised() {
     assert!(stdout.contains("configuration is valid"), "{stdout}");
     assert!(
         stdout.contains(
-            "issuer-serial → subject-key-id → sha1-public-key → issuer-sid → upn → email (enforcement Compatibility)"
+            "issuer-serial → subject-key-id → sha1-public-key → issuer-sid → upn → email (enforcement compatibility)"
         ),
         "{stdout}"
     );
@@ -181,7 +181,7 @@ fn map_explains_each_decision_against_the_directory() {
     for fact in [
         "chain        valid",
         "UPN        dave@corp.test",
-        "enforcement  Compatibility",
+        "enforcement  compatibility",
         "LDAP filter  (&(objectClass=user)(!(objectClass=computer))(|",
         "1. issuer-serial (strong)",
         "5. upn (weak)",

@@ -119,7 +119,8 @@ impl LdapDirectory {
             .await?;
         if !is_ad {
             return Err(DirectoryError::Setup(format!(
-                "account.group_method = {method:?} needs Active Directory, and this directory does not announce it (use \"member-of\")"
+                "account.group_method = \"{}\" needs Active Directory, and this directory does not announce it (use \"member-of\")",
+                method.name()
             )));
         }
         match method {

@@ -21,7 +21,7 @@ use crate::config::{DirectoryConfig, GroupMethod};
 pub fn dn_eq(a: &str, b: &str) -> bool {
     let norm = |s: &str| {
         s.split(',')
-            .map(|part| part.trim().to_ascii_lowercase())
+            .map(|part| part.trim().to_lowercase())
             .collect::<Vec<_>>()
     };
     norm(a) == norm(b)
@@ -148,7 +148,11 @@ impl AccountEntry {
     /// Whether the attribute holds the value, compared case-insensitively as AD does for
     /// these (Unicode string) attributes.
     pub fn has_value(&self, attribute: &str, value: &str) -> bool {
-        let eq = |v: &String| v.eq_ignore_ascii_case(value);
+        // AD ignores case for all of Unicode; the ASCII test answers most comparisons.
+        let eq = |v: &String| {
+            v.eq_ignore_ascii_case(value)
+                || (!v.is_ascii() && v.to_lowercase() == value.to_lowercase())
+        };
         match attribute.to_ascii_lowercase().as_str() {
             "altsecurityidentities" => self.alt_security_identities.iter().any(eq),
             "userprincipalname" => self.user_principal_name.iter().any(eq),

@@ -246,9 +246,10 @@ fn strip_sign_byte(serial: &[u8]) -> &[u8] {
 /// first) order, Windows attribute names, values quoted when they hold a separator.
 pub fn ad_dn(name: &X509Name<'_>) -> String {
     let mut out = String::new();
-    for (label, value) in dn_fields(name) {
+    for (label, value, first_in_rdn) in dn_attributes(name) {
         if !out.is_empty() {
-            out.push(',');
+            // Attributes of one multi-valued RDN are joined with '+', RDNs with ','.
+            out.push(if first_in_rdn { ',' } else { '+' });
         }
         out.push_str(&label);
         out.push('=');
@@ -265,9 +266,17 @@ pub fn ad_dn(name: &X509Name<'_>) -> String {
 
 /// The attributes of a DN as (Windows label, value), most significant first.
 fn dn_fields(name: &X509Name<'_>) -> Vec<(String, String)> {
+    dn_attributes(name)
+        .into_iter()
+        .map(|(label, value, _)| (label, value))
+        .collect()
+}
+
+/// (Windows label, value, first attribute of its RDN), most significant first.
+fn dn_attributes(name: &X509Name<'_>) -> Vec<(String, String, bool)> {
     let mut fields = Vec::new();
     for rdn in name.iter() {
-        for attr in rdn.iter() {
+        for (position, attr) in rdn.iter().enumerate() {
             let oid = attr.attr_type().to_id_string();
             let label = match oid.as_str() {
                 "2.5.4.3" => "CN".to_string(),
@@ -290,7 +299,7 @@ fn dn_fields(name: &X509Name<'_>) -> Vec<(String, String)> {
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|_| format!("#{}", hex(attr.attr_value().data)));
-            fields.push((label, value));
+            fields.push((label, value, position == 0));
         }
     }
     fields

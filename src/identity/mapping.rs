@@ -196,7 +196,7 @@ impl MappingRule {
 impl ManyToOneRule {
     /// Whether a certificate's issuer and subject fields match this rule.
     pub fn applies_to(&self, facts: &CertFacts) -> bool {
-        self.issuer.eq_ignore_ascii_case(&facts.issuer_ad)
+        crate::directory::dn_eq(&self.issuer, &facts.issuer_ad)
             && self.subject.iter().all(|(label, pattern)| {
                 facts
                     .subject_fields

@@ -21,6 +21,9 @@ pub struct AuditRecord {
     pub cert_serial: String,
     pub cert_issuer: String,
     pub account: String,
+    /// The mapping rule that admitted the device and its strength (empty when refused).
+    pub mapping: &'static str,
+    pub strength: &'static str,
     pub eas: EasRequest,
     pub status: u16,
     /// `forwarded`, `denied`, `unavailable`, `refused` or `upstream-error`.
@@ -60,6 +63,8 @@ impl AuditRecord {
             cert_serial = %self.cert_serial,
             cert_issuer = %self.cert_issuer,
             account = %self.account,
+            mapping = self.mapping,
+            strength = self.strength,
             cmd = self.eas.command.as_deref().unwrap_or(""),
             device_id = self.eas.device_id.as_deref().unwrap_or(""),
             device_type = self.eas.device_type.as_deref().unwrap_or(""),

@@ -181,6 +181,8 @@ impl Gateway {
             cert_serial: String::new(),
             cert_issuer: String::new(),
             account: String::new(),
+            mapping: "",
+            strength: "",
             eas: EasRequest::from_query(request.uri().query()),
             status: 0,
             decision: "forwarded",
@@ -208,6 +210,11 @@ impl Gateway {
         record.cert_serial = identity.cert_serial.clone();
         record.cert_issuer = identity.cert_issuer.clone();
         record.account = identity.account.dn.clone();
+        record.mapping = identity.rule.name();
+        record.strength = match identity.strength {
+            crate::identity::MappingStrength::Strong => "strong",
+            crate::identity::MappingStrength::Weak => "weak",
+        };
         if let Err(refusal) = route(&request) {
             return refuse(refusal, record);
         }
