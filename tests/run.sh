@@ -4,8 +4,9 @@
 #   ./tests/run.sh                 everything
 #   ./tests/run.sh --test ldap     extra arguments go to `cargo test`
 #
-# 1. Installs what the tests need when it is missing: slapd and ldap-utils (the integration
-#    tests start their own throwaway slapd), openssl, curl, and the rustfmt/clippy components.
+# 1. Installs what the tests need when it is missing: slapd and ldap-utils, Samba's AD DC
+#    (the integration tests start their own throwaway directory servers), openssl, curl, and
+#    the rustfmt/clippy components.
 # 2. cargo fmt --check; cargo clippy (all targets, warnings are errors); cargo test (unit and
 #    integration tests); the criterion benchmarks once each in test mode, so they keep
 #    compiling and working. Everything builds with the release profile, so dependencies are
@@ -16,7 +17,15 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(slapd ldap-utils openssl curl)
+# slapd, ldap-utils: tests/support/slapd.rs (a throwaway OpenLDAP per test).
+# samba ... krb5-user: tests/support/samba.rs (a Samba AD DC for tests/mapping_ad.rs); the
+# provisioning data and the DC's VFS modules are only Recommends of samba, so named here.
+# openssl, curl: tests/gateway.rs and tests/cli.rs call them.
+APT_PACKAGES=(
+    slapd ldap-utils
+    samba samba-dsdb-modules samba-vfs-modules samba-ad-provision ldb-tools krb5-user
+    openssl curl
+)
 
 now() { date +%s%N; }
 secs() { awk -v ns="$1" 'BEGIN { printf "%.1f s", ns / 1e9 }'; }
@@ -109,7 +118,7 @@ missing_packages() {
 install_packages() {
     local missing
     if ! command -v dpkg-query >/dev/null 2>&1; then
-        echo "no dpkg here: make sure slapd, slapadd, ldap-utils, openssl and curl are installed"
+        echo "no dpkg here: make sure the equivalents of ${APT_PACKAGES[*]} are installed"
         return 0
     fi
     mapfile -t missing < <(missing_packages)
@@ -122,8 +131,8 @@ install_packages() {
         echo "  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${missing[*]}" >&2
         return 1
     fi
-    # Debian's slapd starts a system daemon on install; the tests run their own, so forbid
-    # service starts for the duration (policy-rc.d exit 101: "action forbidden").
+    # Debian's slapd and samba start system daemons on install; the tests run their own, so
+    # forbid service starts for the duration (policy-rc.d exit 101: "action forbidden").
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         POLICY_RC_D=/usr/sbin/policy-rc.d
         printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC_D" || return
@@ -150,7 +159,7 @@ install_rust_components() {
         return 0
     fi
     if ! command -v rustup >/dev/null 2>&1; then
-        echo "cargo ${components[*]} is missing and there is no rustup to add it" >&2
+        echo "missing Rust components (${components[*]}) and no rustup to add them" >&2
         return 1
     fi
     rustup component add "${components[@]}" || return
@@ -162,7 +171,7 @@ run_tests() {
     cargo test --release --no-fail-fast "$@" 2>&1 | tee "$TEST_LOG"
 }
 
-step --fatal "install Debian packages (${APT_PACKAGES[*]})" install_packages
+step --fatal "install Debian packages" install_packages
 step --fatal "install rustfmt and clippy" install_rust_components
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings" \
