@@ -21,6 +21,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub mapping: MappingConfig,
     pub account: AccountPolicyConfig,
+    pub activesync: ActiveSyncConfig,
     pub identity: IdentityConfig,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
@@ -192,6 +193,32 @@ pub enum GroupMethod {
     TokenGroups,
     /// Direct `memberOf` values only (any directory; no nesting).
     MemberOf,
+}
+
+/// What devices may do: mailbox binding, device rules, long-poll caps.
+#[derive(Debug, Clone)]
+pub struct ActiveSyncConfig {
+    /// `User=` must name the certificate's account (on unless `danger_allow_any_user`).
+    pub bind_user: bool,
+    pub devices: DeviceRules,
+    /// Per-account device rules (by sAMAccountName) that replace the global ones.
+    pub account_overrides: Vec<(String, DeviceRules)>,
+    pub max_long_polls_per_device: usize,
+    pub max_long_polls_per_account: usize,
+    /// Long polls held upstream at once, so they never take every upstream connection.
+    pub max_long_polls: usize,
+}
+
+/// Allow and block rules on DeviceId, DeviceType and User-Agent (exact or `*` globs).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRules {
+    pub default_allow: bool,
+    pub allow_device_ids: Vec<String>,
+    pub block_device_ids: Vec<String>,
+    pub allow_device_types: Vec<String>,
+    pub block_device_types: Vec<String>,
+    pub allow_user_agents: Vec<String>,
+    pub block_user_agents: Vec<String>,
 }
 
 /// How the mapped account is presented to the upstream.
@@ -489,6 +516,25 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     };
     s.finish(p);
 
+    let mut s = root.section("activesync", p);
+    let bind_user = !s.boolean("danger_allow_any_user", false, p);
+    let devices = read_device_rules(&mut s, p);
+    let mut account_overrides = Vec::new();
+    for mut t in s.table_list("account_overrides", p) {
+        let account = t.required_string("account", p).unwrap_or_default();
+        account_overrides.push((account, read_device_rules(&mut t, p)));
+        t.finish(p);
+    }
+    let activesync = ActiveSyncConfig {
+        bind_user,
+        devices,
+        account_overrides,
+        max_long_polls_per_device: s.integer("max_long_polls_per_device", 2, 1, p),
+        max_long_polls_per_account: s.integer("max_long_polls_per_account", 10, 1, p),
+        max_long_polls: s.integer("max_long_polls", 15_000, 1, p),
+    };
+    s.finish(p);
+
     let mut s = root.section("identity", p);
     let identity = read_identity(&mut s, p);
     s.finish(p);
@@ -525,6 +571,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
             many_to_one,
         },
         account,
+        activesync,
         identity: identity?,
         upstream: upstream?,
         admin,
@@ -584,6 +631,29 @@ fn read_directory(s: &mut Section, p: &mut Problems) -> Option<DirectoryConfig> 
         );
     }
     Some(DirectoryConfig::Ldap(ldap))
+}
+
+fn read_device_rules(s: &mut Section, p: &mut Problems) -> DeviceRules {
+    let default_allow = match s.string("default_action", "allow", p).as_str() {
+        "allow" => true,
+        "block" => false,
+        other => {
+            p.push(
+                &s.key("default_action"),
+                &format!("unknown action \"{other}\"; one of allow, block"),
+            );
+            true
+        }
+    };
+    DeviceRules {
+        default_allow,
+        allow_device_ids: s.string_list("allow_device_ids", &[], p),
+        block_device_ids: s.string_list("block_device_ids", &[], p),
+        allow_device_types: s.string_list("allow_device_types", &[], p),
+        block_device_types: s.string_list("block_device_types", &[], p),
+        allow_user_agents: s.string_list("allow_user_agents", &[], p),
+        block_user_agents: s.string_list("block_user_agents", &[], p),
+    }
 }
 
 fn read_identity(s: &mut Section, p: &mut Problems) -> Option<IdentityConfig> {

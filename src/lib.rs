@@ -12,7 +12,8 @@
 //!   or an in-process LDIF directory for the demo.
 //! - [`identity`]: `CertFacts` read once from a certificate, the mapping rules and their
 //!   strength, account checks, the `Identity` a request is forwarded as.
-//! - [`activesync`]: the ActiveSync request fields seg reads (command, device).
+//! - [`activesync`]: the ActiveSync request model (both query forms, `Command`).
+//! - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
 //! - [`metrics`]: every Prometheus metric, on one registry.
 //! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
@@ -36,6 +37,7 @@ pub mod identity;
 pub mod mapcheck;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod proxy;
 pub mod resolver;
 pub mod tls;
@@ -132,6 +134,12 @@ impl App {
             resolver: Arc::clone(&self.resolver),
             upstream: self.upstream,
             headers: HeaderPolicy::new(&self.config.identity),
+            long_polls: Arc::new(policy::LongPolls::new(
+                &self.config.activesync,
+                self.metrics.long_polls.clone(),
+            )),
+            activesync: self.config.activesync.clone(),
+            netbios_domain: self.config.identity.netbios_domain.clone(),
             metrics: Arc::clone(&self.metrics),
             listen: self.config.listen.clone(),
         });

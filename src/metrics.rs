@@ -19,6 +19,8 @@ pub struct Metrics {
     pub directory_search_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    pub long_polls: IntGauge,
+    pub policy_decisions: IntCounterVec,
     pub connections_refused: IntCounter,
     pub dependency_up: IntGaugeVec,
 }
@@ -97,6 +99,19 @@ impl Metrics {
             "Device connections currently open (TLS handshake included).",
         )
         .expect("valid metric");
+        let long_polls = IntGauge::new(
+            "long_polls_in_flight",
+            "ActiveSync Ping requests held open upstream right now.",
+        )
+        .expect("valid metric");
+        let policy_decisions = IntCounterVec::new(
+            Opts::new(
+                "policy_refusals_total",
+                "Requests refused after mapping, by reason code (user binding, device rules, long-poll caps, malformed queries).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let connections_refused = IntCounter::new(
             "connections_refused_total",
             "Device connections closed at accept because max_connections was reached.",
@@ -130,6 +145,8 @@ impl Metrics {
             directory_search_duration,
             upstream_errors,
             open_connections,
+            long_polls,
+            policy_decisions,
             connections_refused,
             dependency_up,
         };
@@ -143,6 +160,8 @@ impl Metrics {
             Box::new(metrics.directory_search_duration.clone()),
             Box::new(metrics.upstream_errors.clone()),
             Box::new(metrics.open_connections.clone()),
+            Box::new(metrics.long_polls.clone()),
+            Box::new(metrics.policy_decisions.clone()),
             Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.dependency_up.clone()),
             Box::new(build_info),

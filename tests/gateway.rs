@@ -492,7 +492,7 @@ async fn concurrent_first_requests_for_one_certificate_make_one_directory_search
         let alice = alice.clone();
         tasks.push(tokio::spawn(async move {
             client
-                .post(Some(&alice), &eas_target("Ping", "alice"), &[])
+                .post(Some(&alice), &eas_target("Sync", "alice"), &[])
                 .await
                 .map(|r| r.status)
         }));
@@ -825,8 +825,9 @@ async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_
         let client = &client;
         let device = device.clone();
         async move {
+            let target = eas_target("Sync", &device.name);
             client
-                .post(Some(&device), &eas_target("Sync", "x"), &[])
+                .post(Some(&device), &target, &[])
                 .await
                 .unwrap()
                 .status

@@ -31,6 +31,10 @@ pub struct AuditRecord {
     pub reason: &'static str,
     pub bytes_in: Arc<AtomicU64>,
     pub metrics: Arc<Metrics>,
+    /// The device-policy decision (`allowed-by-rule`, `allowed-by-default`, or empty).
+    pub policy: &'static str,
+    /// Held while a long poll is in flight; released with the record.
+    pub long_poll: Option<crate::policy::LongPollGuard>,
 }
 
 impl AuditRecord {
@@ -48,8 +52,8 @@ impl AuditRecord {
             .requests
             .with_label_values(&[command, status_class])
             .inc();
-        let kind = if matches!(command, "Ping" | "Sync") {
-            "long_poll_capable"
+        let kind = if self.eas.is_long_poll() {
+            "long_poll"
         } else {
             "short"
         };
@@ -65,10 +69,13 @@ impl AuditRecord {
             account = %self.account,
             mapping = self.mapping,
             strength = self.strength,
-            cmd = self.eas.command.as_deref().unwrap_or(""),
+            cmd = self.eas.command_name(),
+            protocol_version = self.eas.protocol_version.as_deref().unwrap_or(""),
             device_id = self.eas.device_id.as_deref().unwrap_or(""),
             device_type = self.eas.device_type.as_deref().unwrap_or(""),
+            user_agent = self.eas.user_agent.as_deref().unwrap_or(""),
             user_param = self.eas.user.as_deref().unwrap_or(""),
+            policy = self.policy,
             status = self.status,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out,

@@ -28,9 +28,10 @@ pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS};
 
 use crate::activesync::EasRequest;
-use crate::config::ListenConfig;
+use crate::config::{ActiveSyncConfig, ListenConfig};
 use crate::identity::CertFingerprint;
 use crate::metrics::Metrics;
+use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
 use audit::{AuditRecord, CountingBody};
 
@@ -39,8 +40,20 @@ pub struct Gateway {
     pub resolver: Arc<Resolver>,
     pub upstream: Upstream,
     pub headers: HeaderPolicy,
+    pub long_polls: Arc<LongPolls>,
+    pub activesync: ActiveSyncConfig,
+    pub netbios_domain: Option<String>,
     pub metrics: Arc<Metrics>,
     pub listen: ListenConfig,
+}
+
+/// What a request is, by path and method.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `POST /Microsoft-Server-ActiveSync`: a command, with Cmd, DeviceId, DeviceType.
+    Command,
+    /// `OPTIONS /Microsoft-Server-ActiveSync` or Autodiscover: no command query.
+    Discovery,
 }
 
 /// What seg knows about one device connection after its handshake.
@@ -175,6 +188,12 @@ impl Gateway {
         request: Request<Incoming>,
         device: &DeviceConnection,
     ) -> Response<AuditBody> {
+        let route = route(&request);
+        let eas = EasRequest::parse(
+            request.uri().query(),
+            request.headers(),
+            route == Ok(Route::Command),
+        );
         let mut record = AuditRecord {
             started: Instant::now(),
             peer: device.peer,
@@ -183,12 +202,16 @@ impl Gateway {
             account: String::new(),
             mapping: "",
             strength: "",
-            eas: EasRequest::from_query(request.uri().query()),
+            eas: eas
+                .clone()
+                .unwrap_or_else(|_| EasRequest::headers_only(request.headers())),
             status: 0,
             decision: "forwarded",
             reason: "",
             bytes_in: Arc::new(AtomicU64::new(0)),
             metrics: Arc::clone(&self.metrics),
+            policy: "",
+            long_poll: None,
         };
         let identity = match self
             .resolver
@@ -215,8 +238,39 @@ impl Gateway {
             crate::identity::MappingStrength::Strong => "strong",
             crate::identity::MappingStrength::Weak => "weak",
         };
-        if let Err(refusal) = route(&request) {
-            return refuse(refusal, record);
+        let route = match route {
+            Ok(route) => route,
+            Err(refusal) => return refuse(refusal, record),
+        };
+        if request.headers().contains_key(http::header::UPGRADE) {
+            return self.refuse_policy(Refusal::BadRequest("upgrade-refused"), record);
+        }
+        let eas = match eas {
+            Ok(eas) => eas,
+            Err(e) => return self.refuse_policy(Refusal::BadRequest(e.code()), record),
+        };
+        if route == Route::Command {
+            let account = &identity.account;
+            if self.activesync.bind_user
+                && !user_matches(eas.user.as_deref(), account, self.netbios_domain.as_deref())
+            {
+                let code = crate::policy::PolicyDenial::UserMismatch.code();
+                return self.refuse_policy(Refusal::PolicyDenied(code), record);
+            }
+            match check_device(rules_for(&self.activesync, account), &eas) {
+                Ok(decision) => record.policy = decision,
+                Err(denial) => {
+                    return self.refuse_policy(Refusal::PolicyDenied(denial.code()), record)
+                }
+            }
+            if eas.is_long_poll() {
+                let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
+                let device_id = eas.device_id.as_deref().unwrap_or("");
+                match self.long_polls.acquire(sam, device_id) {
+                    Ok(guard) => record.long_poll = Some(guard),
+                    Err(cap) => return self.refuse_policy(Refusal::Busy(cap.code()), record),
+                }
+            }
         }
         let (mut parts, body) = request.into_parts();
         parts.uri = match self.upstream.uri_for(&parts.uri) {
@@ -246,7 +300,7 @@ impl Gateway {
 }
 
 /// Which requests seg forwards: ActiveSync and Autodiscover, by POST or OPTIONS.
-fn route(request: &Request<Incoming>) -> Result<(), Refusal> {
+fn route(request: &Request<Incoming>) -> Result<Route, Refusal> {
     let path = request.uri().path();
     let activesync = path
         .get(..28)
@@ -259,7 +313,22 @@ fn route(request: &Request<Incoming>) -> Result<(), Refusal> {
     if request.method() != Method::POST && request.method() != Method::OPTIONS {
         return Err(Refusal::MethodNotAllowed);
     }
-    Ok(())
+    Ok(if activesync && request.method() == Method::POST {
+        Route::Command
+    } else {
+        Route::Discovery
+    })
+}
+
+impl Gateway {
+    /// A refusal after mapping, counted by its reason code.
+    fn refuse_policy(&self, refusal: Refusal, record: AuditRecord) -> Response<AuditBody> {
+        self.metrics
+            .policy_decisions
+            .with_label_values(&[refusal.code()])
+            .inc();
+        refuse(refusal, record)
+    }
 }
 
 fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
@@ -267,7 +336,8 @@ fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
     record.status = parts.status.as_u16();
     record.reason = refusal.code();
     record.decision = match refusal {
-        Refusal::Denied(_) => "denied",
+        Refusal::Denied(_) | Refusal::PolicyDenied(_) => "denied",
+        Refusal::Busy(_) => "throttled",
         _ => match refusal.fault() {
             Fault::Client => "refused",
             Fault::Dependency => "unavailable",

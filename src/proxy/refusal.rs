@@ -23,6 +23,12 @@ pub enum Refusal {
     UpstreamFailed,
     NotFound,
     MethodNotAllowed,
+    /// A malformed request (ActiveSync query, Upgrade); the code says what.
+    BadRequest(&'static str),
+    /// A policy denial after mapping (User= binding, device rules).
+    PolicyDenied(&'static str),
+    /// A cap is full (long polls); the device should come back later.
+    Busy(&'static str),
 }
 
 /// Who is at fault, for the audit record's `decision` field.
@@ -46,6 +52,9 @@ impl Refusal {
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::PolicyDenied(_) => StatusCode::FORBIDDEN,
+            Refusal::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -59,12 +68,18 @@ impl Refusal {
             Refusal::UpstreamFailed => "upstream-failed",
             Refusal::NotFound => "path-not-served",
             Refusal::MethodNotAllowed => "method-not-allowed",
+            Refusal::BadRequest(code) | Refusal::PolicyDenied(code) | Refusal::Busy(code) => code,
         }
     }
 
     pub fn fault(self) -> Fault {
         match self {
-            Refusal::Denied(_) | Refusal::NotFound | Refusal::MethodNotAllowed => Fault::Client,
+            Refusal::Denied(_)
+            | Refusal::NotFound
+            | Refusal::MethodNotAllowed
+            | Refusal::BadRequest(_)
+            | Refusal::PolicyDenied(_)
+            | Refusal::Busy(_) => Fault::Client,
             Refusal::DependencyDown(_) => Fault::Dependency,
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout | Refusal::UpstreamFailed => {
                 Fault::Upstream
@@ -88,7 +103,7 @@ impl Refusal {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         match self {
-            Refusal::DependencyDown(_) => {
+            Refusal::DependencyDown(_) | Refusal::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             }
             Refusal::MethodNotAllowed => {
