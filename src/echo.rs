@@ -1,9 +1,16 @@
 //! An ActiveSync stand-in for the demo and the tests: it answers every request with the
 //! method, target and headers it received, and records them.
+//!
+//! Test controls, sent as request headers: `x-echo-status: 449` answers with that status and
+//! `x-echo-response-header: Name: value` adds a response header. An upstream started with a
+//! hold keeps every `Cmd=Ping` request open for that long, and counts the held requests whose
+//! connection went away before the answer (`aborted_holds`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -40,13 +47,42 @@ impl RecordedRequest {
 pub struct EchoUpstream {
     pub addr: SocketAddr,
     recorded: Arc<Mutex<Vec<RecordedRequest>>>,
+    holds: Arc<Holds>,
     task: JoinHandle<()>,
+}
+
+/// Held Pings: how long, how many now, how many abandoned by the caller.
+#[derive(Default)]
+struct Holds {
+    duration: Option<Duration>,
+    active: AtomicUsize,
+    aborted: AtomicUsize,
+}
+
+/// Counts a held request; one dropped before its answer was abandoned upstream.
+struct HoldGuard<'a> {
+    holds: &'a Holds,
+    answered: bool,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.holds.active.fetch_sub(1, Ordering::AcqRel);
+        if !self.answered {
+            self.holds.aborted.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl EchoUpstream {
     /// Listens on `addr` (use port 0 for any).
     pub async fn start(addr: SocketAddr) -> std::io::Result<EchoUpstream> {
-        EchoUpstream::start_with(addr, None).await
+        EchoUpstream::start_with(addr, None, None).await
+    }
+
+    /// Listens on `addr` and holds every `Cmd=Ping` request for `hold` before answering.
+    pub async fn start_holding(addr: SocketAddr, hold: Duration) -> std::io::Result<EchoUpstream> {
+        EchoUpstream::start_with(addr, None, Some(hold)).await
     }
 
     /// Listens with TLS, serving the given certificate chain and key.
@@ -54,25 +90,33 @@ impl EchoUpstream {
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<EchoUpstream> {
-        EchoUpstream::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+        EchoUpstream::start_with(addr, Some(tokio_rustls::TlsAcceptor::from(tls)), None).await
     }
 
     async fn start_with(
         addr: SocketAddr,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        hold: Option<Duration>,
     ) -> std::io::Result<EchoUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let recorded = Arc::new(Mutex::new(Vec::new()));
+        let holds = Arc::new(Holds {
+            duration: hold,
+            ..Holds::default()
+        });
         let log = Arc::clone(&recorded);
+        let task_holds = Arc::clone(&holds);
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let log = Arc::clone(&log);
+                let holds = Arc::clone(&task_holds);
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         let log = Arc::clone(&log);
-                        async move { Ok::<_, Infallible>(echo(request, &log).await) }
+                        let holds = Arc::clone(&holds);
+                        async move { Ok::<_, Infallible>(echo(request, &log, &holds).await) }
                     });
                     let http = http1::Builder::new();
                     let _ = match tls {
@@ -90,8 +134,19 @@ impl EchoUpstream {
         Ok(EchoUpstream {
             addr,
             recorded,
+            holds,
             task,
         })
+    }
+
+    /// Pings being held right now.
+    pub fn active_holds(&self) -> usize {
+        self.holds.active.load(Ordering::Acquire)
+    }
+
+    /// Held Pings whose caller went away before the answer.
+    pub fn aborted_holds(&self) -> usize {
+        self.holds.aborted.load(Ordering::Acquire)
     }
 
     /// Every request received so far.
@@ -109,8 +164,10 @@ impl Drop for EchoUpstream {
 async fn echo(
     request: Request<Incoming>,
     log: &Mutex<Vec<RecordedRequest>>,
+    holds: &Holds,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
+    let is_ping = parts.uri.query().is_some_and(|q| q.contains("Cmd=Ping"));
     let body = body
         .collect()
         .await
@@ -137,13 +194,40 @@ async fn echo(
         "headers": recorded.headers,
     }))
     .unwrap_or_default();
+    let status = header(&recorded, "x-echo-status").and_then(|s| s.parse::<u16>().ok());
+    let extra = header(&recorded, "x-echo-response-header");
     if let Ok(mut log) = log.lock() {
         log.push(recorded);
     }
+    if let (true, Some(duration)) = (is_ping, holds.duration) {
+        holds.active.fetch_add(1, Ordering::AcqRel);
+        let mut guard = HoldGuard {
+            holds,
+            answered: false,
+        };
+        tokio::time::sleep(duration).await;
+        guard.answered = true;
+    }
     let mut response = Response::new(Full::new(Bytes::from(text + "\n")));
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    if let Some((name, value)) = extra.as_deref().and_then(|h| h.split_once(':')) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.trim().as_bytes()),
+            http::HeaderValue::from_str(value.trim()),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    if let Some(status) = status.and_then(|s| http::StatusCode::from_u16(s).ok()) {
+        *response.status_mut() = status;
+    }
     response
+}
+
+fn header(request: &RecordedRequest, name: &str) -> Option<String> {
+    request.header_values(name).first().map(|v| v.to_string())
 }

@@ -251,10 +251,20 @@ impl Lab {
     }
 
     pub async fn start_with(pki: Pki, users: Vec<UserSpec>, extra_config: &str) -> Lab {
-        let slapd = start_slapd(&pki, users);
         let upstream = EchoUpstream::start(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("echo upstream");
+        Lab::start_with_upstream(pki, users, extra_config, upstream).await
+    }
+
+    /// The lab around a given upstream (one that holds Pings, say).
+    pub async fn start_with_upstream(
+        pki: Pki,
+        users: Vec<UserSpec>,
+        extra_config: &str,
+        upstream: EchoUpstream,
+    ) -> Lab {
+        let slapd = start_slapd(&pki, users);
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
         let text = config_text(&pki, &directory, upstream.addr, extra_config);
         let config_path = pki.dir.write("seg.toml", &text);
