@@ -26,6 +26,9 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Runtime worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Validate a configuration, list every problem, exit 64 if there is one.
     CheckConfig {
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { config, .. } => run(config).await,
             Command::CheckConfig { config } => check_config(config),
             Command::Map {
                 config,
