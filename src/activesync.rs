@@ -338,17 +338,19 @@ fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
         if value.len() > MAX_FIELD {
             return Err(QueryError::FieldTooLong);
         }
-        let slot = match key.as_str() {
-            "Cmd" => {
+        // Keys are matched case-insensitively, as ASP.NET (and so Exchange) reads them: a
+        // `user=` next to `User=` must not slip past the mailbox binding.
+        let slot = match key.to_ascii_lowercase().as_str() {
+            "cmd" => {
                 if request.command.is_some() {
                     return Err(QueryError::DuplicateParameter);
                 }
                 request.command = Some(Command::from_name(&value));
                 continue;
             }
-            "User" => &mut request.user,
-            "DeviceId" => &mut request.device_id,
-            "DeviceType" => &mut request.device_type,
+            "user" => &mut request.user,
+            "deviceid" => &mut request.device_id,
+            "devicetype" => &mut request.device_type,
             _ => {
                 request.parameters.push((key, value));
                 continue;
@@ -495,6 +497,13 @@ mod tests {
             [("CollectionId".to_string(), "5".to_string())]
         );
         assert_eq!(r.command_label(), "Sync");
+    }
+
+    #[test]
+    fn keys_are_case_insensitive() {
+        let r = parse("cmd=Sync&USER=bob&deviceid=D&DEVICETYPE=iPhone").unwrap();
+        assert_eq!(r.user.as_deref(), Some("bob"));
+        assert_eq!(r.device_id.as_deref(), Some("D"));
     }
 
     #[test]

@@ -16,11 +16,23 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
-/// Readiness as last probed: `/readyz` is 200 only when every dependency answered.
-#[derive(Default)]
+/// Readiness as last probed: `/readyz` is 200 only when every dependency answered and no
+/// CRL is past its nextUpdate.
 pub struct Health {
     pub directory_up: AtomicBool,
     pub upstream_up: AtomicBool,
+    /// Every CRL is within its nextUpdate.
+    pub crls_fresh: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            directory_up: AtomicBool::new(false),
+            upstream_up: AtomicBool::new(false),
+            crls_fresh: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Health {
@@ -32,6 +44,9 @@ impl Health {
         }
         if !self.upstream_up.load(Ordering::Acquire) {
             down.push("upstream");
+        }
+        if !self.crls_fresh.load(Ordering::Acquire) {
+            down.push("crl (past nextUpdate)");
         }
         down
     }
@@ -81,7 +96,7 @@ fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes
             down => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                format!("not ready: {} unreachable\n", down.join(", ")),
+                format!("not ready: {}\n", down.join(", ")),
             ),
         },
         _ => (

@@ -13,7 +13,7 @@ use std::time::Duration;
 pub const EXIT_CONFIG: i32 = 64;
 
 /// The whole gateway configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: ListenConfig,
     pub tls: TlsConfig,
@@ -25,10 +25,11 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
+    pub reload: ReloadConfig,
 }
 
 /// The device-facing listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenConfig {
     pub address: SocketAddr,
     pub handshake_timeout: Duration,
@@ -40,15 +41,29 @@ pub struct ListenConfig {
 }
 
 /// Server certificate and the enterprise CA that issues device certificates.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
     pub client_ca: PathBuf,
+    /// CRL files (PEM or DER) for the client CAs; empty: no revocation checking.
+    pub crl_files: Vec<PathBuf>,
+    /// Check revocation of the leaf only, or of the whole chain.
+    pub crl_check_chain: bool,
+    /// Accept a certificate whose issuer has no CRL (only with CRLs configured).
+    pub danger_allow_unknown_revocation_status: bool,
+}
+
+/// Hot reload: SIGHUP always; watched files when enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadConfig {
+    /// Reload when the configuration file or a file it names changes.
+    pub watch_files: bool,
+    pub watch_interval: Duration,
 }
 
 /// Where accounts come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DirectoryConfig {
     Ldap(LdapConfig),
     /// An LDIF file served in process: for `seg demo` and trials, never for production.
@@ -58,7 +73,7 @@ pub enum DirectoryConfig {
 }
 
 /// Active Directory over LDAP.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LdapConfig {
     pub urls: Vec<String>,
     pub base_dn: String,
@@ -74,7 +89,7 @@ pub struct LdapConfig {
 }
 
 /// The identity cache in front of the directory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Age after which a cached identity is refreshed in the background while still served.
     pub soft_ttl: Duration,
@@ -90,7 +105,7 @@ pub struct CacheConfig {
 }
 
 /// Certificate-to-account mapping.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MappingConfig {
     /// Rules in the order they are tried; a strong match always beats a weak one.
     pub rules: Vec<crate::identity::MappingRule>,
@@ -161,7 +176,7 @@ const SUBJECT_LABELS: [&str; 14] = [
 ];
 
 /// Certificates from one issuer whose subject fields match patterns → one named account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ManyToOneRule {
     pub name: String,
     /// Issuer DN as AD writes it (most significant RDN first), compared case-insensitively.
@@ -173,7 +188,7 @@ pub struct ManyToOneRule {
 }
 
 /// Account state and group rules checked after mapping.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AccountPolicyConfig {
     /// How long a non-zero `lockoutTime` locks an account (the domain's lockout duration).
     pub lockout_duration: Duration,
@@ -196,7 +211,7 @@ pub enum GroupMethod {
 }
 
 /// What devices may do: mailbox binding, device rules, long-poll caps.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ActiveSyncConfig {
     /// `User=` must name the certificate's account (on unless `danger_allow_any_user`).
     pub bind_user: bool,
@@ -210,7 +225,7 @@ pub struct ActiveSyncConfig {
 }
 
 /// Allow and block rules on DeviceId, DeviceType and User-Agent (exact or `*` globs).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeviceRules {
     pub default_allow: bool,
     pub allow_device_ids: Vec<String>,
@@ -222,7 +237,7 @@ pub struct DeviceRules {
 }
 
 /// How the mapped account is presented to the upstream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IdentityConfig {
     pub header: http::HeaderName,
     pub value: IdentityValue,
@@ -240,7 +255,7 @@ pub enum IdentityValue {
 }
 
 /// The ActiveSync server behind seg.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub url: http::Uri,
     pub path_prefix: String,
@@ -252,7 +267,7 @@ pub struct UpstreamConfig {
 }
 
 /// The loopback admin listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub address: SocketAddr,
     pub probe_interval: Duration,
@@ -269,7 +284,7 @@ pub struct ConfigProblem {
 }
 
 /// Every problem found in one configuration file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
     pub source_name: String,
     pub problems: Vec<ConfigProblem>,
@@ -380,6 +395,23 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         certificate: s.file("certificate", p),
         private_key: s.file("private_key", p),
         client_ca: s.file("client_ca", p),
+        crl_files: s.file_list("crl_files", p),
+        crl_check_chain: match s.string("crl_check_depth", "leaf", p).as_str() {
+            "leaf" => false,
+            "chain" => true,
+            other => {
+                p.push(
+                    "tls.crl_check_depth",
+                    &format!("unknown depth \"{other}\"; one of leaf, chain"),
+                );
+                false
+            }
+        },
+        danger_allow_unknown_revocation_status: s.boolean(
+            "danger_allow_unknown_revocation_status",
+            false,
+            p,
+        ),
     };
     s.finish(p);
 
@@ -543,6 +575,13 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let upstream = read_upstream(&mut s, p);
     s.finish(p);
 
+    let mut s = root.section("reload", p);
+    let reload = ReloadConfig {
+        watch_files: s.boolean("watch_files", true, p),
+        watch_interval: s.duration("watch_interval", "5s", p),
+    };
+    s.finish(p);
+
     let mut s = root.section("admin", p);
     let admin = AdminConfig {
         address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
@@ -575,6 +614,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         identity: identity?,
         upstream: upstream?,
         admin,
+        reload,
     })
 }
 
@@ -992,6 +1032,24 @@ impl Section {
             );
         }
         Some(path)
+    }
+
+    fn file_list(&mut self, key: &str, p: &mut Problems) -> Vec<PathBuf> {
+        let names = self.string_list(key, &[], p);
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let path = self.resolve(name);
+                if let Err(e) = std::fs::File::open(&path) {
+                    p.push(
+                        &format!("{}[{i}]", self.key(key)),
+                        &format!("cannot read {}: {e}", path.display()),
+                    );
+                }
+                path
+            })
+            .collect()
     }
 
     fn file(&mut self, key: &str, p: &mut Problems) -> PathBuf {

@@ -40,6 +40,7 @@ pub mod pki;
 pub mod policy;
 pub mod proxy;
 pub mod resolver;
+pub mod revocation;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -54,7 +55,7 @@ use admin::Health;
 use config::{Config, DirectoryConfig};
 use directory::{Directory, DirectoryError};
 use metrics::Metrics;
-use proxy::{Gateway, HeaderPolicy, Upstream, UpstreamSetupError};
+use proxy::{Gateway, HeaderPolicy, Live, Upstream, UpstreamSetupError};
 use resolver::Resolver;
 
 /// Why a configuration could not be turned into a gateway.
@@ -68,87 +69,134 @@ pub enum BuildError {
     Upstream(#[from] UpstreamSetupError),
 }
 
-/// A gateway built from a configuration, not yet listening.
-pub struct App {
-    config: Config,
-    upstream: Upstream,
-    metrics: Arc<Metrics>,
-    directory: Arc<Directory>,
-    resolver: Arc<Resolver>,
-    tls: Arc<rustls::ServerConfig>,
+/// Why a reload was refused; the old configuration keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("{0} changes only on restart")]
+    NeedsRestart(&'static str),
 }
 
-/// A running gateway: its bound addresses and the handle to stop it.
+/// A gateway built from a configuration, not yet listening.
+pub struct App {
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+}
+
+/// A running gateway: its bound addresses and the handle to reload or stop it.
 pub struct Running {
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
-    pub resolver: Arc<Resolver>,
     pub health: Arc<Health>,
+    live: Arc<Live>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Builds every part of a gateway from one configuration. Parts whose configuration did not
+/// change are carried over from `previous` (the identity cache above all, so a reload does
+/// not send every device to the domain controllers at once).
+fn build_gateway(
+    config: Config,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Gateway>,
+) -> Result<Gateway, BuildError> {
+    let revocation = Arc::new(revocation::RevocationList::load(&config.tls.crl_files)?);
+    let tls = tls::server_config(&config.tls, &revocation)?;
+    if let DirectoryConfig::Ldap(l) = &config.directory {
+        if l.danger_allow_plaintext {
+            tracing::warn!(target: "seg::config", "directory.danger_allow_plaintext is set: the bind password may cross the network in clear");
+        }
+    }
+    if config.tls.danger_allow_unknown_revocation_status {
+        tracing::warn!(target: "seg::config", "tls.danger_allow_unknown_revocation_status is set: certificates whose issuer has no CRL are accepted");
+    }
+    if !config.activesync.bind_user {
+        tracing::warn!(target: "seg::config", "activesync.danger_allow_any_user is set: devices may name any mailbox in User=");
+    }
+    let identity_unchanged = |p: &&Gateway| {
+        p.config.directory == config.directory
+            && p.config.mapping == config.mapping
+            && p.config.account == config.account
+            && p.config.identity == config.identity
+            && p.config.cache == config.cache
+    };
+    let (directory, resolver) = match previous.filter(identity_unchanged) {
+        Some(p) => (Arc::clone(&p.directory), Arc::clone(&p.resolver)),
+        None => {
+            let directory = Arc::new(Directory::from_config(&config.directory)?);
+            let resolver = Arc::new(Resolver::new(
+                Arc::clone(&directory),
+                &config.mapping,
+                &config.account,
+                &config.identity,
+                &config.cache,
+                Arc::clone(metrics),
+            ));
+            (directory, resolver)
+        }
+    };
+    let upstream = Upstream::new(&config.upstream)?;
+    // Nothing below can fail. One set of long-poll counts for the life of the process: polls held under the old
+    // configuration still count against the caps of the new one.
+    let long_polls = match previous {
+        Some(p) => {
+            p.long_polls.set_limits(&config.activesync);
+            Arc::clone(&p.long_polls)
+        }
+        None => Arc::new(policy::LongPolls::new(
+            &config.activesync,
+            metrics.long_polls.clone(),
+        )),
+    };
+    metrics.record_pki(&config.tls, &revocation);
+    Ok(Gateway {
+        resolver,
+        directory,
+        upstream,
+        headers: HeaderPolicy::new(&config.identity),
+        long_polls,
+        tls: tokio_rustls::TlsAcceptor::from(tls),
+        revocation,
+        metrics: Arc::clone(metrics),
+        config,
+    })
+}
+
 impl App {
-    /// Reads keys, certificates and the bind password; contacts nothing yet.
+    /// Reads keys, certificates, CRLs and the bind password; contacts nothing yet.
     pub fn build(config: Config) -> Result<App, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let tls = tls::server_config(&config.tls)?;
-        if let DirectoryConfig::Ldap(l) = &config.directory {
-            if l.danger_allow_plaintext {
-                tracing::warn!(target: "seg::config", "directory.danger_allow_plaintext is set: the bind password may cross the network in clear");
-            }
-        }
-        let directory = Arc::new(Directory::from_config(&config.directory)?);
-        let upstream = Upstream::new(&config.upstream)?;
-        let resolver = Arc::new(Resolver::new(
-            Arc::clone(&directory),
-            &config.mapping,
-            &config.account,
-            &config.identity,
-            &config.cache,
-            Arc::clone(&metrics),
-        ));
-        Ok(App {
-            config,
-            upstream,
-            metrics,
-            directory,
-            resolver,
-            tls,
-        })
+        let gateway = Arc::new(build_gateway(config, &metrics, None)?);
+        Ok(App { gateway, metrics })
     }
 
     /// The resolver `seg map` uses: the same one the listener would.
     pub fn resolver(&self) -> &Arc<Resolver> {
-        &self.resolver
+        &self.gateway.resolver
     }
 
     /// Binds both listeners and starts serving.
     pub async fn start(self) -> std::io::Result<Running> {
-        let listener = TcpListener::bind(self.config.listen.address).await?;
-        let admin_listener = TcpListener::bind(self.config.admin.address).await?;
+        let config = &self.gateway.config;
+        let listener = TcpListener::bind(config.listen.address).await?;
+        let admin_listener = TcpListener::bind(config.admin.address).await?;
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let gateway = Arc::new(Gateway {
-            resolver: Arc::clone(&self.resolver),
-            upstream: self.upstream,
-            headers: HeaderPolicy::new(&self.config.identity),
-            long_polls: Arc::new(policy::LongPolls::new(
-                &self.config.activesync,
-                self.metrics.long_polls.clone(),
-            )),
-            activesync: self.config.activesync.clone(),
-            netbios_domain: self.config.identity.netbios_domain.clone(),
-            metrics: Arc::clone(&self.metrics),
-            listen: self.config.listen.clone(),
-        });
+        let max_connections = config.listen.max_connections;
+        let probe_interval = config.admin.probe_interval;
+        let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![
-            tokio::spawn(Arc::clone(&gateway).serve(
+            tokio::spawn(proxy::serve(
                 listener,
-                Arc::clone(&self.tls),
+                Arc::clone(&live),
+                max_connections,
                 shutdown_rx.clone(),
             )),
             tokio::spawn(admin::serve(
@@ -158,10 +206,9 @@ impl App {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(probe_dependencies(
-                Arc::clone(&self.directory),
-                gateway,
+                Arc::clone(&live),
                 Arc::clone(&health),
-                self.config.admin.probe_interval,
+                probe_interval,
                 shutdown_rx,
             )),
         ];
@@ -170,8 +217,8 @@ impl App {
             listen_addr,
             admin_addr,
             metrics: self.metrics,
-            resolver: self.resolver,
             health,
+            live,
             shutdown,
             tasks,
         })
@@ -179,6 +226,84 @@ impl App {
 }
 
 impl Running {
+    /// The resolver of the configuration serving now.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        Arc::clone(&self.live.load().resolver)
+    }
+
+    /// Builds a complete gateway from `config`, then swaps it in atomically: new connections
+    /// get it, open ones keep theirs. On any error nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), ReloadError> {
+        let current = self.live.load();
+        let result = if config.listen != current.config.listen {
+            Err(ReloadError::NeedsRestart("[listen]"))
+        } else if config.admin.address != current.config.admin.address {
+            Err(ReloadError::NeedsRestart("admin.address"))
+        } else {
+            build_gateway(config, &self.metrics, Some(&current))
+                .map_err(ReloadError::from)
+                .map(|gateway| self.live.store(Arc::new(gateway)))
+        };
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!(target: "seg::config", "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(target: "seg::config", error = %e, "reload refused; the previous configuration keeps serving")
+            }
+        }
+        result
+    }
+
+    /// Reads the configuration file again and reloads it.
+    pub fn reload_file(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config),
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                tracing::error!(target: "seg::config", error = %e, "reload refused; the previous configuration keeps serving");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The files a reload reads: the configuration and everything it names.
+    pub fn watched_files(&self, config_path: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let current = self.live.load();
+        let c = &current.config;
+        let mut files = vec![
+            config_path.to_path_buf(),
+            c.tls.certificate.clone(),
+            c.tls.private_key.clone(),
+            c.tls.client_ca.clone(),
+        ];
+        files.extend(c.tls.crl_files.iter().cloned());
+        files.extend(c.upstream.ca_file.iter().cloned());
+        match &c.directory {
+            DirectoryConfig::Ldap(l) => {
+                files.push(l.bind_password_file.clone());
+                files.extend(l.ca_file.iter().cloned());
+            }
+            DirectoryConfig::Ldif { file } => files.push(file.clone()),
+        }
+        files
+    }
+
+    /// Whether watched files should trigger reloads, and how often to look.
+    pub fn watch_settings(&self) -> (bool, std::time::Duration) {
+        let current = self.live.load();
+        (
+            current.config.reload.watch_files,
+            current.config.reload.watch_interval,
+        )
+    }
+
     /// Stops accepting, lets open requests finish (bounded), and returns.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
@@ -188,16 +313,28 @@ impl Running {
     }
 }
 
+/// A fingerprint of files (modification time and length), to notice changes.
+pub fn files_signature(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
 /// Keeps `/readyz` and `seg_dependency_up` current.
 async fn probe_dependencies(
-    directory: Arc<Directory>,
-    gateway: Arc<Gateway>,
+    live: Arc<Live>,
     health: Arc<Health>,
     interval: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let directory_up = match directory.probe().await {
+        let gateway = live.load();
+        let directory_up = match gateway.directory.probe().await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(target: "seg::directory", error = %e, "directory probe failed");
@@ -205,8 +342,17 @@ async fn probe_dependencies(
             }
         };
         let upstream_up = gateway.upstream.probe().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let stale = gateway.revocation.stale(now);
+        for crl in &stale {
+            tracing::error!(target: "seg::tls", issuer = %crl.issuer, file = %crl.file.display(), "CRL is past its nextUpdate: new handshakes of its certificates are refused");
+        }
         health.directory_up.store(directory_up, Ordering::Release);
         health.upstream_up.store(upstream_up, Ordering::Release);
+        health.crls_fresh.store(stale.is_empty(), Ordering::Release);
         let gauge = &gateway.metrics.dependency_up;
         gauge
             .with_label_values(&["directory"])
@@ -214,6 +360,7 @@ async fn probe_dependencies(
         gauge
             .with_label_values(&["upstream"])
             .set(upstream_up as i64);
+        gateway.metrics.crls_stale.set(stale.len() as i64);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

@@ -136,10 +136,46 @@ async fn run(path: PathBuf) -> i32 {
             return 1;
         }
     };
-    wait_for_stop().await;
+    serve_until_stopped(&running, &path).await;
     tracing::info!(target: "seg::listener", "stopping");
     running.stop().await;
     0
+}
+
+/// Reloads on SIGHUP and, when enabled, when a watched file changes; returns on Ctrl-C or
+/// SIGTERM. A refused reload is logged and counted; the old configuration keeps serving.
+async fn serve_until_stopped(running: &seg::Running, path: &std::path::Path) {
+    let stop = wait_for_stop();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut signature = seg::files_signature(&running.watched_files(path));
+    loop {
+        let (watch, interval) = running.watch_settings();
+        let hup = async {
+            #[cfg(unix)]
+            if let Some(h) = hangup.as_mut() {
+                h.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hup => {
+                tracing::info!(target: "seg::config", "SIGHUP: reloading");
+                let _ = running.reload_file(path);
+            }
+            _ = tokio::time::sleep(interval), if watch => {
+                let now = seg::files_signature(&running.watched_files(path));
+                if now != signature {
+                    tracing::info!(target: "seg::config", "a watched file changed: reloading");
+                    let _ = running.reload_file(path);
+                }
+            }
+        }
+        signature = seg::files_signature(&running.watched_files(path));
+    }
 }
 
 fn check_config(path: PathBuf) -> i32 {

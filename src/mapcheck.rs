@@ -59,7 +59,8 @@ pub async fn map_certificate(
         Some(path) => read_certs(path, "--chain")?,
         None => Vec::new(),
     };
-    let policy = ClientCertPolicy::from_ca_file(&config.tls.client_ca)?;
+    let revocation = crate::revocation::RevocationList::load(&config.tls.crl_files)?;
+    let policy = ClientCertPolicy::new(&config.tls, &revocation)?;
     if let Err(e) = policy.verify_chain(&leaf, &intermediates) {
         return Ok(MapReport {
             chain_error: Some(e.to_string()),

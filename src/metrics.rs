@@ -20,6 +20,10 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
     pub long_polls: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub crl_next_update: prometheus::GaugeVec,
+    pub crls_stale: IntGauge,
+    pub server_certificate_expiry: prometheus::Gauge,
     pub policy_decisions: IntCounterVec,
     pub connections_refused: IntCounter,
     pub dependency_up: IntGaugeVec,
@@ -112,6 +116,32 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "config_reload_total",
+                "Configuration reloads, by result (success, failure).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let crl_next_update = prometheus::GaugeVec::new(
+            Opts::new(
+                "crl_next_update_timestamp_seconds",
+                "nextUpdate of each loaded CRL, by issuer, as a Unix time.",
+            ),
+            &["issuer"],
+        )
+        .expect("valid metric");
+        let crls_stale = IntGauge::new(
+            "crls_stale",
+            "Loaded CRLs past their nextUpdate (new handshakes of their certificates fail).",
+        )
+        .expect("valid metric");
+        let server_certificate_expiry = prometheus::Gauge::new(
+            "server_certificate_expiry_timestamp_seconds",
+            "notAfter of the server certificate in use, as a Unix time.",
+        )
+        .expect("valid metric");
         let connections_refused = IntCounter::new(
             "connections_refused_total",
             "Device connections closed at accept because max_connections was reached.",
@@ -146,6 +176,10 @@ impl Metrics {
             upstream_errors,
             open_connections,
             long_polls,
+            config_reloads,
+            crl_next_update,
+            crls_stale,
+            server_certificate_expiry,
             policy_decisions,
             connections_refused,
             dependency_up,
@@ -161,6 +195,10 @@ impl Metrics {
             Box::new(metrics.upstream_errors.clone()),
             Box::new(metrics.open_connections.clone()),
             Box::new(metrics.long_polls.clone()),
+            Box::new(metrics.config_reloads.clone()),
+            Box::new(metrics.crl_next_update.clone()),
+            Box::new(metrics.crls_stale.clone()),
+            Box::new(metrics.server_certificate_expiry.clone()),
             Box::new(metrics.policy_decisions.clone()),
             Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.dependency_up.clone()),
@@ -173,6 +211,35 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         metrics
+    }
+
+    /// Records the PKI facts of a configuration just built: CRL nextUpdates and the server
+    /// certificate's expiry.
+    pub fn record_pki(
+        &self,
+        tls: &crate::config::TlsConfig,
+        revocation: &crate::revocation::RevocationList,
+    ) {
+        self.crl_next_update.reset();
+        for crl in &revocation.crls {
+            if let Some(next) = crl.next_update_unix {
+                self.crl_next_update
+                    .with_label_values(&[&crl.issuer])
+                    .set(next as f64);
+            }
+        }
+        let expiry = crate::tls::read_certs(&tls.certificate, "tls.certificate")
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .and_then(|leaf| {
+                use x509_parser::prelude::FromDer;
+                x509_parser::certificate::X509Certificate::from_der(leaf.as_ref())
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+            });
+        if let Some(expiry) = expiry {
+            self.server_certificate_expiry.set(expiry as f64);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -112,9 +112,9 @@ pub struct LongPolls {
     per_device: Mutex<HashMap<(String, String), usize>>,
     per_account: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
-    max_per_device: usize,
-    max_per_account: usize,
-    max_total: usize,
+    max_per_device: AtomicUsize,
+    max_per_account: AtomicUsize,
+    max_total: AtomicUsize,
     gauge: prometheus::IntGauge,
 }
 
@@ -148,11 +148,21 @@ impl LongPolls {
             per_device: Mutex::new(HashMap::new()),
             per_account: Mutex::new(HashMap::new()),
             total: AtomicUsize::new(0),
-            max_per_device: config.max_long_polls_per_device,
-            max_per_account: config.max_long_polls_per_account,
-            max_total: config.max_long_polls,
+            max_per_device: AtomicUsize::new(config.max_long_polls_per_device),
+            max_per_account: AtomicUsize::new(config.max_long_polls_per_account),
+            max_total: AtomicUsize::new(config.max_long_polls),
             gauge,
         }
+    }
+
+    /// New caps from a reloaded configuration; the polls already held keep counting.
+    pub fn set_limits(&self, config: &ActiveSyncConfig) {
+        self.max_per_device
+            .store(config.max_long_polls_per_device, Ordering::Release);
+        self.max_per_account
+            .store(config.max_long_polls_per_account, Ordering::Release);
+        self.max_total
+            .store(config.max_long_polls, Ordering::Release);
     }
 
     /// Takes one slot for this account's device, or says which cap is full.
@@ -164,13 +174,15 @@ impl LongPolls {
         let key = (account.to_ascii_lowercase(), device_id.to_string());
         let mut devices = self.per_device.lock().unwrap_or_else(|e| e.into_inner());
         let mut accounts = self.per_account.lock().unwrap_or_else(|e| e.into_inner());
-        if devices.get(&key).copied().unwrap_or(0) >= self.max_per_device {
+        if devices.get(&key).copied().unwrap_or(0) >= self.max_per_device.load(Ordering::Acquire) {
             return Err(LongPollCap::Device);
         }
-        if accounts.get(&key.0).copied().unwrap_or(0) >= self.max_per_account {
+        if accounts.get(&key.0).copied().unwrap_or(0)
+            >= self.max_per_account.load(Ordering::Acquire)
+        {
             return Err(LongPollCap::Account);
         }
-        if self.total.load(Ordering::Acquire) >= self.max_total {
+        if self.total.load(Ordering::Acquire) >= self.max_total.load(Ordering::Acquire) {
             return Err(LongPollCap::Gateway);
         }
         *devices.entry(key.clone()).or_insert(0) += 1;

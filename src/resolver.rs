@@ -336,6 +336,7 @@ impl Resolver {
             header_value,
             cert_serial: facts.serial_hex(),
             cert_issuer: facts.issuer.clone(),
+            revocation_key: (facts.issuer_der.clone(), facts.serial.clone()),
         })))
     }
 

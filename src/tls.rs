@@ -16,6 +16,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use x509_parser::prelude::FromDer;
 
 use crate::config::TlsConfig;
+use crate::revocation::RevocationList;
 
 /// A TLS setup problem, named by the configuration key it comes from.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +38,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the listener's rustls configuration from the `[tls]` section.
-pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let verifier = ClientCertPolicy::from_ca_file(&config.client_ca)?;
+/// Builds the listener's rustls configuration from the `[tls]` section. Each call makes a
+/// fresh session cache: a rebuilt configuration never resumes sessions of the old one.
+pub fn server_config(
+    config: &TlsConfig,
+    revocation: &RevocationList,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = ClientCertPolicy::new(config, revocation)?;
     let certs = read_certs(&config.certificate, "tls.certificate")?;
     let key = PrivateKeyDer::from_pem_file(&config.private_key).map_err(|e| {
         tls_error(
@@ -88,17 +93,31 @@ pub struct ClientCertPolicy {
 }
 
 impl ClientCertPolicy {
-    /// Trusts exactly the certificates in `ca_file` (roots and issuing intermediates).
-    pub fn from_ca_file(ca_file: &Path) -> Result<ClientCertPolicy, TlsError> {
+    /// Trusts exactly the certificates in `tls.client_ca` (roots and issuing intermediates),
+    /// checking revocation against the CRLs when there are any, `nextUpdate` enforced.
+    pub fn new(
+        config: &TlsConfig,
+        revocation: &RevocationList,
+    ) -> Result<ClientCertPolicy, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in read_certs(ca_file, "tls.client_ca")? {
+        for cert in read_certs(&config.client_ca, "tls.client_ca")? {
             roots
                 .add(cert)
                 .map_err(|e| tls_error("tls.client_ca", format!("unusable CA certificate: {e}")))?;
         }
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| tls_error("tls.client_ca", e))?;
+        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        if !revocation.is_empty() {
+            builder = builder
+                .with_crls(revocation.der.iter().cloned())
+                .enforce_revocation_expiration();
+            if !config.crl_check_chain {
+                builder = builder.only_check_end_entity_revocation();
+            }
+            if config.danger_allow_unknown_revocation_status {
+                builder = builder.allow_unknown_revocation_status();
+            }
+        }
+        let inner = builder.build().map_err(|e| tls_error("tls.crl_files", e))?;
         Ok(ClientCertPolicy { inner })
     }
 
@@ -194,6 +213,13 @@ pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
         }
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
         rustls::Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
+        rustls::Error::InvalidCertificate(CertificateError::ExpiredRevocationList)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredRevocationListContext {
+            ..
+        }) => "revocation_list_expired",
+        rustls::Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
+            "revocation_status_unknown"
+        }
         rustls::Error::InvalidCertificate(_) => "certificate_invalid",
         _ => "protocol_error",
     }

@@ -159,6 +159,8 @@ async fn malformed_queries_get_400_and_reach_nobody() {
     for query in [
         "Cmd=Sync&User=alice&DeviceId=%zz&DeviceType=iPhone",
         "Cmd=Sync&User=alice&User=bob&DeviceId=D&DeviceType=iPhone",
+        "Cmd=Sync&User=alice&user=bob&DeviceId=D&DeviceType=iPhone",
+        "Cmd=Sync&User=alice&USER=bob&DeviceId=D&DeviceType=iPhone",
         "Cmd=Sync&User=alice&DeviceId=D%0d%0aX&DeviceType=iPhone",
         "User=alice&DeviceId=D&DeviceType=iPhone",
         "Cmd=Sync&User=alice",
@@ -275,6 +277,9 @@ async fn the_third_concurrent_ping_of_a_device_waits_and_a_gone_device_aborts_up
     drop(held);
     wait_until(|| lab.upstream.aborted_holds() == 2).await;
     wait_until(|| lab.metric("seg_long_polls_in_flight") == 0.0).await;
+    // Each abandoned Ping still gets its audit record (status 499, decision abandoned).
+    wait_until(|| lab.metric("seg_requests_total{command=\"Ping\",status_class=\"4xx\"}") == 2.0)
+        .await;
     let again = client.connect(Some(&device), TlsVersion::Any).await;
     let mut again = again.unwrap();
     again

@@ -52,6 +52,9 @@ pub struct CertFacts {
     pub issuer_ad: String,
     /// Subject DN, most significant RDN first.
     pub subject_ad: String,
+    /// Issuer DN as DER, the key CRLs are looked up by.
+    #[serde(skip)]
+    pub issuer_der: Vec<u8>,
     /// Issuer DN as x509-parser prints it (certificate order, `, `-separated), for the audit log.
     pub issuer: String,
     pub subject: String,
@@ -92,6 +95,7 @@ impl CertFacts {
             fingerprint: CertFingerprint::of(der),
             serial: strip_sign_byte(cert.raw_serial()).to_vec(),
             issuer_ad: ad_dn(cert.issuer()),
+            issuer_der: cert.issuer().as_raw().to_vec(),
             subject_ad: ad_dn(cert.subject()),
             issuer: cert.issuer().to_string(),
             subject: cert.subject().to_string(),

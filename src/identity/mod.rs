@@ -35,6 +35,8 @@ pub struct Identity {
     /// Certificate serial (hex) and issuer, for the audit log.
     pub cert_serial: String,
     pub cert_issuer: String,
+    /// (issuer DER, serial): the certificate's key in revocation lists.
+    pub revocation_key: (Vec<u8>, Vec<u8>),
 }
 
 /// Stable reason codes for denials, as they appear in audit records and `seg map`.
@@ -64,6 +66,8 @@ pub enum DenyReason {
     IdentityUnrepresentable,
     /// The certificate could not be parsed after the handshake accepted it.
     CertificateUnreadable,
+    /// A CRL lists the certificate (caught on a resumed or long-lived connection).
+    CertificateRevoked,
 }
 
 impl DenyReason {
@@ -82,6 +86,7 @@ impl DenyReason {
             DenyReason::IdentityMissing => "identity-missing",
             DenyReason::IdentityUnrepresentable => "identity-unrepresentable",
             DenyReason::CertificateUnreadable => "certificate-unreadable",
+            DenyReason::CertificateRevoked => "certificate-revoked",
         }
     }
 }

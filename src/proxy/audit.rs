@@ -26,7 +26,8 @@ pub struct AuditRecord {
     pub strength: &'static str,
     pub eas: EasRequest,
     pub status: u16,
-    /// `forwarded`, `denied`, `unavailable`, `refused` or `upstream-error`.
+    /// `forwarded`, `denied`, `unavailable`, `refused`, `throttled`, `upstream-error` or
+    /// `abandoned`.
     pub decision: &'static str,
     pub reason: &'static str,
     pub bytes_in: Arc<AtomicU64>,
@@ -35,10 +36,25 @@ pub struct AuditRecord {
     pub policy: &'static str,
     /// Held while a long poll is in flight; released with the record.
     pub long_poll: Option<crate::policy::LongPollGuard>,
+    /// Set once the record is written, so it is written exactly once.
+    pub written: bool,
+}
+
+impl Drop for AuditRecord {
+    /// A record dropped unwritten belongs to a request the device abandoned before any
+    /// response (a held Ping whose device went away): written as 499, as nginx does.
+    fn drop(&mut self) {
+        if !self.written {
+            self.status = 499;
+            self.decision = "abandoned";
+            self.finish(0, false);
+        }
+    }
 }
 
 impl AuditRecord {
-    fn finish(&self, bytes_out: u64, completed: bool) {
+    fn finish(&mut self, bytes_out: u64, completed: bool) {
+        self.written = true;
         let duration = self.started.elapsed();
         let command = self.eas.command_label();
         let status_class = match self.status {
@@ -125,7 +141,7 @@ impl AuditBody {
     }
 
     fn complete(&mut self, completed: bool) {
-        if let Some(record) = self.record.take() {
+        if let Some(mut record) = self.record.take() {
             record.finish(self.bytes_out, completed);
         }
     }

@@ -11,7 +11,7 @@ mod refusal;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, Version};
@@ -28,23 +28,44 @@ pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS};
 
 use crate::activesync::EasRequest;
-use crate::config::{ActiveSyncConfig, ListenConfig};
-use crate::identity::CertFingerprint;
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
+use crate::revocation::RevocationList;
 use audit::{AuditRecord, CountingBody};
 
-/// Everything a request needs, shared by all connections.
+/// Everything built from one configuration. Each connection keeps the gateway it was
+/// accepted under; a reload swaps in a new one for the connections that follow.
 pub struct Gateway {
+    pub config: Config,
     pub resolver: Arc<Resolver>,
+    pub directory: Arc<Directory>,
     pub upstream: Upstream,
     pub headers: HeaderPolicy,
     pub long_polls: Arc<LongPolls>,
-    pub activesync: ActiveSyncConfig,
-    pub netbios_domain: Option<String>,
+    pub tls: TlsAcceptor,
+    pub revocation: Arc<RevocationList>,
     pub metrics: Arc<Metrics>,
-    pub listen: ListenConfig,
+}
+
+/// The gateway serving new connections now.
+pub struct Live(RwLock<Arc<Gateway>>);
+
+impl Live {
+    pub fn new(gateway: Arc<Gateway>) -> Live {
+        Live(RwLock::new(gateway))
+    }
+
+    pub fn load(&self) -> Arc<Gateway> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn store(&self, gateway: Arc<Gateway>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = gateway;
+    }
 }
 
 /// What a request is, by path and method.
@@ -67,60 +88,56 @@ struct DeviceConnection {
 /// How long shutdown waits for open requests before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-impl Gateway {
-    /// Accepts devices until `shutdown` turns true, then lets open requests finish.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let acceptor = TlsAcceptor::from(tls);
-        let max = self.listen.max_connections;
-        let slots = Arc::new(Semaphore::new(max));
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = shutdown.changed() => break,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors or similar: back off instead of spinning.
-                    tracing::warn!(target: "seg::listener", error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                self.metrics.connections_refused.inc();
+/// Accepts devices until `shutdown` turns true, then lets open requests finish. Each
+/// connection is served by the gateway live when it was accepted.
+pub async fn serve(
+    listener: TcpListener,
+    live: Arc<Live>,
+    max: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(max));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::warn!(target: "seg::listener", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
-            };
-            let gateway = Arc::clone(&self);
-            let acceptor = acceptor.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                gateway.connection(tcp, peer, acceptor, shutdown).await;
-                drop(slot);
-            });
-        }
-        let all = u32::try_from(max).unwrap_or(u32::MAX);
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await;
+            }
+        };
+        let gateway = live.load();
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            gateway.metrics.connections_refused.inc();
+            continue;
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            gateway.connection(tcp, peer, shutdown).await;
+            drop(slot);
+        });
     }
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await;
+}
 
+impl Gateway {
     async fn connection(
         self: Arc<Self>,
         tcp: TcpStream,
         peer: SocketAddr,
-        acceptor: TlsAcceptor,
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.metrics.open_connections.inc();
         let _open = OpenConnection(Arc::clone(&self.metrics));
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(self.listen.handshake_timeout, acceptor.accept(tcp))
-            .await
-        {
+        let handshake_timeout = self.config.listen.handshake_timeout;
+        let tls = match tokio::time::timeout(handshake_timeout, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let label = crate::tls::handshake_failure_label(&e);
@@ -165,7 +182,7 @@ impl Gateway {
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.listen.idle_timeout)
+            .header_read_timeout(self.config.listen.idle_timeout)
             .keep_alive(true)
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
@@ -212,6 +229,7 @@ impl Gateway {
             metrics: Arc::clone(&self.metrics),
             policy: "",
             long_poll: None,
+            written: false,
         };
         let identity = match self
             .resolver
@@ -233,6 +251,15 @@ impl Gateway {
         record.cert_serial = identity.cert_serial.clone();
         record.cert_issuer = identity.cert_issuer.clone();
         record.account = identity.account.dn.clone();
+        // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
+        let (issuer, serial) = &identity.revocation_key;
+        if self.revocation.is_revoked(issuer, serial) {
+            let mut response = refuse(Refusal::Denied(DenyReason::CertificateRevoked), record);
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         record.mapping = identity.rule.name();
         record.strength = match identity.strength {
             crate::identity::MappingStrength::Strong => "strong",
@@ -251,13 +278,13 @@ impl Gateway {
         };
         if route == Route::Command {
             let account = &identity.account;
-            if self.activesync.bind_user
-                && !user_matches(eas.user.as_deref(), account, self.netbios_domain.as_deref())
-            {
+            let activesync = &self.config.activesync;
+            let netbios_domain = self.config.identity.netbios_domain.as_deref();
+            if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
                 let code = crate::policy::PolicyDenial::UserMismatch.code();
                 return self.refuse_policy(Refusal::PolicyDenied(code), record);
             }
-            match check_device(rules_for(&self.activesync, account), &eas) {
+            match check_device(rules_for(activesync, account), &eas) {
                 Ok(decision) => record.policy = decision,
                 Err(denial) => {
                     return self.refuse_policy(Refusal::PolicyDenied(denial.code()), record)

@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 pub mod lab;
 pub mod mapping_table;
+pub mod openssl_ca;
 pub mod samba;
 pub mod slapd;
+pub mod sogo;
