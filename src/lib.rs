@@ -141,7 +141,13 @@ fn build_gateway(
         }
     };
     let upstream = Upstream::new(&config.upstream)?;
-    // Nothing below can fail. One set of long-poll counts for the life of the process: polls held under the old
+    // Nothing below can fail. The CRLs in force change for every connection at once.
+    let current_revocation = match previous {
+        Some(p) => Arc::clone(&p.revocation),
+        None => Arc::new(revocation::CurrentRevocation::default()),
+    };
+    current_revocation.store(Arc::clone(&revocation));
+    // One set of long-poll counts for the life of the process: polls held under the old
     // configuration still count against the caps of the new one.
     let long_polls = match previous {
         Some(p) => {
@@ -161,7 +167,7 @@ fn build_gateway(
         headers: HeaderPolicy::new(&config.identity),
         long_polls,
         tls: tokio_rustls::TlsAcceptor::from(tls),
-        revocation,
+        revocation: current_revocation,
         metrics: Arc::clone(metrics),
         config,
     })
@@ -346,7 +352,8 @@ async fn probe_dependencies(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let stale = gateway.revocation.stale(now);
+        let revocation = gateway.revocation.load();
+        let stale = revocation.stale(now);
         for crl in &stale {
             tracing::error!(target: "seg::tls", issuer = %crl.issuer, file = %crl.file.display(), "CRL is past its nextUpdate: new handshakes of its certificates are refused");
         }

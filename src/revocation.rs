@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateRevocationListDer;
@@ -99,6 +100,21 @@ impl RevocationList {
             .iter()
             .filter(|c| c.next_update_unix.is_some_and(|n| n <= now_unix))
             .collect()
+    }
+}
+
+/// The CRLs in force for every connection, old or new: shared by all configurations and
+/// replaced only when a reload succeeds, so an open connection sees a new CRL at once.
+#[derive(Default)]
+pub struct CurrentRevocation(RwLock<Arc<RevocationList>>);
+
+impl CurrentRevocation {
+    pub fn load(&self) -> Arc<RevocationList> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn store(&self, list: Arc<RevocationList>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = list;
     }
 }
 

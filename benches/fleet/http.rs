@@ -18,11 +18,11 @@ use tokio_rustls::TlsConnector;
 pub fn device_config(
     roots: &Arc<rustls::RootCertStore>,
     cert_der: &[u8],
-    key_der: &[u8],
+    key: &PrivateKeyDer<'static>,
     resume: bool,
 ) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key = PrivateKeyDer::try_from(key_der.to_vec()).expect("device key");
+    let key = key.clone_key();
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")

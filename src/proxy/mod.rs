@@ -34,7 +34,7 @@ use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
-use crate::revocation::RevocationList;
+use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, CountingBody};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
@@ -47,7 +47,7 @@ pub struct Gateway {
     pub headers: HeaderPolicy,
     pub long_polls: Arc<LongPolls>,
     pub tls: TlsAcceptor,
-    pub revocation: Arc<RevocationList>,
+    pub revocation: Arc<CurrentRevocation>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -253,7 +253,7 @@ impl Gateway {
         record.account = identity.account.dn.clone();
         // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
         let (issuer, serial) = &identity.revocation_key;
-        if self.revocation.is_revoked(issuer, serial) {
+        if self.revocation.load().is_revoked(issuer, serial) {
             let mut response = refuse(Refusal::Denied(DenyReason::CertificateRevoked), record);
             response
                 .headers_mut()

@@ -515,3 +515,29 @@ pub fn assert_refused(result: std::io::Result<HttpResponse>, why: &str) {
         }
     }
 }
+
+/// A device whose connections share one TLS client configuration, so the second and later
+/// handshakes resume the first session (rustls's in-memory session cache).
+pub struct ResumingClient {
+    addr: SocketAddr,
+    connector: TlsConnector,
+}
+
+impl ResumingClient {
+    pub fn new(addr: SocketAddr, ca: &Path, device: &Device) -> ResumingClient {
+        let client = Client::new(addr, ca);
+        ResumingClient {
+            addr,
+            connector: client.tls(Some(device), TlsVersion::Any),
+        }
+    }
+
+    /// One request on a new connection (resumed when the server allows it).
+    pub async fn post(&self, target: &str) -> std::io::Result<HttpResponse> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let stream = self.connector.connect(name, tcp).await?;
+        let mut conn = Connection { stream };
+        conn.request("POST", target, &[], b"").await
+    }
+}

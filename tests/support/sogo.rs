@@ -693,17 +693,10 @@ protocol lda {{
     // -- stopping ------------------------------------------------------------------------------
 
     fn stop_sogod(&mut self) {
-        let Some(mut child) = self.sogod.take() else {
-            return;
-        };
         // The watchdog does not exit on SIGTERM while workers hang on; its workers sit in
-        // process groups of their own. Note them, stop the watchdog (so nothing respawns),
-        // then the workers, each by PID.
-        let workers = descendants(child.id());
-        let _ = child.kill();
-        let _ = child.wait();
-        for pid in workers {
-            signal("KILL", pid);
+        // process groups of their own.
+        if let Some(child) = self.sogod.take() {
+            kill_tree(child);
         }
     }
 }
@@ -715,7 +708,8 @@ impl Drop for Sogo {
             smtp.stop();
         }
         if let Some(child) = self.dovecot.take() {
-            stop(child, "TERM", Duration::from_secs(5));
+            // Dovecot's orderly SIGTERM takes a second or more; nothing here needs keeping.
+            kill_tree(child);
         }
         if let Some(mut child) = self.memcached.take() {
             let _ = child.kill();
@@ -1169,6 +1163,17 @@ fn stop(mut child: Child, name: &str, grace: Duration) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Kills `child` and every process below it, each by PID: the processes below are noted
+/// first, then the parent goes (so it respawns nothing), then they do.
+fn kill_tree(mut child: Child) {
+    let below = descendants(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    for pid in below {
+        signal("KILL", pid);
+    }
 }
 
 /// Every live process below `root`, from /proc.

@@ -1,0 +1,301 @@
+//! The three proxies under test, each started from its own configuration in the bench's temp
+//! dir, pinned with `taskset -c 0`, stopped by PID; and what the bench reads from /proc about
+//! them (resident memory, CPU time).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NGINX_CONF: &str = include_str!("nginx.conf");
+const HAPROXY_CFG: &str = include_str!("haproxy.cfg");
+const SEG_TOML: &str = include_str!("seg.toml");
+
+/// The core every proxy runs on; the bench, its upstream and slapd use the other one.
+pub const PROXY_CORE: &str = "0";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Seg,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Seg, Kind::Nginx, Kind::Haproxy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Seg => "seg",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    fn binary(self, seg_bin: &Path) -> PathBuf {
+        match self {
+            Kind::Seg => seg_bin.to_path_buf(),
+            Kind::Nginx => PathBuf::from("/usr/sbin/nginx"),
+            Kind::Haproxy => PathBuf::from("/usr/sbin/haproxy"),
+        }
+    }
+
+    /// Whether the proxy's program is installed.
+    pub fn available(self, seg_bin: &Path) -> bool {
+        self.binary(seg_bin).is_file()
+    }
+
+    /// `nginx -v` / `haproxy -v` / the seg binary's path, for the report.
+    pub fn version(self, seg_bin: &Path) -> String {
+        let out = match self {
+            Kind::Seg => return format!("seg {}", env!("CARGO_PKG_VERSION")),
+            Kind::Nginx => Command::new(self.binary(seg_bin)).arg("-v").output(),
+            Kind::Haproxy => Command::new(self.binary(seg_bin)).arg("-v").output(),
+        };
+        out.map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// What every proxy configuration is made of.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub seg_bin: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificate then key in one PEM (HAProxy's `crt`).
+    pub cert_and_key: PathBuf,
+    pub ca: PathBuf,
+    pub upstream: SocketAddr,
+    pub ldaps_url: String,
+    pub base_dn: String,
+    pub bind_dn: String,
+    pub password_file: PathBuf,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    /// seg's admin listener (/metrics).
+    pub admin: Option<SocketAddr>,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proxy {
+    /// Writes the configuration for `kind` on `port` (seg's admin on `admin_port`).
+    pub fn new(kind: Kind, setup: &Setup, port: u16, admin_port: u16) -> Proxy {
+        let dir = setup.dir.join(kind.name());
+        std::fs::create_dir_all(&dir).expect("proxy dir");
+        let template = match kind {
+            Kind::Seg => SEG_TOML,
+            Kind::Nginx => NGINX_CONF,
+            Kind::Haproxy => HAPROXY_CFG,
+        };
+        let text = template
+            .replace("{{DIR}}", &dir.display().to_string())
+            .replace("{{PORT}}", &port.to_string())
+            .replace("{{ADMIN}}", &admin_port.to_string())
+            .replace("{{CERT}}", &setup.cert.display().to_string())
+            .replace("{{KEY}}", &setup.key.display().to_string())
+            .replace("{{CERTKEY}}", &setup.cert_and_key.display().to_string())
+            .replace("{{CA}}", &setup.ca.display().to_string())
+            .replace("{{UPSTREAM}}", &setup.upstream.to_string())
+            .replace("{{LDAPS}}", &setup.ldaps_url)
+            .replace("{{BASE_DN}}", &setup.base_dn)
+            .replace("{{BIND_DN}}", &setup.bind_dn)
+            .replace(
+                "{{PASSWORD_FILE}}",
+                &setup.password_file.display().to_string(),
+            );
+        let (file, args) = match kind {
+            Kind::Seg => {
+                let file = dir.join("seg.toml");
+                let args = vec![
+                    "run".into(),
+                    "--config".into(),
+                    file.display().to_string(),
+                    "--threads".into(),
+                    "1".into(),
+                ];
+                (file, args)
+            }
+            Kind::Nginx => {
+                let file = dir.join("nginx.conf");
+                let args = vec![
+                    "-p".into(),
+                    format!("{}/", dir.display()),
+                    "-e".into(),
+                    dir.join("nginx-error.log").display().to_string(),
+                    "-c".into(),
+                    file.display().to_string(),
+                ];
+                (file, args)
+            }
+            Kind::Haproxy => {
+                let file = dir.join("haproxy.cfg");
+                let args = vec!["-f".into(), file.display().to_string(), "-db".into()];
+                (file, args)
+            }
+        };
+        std::fs::write(&file, text).expect("write proxy config");
+        Proxy {
+            kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: (kind == Kind::Seg).then(|| SocketAddr::from(([127, 0, 0, 1], admin_port))),
+            program: kind.binary(&setup.seg_bin),
+            args,
+            log: dir.join("output.log"),
+            child: None,
+        }
+    }
+
+    /// Starts the process pinned to the proxy core; does not wait for it to listen.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.kind.name());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("proxy log");
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(PROXY_CORE)
+            .arg(&self.program)
+            .args(&self.args)
+            // seg's audit records are info-level log lines; the peers run without an access
+            // log, so seg runs without its per-request records too (warnings still logged).
+            .env("SEG_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.kind.name()));
+        self.child = Some(child);
+    }
+
+    /// Starts the process and waits until its listener (and seg's admin) accept connections.
+    pub fn start(&mut self) {
+        self.spawn();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut targets = vec![self.addr];
+        targets.extend(self.admin);
+        for target in targets {
+            loop {
+                if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+                    break;
+                }
+                if let Some(child) = self.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "{} exited at start ({status}); its output:\n{}",
+                            self.kind.name(),
+                            std::fs::read_to_string(&self.log).unwrap_or_default()
+                        );
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not listen on {target} within 20 s; its output:\n{}",
+                    self.kind.name(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("proxy running").id()
+    }
+
+    /// SIGTERM, then SIGKILL after 3 s; returns how long the process took to go.
+    pub fn stop(&mut self) -> Duration {
+        let Some(mut child) = self.child.take() else {
+            return Duration::ZERO;
+        };
+        let start = Instant::now();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(3) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        start.elapsed()
+    }
+
+    /// Resident memory of the proxy process, KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// User plus system CPU time of the whole process (all threads), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // Fields 14 (utime) and 15 (stime) of proc(5), counted after the command name.
+        (ticks(11) + ticks(12)) as f64 / clock_ticks()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

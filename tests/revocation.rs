@@ -1,0 +1,396 @@
+//! Revocation that never goes stale, and PKI changes without a restart: a real OpenSSL CA
+//! (`openssl ca -revoke`, `-gencrl`) issues the devices, seg reloads its configuration while
+//! connections stay open.
+
+mod support;
+
+use std::time::Duration;
+
+use seg::config::Config;
+use support::lab::{
+    config_text, eas_target, metric_value, start_slapd, Client, Device, DirectoryRef, Pki,
+    TlsVersion, CA_AD_NAME,
+};
+use support::openssl_ca::{IssuedDevice, OpensslCa};
+use support::slapd::UserSpec;
+
+/// The lab with device certificates from an OpenSSL CA and its CRL configured.
+struct RevocationLab {
+    pki: Pki,
+    ca: OpensslCa,
+    crl: std::path::PathBuf,
+    config_path: std::path::PathBuf,
+    seg: seg::Running,
+    _slapd: support::slapd::Slapd,
+    _upstream: seg::echo::EchoUpstream,
+    alice: IssuedDevice,
+    bob: IssuedDevice,
+}
+
+impl RevocationLab {
+    async fn start(crl_seconds: u32) -> RevocationLab {
+        let pki = Pki::new();
+        let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+        let alice = ca.issue("alice");
+        let bob = ca.issue("bob");
+        let users = [("alice", &alice), ("bob", &bob)]
+            .into_iter()
+            .map(|(sam, device)| {
+                let mut user = UserSpec::new(sam);
+                user.upn = Some(format!("{sam}@corp.test"));
+                let mut reversed = device.serial.clone();
+                reversed.reverse();
+                user.alt_security_identities = vec![format!(
+                    "X509:<I>{CA_AD_NAME}<SR>{}",
+                    seg::identity::hex(&reversed)
+                )];
+                user
+            })
+            .collect();
+        let slapd = start_slapd(&pki, users);
+        let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let crl = pki.dir.path().join("corp.crl");
+        ca.write_crl(&crl, crl_seconds);
+        let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+        let text = config_text(&pki, &directory, upstream.addr, "").replace(
+            &format!("client_ca = \"{}\"", pki.ca_path.display()),
+            &format!(
+                "client_ca = \"{}\"\ncrl_files = [\"{}\"]",
+                ca.cert.display(),
+                crl.display()
+            ),
+        );
+        assert!(text.contains("crl_files"), "config template changed");
+        let config_path = pki.dir.write("seg.toml", &text);
+        let seg = seg::App::build(Config::load(&config_path).unwrap())
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        RevocationLab {
+            pki,
+            ca,
+            crl,
+            config_path,
+            seg,
+            _slapd: slapd,
+            _upstream: upstream,
+            alice,
+            bob,
+        }
+    }
+
+    fn device(&self, name: &str, issued: &IssuedDevice) -> Device {
+        Device::from_files(name, &issued.cert, &issued.key)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.seg.listen_addr, &self.pki.ca_path)
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.seg.metrics.render(), sample)
+    }
+}
+
+#[tokio::test]
+async fn a_device_revoked_while_connected_is_refused_on_its_next_request() {
+    let lab = RevocationLab::start(3600).await;
+    let alice = lab.device("alice", &lab.alice);
+    let bob = lab.device("bob", &lab.bob);
+    let client = lab.client();
+    let mut held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    lab.ca.revoke(&lab.alice);
+    lab.ca.write_crl(&lab.crl, 3600);
+    lab.seg
+        .reload_file(&lab.config_path)
+        .expect("reload with the new CRL");
+
+    // The open keep-alive connection: 403 and closed.
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        held.request("POST", &eas_target("Sync", "alice"), &[], b"")
+            .await
+            .is_err(),
+        "connection stayed open"
+    );
+    // A new handshake: refused by the verifier.
+    support::lab::assert_refused(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await,
+        "revoked",
+    );
+    assert!(lab.metric("seg_tls_handshakes_total{result=\"certificate_revoked\"}") >= 1.0);
+    assert_eq!(
+        lab.metric(
+            "seg_identity_decisions_total{decision=\"deny\",reason=\"certificate-revoked\"}"
+        ),
+        0.0
+    );
+    // Bob is not revoked.
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        lab.metric("seg_config_reload_total{result=\"success\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_session_never_skips_the_revocation_check() {
+    let lab = RevocationLab::start(3600).await;
+    let alice = lab.device("alice", &lab.alice);
+    let resuming = support::lab::ResumingClient::new(lab.seg.listen_addr, &lab.pki.ca_path, &alice);
+    for _ in 0..2 {
+        let r = resuming.post(&eas_target("Sync", "alice")).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        lab.metric("seg_tls_handshakes_total{result=\"resumed\"}") >= 1.0,
+        "the second connection did not resume"
+    );
+
+    lab.ca.revoke(&lab.alice);
+    lab.ca.write_crl(&lab.crl, 3600);
+    lab.seg
+        .reload_file(&lab.config_path)
+        .expect("reload with the new CRL");
+    // The reloaded configuration shares no session state with the old one: the resumption
+    // attempt becomes a full handshake, and the revoked certificate fails it.
+    let resumed_before = lab.metric("seg_tls_handshakes_total{result=\"resumed\"}");
+    support::lab::assert_refused(
+        resuming.post(&eas_target("Sync", "alice")).await,
+        "resumed revoked",
+    );
+    assert_eq!(
+        lab.metric("seg_tls_handshakes_total{result=\"resumed\"}"),
+        resumed_before
+    );
+}
+
+#[tokio::test]
+async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
+    let lab = RevocationLab::start(2).await;
+    let bob = lab.device("bob", &lab.bob);
+    let client = lab.client();
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    support::lab::assert_refused(
+        client
+            .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+            .await,
+        "stale CRL",
+    );
+    assert!(lab.metric("seg_tls_handshakes_total{result=\"revocation_list_expired\"}") >= 1.0);
+    let mut ready = String::new();
+    for _ in 0..50 {
+        ready = http_get(lab.seg.admin_addr, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("crl"),
+        "{ready}"
+    );
+    assert_eq!(lab.metric("seg_crls_stale"), 1.0);
+    // A fresh CRL, reloaded: served again, ready again.
+    lab.ca.write_crl(&lab.crl, 3600);
+    lab.seg.reload_file(&lab.config_path).unwrap();
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_broken_reload_keeps_the_old_configuration_serving() {
+    let lab = RevocationLab::start(3600).await;
+    let bob = lab.device("bob", &lab.bob);
+    let client = lab.client();
+    let mut held = client.connect(Some(&bob), TlsVersion::Any).await.unwrap();
+    assert_eq!(
+        held.request("POST", &eas_target("Sync", "bob"), &[], b"")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    let good_ca = std::fs::read(&lab.ca.cert).unwrap();
+    std::fs::write(
+        &lab.ca.cert,
+        b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let error = lab
+        .seg
+        .reload_file(&lab.config_path)
+        .expect_err("a broken CA file must be refused");
+    assert!(error.to_string().contains("tls.client_ca"), "{error}");
+    assert_eq!(
+        lab.metric("seg_config_reload_total{result=\"failure\"}"),
+        1.0
+    );
+    // Old configuration: the open connection and new handshakes both still work.
+    assert_eq!(
+        held.request("POST", &eas_target("Sync", "bob"), &[], b"")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // A reload that would need a restart is refused too.
+    let moved = std::fs::read_to_string(&lab.config_path)
+        .unwrap()
+        .replace("handshake_timeout = \"5s\"", "handshake_timeout = \"6s\"");
+    std::fs::write(&lab.ca.cert, good_ca).unwrap();
+    std::fs::write(&lab.config_path, moved).unwrap();
+    let error = lab
+        .seg
+        .reload_file(&lab.config_path)
+        .expect_err("[listen] changes need a restart");
+    assert!(error.to_string().contains("restart"), "{error}");
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The binary reloads on SIGHUP and when a watched file (the CRL) changes.
+#[tokio::test]
+async fn the_binary_reloads_on_sighup_and_on_a_changed_crl() {
+    use std::io::BufRead;
+    let lab = RevocationLab::start(3600).await;
+    let text =
+        std::fs::read_to_string(&lab.config_path).unwrap() + "\n[reload]\nwatch_files = false\n";
+    let config = lab.pki.dir.write("binary.toml", &text);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seg"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("SEG_LOG", "info,seg::audit=off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let listen: std::net::SocketAddr = loop {
+        let line = lines.next().expect("seg printed nothing").unwrap();
+        if let Some(start) = line.find("\"listen_addr\":\"") {
+            let rest = &line[start + 15..];
+            break rest[..rest.find('"').unwrap()].parse().unwrap();
+        }
+    };
+    let pid = child.id().to_string();
+    let client = Client::new(listen, &lab.pki.ca_path);
+    let alice = lab.device("alice", &lab.alice);
+    let bob = lab.device("bob", &lab.bob);
+    assert_eq!(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let mut held = client.connect(Some(&bob), TlsVersion::Any).await.unwrap();
+    assert_eq!(
+        held.request("POST", &eas_target("Sync", "bob"), &[], b"")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // SIGHUP: alice revoked.
+    lab.ca.revoke(&lab.alice);
+    lab.ca.write_crl(&lab.crl, 3600);
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        if client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "SIGHUP did not bring in the new CRL");
+
+    // Watched files: turn watching on with a short interval by reloading once more, then a
+    // new CRL revoking bob is picked up on its own; bob's open connection is refused.
+    let watching = text.replace(
+        "watch_files = false",
+        "watch_files = true\nwatch_interval = \"200ms\"",
+    );
+    std::fs::write(&config, watching).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lab.ca.revoke(&lab.bob);
+    lab.ca.write_crl(&lab.crl, 3600);
+    let mut status = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = match held
+            .request("POST", &eas_target("Sync", "bob"), &[], b"")
+            .await
+        {
+            Ok(r) => r.status,
+            Err(_) => break,
+        };
+        if status == 403 {
+            break;
+        }
+    }
+    assert_eq!(status, 403, "the changed CRL was not picked up");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
