@@ -67,6 +67,16 @@ pub fn server_config(
     Ok(Arc::new(server))
 }
 
+/// The verifier seg applies to an https:// upstream: webpki with exactly the given roots
+/// (never the system's).
+pub fn upstream_verifier(
+    roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| tls_error("upstream.ca_file", e))
+}
+
 /// Reads every certificate of a PEM file; an empty file is an error.
 pub fn read_certs(
     path: &Path,

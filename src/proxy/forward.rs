@@ -170,11 +170,18 @@ impl Upstream {
                     .map_err(|e| UpstreamSetupError(e.to_string()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| UpstreamSetupError(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| UpstreamSetupError(e.to_string()))?;
+        // No CA file: an http:// upstream (an https:// one without it is a config error), so
+        // an empty trust store that can verify nothing.
+        let tls = if roots.is_empty() {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            let verifier =
+                crate::tls::upstream_verifier(roots).map_err(|e| UpstreamSetupError(e.message))?;
+            builder.with_webpki_verifier(verifier).with_no_client_auth()
+        };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

@@ -30,16 +30,18 @@
 //! What SOGo does that a test must know:
 //!
 //! * With `SOGoTrustProxyAuthentication = YES` every request is served as the user in
-//!   `x-webobjects-remote-user`, unknown user → 403; with no such header, as the user of any
-//!   `Authorization: Basic` header, password unchecked. `User=` in the query is ignored.
+//!   `x-webobjects-remote-user` (it wins over `Authorization`), unknown user → 403; with no
+//!   such header, as the user of any `Authorization: Basic` header, password unchecked; with
+//!   neither, 403. `User=` in the query is ignored.
 //! * Provision answers without a PolicyKey.
 //! * sogod closes the connection after every response without sending `Connection: close`; a
-//!   client that reuses the connection at once can get a reset.
+//!   client that reuses the connection at once can get a reset (seg's pooled upstream client
+//!   answered such a request with 502: give seg `upstream.pool_max_idle_per_host = 0`).
 //! * A Ping's HeartbeatInterval above `SOGoMaximumPingInterval` (60 s here) gets Status 5;
 //!   changes are noticed every `SOGoInternalSyncInterval` (5 s here); an idle Ping returns
 //!   Status 1 after its heartbeat. Each Ping holds one sogod worker (8 here) for its length.
-//! * The first Ping after a device's first Sync reports the Inbox as changed; an incremental
-//!   Sync first settles that.
+//! * A Ping right after a Sync that brought new items can report the Inbox changed once more
+//!   (the next Sync brings nothing); an incremental Sync before an idle Ping settles that.
 //! * A fresh Dovecot mailbox makes SOGo's Sync come back empty until CONDSTORE has been used
 //!   on it once; the start-up does that for every mailbox that exists then.
 //! * sogod's access log (in [`Sogo::log`], parsed by [`Sogo::requests`]) names the request
