@@ -23,6 +23,8 @@ pub struct Health {
     pub upstream_up: AtomicBool,
     /// Every CRL is within its nextUpdate.
     pub crls_fresh: AtomicBool,
+    /// A drain has begun: the balancer should send no more devices here.
+    pub draining: AtomicBool,
 }
 
 impl Default for Health {
@@ -31,6 +33,7 @@ impl Default for Health {
             directory_up: AtomicBool::new(false),
             upstream_up: AtomicBool::new(false),
             crls_fresh: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
         }
     }
 }
@@ -39,6 +42,9 @@ impl Health {
     /// The names of the dependencies that are down.
     pub fn failing(&self) -> Vec<&'static str> {
         let mut down = Vec::new();
+        if self.draining.load(Ordering::Acquire) {
+            down.push("draining");
+        }
         if !self.directory_up.load(Ordering::Acquire) {
             down.push("directory");
         }

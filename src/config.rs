@@ -38,6 +38,11 @@ pub struct ListenConfig {
     /// in one (hyper arms its header timer as soon as a connection waits for a request).
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Networks whose connections must start with a PROXY protocol header (v1 or v2).
+    pub proxy_protocol_from: Vec<crate::proxy_protocol::IpNetwork>,
+    /// On SIGTERM: how long short requests may finish and over which held long polls are
+    /// closed, spread out so the devices do not all reconnect in the same second.
+    pub drain_window: Duration,
 }
 
 /// Server certificate and the enterprise CA that issues device certificates.
@@ -387,6 +392,23 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         handshake_timeout: s.duration("handshake_timeout", "10s", p),
         idle_timeout: s.duration("idle_timeout", "120s", p),
         max_connections: s.integer("max_connections", 20_000, 1, p),
+        proxy_protocol_from: {
+            let key = s.key("proxy_protocol_from");
+            s.string_list("proxy_protocol_from", &[], p)
+                .iter()
+                .enumerate()
+                .filter_map(
+                    |(i, text)| match text.parse::<crate::proxy_protocol::IpNetwork>() {
+                        Ok(net) => Some(net),
+                        Err(e) => {
+                            p.push(&format!("{key}[{i}]"), &e);
+                            None
+                        }
+                    },
+                )
+                .collect()
+        },
+        drain_window: s.duration("drain_window", "60s", p),
     };
     s.finish(p);
 

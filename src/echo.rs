@@ -1,8 +1,9 @@
 //! An ActiveSync stand-in for the demo and the tests: it answers every request with the
 //! method, target and headers it received, and records them.
 //!
-//! Test controls, sent as request headers: `x-echo-status: 449` answers with that status and
-//! `x-echo-response-header: Name: value` adds a response header. An upstream started with a
+//! Test controls, sent as request headers: `x-echo-status: 449` answers with that status,
+//! `x-echo-response-header: Name: value` adds a response header, `x-echo-delay-ms: 500`
+//! answers after that long. An upstream started with a
 //! hold keeps every `Cmd=Ping` request open for that long, and counts the held requests whose
 //! connection went away before the answer (`aborted_holds`).
 
@@ -196,8 +197,12 @@ async fn echo(
     .unwrap_or_default();
     let status = header(&recorded, "x-echo-status").and_then(|s| s.parse::<u16>().ok());
     let extra = header(&recorded, "x-echo-response-header");
+    let delay = header(&recorded, "x-echo-delay-ms").and_then(|d| d.parse::<u64>().ok());
     if let Ok(mut log) = log.lock() {
         log.push(recorded);
+    }
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if let (true, Some(duration)) = (is_ping, holds.duration) {
         holds.active.fetch_add(1, Ordering::AcqRel);

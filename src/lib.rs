@@ -18,6 +18,7 @@
 //! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
+//! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
 //! - [`proxy`]: accept, handshake, per-request decision, header hygiene, forwarding, audit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`mapcheck`]: `seg map` — the listener's validation and mapping for one certificate,
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod resolver;
 pub mod revocation;
 pub mod tls;
@@ -93,6 +95,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     live: Arc<Live>,
+    drain: watch::Sender<Option<proxy::DrainPlan>>,
+    serving: JoinHandle<()>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -198,13 +202,14 @@ impl App {
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (drain, drain_rx) = watch::channel(None);
+        let serving = tokio::spawn(proxy::serve(
+            listener,
+            Arc::clone(&live),
+            max_connections,
+            drain_rx,
+        ));
         let tasks = vec![
-            tokio::spawn(proxy::serve(
-                listener,
-                Arc::clone(&live),
-                max_connections,
-                shutdown_rx.clone(),
-            )),
             tokio::spawn(admin::serve(
                 admin_listener,
                 Arc::clone(&self.metrics),
@@ -225,6 +230,8 @@ impl App {
             metrics: self.metrics,
             health,
             live,
+            drain,
+            serving,
             shutdown,
             tasks,
         })
@@ -310,12 +317,32 @@ impl Running {
         )
     }
 
-    /// Stops accepting, lets open requests finish (bounded), and returns.
-    pub async fn stop(self) {
+    /// Drains, then stops: `/readyz` fails at once so the balancer stops sending devices;
+    /// no new connections or requests are taken; requests in flight finish within `window`;
+    /// held long polls are closed at moments spread over `window`; then the admin listener
+    /// stops too.
+    pub async fn drain(self, window: std::time::Duration) {
+        self.health.draining.store(true, Ordering::Release);
+        tracing::info!(target: "seg::listener", window_secs = window.as_secs_f64(), "draining");
+        let _ = self.drain.send(Some(proxy::DrainPlan {
+            started: std::time::Instant::now(),
+            window,
+        }));
+        let _ = self.serving.await;
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+
+    /// The configured drain window (`listen.drain_window`).
+    pub fn drain_window(&self) -> std::time::Duration {
+        self.live.load().config.listen.drain_window
+    }
+
+    /// Stops at once: held requests are cut (tests, the demo).
+    pub async fn stop(self) {
+        self.drain(std::time::Duration::ZERO).await;
     }
 }
 

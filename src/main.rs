@@ -137,8 +137,9 @@ async fn run(path: PathBuf) -> i32 {
         }
     };
     serve_until_stopped(&running, &path).await;
-    tracing::info!(target: "seg::listener", "stopping");
-    running.stop().await;
+    let window = running.drain_window();
+    running.drain(window).await;
+    tracing::info!(target: "seg::listener", "stopped");
     0
 }
 

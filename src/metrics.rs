@@ -19,6 +19,7 @@ pub struct Metrics {
     pub directory_search_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
     pub open_connections: IntGauge,
+    pub drained_connections: IntCounter,
     pub long_polls: IntGauge,
     pub config_reloads: IntCounterVec,
     pub crl_next_update: prometheus::GaugeVec,
@@ -142,6 +143,11 @@ impl Metrics {
             "notAfter of the server certificate in use, as a Unix time.",
         )
         .expect("valid metric");
+        let drained_connections = IntCounter::new(
+            "drained_connections_total",
+            "Connections closed by a drain before their request finished (held long polls, mostly).",
+        )
+        .expect("valid metric");
         let connections_refused = IntCounter::new(
             "connections_refused_total",
             "Device connections closed at accept because max_connections was reached.",
@@ -175,6 +181,7 @@ impl Metrics {
             directory_search_duration,
             upstream_errors,
             open_connections,
+            drained_connections,
             long_polls,
             config_reloads,
             crl_next_update,
@@ -194,6 +201,7 @@ impl Metrics {
             Box::new(metrics.directory_search_duration.clone()),
             Box::new(metrics.upstream_errors.clone()),
             Box::new(metrics.open_connections.clone()),
+            Box::new(metrics.drained_connections.clone()),
             Box::new(metrics.long_polls.clone()),
             Box::new(metrics.config_reloads.clone()),
             Box::new(metrics.crl_next_update.clone()),

@@ -140,6 +140,8 @@ impl LongPollCap {
 pub struct LongPollGuard {
     polls: Arc<LongPolls>,
     device: (String, String),
+    /// The connection's own count of held long polls.
+    connection: Arc<AtomicUsize>,
 }
 
 impl LongPolls {
@@ -170,6 +172,7 @@ impl LongPolls {
         self: &Arc<Self>,
         account: &str,
         device_id: &str,
+        connection: &Arc<AtomicUsize>,
     ) -> Result<LongPollGuard, LongPollCap> {
         let key = (account.to_ascii_lowercase(), device_id.to_string());
         let mut devices = self.per_device.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,9 +192,11 @@ impl LongPolls {
         *accounts.entry(key.0.clone()).or_insert(0) += 1;
         self.total.fetch_add(1, Ordering::AcqRel);
         self.gauge.inc();
+        connection.fetch_add(1, Ordering::AcqRel);
         Ok(LongPollGuard {
             polls: Arc::clone(self),
             device: key,
+            connection: Arc::clone(connection),
         })
     }
 }
@@ -205,6 +210,7 @@ impl Drop for LongPollGuard {
         decrement(&mut accounts, &self.device.0);
         polls.total.fetch_sub(1, Ordering::AcqRel);
         polls.gauge.dec();
+        self.connection.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -318,27 +324,30 @@ mod tests {
         };
         let gauge = prometheus::IntGauge::new("g", "g").unwrap();
         let polls = Arc::new(LongPolls::new(&config, gauge.clone()));
-        let a = polls.acquire("alice", "D1").unwrap();
-        let b = polls.acquire("Alice", "D1").unwrap();
+        let conn = Arc::new(AtomicUsize::new(0));
+        let a = polls.acquire("alice", "D1", &conn).unwrap();
+        let b = polls.acquire("Alice", "D1", &conn).unwrap();
         assert_eq!(
-            polls.acquire("alice", "D1").err(),
+            polls.acquire("alice", "D1", &conn).err(),
             Some(LongPollCap::Device),
             "the third Ping of one device"
         );
-        let c = polls.acquire("alice", "D2").unwrap();
+        let c = polls.acquire("alice", "D2", &conn).unwrap();
         assert_eq!(
-            polls.acquire("alice", "D3").err(),
+            polls.acquire("alice", "D3", &conn).err(),
             Some(LongPollCap::Account)
         );
-        let d = polls.acquire("bob", "D1").unwrap();
+        let d = polls.acquire("bob", "D1", &conn).unwrap();
         assert_eq!(
-            polls.acquire("carol", "D1").err(),
+            polls.acquire("carol", "D1", &conn).err(),
             Some(LongPollCap::Gateway)
         );
         assert_eq!(gauge.get(), 4);
+        assert_eq!(conn.load(Ordering::Acquire), 4);
         drop((a, b, c, d));
         assert_eq!(gauge.get(), 0);
+        assert_eq!(conn.load(Ordering::Acquire), 0);
         assert!(polls.per_device.lock().unwrap().is_empty());
-        assert!(polls.acquire("alice", "D1").is_ok());
+        assert!(polls.acquire("alice", "D1", &conn).is_ok());
     }
 }

@@ -21,11 +21,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # samba ... krb5-user: tests/support/samba.rs (a Samba AD DC for tests/mapping_ad.rs); the
 # provisioning data and the DC's VFS modules are only Recommends of samba, so named here.
 # openssl, curl: tests/gateway.rs and tests/cli.rs call them.
+# sogo ... memcached: tests/support/sogo.rs (a real ActiveSync server for
+# tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
 APT_PACKAGES=(
     slapd ldap-utils
     samba samba-dsdb-modules samba-vfs-modules samba-ad-provision ldb-tools krb5-user
     openssl curl
+    sogo sogo-activesync postgresql dovecot-imapd memcached
 )
+# The real ActiveSync client the SOGo test drives (tests/eas_client.py).
+PIP_PACKAGES=(pyactivesync==0.17.0)
 
 now() { date +%s%N; }
 secs() { awk -v ns="$1" 'BEGIN { printf "%.1f s", ns / 1e9 }'; }
@@ -150,6 +155,14 @@ install_packages() {
     fi
 }
 
+install_python_packages() {
+    if python3 -c 'import pyactivesync' >/dev/null 2>&1; then
+        echo "already installed: ${PIP_PACKAGES[*]}"
+        return 0
+    fi
+    python3 -m pip install -q "${PIP_PACKAGES[@]}" || return
+}
+
 install_rust_components() {
     local components=()
     cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
@@ -172,6 +185,7 @@ run_tests() {
 }
 
 step --fatal "install Debian packages" install_packages
+step --fatal "install Python packages" install_python_packages
 step --fatal "install rustfmt and clippy" install_rust_components
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings" \

@@ -114,12 +114,9 @@ impl Report {
             ));
             for k in kinds {
                 let cell = match row.values.get(k).and_then(|v| summary(v)) {
-                    Some(s) if s.runs > 1 => format!(
-                        "{} ({}–{})",
-                        number(s.median),
-                        number(s.min),
-                        number(s.max)
-                    ),
+                    Some(s) if s.runs > 1 => {
+                        format!("{} ({}–{})", number(s.median), number(s.min), number(s.max))
+                    }
                     Some(s) => number(s.median),
                     None => "—".into(),
                 };
@@ -160,7 +157,9 @@ impl Report {
                     .map(|v| if v.is_finite() { json!(v) } else { Value::Null })
                     .collect();
                 let figure = match summary(values) {
-                    Some(s) => json!({"median": s.median, "min": s.min, "max": s.max, "runs": runs}),
+                    Some(s) => {
+                        json!({"median": s.median, "min": s.min, "max": s.max, "runs": runs})
+                    }
                     None => json!({"median": null, "min": null, "max": null, "runs": runs}),
                 };
                 proxies.insert(kind.name().into(), figure);

@@ -10,7 +10,7 @@ mod refusal;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -83,24 +83,49 @@ struct DeviceConnection {
     peer_ip: HeaderValue,
     fingerprint: CertFingerprint,
     leaf: Vec<u8>,
+    /// Long polls held on this connection now (a drain closes such a connection early).
+    long_polls: Arc<AtomicUsize>,
 }
 
-/// How long shutdown waits for open requests before giving up on them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Beyond the drain window, how long connections get to close before serve returns anyway.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
-/// Accepts devices until `shutdown` turns true, then lets open requests finish. Each
+/// A drain in progress: no new connections, no new requests on open ones; short requests
+/// finish by the deadline, held long polls are closed at moments spread over the window so
+/// the devices do not all reconnect in the same second.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainPlan {
+    pub started: Instant,
+    pub window: Duration,
+}
+
+impl DrainPlan {
+    pub fn deadline(&self) -> Instant {
+        self.started + self.window
+    }
+
+    /// A uniformly random moment within the window.
+    fn spread(&self) -> Instant {
+        let mut bytes = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        let fraction = u32::from_le_bytes(bytes) as f64 / u32::MAX as f64;
+        self.started + self.window.mul_f64(fraction)
+    }
+}
+
+/// Accepts devices until a drain starts, then waits for the connections to close. Each
 /// connection is served by the gateway live when it was accepted.
 pub async fn serve(
     listener: TcpListener,
     live: Arc<Live>,
     max: usize,
-    mut shutdown: watch::Receiver<bool>,
+    mut drain: watch::Receiver<Option<DrainPlan>>,
 ) {
     let slots = Arc::new(Semaphore::new(max));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
+            _ = drain.changed() => break,
         };
         let (tcp, peer) = match accepted {
             Ok(a) => a,
@@ -116,27 +141,57 @@ pub async fn serve(
             gateway.metrics.connections_refused.inc();
             continue;
         };
-        let shutdown = shutdown.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
-            gateway.connection(tcp, peer, shutdown).await;
+            gateway.connection(tcp, peer, drain).await;
             drop(slot);
         });
     }
+    drop(listener);
+    let window = drain.borrow().map(|plan| plan.window).unwrap_or_default();
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await;
+    let _ = tokio::time::timeout(window + DRAIN_GRACE, slots.acquire_many(all)).await;
 }
 
 impl Gateway {
     async fn connection(
         self: Arc<Self>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        mut shutdown: watch::Receiver<bool>,
+        mut tcp: TcpStream,
+        mut peer: SocketAddr,
+        mut drain: watch::Receiver<Option<DrainPlan>>,
     ) {
         self.metrics.open_connections.inc();
         let _open = OpenConnection(Arc::clone(&self.metrics));
         let _ = tcp.set_nodelay(true);
         let handshake_timeout = self.config.listen.handshake_timeout;
+        let front = &self.config.listen.proxy_protocol_from;
+        if front.iter().any(|net| net.contains(peer.ip())) {
+            // The front must say who the device is; anything else is refused.
+            match tokio::time::timeout(
+                handshake_timeout,
+                crate::proxy_protocol::read_header(&mut tcp),
+            )
+            .await
+            {
+                Ok(Ok(Some(device))) => peer = device,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    self.metrics
+                        .handshakes
+                        .with_label_values(&["proxy_header_invalid"])
+                        .inc();
+                    tracing::debug!(target: "seg::listener", %peer, error = %e, "PROXY header refused");
+                    return;
+                }
+                Err(_) => {
+                    self.metrics
+                        .handshakes
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    return;
+                }
+            }
+        }
         let tls = match tokio::time::timeout(handshake_timeout, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -173,7 +228,9 @@ impl Gateway {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             fingerprint: CertFingerprint::of(leaf.as_ref()),
             leaf: leaf.as_ref().to_vec(),
+            long_polls: Arc::new(AtomicUsize::new(0)),
         });
+        let holds_long_poll = Arc::clone(&device.long_polls);
         let gateway = Arc::clone(&self);
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
@@ -186,15 +243,29 @@ impl Gateway {
             .keep_alive(true)
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
-        tokio::select! {
+        let plan = tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(target: "seg::listener", %peer, error = %e, "connection ended with an error");
                 }
+                return;
             }
-            _ = shutdown.changed() => {
-                connection.as_mut().graceful_shutdown();
-                let _ = connection.await;
+            _ = drain.changed() => *drain.borrow(),
+        };
+        let Some(plan) = plan else {
+            return;
+        };
+        // No new requests; the one in flight may finish, a held long poll until its moment.
+        connection.as_mut().graceful_shutdown();
+        let close_at = if holds_long_poll.load(Ordering::Acquire) > 0 {
+            plan.spread()
+        } else {
+            plan.deadline()
+        };
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            _ = tokio::time::sleep_until(close_at.into()) => {
+                self.metrics.drained_connections.inc();
             }
         }
     }
@@ -293,7 +364,7 @@ impl Gateway {
             if eas.is_long_poll() {
                 let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
                 let device_id = eas.device_id.as_deref().unwrap_or("");
-                match self.long_polls.acquire(sam, device_id) {
+                match self.long_polls.acquire(sam, device_id, &device.long_polls) {
                     Ok(guard) => record.long_poll = Some(guard),
                     Err(cap) => return self.refuse_policy(Refusal::Busy(cap.code()), record),
                 }

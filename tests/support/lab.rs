@@ -287,6 +287,33 @@ impl Lab {
         Client::new(self.seg.listen_addr, &self.pki.ca_path)
     }
 
+    /// Restarts seg with its configuration text edited (for keys a reload cannot change).
+    pub async fn reconfigure(self, edit: impl Fn(&str) -> String) -> Lab {
+        let Lab {
+            pki,
+            slapd,
+            upstream,
+            seg,
+            config_path,
+        } = self;
+        seg.stop().await;
+        let text = edit(&std::fs::read_to_string(&config_path).expect("lab config"));
+        std::fs::write(&config_path, text).expect("lab config");
+        let config = Config::load(&config_path).unwrap_or_else(|e| panic!("lab config: {e}"));
+        let seg = App::build(config)
+            .unwrap_or_else(|e| panic!("lab build: {e}"))
+            .start()
+            .await
+            .expect("seg start");
+        Lab {
+            pki,
+            slapd,
+            upstream,
+            seg,
+            config_path,
+        }
+    }
+
     pub fn metric(&self, name_and_labels: &str) -> f64 {
         metric_value(&self.seg.metrics.render(), name_and_labels)
     }
@@ -348,6 +375,11 @@ impl Client {
             addr,
             roots: Arc::new(roots),
         }
+    }
+
+    /// The TLS connector a device uses (for callers that write their own bytes first).
+    pub fn connector_for(&self, device: &Device) -> TlsConnector {
+        self.tls(Some(device), TlsVersion::Any)
     }
 
     fn tls(&self, device: Option<&Device>, version: TlsVersion) -> TlsConnector {

@@ -1,0 +1,1253 @@
+//! The device-fleet benchmark: seg side by side with nginx and HAProxy doing the same job.
+//!
+//! `cargo bench --bench fleet` (full: 10,000 devices, 3 rounds) or
+//! `cargo bench --bench fleet -- --quick` (1,500 devices, 1 round, well under 2 minutes; CI).
+//! More options: `--rounds N`, `--devices N`, `--levels 2000,5000,9000`, `--proxies seg,nginx`.
+//!
+//! What it sets up (all on 127.0.0.1, in a temp dir, stopped by PID at the end):
+//! - a CA, a server certificate and one ECDSA P-256 certificate per device, each device mapped
+//!   strongly to its own account (`altSecurityIdentities` `X509:<I>…<SR>serial`), loaded into a
+//!   throwaway slapd (tests/support/slapd.rs) reached over LDAPS;
+//! - a fast upstream (benches/fleet/upstream.rs) in a child process;
+//! - seg (`target/release/seg run`), nginx and HAProxy from the templates in benches/fleet/,
+//!   each one process pinned to core 0 (`taskset -c 0`); the bench, the upstream and slapd run
+//!   on core 1.
+//!
+//! Each round runs every scenario against seg, then nginx, then HAProxy (interleaved rounds);
+//! the table gives the median and min–max over rounds and the ratios seg/nginx, seg/HAProxy.
+//! The table goes to stdout and `target/fleet/report.json`.
+
+#[path = "fleet/http.rs"]
+mod http;
+#[path = "fleet/peers.rs"]
+mod peers;
+#[path = "fleet/report.rs"]
+mod report;
+#[allow(dead_code)]
+#[path = "../tests/support/slapd.rs"]
+mod slapd;
+#[path = "fleet/upstream.rs"]
+mod upstream;
+
+use std::io::{self, BufRead as _};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ClientConfig;
+use seg::pki::{CertAuthority, LeafSpec};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Semaphore};
+
+use http::{connect_plain, connect_tls, device_config, eas_request, HttpConn};
+use peers::{free_port, Kind, Proxy, Setup};
+use report::Report;
+use slapd::{Slapd, SlapdOptions, TlsFiles, UserSpec};
+
+/// The fleet CA's name as AD writes it in `altSecurityIdentities`.
+const CA_AD_NAME: &str = "O=Fleet Test,CN=Fleet Issuing CA";
+const DOMAIN: &str = "corp.test";
+
+struct Opts {
+    quick: bool,
+    devices: usize,
+    rounds: usize,
+    keepalive_secs: f64,
+    latency_secs: f64,
+    latency_rate: f64,
+    handshakes: usize,
+    resumed_secs: f64,
+    levels: Vec<usize>,
+    kinds: Vec<Kind>,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut opts = if quick {
+            Opts {
+                quick,
+                devices: 1500,
+                rounds: 1,
+                keepalive_secs: 2.0,
+                latency_secs: 2.0,
+                latency_rate: 2000.0,
+                handshakes: 400,
+                resumed_secs: 2.0,
+                levels: vec![250, 500, 1000],
+                kinds: Kind::ALL.to_vec(),
+            }
+        } else {
+            Opts {
+                quick,
+                devices: 10_000,
+                rounds: 3,
+                keepalive_secs: 5.0,
+                latency_secs: 5.0,
+                latency_rate: 2000.0,
+                handshakes: 4000,
+                resumed_secs: 5.0,
+                levels: vec![2000, 5000, 9000],
+                kinds: Kind::ALL.to_vec(),
+            }
+        };
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        if let Some(v) = value("--rounds") {
+            opts.rounds = v.parse().expect("--rounds N");
+        }
+        if let Some(v) = value("--devices") {
+            opts.devices = v.parse().expect("--devices N");
+        }
+        if let Some(v) = value("--levels") {
+            opts.levels = v
+                .split(',')
+                .map(|l| l.parse().expect("--levels a,b,c"))
+                .collect();
+        }
+        if let Some(v) = value("--proxies") {
+            opts.kinds = v
+                .split(',')
+                .map(|k| Kind::parse(k).expect("--proxies seg,nginx,haproxy"))
+                .collect();
+        }
+        let most = opts.levels.iter().copied().max().unwrap_or(0);
+        opts.devices = opts.devices.max(most).max(opts.handshakes + 1).max(65);
+        opts
+    }
+}
+
+/// One simulated device: its TLS client configuration and its two requests.
+struct Device {
+    cert_der: Vec<u8>,
+    key: PrivateKeyDer<'static>,
+    config: Arc<ClientConfig>,
+    sync: Vec<u8>,
+    ping: Vec<u8>,
+}
+
+type Fleet = Arc<Vec<Device>>;
+
+fn main() {
+    if std::env::var_os("FLEET_ROLE").is_some_and(|r| r == "upstream") {
+        upstream::child_main();
+        return;
+    }
+    let opts = Opts::parse();
+    let started = Instant::now();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The load generator (and everything it starts: slapd, the upstream) on core 1.
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+
+    let seg_bin = PathBuf::from(env!("CARGO_BIN_EXE_seg"));
+    let mut report = Report::default();
+    let kinds: Vec<Kind> = opts
+        .kinds
+        .iter()
+        .copied()
+        .filter(|k| {
+            let ok = k.available(&seg_bin);
+            if !ok {
+                report.notes.push(format!(
+                    "{} is not installed (apt-get install -y nginx haproxy): skipped",
+                    k.name()
+                ));
+            }
+            ok
+        })
+        .collect();
+
+    let mut levels = opts.levels.clone();
+    let limit = open_file_limit();
+    // The bench holds one socket per held device, plus a few dozen of its own.
+    if let Some(limit) = limit {
+        let most = limit.saturating_sub(200) as usize;
+        if levels.iter().any(|&l| l > most) {
+            report.notes.push(format!(
+                "long-poll levels capped at {most} by this process's open-file limit ({limit})"
+            ));
+            levels.retain(|&l| l <= most);
+            if levels.is_empty() {
+                levels.push(most);
+            }
+        }
+    }
+
+    let dir = std::env::temp_dir().join(format!("seg-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    eprintln!(
+        "fleet: {} mode, {} devices, {} round(s), proxies {:?}, work dir {}",
+        if opts.quick { "quick" } else { "full" },
+        opts.devices,
+        opts.rounds,
+        kinds.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        dir.display()
+    );
+
+    // PKI and the directory.
+    let t = Instant::now();
+    let ca = CertAuthority::new("Fleet Test", "Fleet Issuing CA").expect("CA");
+    let server = ca.issue(&LeafSpec::loopback_server()).expect("server cert");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let ca_path = write("ca.pem", &ca.cert_pem());
+    let cert_path = write("server.pem", &server.cert_pem);
+    let key_path = write("server.key", &server.key_pem);
+    let cert_and_key = write(
+        "server-and-key.pem",
+        &format!("{}{}", server.cert_pem, server.key_pem),
+    );
+    let password_file = write("bind-password", "svc-password\n");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der())).expect("fleet CA");
+    let roots = Arc::new(roots);
+    let _ = ROOTS.set(roots.clone());
+    let (fleet, users) = make_fleet(&ca, &roots, opts.devices);
+    let fleet: Fleet = Arc::new(fleet);
+    eprintln!(
+        "fleet: {} device certificates in {:.1} s",
+        fleet.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let slapd = Slapd::start(SlapdOptions {
+        users,
+        bind_password: "svc-password".into(),
+        tls: Some(TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+            ca: ca_path.clone(),
+        }),
+        ..SlapdOptions::default()
+    });
+    eprintln!(
+        "fleet: slapd with {} accounts in {:.1} s",
+        fleet.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let upstream = UpstreamChild::start();
+
+    let setup = Setup {
+        dir: dir.clone(),
+        seg_bin: seg_bin.clone(),
+        cert: cert_path,
+        key: key_path,
+        cert_and_key,
+        ca: ca_path,
+        upstream: upstream.addr,
+        ldaps_url: slapd.ldaps_url(),
+        base_dn: slapd.suffix().to_string(),
+        bind_dn: slapd.bind_dn(),
+        password_file,
+    };
+    let mut proxies: Vec<Proxy> = kinds
+        .iter()
+        .map(|&k| Proxy::new(k, &setup, free_port(), free_port()))
+        .collect();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut direct = Vec::new();
+    runtime.block_on(async {
+        for round in 0..opts.rounds {
+            eprintln!("fleet: round {} of {}", round + 1, opts.rounds);
+            let base = direct_baseline(upstream.addr, &opts).await;
+            eprintln!(
+                "  direct upstream at {}/s: p50 {} µs, p99 {} µs",
+                opts.latency_rate, base.0, base.1
+            );
+            direct.push(base);
+            for proxy in proxies.iter_mut() {
+                run_proxy(
+                    proxy,
+                    &fleet,
+                    &opts,
+                    &levels,
+                    upstream.addr,
+                    base,
+                    &mut report,
+                )
+                .await;
+            }
+        }
+    });
+
+    for proxy in proxies.iter_mut() {
+        proxy.stop();
+    }
+    drop(upstream);
+    drop(slapd);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Facts of the run.
+    report.notes.push(format!(
+        "direct upstream (plain HTTP, no proxy) at {}/s: p50 {} µs, p99 {} µs (per round: {:?})",
+        opts.latency_rate,
+        direct.iter().map(|d| d.0).sum::<f64>() / direct.len().max(1) as f64,
+        direct.iter().map(|d| d.1).sum::<f64>() / direct.len().max(1) as f64,
+        direct
+    ));
+    report.notes.push(
+        "TLS 1.3 everywhere (rustls client default), X25519, ECDSA P-256 certificates. Resumption: \
+         seg = rustls defaults (stateful cache of 256 sessions, 2 TLS 1.3 tickets per handshake); \
+         nginx = tickets on (its default) plus ssl_session_cache shared:SSL:64m (its default is none); \
+         HAProxy = its defaults (tickets, 20,000-entry cache)."
+            .into(),
+    );
+    report.notes.push(
+        "Logging: nginx access_log off, HAProxy no log, seg SEG_LOG=warn (no per-request audit lines)."
+            .into(),
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let header = json!({
+        "mode": if opts.quick { "quick" } else { "full" },
+        "devices": fleet.len(),
+        "rounds": opts.rounds,
+        "levels": levels,
+        "keepalive_seconds": opts.keepalive_secs,
+        "latency_rate": opts.latency_rate,
+        "handshakes_per_pass": opts.handshakes,
+        "elapsed_seconds": elapsed,
+        "machine": machine(),
+        "versions": kinds.iter().map(|k| (k.name(), k.version(&seg_bin))).collect::<std::collections::BTreeMap<_, _>>(),
+        "open_file_limit": limit,
+    });
+    let markdown = report.markdown(&kinds);
+    println!(
+        "\n## Fleet benchmark ({} mode, {} devices, {} round(s), {:.0} s)\n\n{markdown}",
+        if opts.quick { "quick" } else { "full" },
+        fleet.len(),
+        opts.rounds,
+        elapsed
+    );
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("fleet");
+    std::fs::create_dir_all(&out_dir).expect("target/fleet");
+    let json = report.json(header);
+    std::fs::write(
+        out_dir.join("report.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write report.json");
+    std::fs::write(out_dir.join("report.md"), markdown).expect("write report.md");
+    eprintln!("fleet: wrote {}", out_dir.join("report.json").display());
+}
+
+/// Device certificates (two threads), their client configurations and their accounts.
+fn make_fleet(
+    ca: &CertAuthority,
+    roots: &Arc<rustls::RootCertStore>,
+    n: usize,
+) -> (Vec<Device>, Vec<UserSpec>) {
+    let make = |i: usize| {
+        let sam = format!("dev{i:05}");
+        // Positive 8-byte serial, unique per device.
+        let serial: Vec<u8> = [0x1f, 0x1e, 0x1d, 0x1c]
+            .into_iter()
+            .chain((i as u32).to_be_bytes())
+            .collect();
+        let issued = ca
+            .issue(&LeafSpec::device(&sam).serial(&serial))
+            .expect("device cert");
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("device key");
+        let config = device_config(roots, &issued.der, &key, false);
+        let mut user = UserSpec::new(&sam);
+        user.upn = Some(format!("{sam}@{DOMAIN}"));
+        let reversed: String = serial.iter().rev().map(|b| format!("{b:02x}")).collect();
+        user.alt_security_identities = vec![format!("X509:<I>{CA_AD_NAME}<SR>{reversed}")];
+        let device_id = format!("FLEET{i:05}");
+        let device = Device {
+            cert_der: issued.der,
+            key,
+            config,
+            sync: eas_request("Sync", &sam, &device_id),
+            ping: eas_request("Ping", &sam, &device_id),
+        };
+        (device, user)
+    };
+    let half = n / 2;
+    let (a, b) = std::thread::scope(|s| {
+        let first = s.spawn(|| (0..half).map(make).collect::<Vec<_>>());
+        let second: Vec<_> = (half..n).map(make).collect();
+        (first.join().expect("cert thread"), second)
+    });
+    a.into_iter().chain(b).unzip()
+}
+
+/// The upstream child process (same binary, `FLEET_ROLE=upstream`).
+struct UpstreamChild {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl UpstreamChild {
+    fn start() -> UpstreamChild {
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .env("FLEET_ROLE", "upstream")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("upstream child");
+        let mut line = String::new();
+        io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("upstream port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("upstream said {line:?}"));
+        UpstreamChild {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for UpstreamChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "kernel": kernel.trim(),
+    })
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64
+}
+
+/// Least-squares slope of y over x.
+fn slope(points: &[(usize, u64)]) -> f64 {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return f64::NAN;
+    }
+    let mx = points.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1 as f64).sum::<f64>() / n;
+    let sxy: f64 = points
+        .iter()
+        .map(|p| (p.0 as f64 - mx) * (p.1 as f64 - my))
+        .sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 as f64 - mx).powi(2)).sum();
+    sxy / sxx
+}
+
+async fn sleep(secs: f64) {
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+}
+
+/// p50 and p99 at the fixed rate straight to the upstream (plain HTTP).
+async fn direct_baseline(addr: SocketAddr, opts: &Opts) -> (f64, f64) {
+    let mut conns = Vec::new();
+    for i in 0..32 {
+        let conn = connect_plain(addr).await.expect("upstream");
+        conns.push((conn, eas_request("Sync", &format!("dev{i:05}"), "DIRECT")));
+    }
+    let (_, _, conns) = paced(conns, opts.latency_rate, 0.5).await;
+    let (mut lat, _, _) = paced(conns, opts.latency_rate, opts.latency_secs).await;
+    lat.sort_unstable();
+    (percentile(&lat, 0.5), percentile(&lat, 0.99))
+}
+
+/// Open-loop requests at `rate` per second spread over the connections, each request sent at
+/// its scheduled time (tokio's timer: 1 ms granularity); latency from send to full response.
+async fn paced<S>(
+    conns: Vec<(HttpConn<S>, Vec<u8>)>,
+    rate: f64,
+    secs: f64,
+) -> (Vec<u32>, u64, Vec<(HttpConn<S>, Vec<u8>)>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let k = conns.len();
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(20);
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for (j, (mut conn, request)) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            for n in 0u64.. {
+                let at = t0 + Duration::from_secs_f64((j as f64 + (n as usize * k) as f64) / rate);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+                let sent = Instant::now();
+                match conn.request(&request).await {
+                    Ok(r) if r.status == 200 => latencies.push(sent.elapsed().as_micros() as u32),
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors, conn, request)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    let mut back = Vec::new();
+    for t in tasks {
+        let (l, e, c, r) = t.await.expect("paced task");
+        all.extend(l);
+        errors += e;
+        back.push((c, r));
+    }
+    (all, errors, back)
+}
+
+/// Every scenario against one proxy, one round.
+async fn run_proxy(
+    proxy: &mut Proxy,
+    fleet: &Fleet,
+    opts: &Opts,
+    levels: &[usize],
+    up: SocketAddr,
+    direct: (f64, f64),
+    report: &mut Report,
+) {
+    let kind = proxy.kind;
+    let name = kind.name();
+    let t = Instant::now();
+    proxy.start();
+    let addr = proxy.addr;
+
+    // Does it do the job? One request, the identity header the upstream received.
+    match connect_tls(addr, &fleet[0].config).await {
+        Ok(mut c) => match c.request(&fleet[0].sync).await {
+            Ok(r) => report.fact(
+                kind,
+                format!(
+                    "first request → {}, upstream received X-Remote-User: {:?}",
+                    r.status,
+                    r.seen_user.unwrap_or_default()
+                ),
+            ),
+            Err(e) => report.fact(kind, format!("first request failed: {e}")),
+        },
+        Err(e) => report.fact(kind, format!("first handshake failed: {e}")),
+    }
+
+    // Full handshakes, a different device on every connection: cold, then warm.
+    let range = 1..1 + opts.handshakes;
+    let cold = handshakes(addr, fleet, range.clone(), 32, 30.0).await;
+    let warm = handshakes(addr, fleet, range, 32, 30.0).await;
+    eprintln!(
+        "  {name}: full handshakes cold {:.0}/s ({} errors), warm {:.0}/s ({} errors)",
+        cold.0, cold.1, warm.0, warm.1
+    );
+    report.add(
+        "full handshake + 1 request",
+        "hs_cold",
+        "first pass (seg: cold cache)",
+        "/s",
+        true,
+        kind,
+        cold.0,
+    );
+    report.add(
+        "full handshake + 1 request",
+        "hs_warm",
+        "second pass (seg: warm cache)",
+        "/s",
+        true,
+        kind,
+        warm.0,
+    );
+    if cold.1 + warm.1 > 0 {
+        report.fact(kind, format!("full handshakes: {} errors", cold.1 + warm.1));
+    }
+
+    // Keep-alive throughput.
+    match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
+        Ok((rps, cpu, errors)) => {
+            eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each, {errors} errors");
+            report.add(
+                "keep-alive, 64 connections",
+                "ka_rps",
+                "requests",
+                "/s",
+                true,
+                kind,
+                rps,
+            );
+            report.add(
+                "keep-alive, 64 connections",
+                "ka_cpu",
+                "proxy CPU per request",
+                "µs",
+                false,
+                kind,
+                cpu,
+            );
+        }
+        Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
+    }
+
+    // Added latency at a fixed rate.
+    match latency(addr, fleet, opts).await {
+        Ok((p50, p99, errors)) => {
+            eprintln!(
+                "  {name}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
+                opts.latency_rate
+            );
+            report.add(
+                "latency at 2k req/s",
+                "lat_p50",
+                "p50 added over direct",
+                "µs",
+                false,
+                kind,
+                p50 - direct.0,
+            );
+            report.add(
+                "latency at 2k req/s",
+                "lat_p99",
+                "p99 added over direct",
+                "µs",
+                false,
+                kind,
+                p99 - direct.1,
+            );
+        }
+        Err(e) => report.fact(kind, format!("latency failed: {e}")),
+    }
+
+    // Resumed handshakes.
+    let (rate, fraction, errors) = resumed(addr, fleet, 1..33, opts.resumed_secs).await;
+    eprintln!(
+        "  {name}: resumed handshakes {rate:.0}/s ({:.0} % resumed, {errors} errors)",
+        fraction * 100.0
+    );
+    report.add(
+        "resumed handshake + 1 request",
+        "hs_resumed",
+        "resumed",
+        "/s",
+        true,
+        kind,
+        rate,
+    );
+    report.fact(
+        kind,
+        format!(
+            "resumed scenario: {:.0} % of handshakes resumed (TLS 1.3)",
+            fraction * 100.0
+        ),
+    );
+
+    // Long polls, memory, reconnect storm, orphaned long polls: on a fresh process.
+    proxy.stop();
+    proxy.start();
+    let lp = long_polls(proxy, fleet, levels, up).await;
+    let idle = slope(&lp.idle);
+    let held = slope(&lp.held);
+    eprintln!(
+        "  {name}: memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
+        lp.idle, lp.held
+    );
+    report.add(
+        "held long polls",
+        "mem_idle",
+        "memory per idle mTLS connection",
+        "KiB",
+        false,
+        kind,
+        idle,
+    );
+    report.add(
+        "held long polls",
+        "mem_held",
+        "memory per device holding a Ping",
+        "KiB",
+        false,
+        kind,
+        idle + held,
+    );
+    let most = levels.iter().copied().max().unwrap_or(0);
+    report.add(
+        "held long polls",
+        "held_max",
+        "devices holding a Ping at once",
+        "devices",
+        true,
+        kind,
+        lp.held_reached as f64,
+    );
+    report.add(
+        "reconnect storm",
+        "storm_secs",
+        "all devices re-served after a restart",
+        "s",
+        false,
+        kind,
+        lp.storm_secs.unwrap_or(f64::NAN),
+    );
+    if let Some(searches) = lp.searches {
+        report.add(
+            "reconnect storm",
+            "storm_searches",
+            "directory searches during the storm",
+            "searches",
+            false,
+            kind,
+            searches,
+        );
+    }
+    match lp.storm_secs {
+        Some(s) => eprintln!(
+            "  {name}: storm of {most} devices re-served in {s:.2} s ({} 503s, {} connect errors, searches {:?})",
+            lp.storm_503, lp.connect_errors, lp.searches
+        ),
+        None => eprintln!("  {name}: storm of {most} devices NOT re-served ({} of them)", lp.storm_reached),
+    }
+    if lp.storm_503 > 0 {
+        report.fact(kind, format!("reconnect storm: devices got {} 503 answers (Retry-After honoured, capped at 30 s)", lp.storm_503));
+    }
+    report.add(
+        "orphaned long poll",
+        "abort_ms",
+        "upstream sees all held requests closed after devices leave",
+        "ms",
+        false,
+        kind,
+        lp.abort_ms.unwrap_or(f64::NAN),
+    );
+    report.add(
+        "orphaned long poll",
+        "abort_open",
+        "held requests still open upstream 3 s after their devices left",
+        "%",
+        false,
+        kind,
+        100.0 * lp.still_open as f64 / lp.abort_of.max(1) as f64,
+    );
+    let behaviour = match lp.abort_ms {
+        Some(ms) => format!("device gone during a held Ping → upstream request aborted ({} held, all closed upstream within {ms:.0} ms)", lp.abort_of),
+        None => format!(
+            "device gone during a held Ping → upstream request kept open ({} of {} still held upstream 3 s later)",
+            lp.still_open, lp.abort_of
+        ),
+    };
+    eprintln!("  {name}: {behaviour}");
+    report.fact(kind, behaviour);
+    proxy.stop();
+    eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// Connections opened one after another, each with a different device, `concurrency` at a
+/// time; each does one request and closes. Returns (handshakes per second, errors).
+async fn handshakes(
+    addr: SocketAddr,
+    fleet: &Fleet,
+    range: Range<usize>,
+    concurrency: usize,
+    max_secs: f64,
+) -> (f64, u64) {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(max_secs);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, ok, errors, fleet) = (next.clone(), ok.clone(), errors.clone(), fleet.clone());
+        let end = range.end;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end || Instant::now() > deadline {
+                    break;
+                }
+                let device = &fleet[i];
+                let result = match connect_tls(addr, &device.config).await {
+                    Ok(mut c) => c.request(&device.sync).await.map(|r| r.status),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    (
+        ok.load(Ordering::Relaxed) as f64 / elapsed,
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+/// `conns` keep-alive connections, each sending its next request as soon as the previous
+/// response arrives. Returns (requests per second, proxy CPU µs per request, errors).
+async fn keepalive(
+    proxy: &Proxy,
+    fleet: &Fleet,
+    conns: usize,
+    secs: f64,
+) -> io::Result<(f64, f64, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for device in fleet.iter().skip(1).take(conns) {
+        let mut conn = connect_tls(proxy.addr, &device.config).await?;
+        for _ in 0..5 {
+            conn.request(&device.sync).await?;
+        }
+        let request = device.sync.clone();
+        let (stop, count, errors) = (stop.clone(), count.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match conn.request(&request).await {
+                    Ok(r) if r.status == 200 => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    sleep(0.3).await;
+    let (c0, t0, cpu0) = (
+        count.load(Ordering::Relaxed),
+        Instant::now(),
+        proxy.cpu_seconds(),
+    );
+    sleep(secs).await;
+    let (c1, t1, cpu1) = (
+        count.load(Ordering::Relaxed),
+        Instant::now(),
+        proxy.cpu_seconds(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = (c1 - c0) as f64;
+    Ok((
+        n / (t1 - t0).as_secs_f64(),
+        (cpu1 - cpu0) * 1e6 / n.max(1.0),
+        errors.load(Ordering::Relaxed),
+    ))
+}
+
+/// p50, p99 (µs) at the fixed rate over 32 keep-alive connections.
+async fn latency(addr: SocketAddr, fleet: &Fleet, opts: &Opts) -> io::Result<(f64, f64, u64)> {
+    let mut conns = Vec::new();
+    for device in fleet.iter().skip(1).take(32) {
+        conns.push((
+            connect_tls(addr, &device.config).await?,
+            device.sync.clone(),
+        ));
+    }
+    let (_, _, conns) = paced(conns, opts.latency_rate, 0.5).await;
+    let (mut lat, errors, _) = paced(conns, opts.latency_rate, opts.latency_secs).await;
+    lat.sort_unstable();
+    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99), errors))
+}
+
+/// Each device in `range` resumes its own TLS session over and over (one request per
+/// connection). Returns (handshakes per second, fraction resumed, errors).
+async fn resumed(
+    addr: SocketAddr,
+    fleet: &Fleet,
+    range: Range<usize>,
+    secs: f64,
+) -> (f64, f64, u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start_at = tokio::time::Instant::now() + Duration::from_millis(300);
+    let end_at = start_at + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for i in range {
+        let device = &fleet[i];
+        let roots = ROOTS.get().expect("fleet roots").clone();
+        let config = device_config(&roots, &device.cert_der, &device.key, true);
+        let request = device.sync.clone();
+        let (ok, resumed, errors) = (ok.clone(), resumed.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            // Prime: one full handshake, whose tickets the client keeps.
+            if let Ok(mut c) = connect_tls(addr, &config).await {
+                let _ = c.request(&request).await;
+            }
+            tokio::time::sleep_until(start_at).await;
+            while tokio::time::Instant::now() < end_at {
+                let result = match connect_tls(addr, &config).await {
+                    Ok(mut c) => {
+                        let kind = c.stream.get_ref().1.handshake_kind();
+                        c.request(&request)
+                            .await
+                            .map(|r| (r.status, kind == Some(rustls::HandshakeKind::Resumed)))
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok((200, was_resumed)) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if was_resumed {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = ok.load(Ordering::Relaxed) as f64;
+    (
+        n / secs,
+        resumed.load(Ordering::Relaxed) as f64 / n.max(1.0),
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+/// The fleet CA as the devices' only root (for configurations made after setup).
+static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+
+#[derive(Clone, Copy, Default)]
+struct Ctl {
+    /// Devices with an index below this hold a Ping.
+    hold_upto: usize,
+    /// Every device drops its connection and stops.
+    quit: bool,
+}
+
+#[derive(Default)]
+struct FleetCounters {
+    connected: AtomicUsize,
+    connect_errors: AtomicU64,
+    status_503: AtomicU64,
+    other_status: AtomicU64,
+}
+
+#[derive(Default)]
+struct LongPolls {
+    idle: Vec<(usize, u64)>,
+    held: Vec<(usize, u64)>,
+    held_reached: u64,
+    storm_secs: Option<f64>,
+    storm_reached: u64,
+    storm_503: u64,
+    connect_errors: u64,
+    searches: Option<f64>,
+    abort_ms: Option<f64>,
+    abort_of: u64,
+    still_open: u64,
+}
+
+async fn wait_quit(ctl: &mut watch::Receiver<Ctl>) {
+    loop {
+        if ctl.borrow_and_update().quit {
+            return;
+        }
+        if ctl.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One device of the long-poll fleet: connects (one Sync), idles, holds a Ping when told,
+/// and reconnects and re-issues its Ping whenever its connection breaks.
+async fn device_task(
+    i: usize,
+    addr: SocketAddr,
+    fleet: Fleet,
+    mut ctl: watch::Receiver<Ctl>,
+    counters: Arc<FleetCounters>,
+    ramp: Arc<Semaphore>,
+) {
+    let device = &fleet[i];
+    let mut registered = false;
+    let backoff = Duration::from_millis(20 + (i as u64 * 7919) % 50);
+    loop {
+        let permit = if registered {
+            None
+        } else {
+            Some(ramp.clone().acquire_owned().await.expect("semaphore"))
+        };
+        let connected = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(30), connect_tls(addr, &device.config)) => r,
+            _ = wait_quit(&mut ctl) => return,
+        };
+        let mut conn = match connected {
+            Ok(Ok(c)) => c,
+            _ => {
+                counters.connect_errors.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = wait_quit(&mut ctl) => return,
+                }
+            }
+        };
+        if !registered {
+            match conn.request(&device.sync).await {
+                Ok(r) if r.status == 200 => {}
+                _ => {
+                    counters.other_status.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
+            registered = true;
+            counters.connected.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(permit);
+        'conn: loop {
+            loop {
+                let c = *ctl.borrow_and_update();
+                if c.quit {
+                    return;
+                }
+                if i < c.hold_upto {
+                    break;
+                }
+                if ctl.changed().await.is_err() {
+                    return;
+                }
+            }
+            if conn.send(&device.ping).await.is_err() {
+                break 'conn;
+            }
+            let answer = tokio::select! {
+                r = conn.read_response() => r,
+                _ = wait_quit(&mut ctl) => return,
+            };
+            match answer {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => {
+                    let counter = if r.status == 503 {
+                        &counters.status_503
+                    } else {
+                        &counters.other_status
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let wait = r
+                        .retry_after
+                        .map_or(Duration::from_secs(1), |s| Duration::from_secs(s.min(30)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = wait_quit(&mut ctl) => return,
+                    }
+                }
+                Err(_) => break 'conn,
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = wait_quit(&mut ctl) => return,
+        }
+    }
+}
+
+/// Polls `probe` every `every` until it returns true or `limit` passes.
+async fn wait_for<F, Fut>(limit: Duration, every: Duration, mut probe: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if probe().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn up_stats(up: SocketAddr) -> upstream::Stats {
+    upstream::control(up, "stats").await.unwrap_or_default()
+}
+
+/// Held long polls at each level (memory), the reconnect storm after a restart, and what
+/// happens upstream when every device leaves during its held Ping.
+async fn long_polls(
+    proxy: &mut Proxy,
+    fleet: &Fleet,
+    levels: &[usize],
+    up: SocketAddr,
+) -> LongPolls {
+    let mut out = LongPolls::default();
+    let most = levels.iter().copied().max().unwrap_or(0);
+    let (tx, rx) = watch::channel(Ctl::default());
+    let counters = Arc::new(FleetCounters::default());
+    let ramp = Arc::new(Semaphore::new(64));
+    let mut tasks = Vec::new();
+    let addr = proxy.addr;
+    // Idle connections (each did one Sync).
+    for &level in levels {
+        while tasks.len() < level {
+            tasks.push(tokio::spawn(device_task(
+                tasks.len(),
+                addr,
+                fleet.clone(),
+                rx.clone(),
+                counters.clone(),
+                ramp.clone(),
+            )));
+        }
+        let c = counters.clone();
+        let limit = Duration::from_secs(30 + level as u64 / 100);
+        if !wait_for(limit, Duration::from_millis(20), || {
+            let c = c.clone();
+            async move { c.connected.load(Ordering::Relaxed) >= level }
+        })
+        .await
+        {
+            eprintln!(
+                "  {}: only {} of {level} devices connected",
+                proxy.kind.name(),
+                counters.connected.load(Ordering::Relaxed)
+            );
+            break;
+        }
+        sleep(0.5).await;
+        out.idle.push((level, proxy.rss_kib()));
+    }
+    // Held Pings.
+    for &level in levels {
+        tx.send_modify(|c| c.hold_upto = level);
+        let reached = wait_for(
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async { up_stats(up).await.held >= level as u64 },
+        )
+        .await;
+        out.held_reached = up_stats(up).await.held;
+        if !reached {
+            eprintln!(
+                "  {}: only {} of {level} Pings held upstream",
+                proxy.kind.name(),
+                out.held_reached
+            );
+            break;
+        }
+        sleep(0.5).await;
+        out.held.push((level, proxy.rss_kib()));
+    }
+    // Reconnect storm: restart the proxy under the held fleet.
+    let holding = out.held_reached;
+    let _ = upstream::control(up, "reset").await;
+    proxy.stop();
+    let t0 = Instant::now();
+    proxy.spawn();
+    let storm_ok = wait_for(
+        Duration::from_secs(180),
+        Duration::from_millis(20),
+        || async { up_stats(up).await.distinct >= holding },
+    )
+    .await;
+    if storm_ok {
+        out.storm_secs = Some(t0.elapsed().as_secs_f64());
+    }
+    out.storm_reached = up_stats(up).await.distinct;
+    out.storm_503 = counters.status_503.load(Ordering::Relaxed);
+    out.connect_errors = counters.connect_errors.load(Ordering::Relaxed);
+    if let Some(admin) = proxy.admin {
+        out.searches = scrape(admin, "seg_directory_searches_total").await;
+    }
+    // Every device leaves during its held Ping.
+    let _ = wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async { up_stats(up).await.held >= holding },
+    )
+    .await;
+    out.abort_of = up_stats(up).await.held;
+    tx.send_modify(|c| c.quit = true);
+    let t1 = Instant::now();
+    let gone = wait_for(Duration::from_secs(3), Duration::from_millis(5), || async {
+        up_stats(up).await.held == 0
+    })
+    .await;
+    if gone {
+        out.abort_ms = Some(t1.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.still_open = up_stats(up).await.held;
+    let _ = upstream::control(up, "release").await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = most;
+    out
+}
+
+/// The sum of every sample of a metric on seg's admin listener.
+async fn scrape(admin: SocketAddr, metric: &str) -> Option<f64> {
+    let mut conn = connect_plain(admin).await.ok()?;
+    conn.keep_bodies = true;
+    let response = conn
+        .request(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&response.body);
+    let sum = text
+        .lines()
+        .filter(|l| l.starts_with(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(sum)
+}

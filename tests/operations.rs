@@ -1,0 +1,237 @@
+//! Operating seg: the PROXY protocol from the front hop, and graceful drain. Real TLS, real
+//! slapd, the recording echo upstream; the front is a sender on loopback.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use seg::pki::LeafSpec;
+use support::lab::{eas_target, Lab, Pki, TlsVersion, CA_AD_NAME};
+use support::slapd::UserSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn accounts() -> Vec<UserSpec> {
+    let mut alice = UserSpec::new("alice");
+    alice.upn = Some("alice@corp.test".into());
+    alice.alt_security_identities = vec![format!("X509:<I>{CA_AD_NAME}<SR>0403020a")];
+    vec![alice]
+}
+
+fn alice(pki: &Pki) -> support::lab::Device {
+    pki.device(LeafSpec::device("alice").serial(&[0x0a, 0x02, 0x03, 0x04]))
+}
+
+/// One request over TLS on a TCP stream that first carries `preamble` (a PROXY header).
+async fn request_after(
+    addr: std::net::SocketAddr,
+    preamble: &[u8],
+    ca: &std::path::Path,
+    device: &support::lab::Device,
+) -> std::io::Result<u16> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(preamble).await?;
+    let connector = support::lab::Client::new(addr, ca).connector_for(device);
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    tls.write_all(
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            eas_target("Sync", "alice")
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no response: {text}")))
+}
+
+#[tokio::test]
+async fn the_front_hop_says_who_the_device_is() {
+    let lab = Lab::start(accounts(), "").await;
+    // The lab's default: no PROXY protocol; a header from loopback is refused by TLS.
+    let device = alice(&lab.pki);
+    let header = b"PROXY TCP4 203.0.113.7 192.0.2.1 50000 443\r\n";
+    assert!(
+        request_after(lab.seg.listen_addr, header, &lab.pki.ca_path, &device)
+            .await
+            .is_err()
+    );
+    drop(lab);
+
+    let pki = Pki::new();
+    let device = alice(&pki);
+    let lab = Lab::start_with(pki, accounts(), "")
+        .await
+        .reconfigure(|text| {
+            text.replace(
+                "handshake_timeout = \"5s\"",
+                "handshake_timeout = \"5s\"\nproxy_protocol_from = [\"127.0.0.0/8\"]",
+            )
+        })
+        .await;
+    let addr = lab.seg.listen_addr;
+    let ca = lab.pki.ca_path.clone();
+    assert_eq!(
+        request_after(addr, header, &ca, &device).await.unwrap(),
+        200
+    );
+    let mut v2 = vec![
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0, 12,
+    ];
+    v2.extend([198, 51, 100, 9, 192, 0, 2, 1, 0xC3, 0x50, 0x01, 0xBB]);
+    assert_eq!(request_after(addr, &v2, &ca, &device).await.unwrap(), 200);
+    let seen = lab.upstream.requests();
+    assert_eq!(seen[0].header_values("x-forwarded-for"), ["203.0.113.7"]);
+    assert_eq!(seen[1].header_values("x-forwarded-for"), ["198.51.100.9"]);
+    // From a front network, a connection without a header is refused.
+    assert!(request_after(addr, b"", &ca, &device).await.is_err());
+    assert!(
+        request_after(addr, b"PROXY TCP4 nonsense\r\n", &ca, &device)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        lab.metric("seg_tls_handshakes_total{result=\"proxy_header_invalid\"}"),
+        2.0
+    );
+    assert_eq!(lab.upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
+    let upstream = seg::echo::EchoUpstream::start_holding(
+        "127.0.0.1:0".parse().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let lab = Lab::start_with_upstream(Pki::new(), accounts(), "", upstream).await;
+    let device = alice(&lab.pki);
+    let client = lab.client();
+    // Six devices' Pings held (one account, six DeviceIds), and one slow Sync in flight.
+    let mut held = Vec::new();
+    for n in 0..6 {
+        let mut conn = client
+            .connect(Some(&device), TlsVersion::Any)
+            .await
+            .unwrap();
+        let ping = format!(
+            "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=PHONE{n}&DeviceType=iPhone"
+        );
+        conn.send_raw(
+            format!("POST {ping} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        held.push(conn);
+    }
+    for _ in 0..100 {
+        if lab.upstream.active_holds() == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lab.upstream.active_holds(), 6);
+    let mut slow = client
+        .connect(Some(&device), TlsVersion::Any)
+        .await
+        .unwrap();
+    slow.send_raw(
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nx-echo-delay-ms: 800\r\nContent-Length: 0\r\n\r\n",
+            eas_target("Sync", "alice")
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let Lab {
+        seg,
+        pki,
+        upstream,
+        slapd,
+        ..
+    } = lab;
+    let listen = seg.listen_addr;
+    let admin = seg.admin_addr;
+    let window = Duration::from_secs(2);
+    let started = Instant::now();
+    let draining = tokio::spawn(seg.drain(window));
+
+    // Readiness fails at once; the listener takes no new device.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = http_get(admin, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("draining"),
+        "{ready}"
+    );
+    let new_client = support::lab::Client::new(listen, &pki.ca_path);
+    assert!(
+        new_client
+            .post(Some(&device), &eas_target("Sync", "alice"), &[])
+            .await
+            .is_err(),
+        "accepted during drain"
+    );
+    // The short request in flight finishes.
+    let r = slow.read_response().await.unwrap();
+    assert_eq!(r.status, 200, "a short request was cut by the drain");
+    // The held Pings close one by one over the window, none after it.
+    let watchers: Vec<_> = held
+        .into_iter()
+        .map(|mut conn| {
+            tokio::spawn(async move {
+                let result =
+                    tokio::time::timeout(window + Duration::from_secs(3), conn.read_response())
+                        .await;
+                assert!(
+                    matches!(result, Ok(Err(_))),
+                    "a held Ping got an answer or outlived the drain"
+                );
+                started.elapsed()
+            })
+        })
+        .collect();
+    let mut closed_at = Vec::new();
+    for watcher in watchers {
+        closed_at.push(watcher.await.unwrap());
+    }
+    let first = closed_at.iter().min().unwrap();
+    let last = closed_at.iter().max().unwrap();
+    assert!(
+        *last <= window + Duration::from_millis(500),
+        "closes: {closed_at:?}"
+    );
+    assert!(
+        *last - *first >= Duration::from_millis(300),
+        "all long polls closed together: {closed_at:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), draining)
+        .await
+        .unwrap()
+        .unwrap();
+    // Closing them aborted the upstream requests too.
+    assert_eq!(upstream.aborted_holds(), 6);
+    drop(slapd);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}
