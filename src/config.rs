@@ -57,6 +57,8 @@ pub struct TlsConfig {
     pub crl_check_chain: bool,
     /// Accept a certificate whose issuer has no CRL (only with CRLs configured).
     pub danger_allow_unknown_revocation_status: bool,
+    /// A sample device certificate validated and mapped at start-up.
+    pub self_test_certificate: Option<PathBuf>,
 }
 
 /// Hot reload: SIGHUP always; watched files when enabled.
@@ -434,6 +436,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
             false,
             p,
         ),
+        self_test_certificate: s.optional_file("self_test_certificate", p),
     };
     s.finish(p);
 

@@ -190,6 +190,37 @@ impl App {
         &self.gateway.resolver
     }
 
+    /// Validates and maps `tls.self_test_certificate`, if configured, as the listener would.
+    /// A chain the configured CAs refuse is a configuration error; a mapping refused or not
+    /// possible now (directory down) is only logged.
+    pub async fn self_test(&self) -> Result<(), String> {
+        let config = &self.gateway.config;
+        let Some(path) = &config.tls.self_test_certificate else {
+            return Ok(());
+        };
+        let report = mapcheck::map_certificate(config, &self.gateway.resolver, path, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let file = path.display().to_string();
+        if let Some(error) = &report.chain_error {
+            return Err(format!(
+                "tls.self_test_certificate: {file} is refused by the configured client CAs: {error}"
+            ));
+        }
+        match &report.outcome {
+            mapcheck::MapOutcome::Admit { identity } => {
+                tracing::info!(target: "seg::config", %file, %identity, "self-test certificate maps")
+            }
+            mapcheck::MapOutcome::Deny { reason, .. } => {
+                tracing::warn!(target: "seg::config", %file, %reason, "self-test certificate is refused (run seg map --explain)")
+            }
+            mapcheck::MapOutcome::Unavailable { reason, error } => {
+                tracing::warn!(target: "seg::config", %file, %reason, %error, "self-test certificate could not be mapped now")
+            }
+        }
+        Ok(())
+    }
+
     /// Binds both listeners and starts serving.
     pub async fn start(self) -> std::io::Result<Running> {
         let config = &self.gateway.config;

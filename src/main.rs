@@ -129,6 +129,10 @@ async fn run(path: PathBuf) -> i32 {
         Ok(app) => app,
         Err(code) => return code,
     };
+    if let Err(e) = app.self_test().await {
+        eprintln!("seg: {e}");
+        return EXIT_CONFIG;
+    }
     let running = match app.start().await {
         Ok(r) => r,
         Err(e) => {

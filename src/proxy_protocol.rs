@@ -230,7 +230,10 @@ mod tests {
         }
         // A bare LF never ends the line: the header runs on until refused.
         let bare_lf = [b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n".as_slice(), &[b'x'; 100]].concat();
-        assert_eq!(read_header(&mut &bare_lf[..]).await, Err(ProxyHeaderError::BadV1));
+        assert_eq!(
+            read_header(&mut &bare_lf[..]).await,
+            Err(ProxyHeaderError::BadV1)
+        );
         let long = [b"PROXY ".as_slice(), &[b'x'; 200]].concat();
         assert_eq!(
             read_header(&mut &long[..]).await,

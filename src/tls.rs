@@ -111,6 +111,7 @@ impl ClientCertPolicy {
     ) -> Result<ClientCertPolicy, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in read_certs(&config.client_ca, "tls.client_ca")? {
+            refuse_unenforceable_name_constraints(&cert)?;
             roots
                 .add(cert)
                 .map_err(|e| tls_error("tls.client_ca", format!("unusable CA certificate: {e}")))?;
@@ -140,6 +141,43 @@ impl ClientCertPolicy {
         self.verify_client_cert(leaf, intermediates, UnixTime::now())
             .map(|_| ())
     }
+}
+
+/// rustls-webpki evaluates only DNS and IP name constraints and refuses every certificate
+/// under a CA constrained by any other kind. Such a CA is reported at start-up, with the
+/// constraint's type and the CA's name, rather than failing every device later.
+fn refuse_unenforceable_name_constraints(ca: &CertificateDer<'_>) -> Result<(), TlsError> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(ca.as_ref()) else {
+        return Ok(());
+    };
+    let Ok(Some(constraints)) = cert.name_constraints() else {
+        return Ok(());
+    };
+    let subtrees = constraints
+        .value
+        .permitted_subtrees
+        .iter()
+        .chain(constraints.value.excluded_subtrees.iter())
+        .flatten();
+    for subtree in subtrees {
+        let kind = match subtree.base {
+            GeneralName::DNSName(_) | GeneralName::IPAddress(_) => continue,
+            GeneralName::DirectoryName(_) => "directoryName",
+            GeneralName::RFC822Name(_) => "rfc822Name (email)",
+            GeneralName::URI(_) => "URI",
+            GeneralName::OtherName(..) => "otherName",
+            _ => "an unsupported",
+        };
+        return Err(tls_error(
+            "tls.client_ca",
+            format!(
+                "CA \"{}\" carries {kind} name constraints, which the certificate verifier cannot evaluate: every device certificate it issues would be refused",
+                cert.subject()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// OID 1.3.6.1.5.5.7.3.2, id-kp-clientAuth, is read through x509-parser's EKU flags.
@@ -232,5 +270,42 @@ pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
         }
         rustls::Error::InvalidCertificate(_) => "certificate_invalid",
         _ => "protocol_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unenforceable_name_constraints_are_reported() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Constrained CA");
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::Rfc822Name("corp.test".into())],
+            excluded_subtrees: vec![],
+        });
+        let ca = params.clone().self_signed(&key).unwrap();
+        let error = refuse_unenforceable_name_constraints(&CertificateDer::from(ca.der().to_vec()))
+            .unwrap_err();
+        assert!(error.message.contains("rfc822Name"), "{}", error.message);
+        assert!(
+            error.message.contains("Constrained CA"),
+            "{}",
+            error.message
+        );
+
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("corp.test".into())],
+            excluded_subtrees: vec![],
+        });
+        let ca = params.self_signed(&key).unwrap();
+        assert!(
+            refuse_unenforceable_name_constraints(&CertificateDer::from(ca.der().to_vec())).is_ok()
+        );
     }
 }

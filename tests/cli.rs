@@ -369,3 +369,35 @@ async fn http_get(port: u16, path: &str) -> String {
     tcp.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[test]
+fn a_self_test_certificate_the_cas_refuse_stops_the_start() {
+    let pki = Pki::new();
+    let slapd = start_slapd(&pki, vec![]);
+    let foreign = pki.foreign_device(
+        "Elsewhere CA",
+        LeafSpec::device("sample").upn("sample@corp.test"),
+    );
+    let text = config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
+        "127.0.0.1:9".parse().unwrap(),
+        "",
+    )
+    .replace(
+        &format!("client_ca = \"{}\"", pki.ca_path.display()),
+        &format!(
+            "client_ca = \"{}\"\nself_test_certificate = \"{}\"",
+            pki.ca_path.display(),
+            foreign.cert_path.display()
+        ),
+    );
+    let path = pki.dir.write("selftest.toml", &text);
+    let (code, _, stderr) = seg(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("tls.self_test_certificate")
+            && stderr.contains("refused by the configured client CAs"),
+        "{stderr}"
+    );
+}
