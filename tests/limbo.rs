@@ -241,6 +241,7 @@ fn run_client(case: &Case, dir: &Path) -> Verdict {
         crl_files: crl_files.clone(),
         crl_check_chain: true,
         danger_allow_unknown_revocation_status: false,
+        self_test_certificate: None,
     };
     let revocation = match seg::revocation::RevocationList::load(&crl_files) {
         Ok(list) => list,
