@@ -404,11 +404,7 @@ async fn a_held_ping_outlives_the_idle_timeout() {
     );
     assert!(text.contains("idle_timeout = \"1s\""));
     let path = pki.dir.write("idle.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let device = alice(&pki);
     let client = support::lab::Client::new(seg.listen_addr, &pki.ca_path);
     let started = std::time::Instant::now();

@@ -323,7 +323,8 @@ async fn the_demo_serves_maps_refuses_and_stops_cleanly() {
             .await,
         "mallory's CA is not trusted",
     );
-    let metrics = http_get(admin, "/metrics").await;
+    let metrics =
+        support::lab::http_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/metrics").await;
     assert!(
         metrics.contains("seg_requests_total{command=\"FolderSync\",status_class=\"2xx\"} 1"),
         "{metrics}"
@@ -353,21 +354,6 @@ async fn the_demo_serves_maps_refuses_and_stops_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[test]

@@ -605,11 +605,7 @@ async fn the_second_directory_url_is_used_when_the_first_is_down() {
         "",
     );
     let path = pki.dir.write("failover.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
     let client = Client::new(seg.listen_addr, &pki.ca_path);
     let response = client
@@ -700,11 +696,7 @@ async fn an_https_upstream_with_its_own_ca_and_a_path_prefix() {
         ),
     );
     let path = pki.dir.write("https.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
     let client = Client::new(seg.listen_addr, &pki.ca_path);
     let response = client
@@ -738,11 +730,7 @@ async fn an_unreachable_upstream_is_a_502() {
         "",
     );
     let path = pki.dir.write("dead-upstream.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
     let client = Client::new(seg.listen_addr, &pki.ca_path);
     let response = client
@@ -771,11 +759,7 @@ async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
     )
     .replace("handshake_timeout = \"5s\"", "handshake_timeout = \"1s\"");
     let path = pki.dir.write("timeout.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let started = Instant::now();
     let mut tcp = tokio::net::TcpStream::connect(seg.listen_addr)
         .await
@@ -880,11 +864,7 @@ async fn starttls_on_plain_ldap_works() {
     )
     .replace("connect_timeout", "starttls = true\nconnect_timeout");
     let path = pki.dir.write("starttls.toml", &text);
-    let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let seg = support::lab::start_seg(&path).await;
     let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
     let response = Client::new(seg.listen_addr, &pki.ca_path)
         .post(Some(&alice), &eas_target("Sync", "alice"), &[])

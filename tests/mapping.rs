@@ -225,11 +225,7 @@ async fn group_policy_on_slapd() {
             &format!("groups-{method}.toml"),
             &config_text(&pki, &directory, upstream.addr, &extra),
         );
-        let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
+        let seg = support::lab::start_seg(&path).await;
         let client = Client::new(seg.listen_addr, &pki.ca_path);
         for (device, status) in devices.iter().zip(expected) {
             let response = client

@@ -169,7 +169,7 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
 
     // Readiness fails at once; the listener takes no new device.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = http_get(admin, "/readyz").await;
+    let ready = support::lab::http_get(admin, "/readyz").await;
     assert!(
         ready.starts_with("HTTP/1.1 503") && ready.contains("draining"),
         "{ready}"
@@ -222,16 +222,4 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
     // Closing them aborted the upstream requests too.
     assert_eq!(upstream.aborted_holds(), 6);
     drop(slapd);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
 }

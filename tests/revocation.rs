@@ -205,7 +205,7 @@ async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
     assert!(lab.metric("seg_tls_handshakes_total{result=\"revocation_list_expired\"}") >= 1.0);
     let mut ready = String::new();
     for _ in 0..50 {
-        ready = http_get(lab.seg.admin_addr, "/readyz").await;
+        ready = support::lab::http_get(lab.seg.admin_addr, "/readyz").await;
         if ready.starts_with("HTTP/1.1 503") {
             break;
         }
@@ -279,19 +279,6 @@ async fn a_broken_reload_keeps_the_old_configuration_serving() {
         .reload_file(&lab.config_path)
         .expect_err("[listen] changes need a restart");
     assert!(error.to_string().contains("restart"), "{error}");
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The binary reloads on SIGHUP and when a watched file (the CRL) changes.

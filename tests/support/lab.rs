@@ -573,3 +573,26 @@ impl ResumingClient {
         conn.request("POST", target, &[], b"").await
     }
 }
+
+/// A plain HTTP GET to the admin listener; the whole raw response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.expect("admin listener");
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+/// seg built from a configuration file and started.
+pub async fn start_seg(config_path: &Path) -> Running {
+    let config = Config::load(config_path).unwrap_or_else(|e| panic!("config: {e}"));
+    App::build(config)
+        .unwrap_or_else(|e| panic!("build: {e}"))
+        .start()
+        .await
+        .expect("seg start")
+}

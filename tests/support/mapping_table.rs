@@ -363,11 +363,7 @@ pub async fn run_table(pki: &Pki, directory: &DirectoryRef, table: &[Row], devic
             ),
         );
         let path = pki.dir.write(&format!("table-{mode}.toml"), &text);
-        let seg = seg::App::build(seg::config::Config::load(&path).unwrap())
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
+        let seg = super::lab::start_seg(&path).await;
         let client = Client::new(seg.listen_addr, &pki.ca_path);
         for (row, device) in table.iter().zip(devices) {
             let expect = if mode == "full" { row.full } else { row.compat };
