@@ -558,6 +558,99 @@ where
     (all, errors, back)
 }
 
+/// The figures of the table, in its order.
+mod fig {
+    use crate::report::Figure;
+
+    const HS: &str = "full handshake + 1 request";
+    const KA: &str = "keep-alive, 64 connections";
+    const LAT: &str = "latency at 2k req/s";
+    const RES: &str = "resumed handshake + 1 request";
+    const LP: &str = "held long polls";
+    const STORM: &str = "reconnect storm";
+    const ORPHAN: &str = "orphaned long poll";
+
+    pub const HS_COLD: Figure =
+        Figure::new(HS, "hs_cold", "first pass (seg: cold cache)", "/s", true);
+    pub const HS_COLD_CPU: Figure = Figure::new(
+        HS,
+        "hs_cold_cpu",
+        "first pass: proxy CPU per handshake",
+        "µs",
+        false,
+    );
+    pub const HS_WARM: Figure =
+        Figure::new(HS, "hs_warm", "second pass (seg: warm cache)", "/s", true);
+    pub const HS_WARM_CPU: Figure = Figure::new(
+        HS,
+        "hs_warm_cpu",
+        "second pass: proxy CPU per handshake",
+        "µs",
+        false,
+    );
+    pub const KA_RPS: Figure = Figure::new(KA, "ka_rps", "requests", "/s", true);
+    pub const KA_CPU: Figure = Figure::new(KA, "ka_cpu", "proxy CPU per request", "µs", false);
+    pub const LAT_P50: Figure = Figure::new(LAT, "lat_p50", "p50 added over direct", "µs", false);
+    pub const LAT_P99: Figure = Figure::new(LAT, "lat_p99", "p99 added over direct", "µs", false);
+    pub const RESUMED: Figure = Figure::new(RES, "hs_resumed", "resumed", "/s", true);
+    pub const RESUMED_CPU: Figure = Figure::new(
+        RES,
+        "hs_resumed_cpu",
+        "proxy CPU per resumed handshake",
+        "µs",
+        false,
+    );
+    pub const MEM_IDLE: Figure = Figure::new(
+        LP,
+        "mem_idle",
+        "memory per idle mTLS connection",
+        "KiB",
+        false,
+    );
+    pub const MEM_HELD: Figure = Figure::new(
+        LP,
+        "mem_held",
+        "memory per device holding a Ping",
+        "KiB",
+        false,
+    );
+    pub const HELD_MAX: Figure = Figure::new(
+        LP,
+        "held_max",
+        "devices holding a Ping at once",
+        "devices",
+        true,
+    );
+    pub const STORM_SECS: Figure = Figure::new(
+        STORM,
+        "storm_secs",
+        "all devices re-served after a restart",
+        "s",
+        false,
+    );
+    pub const STORM_SEARCHES: Figure = Figure::new(
+        STORM,
+        "storm_searches",
+        "directory searches during the storm",
+        "searches",
+        false,
+    );
+    pub const ABORT_MS: Figure = Figure::new(
+        ORPHAN,
+        "abort_ms",
+        "upstream sees every held request closed after its device left",
+        "ms",
+        false,
+    );
+    pub const ABORT_OPEN: Figure = Figure::new(
+        ORPHAN,
+        "abort_open",
+        "held requests still open upstream 3 s after their devices left",
+        "%",
+        false,
+    );
+}
+
 /// Every scenario against one proxy, one round.
 async fn run_proxy(
     proxy: &mut Proxy,
@@ -575,47 +668,31 @@ async fn run_proxy(
     let addr = proxy.addr;
 
     // Does it do the job? One request, the identity header the upstream received.
-    match connect_tls(addr, &fleet[0].config).await {
+    let first = match connect_tls(addr, &fleet[0].config).await {
         Ok(mut c) => match c.request(&fleet[0].sync).await {
-            Ok(r) => report.fact(
-                kind,
-                format!(
-                    "first request → {}, upstream received X-Remote-User: {:?}",
-                    r.status,
-                    r.seen_user.unwrap_or_default()
-                ),
+            Ok(r) => format!(
+                "first request → {}, upstream received X-Remote-User: {:?}",
+                r.status,
+                r.seen_user.unwrap_or_default()
             ),
-            Err(e) => report.fact(kind, format!("first request failed: {e}")),
+            Err(e) => format!("first request failed: {e}"),
         },
-        Err(e) => report.fact(kind, format!("first handshake failed: {e}")),
-    }
+        Err(e) => format!("first handshake failed: {e}"),
+    };
+    report.fact(kind, first);
 
     // Full handshakes, a different device on every connection: cold, then warm.
     let range = 1..1 + opts.handshakes;
-    let cold = handshakes(addr, fleet, range.clone(), 32, 30.0).await;
-    let warm = handshakes(addr, fleet, range, 32, 30.0).await;
+    let cold = handshakes(proxy, fleet, range.clone(), 32, 30.0).await;
+    let warm = handshakes(proxy, fleet, range, 32, 30.0).await;
     eprintln!(
-        "  {name}: full handshakes cold {:.0}/s ({} errors), warm {:.0}/s ({} errors)",
-        cold.0, cold.1, warm.0, warm.1
+        "  {name}: full handshakes cold {:.0}/s ({:.0} µs CPU each, {} errors), warm {:.0}/s ({:.0} µs CPU each, {} errors)",
+        cold.0, cold.2, cold.1, warm.0, warm.2, warm.1
     );
-    report.add(
-        "full handshake + 1 request",
-        "hs_cold",
-        "first pass (seg: cold cache)",
-        "/s",
-        true,
-        kind,
-        cold.0,
-    );
-    report.add(
-        "full handshake + 1 request",
-        "hs_warm",
-        "second pass (seg: warm cache)",
-        "/s",
-        true,
-        kind,
-        warm.0,
-    );
+    report.add(&fig::HS_COLD, kind, cold.0);
+    report.add(&fig::HS_COLD_CPU, kind, cold.2);
+    report.add(&fig::HS_WARM, kind, warm.0);
+    report.add(&fig::HS_WARM_CPU, kind, warm.2);
     if cold.1 + warm.1 > 0 {
         report.fact(kind, format!("full handshakes: {} errors", cold.1 + warm.1));
     }
@@ -624,24 +701,8 @@ async fn run_proxy(
     match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
         Ok((rps, cpu, errors)) => {
             eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each, {errors} errors");
-            report.add(
-                "keep-alive, 64 connections",
-                "ka_rps",
-                "requests",
-                "/s",
-                true,
-                kind,
-                rps,
-            );
-            report.add(
-                "keep-alive, 64 connections",
-                "ka_cpu",
-                "proxy CPU per request",
-                "µs",
-                false,
-                kind,
-                cpu,
-            );
+            report.add(&fig::KA_RPS, kind, rps);
+            report.add(&fig::KA_CPU, kind, cpu);
         }
         Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
     }
@@ -653,43 +714,20 @@ async fn run_proxy(
                 "  {name}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
                 opts.latency_rate
             );
-            report.add(
-                "latency at 2k req/s",
-                "lat_p50",
-                "p50 added over direct",
-                "µs",
-                false,
-                kind,
-                p50 - direct.0,
-            );
-            report.add(
-                "latency at 2k req/s",
-                "lat_p99",
-                "p99 added over direct",
-                "µs",
-                false,
-                kind,
-                p99 - direct.1,
-            );
+            report.add(&fig::LAT_P50, kind, p50 - direct.0);
+            report.add(&fig::LAT_P99, kind, p99 - direct.1);
         }
         Err(e) => report.fact(kind, format!("latency failed: {e}")),
     }
 
     // Resumed handshakes.
-    let (rate, fraction, errors) = resumed(addr, fleet, 1..33, opts.resumed_secs).await;
+    let (rate, fraction, errors, cpu) = resumed(proxy, fleet, 1..33, opts.resumed_secs).await;
     eprintln!(
-        "  {name}: resumed handshakes {rate:.0}/s ({:.0} % resumed, {errors} errors)",
+        "  {name}: resumed handshakes {rate:.0}/s ({cpu:.0} µs CPU each, {:.0} % resumed, {errors} errors)",
         fraction * 100.0
     );
-    report.add(
-        "resumed handshake + 1 request",
-        "hs_resumed",
-        "resumed",
-        "/s",
-        true,
-        kind,
-        rate,
-    );
+    report.add(&fig::RESUMED, kind, rate);
+    report.add(&fig::RESUMED_CPU, kind, cpu);
     report.fact(
         kind,
         format!(
@@ -708,84 +746,43 @@ async fn run_proxy(
         "  {name}: memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
         lp.idle, lp.held
     );
-    report.add(
-        "held long polls",
-        "mem_idle",
-        "memory per idle mTLS connection",
-        "KiB",
-        false,
-        kind,
-        idle,
-    );
-    report.add(
-        "held long polls",
-        "mem_held",
-        "memory per device holding a Ping",
-        "KiB",
-        false,
-        kind,
-        idle + held,
-    );
-    let most = levels.iter().copied().max().unwrap_or(0);
-    report.add(
-        "held long polls",
-        "held_max",
-        "devices holding a Ping at once",
-        "devices",
-        true,
-        kind,
-        lp.held_reached as f64,
-    );
-    report.add(
-        "reconnect storm",
-        "storm_secs",
-        "all devices re-served after a restart",
-        "s",
-        false,
-        kind,
-        lp.storm_secs.unwrap_or(f64::NAN),
-    );
+    report.add(&fig::MEM_IDLE, kind, idle);
+    report.add(&fig::MEM_HELD, kind, idle + held);
+    report.add(&fig::HELD_MAX, kind, lp.held_reached as f64);
+    report.add(&fig::STORM_SECS, kind, lp.storm_secs.unwrap_or(f64::NAN));
     if let Some(searches) = lp.searches {
-        report.add(
-            "reconnect storm",
-            "storm_searches",
-            "directory searches during the storm",
-            "searches",
-            false,
-            kind,
-            searches,
-        );
+        report.add(&fig::STORM_SEARCHES, kind, searches);
     }
     match lp.storm_secs {
         Some(s) => eprintln!(
-            "  {name}: storm of {most} devices re-served in {s:.2} s ({} 503s, {} connect errors, searches {:?})",
-            lp.storm_503, lp.connect_errors, lp.searches
+            "  {name}: storm of {} devices re-served in {s:.2} s ({} 503s, {} failed connects, searches {:?})",
+            lp.held_reached, lp.storm_503, lp.connect_errors, lp.searches
         ),
-        None => eprintln!("  {name}: storm of {most} devices NOT re-served ({} of them)", lp.storm_reached),
+        None => eprintln!(
+            "  {name}: storm: only {} of {} devices re-served",
+            lp.storm_reached, lp.held_reached
+        ),
     }
     if lp.storm_503 > 0 {
-        report.fact(kind, format!("reconnect storm: devices got {} 503 answers (Retry-After honoured, capped at 30 s)", lp.storm_503));
+        report.fact(
+            kind,
+            format!(
+                "reconnect storm: devices got {} 503 answers (Retry-After honoured, capped at 30 s)",
+                lp.storm_503
+            ),
+        );
     }
+    report.add(&fig::ABORT_MS, kind, lp.abort_ms.unwrap_or(f64::NAN));
     report.add(
-        "orphaned long poll",
-        "abort_ms",
-        "upstream sees all held requests closed after devices leave",
-        "ms",
-        false,
-        kind,
-        lp.abort_ms.unwrap_or(f64::NAN),
-    );
-    report.add(
-        "orphaned long poll",
-        "abort_open",
-        "held requests still open upstream 3 s after their devices left",
-        "%",
-        false,
+        &fig::ABORT_OPEN,
         kind,
         100.0 * lp.still_open as f64 / lp.abort_of.max(1) as f64,
     );
     let behaviour = match lp.abort_ms {
-        Some(ms) => format!("device gone during a held Ping → upstream request aborted ({} held, all closed upstream within {ms:.0} ms)", lp.abort_of),
+        Some(ms) => format!(
+            "device gone during a held Ping → upstream request aborted ({} held, all closed upstream within {ms:.0} ms)",
+            lp.abort_of
+        ),
         None => format!(
             "device gone during a held Ping → upstream request kept open ({} of {} still held upstream 3 s later)",
             lp.still_open, lp.abort_of
@@ -798,14 +795,17 @@ async fn run_proxy(
 }
 
 /// Connections opened one after another, each with a different device, `concurrency` at a
-/// time; each does one request and closes. Returns (handshakes per second, errors).
+/// time; each does one request and closes. Returns (handshakes per second, errors, proxy CPU
+/// µs per handshake).
 async fn handshakes(
-    addr: SocketAddr,
+    proxy: &Proxy,
     fleet: &Fleet,
     range: Range<usize>,
     concurrency: usize,
     max_secs: f64,
-) -> (f64, u64) {
+) -> (f64, u64, f64) {
+    let addr = proxy.addr;
+    let cpu0 = proxy.cpu_seconds();
     let next = Arc::new(AtomicUsize::new(range.start));
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -837,9 +837,12 @@ async fn handshakes(
         let _ = t.await;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = proxy.cpu_seconds() - cpu0;
+    let n = ok.load(Ordering::Relaxed) as f64;
     (
-        ok.load(Ordering::Relaxed) as f64 / elapsed,
+        n / elapsed,
         errors.load(Ordering::Relaxed),
+        cpu * 1e6 / n.max(1.0),
     )
 }
 
@@ -919,13 +922,15 @@ async fn latency(addr: SocketAddr, fleet: &Fleet, opts: &Opts) -> io::Result<(f6
 }
 
 /// Each device in `range` resumes its own TLS session over and over (one request per
-/// connection). Returns (handshakes per second, fraction resumed, errors).
+/// connection). Returns (handshakes per second, fraction resumed, errors, proxy CPU µs per
+/// handshake).
 async fn resumed(
-    addr: SocketAddr,
+    proxy: &Proxy,
     fleet: &Fleet,
     range: Range<usize>,
     secs: f64,
-) -> (f64, f64, u64) {
+) -> (f64, f64, u64, f64) {
+    let addr = proxy.addr;
     let ok = Arc::new(AtomicU64::new(0));
     let resumed = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -968,6 +973,12 @@ async fn resumed(
             }
         }));
     }
+    tokio::time::sleep_until(start_at).await;
+    let cpu0 = proxy.cpu_seconds();
+    let n0 = ok.load(Ordering::Relaxed);
+    tokio::time::sleep_until(end_at).await;
+    let cpu = proxy.cpu_seconds() - cpu0;
+    let n_window = (ok.load(Ordering::Relaxed) - n0) as f64;
     for t in tasks {
         let _ = t.await;
     }
@@ -976,6 +987,7 @@ async fn resumed(
         n / secs,
         resumed.load(Ordering::Relaxed) as f64 / n.max(1.0),
         errors.load(Ordering::Relaxed),
+        cpu * 1e6 / n_window.max(1.0),
     )
 }
 

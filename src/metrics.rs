@@ -10,6 +10,8 @@ use prometheus::{
 /// The metrics of one gateway process.
 pub struct Metrics {
     registry: Registry,
+    /// The process collector's own registry: its names carry no `seg_` prefix.
+    process_registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub handshakes: IntCounterVec,
@@ -172,6 +174,7 @@ impl Metrics {
 
         let metrics = Metrics {
             registry,
+            process_registry: Registry::new(),
             requests,
             request_duration,
             handshakes,
@@ -218,6 +221,13 @@ impl Metrics {
                 .register(c)
                 .expect("metric names are unique");
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+        // unprefixed, as Prometheus's conventions name them.
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = metrics.process_registry.register(Box::new(process));
+        }
         metrics
     }
 
@@ -254,7 +264,9 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let mut families = self.registry.gather();
+        families.extend(self.process_registry.gather());
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 }

@@ -53,27 +53,45 @@ pub fn summary(values: &[f64]) -> Option<Summary> {
     })
 }
 
-impl Report {
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
+/// What one table row measures.
+pub struct Figure {
+    pub scenario: &'static str,
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+}
+
+impl Figure {
+    pub const fn new(
         scenario: &'static str,
         key: &'static str,
         label: &'static str,
         unit: &'static str,
         higher_is_better: bool,
-        kind: Kind,
-        value: f64,
-    ) {
-        let row = match self.rows.iter_mut().position(|r| r.key == key) {
+    ) -> Figure {
+        Figure {
+            scenario,
+            key,
+            label,
+            unit,
+            higher_is_better,
+        }
+    }
+}
+
+impl Report {
+    /// Records one round's value of `figure` for `kind`.
+    pub fn add(&mut self, figure: &Figure, kind: Kind, value: f64) {
+        let row = match self.rows.iter().position(|r| r.key == figure.key) {
             Some(i) => &mut self.rows[i],
             None => {
                 self.rows.push(Row {
-                    scenario,
-                    key,
-                    label,
-                    unit,
-                    higher_is_better,
+                    scenario: figure.scenario,
+                    key: figure.key,
+                    label: figure.label,
+                    unit: figure.unit,
+                    higher_is_better: figure.higher_is_better,
                     values: BTreeMap::new(),
                 });
                 self.rows.last_mut().expect("just pushed")
