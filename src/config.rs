@@ -59,6 +59,8 @@ pub struct TlsConfig {
     pub danger_allow_unknown_revocation_status: bool,
     /// A sample device certificate validated and mapped at start-up.
     pub self_test_certificate: Option<PathBuf>,
+    /// Shared session-ticket keys (a mounted secret) so devices resume on any replica.
+    pub session_ticket_key_file: Option<PathBuf>,
 }
 
 /// Hot reload: SIGHUP always; watched files when enabled.
@@ -437,6 +439,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
             p,
         ),
         self_test_certificate: s.optional_file("self_test_certificate", p),
+        session_ticket_key_file: s.optional_file("session_ticket_key_file", p),
     };
     s.finish(p);
 

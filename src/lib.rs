@@ -17,6 +17,8 @@
 //! - [`metrics`]: every Prometheus metric, on one registry.
 //! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
+//! - [`revocation`]: CRLs, for the verifier and the per-request check.
+//! - [`tickets`]: session tickets shared by replicas, bound to the trust policy.
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
 //! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
 //! - [`proxy`]: accept, handshake, per-request decision, header hygiene, forwarding, audit.
@@ -43,6 +45,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod resolver;
 pub mod revocation;
+pub mod tickets;
 pub mod tls;
 
 use std::net::SocketAddr;

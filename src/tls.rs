@@ -64,6 +64,9 @@ pub fn server_config(
             )
         })?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if let Some(keys) = &config.session_ticket_key_file {
+        server.ticketer = Arc::new(crate::tickets::SharedTicketer::from_config(keys, config)?);
+    }
     Ok(Arc::new(server))
 }
 

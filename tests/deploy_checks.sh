@@ -245,7 +245,7 @@ systemd_unit() {
     echo "systemd-analyze security: $(grep -o 'Overall exposure level.*' <<<"$out")"
     # The dedicated user comes from sysusers.d: create it in a throwaway root.
     mkdir -p "$dir/root/etc"
-    systemd-sysusers --root="$dir/root" deploy/systemd/seg.sysusers || return 1
+    systemd-sysusers --root="$dir/root" "$ROOT/deploy/systemd/seg.sysusers" || return 1
     if ! grep -q '^seg:x:[0-9]*:[0-9]*:.*:/var/lib/seg:/usr/sbin/nologin$' "$dir/root/etc/passwd"; then
         echo "deploy/systemd/seg.sysusers did not create a seg system user without a login:"
         cat "$dir/root/etc/passwd"
@@ -570,7 +570,7 @@ for s in stages:
         problem(f"base image {s['image']} is not pinned to a tag")
 build, final = stages[0], stages[-1]
 # The builder: a Rust image no older than rust-version, a locked release build.
-manifest = tomllib.load(open("Cargo.toml"))
+manifest = tomllib.load(open("Cargo.toml", "rb"))
 need = tuple(int(x) for x in manifest["package"]["rust-version"].split("."))
 m = re.search(r"rust:(\d+)\.(\d+)", build["image"])
 if not m or tuple(int(x) for x in m.groups()) < need[:2]:

@@ -550,7 +550,13 @@ async fn keep_alive_connections_serve_many_requests_with_one_lookup() {
     // Process and build metrics, unprefixed and prefixed as Prometheus's conventions want.
     assert!(lab.metric("process_resident_memory_bytes") > 0.0);
     assert!(lab.metric("process_open_fds") > 0.0);
-    assert_eq!(lab.metric(&format!("seg_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
+    assert_eq!(
+        lab.metric(&format!(
+            "seg_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
 }
 
 #[tokio::test]

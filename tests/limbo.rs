@@ -242,6 +242,7 @@ fn run_client(case: &Case, dir: &Path) -> Verdict {
         crl_check_chain: true,
         danger_allow_unknown_revocation_status: false,
         self_test_certificate: None,
+        session_ticket_key_file: None,
     };
     let revocation = match seg::revocation::RevocationList::load(&crl_files) {
         Ok(list) => list,

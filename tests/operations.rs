@@ -223,3 +223,82 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
     assert_eq!(upstream.aborted_holds(), 6);
     drop(slapd);
 }
+
+/// Replicas sharing a session-ticket key file: a device resumes on the other replica; a
+/// replica with a different trust policy never resumes those sessions.
+#[tokio::test]
+async fn replicas_share_session_tickets_within_one_trust_policy() {
+    let lab = Lab::start(accounts(), "").await;
+    let keys = lab
+        .pki
+        .dir
+        .write("ticket-keys", &format!("{}\n", "s".repeat(48)));
+    let with_keys = |text: &str, ca: &std::path::Path| {
+        text.replace(
+            &format!("client_ca = \"{}\"", lab.pki.ca_path.display()),
+            &format!(
+                "client_ca = \"{}\"\nsession_ticket_key_file = \"{}\"",
+                ca.display(),
+                keys.display()
+            ),
+        )
+    };
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    // Replica B trusts the same CA; replica C also trusts another one (a different policy).
+    let b_path = lab
+        .pki
+        .dir
+        .write("replica-b.toml", &with_keys(&text, &lab.pki.ca_path));
+    let other = seg::pki::CertAuthority::new("Other", "Other CA").unwrap();
+    let bundle = lab.pki.dir.write(
+        "bundle.pem",
+        &(std::fs::read_to_string(&lab.pki.ca_path).unwrap() + &other.cert_pem()),
+    );
+    let c_path = lab
+        .pki
+        .dir
+        .write("replica-c.toml", &with_keys(&text, &bundle));
+    let a_path = lab
+        .pki
+        .dir
+        .write("replica-a.toml", &with_keys(&text, &lab.pki.ca_path));
+    let a = support::lab::start_seg(&a_path).await;
+    let b = support::lab::start_seg(&b_path).await;
+    let c = support::lab::start_seg(&c_path).await;
+
+    let device = alice(&lab.pki);
+    let resuming = support::lab::ResumingClient::new(a.listen_addr, &lab.pki.ca_path, &device);
+    let target = eas_target("Sync", "alice");
+    assert_eq!(resuming.post(&target).await.unwrap().status, 200);
+    assert_eq!(
+        resuming
+            .post_to(b.listen_addr, &target)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let resumed = |running: &seg::Running| {
+        support::lab::metric_value(
+            &running.metrics.render(),
+            "seg_tls_handshakes_total{result=\"resumed\"}",
+        )
+    };
+    assert_eq!(resumed(&b), 1.0, "replica B did not resume A's session");
+    assert_eq!(
+        resuming
+            .post_to(c.listen_addr, &target)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        resumed(&c),
+        0.0,
+        "a replica with another trust policy resumed the session"
+    );
+    for running in [a, b, c] {
+        running.stop().await;
+    }
+}

@@ -566,7 +566,12 @@ impl ResumingClient {
 
     /// One request on a new connection (resumed when the server allows it).
     pub async fn post(&self, target: &str) -> std::io::Result<HttpResponse> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        self.post_to(self.addr, target).await
+    }
+
+    /// The same, to another server (a replica).
+    pub async fn post_to(&self, addr: SocketAddr, target: &str) -> std::io::Result<HttpResponse> {
+        let tcp = TcpStream::connect(addr).await?;
         let name = ServerName::try_from("localhost").expect("name");
         let stream = self.connector.connect(name, tcp).await?;
         let mut conn = Connection { stream };
