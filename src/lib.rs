@@ -331,6 +331,7 @@ impl Running {
             c.tls.client_ca.clone(),
         ];
         files.extend(c.tls.crl_files.iter().cloned());
+        files.extend(c.tls.session_ticket_key_file.iter().cloned());
         files.extend(c.upstream.ca_file.iter().cloned());
         match &c.directory {
             DirectoryConfig::Ldap(l) => {
