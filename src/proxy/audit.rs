@@ -12,18 +12,23 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::activesync::EasRequest;
+use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
+use crate::resolver::Denial;
+
+/// Who the device turned out to be; the record reads its fields when it is written.
+pub enum AuditSubject {
+    /// Not resolved (the directory could not answer).
+    Unknown,
+    Admitted(Arc<Identity>),
+    Denied(Arc<Denial>),
+}
 
 /// What the audit log says about one request.
 pub struct AuditRecord {
     pub started: Instant,
     pub peer: SocketAddr,
-    pub cert_serial: String,
-    pub cert_issuer: String,
-    pub account: String,
-    /// The mapping rule that admitted the device and its strength (empty when refused).
-    pub mapping: &'static str,
-    pub strength: &'static str,
+    pub subject: AuditSubject,
     pub eas: EasRequest,
     pub status: u16,
     /// `forwarded`, `denied`, `unavailable`, `refused`, `throttled`, `upstream-error` or
@@ -77,14 +82,34 @@ impl AuditRecord {
             .request_duration
             .with_label_values(&[kind])
             .observe(duration.as_secs_f64());
+        let (cert_serial, cert_issuer, account, mapping, strength) = match &self.subject {
+            AuditSubject::Unknown => ("", "", "", "", ""),
+            AuditSubject::Admitted(i) => (
+                i.cert_serial.as_str(),
+                i.cert_issuer.as_str(),
+                i.account.dn.as_str(),
+                i.rule.name(),
+                match i.strength {
+                    MappingStrength::Strong => "strong",
+                    MappingStrength::Weak => "weak",
+                },
+            ),
+            AuditSubject::Denied(d) => (
+                d.cert_serial.as_str(),
+                d.cert_issuer.as_str(),
+                d.account.as_deref().unwrap_or(""),
+                "",
+                "",
+            ),
+        };
         tracing::info!(
             target: "seg::audit",
             peer = %self.peer,
-            cert_serial = %self.cert_serial,
-            cert_issuer = %self.cert_issuer,
-            account = %self.account,
-            mapping = self.mapping,
-            strength = self.strength,
+            cert_serial,
+            cert_issuer,
+            account,
+            mapping,
+            strength,
             cmd = self.eas.command_name(),
             protocol_version = self.eas.protocol_version.as_deref().unwrap_or(""),
             device_id = self.eas.device_id.as_deref().unwrap_or(""),

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
-use audit::{AuditRecord, CountingBody};
+use audit::{AuditRecord, AuditSubject, CountingBody};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.
@@ -277,22 +277,19 @@ impl Gateway {
         device: &DeviceConnection,
     ) -> Response<AuditBody> {
         let route = route(&request);
-        let eas = EasRequest::parse(
+        let (eas, query_error) = match EasRequest::parse(
             request.uri().query(),
             request.headers(),
             route == Ok(Route::Command),
-        );
+        ) {
+            Ok(eas) => (eas, None),
+            Err(e) => (EasRequest::headers_only(request.headers()), Some(e)),
+        };
         let mut record = AuditRecord {
             started: Instant::now(),
             peer: device.peer,
-            cert_serial: String::new(),
-            cert_issuer: String::new(),
-            account: String::new(),
-            mapping: "",
-            strength: "",
-            eas: eas
-                .clone()
-                .unwrap_or_else(|_| EasRequest::headers_only(request.headers())),
+            subject: AuditSubject::Unknown,
+            eas,
             status: 0,
             decision: "forwarded",
             reason: "",
@@ -309,19 +306,16 @@ impl Gateway {
         {
             Ok(Decision::Admit(identity)) => identity,
             Ok(Decision::Deny(denial)) => {
-                record.cert_serial = denial.cert_serial.clone();
-                record.cert_issuer = denial.cert_issuer.clone();
-                record.account = denial.account.clone().unwrap_or_default();
-                return refuse(Refusal::Denied(denial.reason), record);
+                let reason = denial.reason;
+                record.subject = AuditSubject::Denied(denial);
+                return refuse(Refusal::Denied(reason), record);
             }
             Err(e) => {
                 tracing::warn!(target: "seg::identity", peer = %device.peer, error = %e, "identity unavailable");
                 return refuse(Refusal::from_resolve_error(&e), record);
             }
         };
-        record.cert_serial = identity.cert_serial.clone();
-        record.cert_issuer = identity.cert_issuer.clone();
-        record.account = identity.account.dn.clone();
+        record.subject = AuditSubject::Admitted(Arc::clone(&identity));
         // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
         let (issuer, serial) = &identity.revocation_key;
         if self.revocation.load().is_revoked(issuer, serial) {
@@ -331,11 +325,6 @@ impl Gateway {
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             return response;
         }
-        record.mapping = identity.rule.name();
-        record.strength = match identity.strength {
-            crate::identity::MappingStrength::Strong => "strong",
-            crate::identity::MappingStrength::Weak => "weak",
-        };
         let route = match route {
             Ok(route) => route,
             Err(refusal) => return refuse(refusal, record),
@@ -343,32 +332,36 @@ impl Gateway {
         if request.headers().contains_key(http::header::UPGRADE) {
             return self.refuse_policy(Refusal::BadRequest("upgrade-refused"), record);
         }
-        let eas = match eas {
-            Ok(eas) => eas,
-            Err(e) => return self.refuse_policy(Refusal::BadRequest(e.code()), record),
-        };
+        if let Some(e) = query_error {
+            return self.refuse_policy(Refusal::BadRequest(e.code()), record);
+        }
         if route == Route::Command {
             let account = &identity.account;
             let activesync = &self.config.activesync;
             let netbios_domain = self.config.identity.netbios_domain.as_deref();
+            let eas = &record.eas;
             if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
                 let code = crate::policy::PolicyDenial::UserMismatch.code();
                 return self.refuse_policy(Refusal::PolicyDenied(code), record);
             }
-            match check_device(rules_for(activesync, account), &eas) {
-                Ok(decision) => record.policy = decision,
+            let decision = match check_device(rules_for(activesync, account), eas) {
+                Ok(decision) => decision,
                 Err(denial) => {
                     return self.refuse_policy(Refusal::PolicyDenied(denial.code()), record)
                 }
-            }
-            if eas.is_long_poll() {
+            };
+            let long_poll = if eas.is_long_poll() {
                 let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
                 let device_id = eas.device_id.as_deref().unwrap_or("");
                 match self.long_polls.acquire(sam, device_id, &device.long_polls) {
-                    Ok(guard) => record.long_poll = Some(guard),
+                    Ok(guard) => Some(guard),
                     Err(cap) => return self.refuse_policy(Refusal::Busy(cap.code()), record),
                 }
-            }
+            } else {
+                None
+            };
+            record.policy = decision;
+            record.long_poll = long_poll;
         }
         let (mut parts, body) = request.into_parts();
         parts.uri = match self.upstream.uri_for(&parts.uri) {
