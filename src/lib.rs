@@ -125,6 +125,9 @@ fn build_gateway(
     if !config.activesync.bind_user {
         tracing::warn!(target: "seg::config", "activesync.danger_allow_any_user is set: devices may name any mailbox in User=");
     }
+    // The identity cache survives a reload that leaves identities as they were; new
+    // directory files (a rotated bind password, a new DC CA) get a new directory under it.
+    let directory_files = directory_files_digest(&config.directory);
     let identity_unchanged = |p: &&Gateway| {
         p.config.directory == config.directory
             && p.config.mapping == config.mapping
@@ -132,8 +135,14 @@ fn build_gateway(
             && p.config.identity == config.identity
             && p.config.cache == config.cache
     };
-    let (directory, resolver) = match previous.filter(identity_unchanged) {
-        Some(p) => (Arc::clone(&p.directory), Arc::clone(&p.resolver)),
+    let (directory, resolver, rebound) = match previous.filter(identity_unchanged) {
+        Some(p) if p.directory_files == directory_files => {
+            (Arc::clone(&p.directory), Arc::clone(&p.resolver), false)
+        }
+        Some(p) => {
+            let directory = Arc::new(Directory::from_config(&config.directory)?);
+            (directory, Arc::clone(&p.resolver), true)
+        }
         None => {
             let directory = Arc::new(Directory::from_config(&config.directory)?);
             let resolver = Arc::new(Resolver::new(
@@ -144,7 +153,7 @@ fn build_gateway(
                 &config.cache,
                 Arc::clone(metrics),
             ));
-            (directory, resolver)
+            (directory, resolver, false)
         }
     };
     let upstream = Upstream::new(&config.upstream)?;
@@ -154,6 +163,9 @@ fn build_gateway(
         None => Arc::new(revocation::CurrentRevocation::default()),
     };
     current_revocation.store(Arc::clone(&revocation));
+    if rebound {
+        resolver.set_directory(Arc::clone(&directory));
+    }
     // One set of long-poll counts for the life of the process: polls held under the old
     // configuration still count against the caps of the new one.
     let long_polls = match previous {
@@ -176,8 +188,25 @@ fn build_gateway(
         tls: tokio_rustls::TlsAcceptor::from(tls),
         revocation: current_revocation,
         metrics: Arc::clone(metrics),
+        directory_files,
         config,
     })
+}
+
+/// SHA-256 over the contents of the files the directory reads (bind password, CA, LDIF).
+fn directory_files_digest(config: &DirectoryConfig) -> Vec<u8> {
+    let files: Vec<&std::path::Path> = match config {
+        DirectoryConfig::Ldap(l) => std::iter::once(l.bind_password_file.as_path())
+            .chain(l.ca_file.as_deref())
+            .collect(),
+        DirectoryConfig::Ldif { file } => vec![file.as_path()],
+    };
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for file in files {
+        context.update(&std::fs::read(file).unwrap_or_default());
+        context.update(&[0]);
+    }
+    context.finish().as_ref().to_vec()
 }
 
 impl App {
@@ -232,7 +261,6 @@ impl App {
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let max_connections = config.listen.max_connections;
-        let probe_interval = config.admin.probe_interval;
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -253,7 +281,6 @@ impl App {
             tokio::spawn(probe_dependencies(
                 Arc::clone(&live),
                 Arc::clone(&health),
-                probe_interval,
                 shutdown_rx,
             )),
         ];
@@ -397,7 +424,6 @@ pub fn files_signature(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::S
 async fn probe_dependencies(
     live: Arc<Live>,
     health: Arc<Health>,
-    interval: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -430,6 +456,8 @@ async fn probe_dependencies(
             .with_label_values(&["upstream"])
             .set(upstream_up as i64);
         gateway.metrics.crls_stale.set(stale.len() as i64);
+        // A reload may change the interval.
+        let interval = gateway.config.admin.probe_interval;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,

@@ -70,10 +70,14 @@ fn main() -> ExitCode {
         Command::Run { .. } | Command::Demo { .. }
     ));
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run {
+        threads: Some(n), ..
+    } = &cli.command
     {
+        builder.worker_threads((*n).max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("seg: cannot start the runtime: {e}");

@@ -77,7 +77,8 @@ pub struct Trace {
 /// The cached identity resolver.
 pub struct Resolver {
     cache: moka::future::Cache<CertFingerprint, CachedDecision>,
-    directory: Arc<Directory>,
+    /// Swapped by a reload that brings new directory files (bind password, CA), cache kept.
+    directory: std::sync::RwLock<Arc<Directory>>,
     mapping: MappingConfig,
     account_policy: AccountPolicyConfig,
     identity: IdentityConfig,
@@ -117,7 +118,7 @@ impl Resolver {
             .build();
         Resolver {
             cache: cache_store,
-            directory,
+            directory: std::sync::RwLock::new(directory),
             mapping: mapping.clone(),
             account_policy: account_policy.clone(),
             identity: identity.clone(),
@@ -186,6 +187,15 @@ impl Resolver {
         let result = self.decide(&facts, &mut trace).await;
         trace.facts = Some(facts);
         (result, trace)
+    }
+
+    /// Points the resolver at a rebuilt directory; cached decisions stay.
+    pub fn set_directory(&self, directory: Arc<Directory>) {
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = directory;
+    }
+
+    fn directory(&self) -> Arc<Directory> {
+        Arc::clone(&self.directory.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Number of cached decisions (approximate; for tests and diagnostics).
@@ -282,7 +292,7 @@ impl Resolver {
         } else {
             trace.filter = Some(plan.lookup.filter());
             let started = Instant::now();
-            let result = self.directory.search(&plan.lookup).await;
+            let result = self.directory().search(&plan.lookup).await;
             let label = match &result {
                 Ok(_) => "ok",
                 Err(e) => e.metric_label(),
@@ -360,7 +370,7 @@ impl Resolver {
             );
         for (group, required) in rules {
             let member = self
-                .directory
+                .directory()
                 .is_member(account, group, method)
                 .await
                 .inspect_err(|e| {

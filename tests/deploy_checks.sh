@@ -467,7 +467,8 @@ print(f"Deployment: /readyz and /healthz on port admin, preStop sleep {sleep} s,
 # `seg check-config` on the ConfigMap's seg.toml, with the files it names replaced by
 # stand-ins made by openssl (same names, under a temporary root).
 standins = {"certificate": "server.pem", "private_key": "server.key", "client_ca": "ca.pem",
-            "ca_file": "ca.pem", "crl_files": "ca.crl", "bind_password_file": None}
+            "ca_file": "ca.pem", "crl_files": "ca.crl", "bind_password_file": "stand-in password\n",
+            "session_ticket_key_file": os.urandom(32).hex() + "\n"}
 root = os.path.join(work, "root")
 for key, p in named:
     if key[-1] not in standins:
@@ -475,8 +476,8 @@ for key, p in named:
         continue
     dst = root + p
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if standins[key[-1]] is None:
-        open(dst, "w").write("stand-in password\n")
+    if standins[key[-1]].endswith("\n"):  # contents, not a file name
+        open(dst, "w").write(standins[key[-1]])
     else:
         shutil.copy(os.path.join(work, "pki", standins[key[-1]]), dst)
 config_path = root + config_arg

@@ -381,3 +381,65 @@ async fn the_binary_reloads_on_sighup_and_on_a_changed_crl() {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// A rotated bind password (a changed file, same configuration text) is picked up by a
+/// reload, and the identity cache survives it.
+#[tokio::test]
+async fn a_rotated_bind_password_is_used_after_reload_and_the_cache_is_kept() {
+    let users = ["alice", "bob"]
+        .into_iter()
+        .map(|sam| {
+            let mut user = UserSpec::new(sam);
+            user.upn = Some(format!("{sam}@corp.test"));
+            user.when_created = Some("20200101000000.0Z".into());
+            user
+        })
+        .collect();
+    let mut lab = support::lab::Lab::start(users, "").await;
+    let alice = lab
+        .pki
+        .device(seg::pki::LeafSpec::device("alice").upn("alice@corp.test"));
+    let bob = lab
+        .pki
+        .device(seg::pki::LeafSpec::device("bob").upn("bob@corp.test"));
+    let client = lab.client();
+    assert_eq!(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    lab.slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: userPassword\nuserPassword: rotated-password\n",
+        lab.slapd.bind_dn()
+    ));
+    lab.pki.dir.write("bind-password", "rotated-password\n");
+    lab.seg.reload_file(&lab.config_path).expect("reload");
+    // New connections to the DC must bind with the new password.
+    lab.slapd.restart();
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the new directory did not bind with the rotated password"
+    );
+    let hits = lab.metric("seg_identity_cache_lookups_total{result=\"hit\"}");
+    assert_eq!(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        lab.metric("seg_identity_cache_lookups_total{result=\"hit\"}"),
+        hits + 1.0,
+        "the cache was lost"
+    );
+}

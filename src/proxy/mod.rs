@@ -49,6 +49,8 @@ pub struct Gateway {
     pub tls: TlsAcceptor,
     pub revocation: Arc<CurrentRevocation>,
     pub metrics: Arc<Metrics>,
+    /// Digest of the directory's files, to notice a rotated bind password on reload.
+    pub directory_files: Vec<u8>,
 }
 
 /// The gateway serving new connections now.
