@@ -38,6 +38,8 @@ pub struct ListenConfig {
     /// in one (hyper arms its header timer as soon as a connection waits for a request).
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// The listen socket's accept backlog: room for a fleet reconnecting at once.
+    pub backlog: u32,
     /// Networks whose connections must start with a PROXY protocol header (v1 or v2).
     pub proxy_protocol_from: Vec<crate::proxy_protocol::IpNetwork>,
     /// On SIGTERM: how long short requests may finish and over which held long polls are
@@ -396,6 +398,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         handshake_timeout: s.duration("handshake_timeout", "10s", p),
         idle_timeout: s.duration("idle_timeout", "120s", p),
         max_connections: s.integer("max_connections", 20_000, 1, p),
+        backlog: s.integer("backlog", 4096, 1, p) as u32,
         proxy_protocol_from: {
             let key = s.key("proxy_protocol_from");
             s.string_list("proxy_protocol_from", &[], p)
@@ -453,8 +456,8 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         hard_ttl: s.duration("hard_ttl", "1h", p),
         negative_ttl: s.duration("negative_ttl", "1m", p),
         max_entries: s.integer("max_entries", 200_000, 1, p) as u64,
-        max_concurrent_lookups: s.integer("max_concurrent_lookups", 16, 1, p),
-        max_queued_lookups: s.integer("max_queued_lookups", 1024, 0, p),
+        max_concurrent_lookups: s.integer("max_concurrent_lookups", 32, 1, p),
+        max_queued_lookups: s.integer("max_queued_lookups", 20_000, 0, p),
         lookup_timeout: s.duration("lookup_timeout", "5s", p),
     };
     if cache.soft_ttl > cache.hard_ttl {

@@ -256,7 +256,7 @@ impl App {
     /// Binds both listeners and starts serving.
     pub async fn start(self) -> std::io::Result<Running> {
         let config = &self.gateway.config;
-        let listener = TcpListener::bind(config.listen.address).await?;
+        let listener = bind(config.listen.address, config.listen.backlog)?;
         let admin_listener = TcpListener::bind(config.admin.address).await?;
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
@@ -406,6 +406,18 @@ impl Running {
     pub async fn stop(self) {
         self.drain(std::time::Duration::ZERO).await;
     }
+}
+
+/// A listening socket with the configured accept backlog (tokio's bind uses 1024).
+fn bind(address: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(backlog)
 }
 
 /// A fingerprint of files (modification time and length), to notice changes.
