@@ -23,6 +23,10 @@ use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// How to get the server this test needs.
+const INSTALL: &str = "Install it with\n  apt-get install -y --no-install-recommends prometheus\n\
+     (tests/run.sh does), or point SEG_PROMETHEUS at a prometheus binary";
+
 /// Where Prometheus is looked for: `SEG_PROMETHEUS`, else the Debian package's path, else PATH.
 fn prometheus_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("SEG_PROMETHEUS") {
@@ -38,13 +42,7 @@ fn prometheus_binary() -> PathBuf {
                 .map(|dir| dir.join("prometheus"))
                 .find(|candidate| candidate.is_file())
         })
-        .unwrap_or_else(|| {
-            panic!(
-                "no Prometheus server: this test runs the real one. Install it with\n  \
-                 apt-get install -y --no-install-recommends prometheus\n\
-                 (tests/run.sh does), or point SEG_PROMETHEUS at a prometheus binary"
-            )
-        })
+        .unwrap_or_else(|| panic!("no Prometheus server: this test runs the real one. {INSTALL}"))
 }
 
 /// A Prometheus server on loopback, killed on drop.
@@ -86,7 +84,12 @@ impl Prometheus {
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}. This test runs a real Prometheus server: {INSTALL}",
+                    binary.display()
+                )
+            });
         Prometheus { child, addr, dir }
     }
 

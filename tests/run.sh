@@ -21,6 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # samba ... krb5-user: tests/support/samba.rs (a Samba AD DC for tests/mapping_ad.rs); the
 # provisioning data and the DC's VFS modules are only Recommends of samba, so named here.
 # openssl, curl: tests/gateway.rs and tests/cli.rs call them.
+# nginx, haproxy: the peers of the fleet benchmark (benches/fleet.rs).
 # sogo ... memcached: tests/support/sogo.rs (a real ActiveSync server for
 # tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
 APT_PACKAGES=(
@@ -28,6 +29,7 @@ APT_PACKAGES=(
     samba samba-dsdb-modules samba-vfs-modules samba-ad-provision ldb-tools krb5-user
     openssl curl
     sogo sogo-activesync postgresql dovecot-imapd memcached
+    nginx haproxy
 )
 # The real ActiveSync client the SOGo test drives (tests/eas_client.py).
 PIP_PACKAGES=(pyactivesync==0.17.0)
@@ -192,5 +194,8 @@ step "cargo clippy --release --all-targets -- -D warnings" \
     cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release $*" run_tests "$@"
 step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
+# The device-fleet benchmark against nginx and HAProxy, short form (under 2 minutes), so it
+# keeps working; its table goes to the log and target/fleet/report.json.
+step "cargo bench --bench fleet -- --quick" cargo bench --bench fleet -- --quick
 summary
 exit "$FIRST_FAILURE"
