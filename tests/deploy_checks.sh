@@ -244,9 +244,10 @@ systemd_unit() {
     done
     echo "directives present: dedicated user, CAP_NET_BIND_SERVICE only, NoNewPrivileges,"
     echo "  ProtectSystem=strict, ReadWritePaths=/var/lib/seg, ExecReload with SIGHUP"
-    # Exposure 0-100 (shown divided by 10): at most 2.0, "OK".
-    out=$(systemd-analyze security --offline=yes --threshold=20 "$dir/seg.service" 2>&1) || {
-        echo "systemd-analyze security: exposure above 2.0:"
+    # Exposure 0-100 (shown divided by 10): at most 1.5 (the unit scores 1.4), so a loosened
+    # setting fails here.
+    out=$(systemd-analyze security --offline=yes --threshold=15 "$dir/seg.service" 2>&1) || {
+        echo "systemd-analyze security: exposure above 1.5:"
         echo "$out" | grep -E '✗|Overall'
         return 1
     }

@@ -22,6 +22,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # provisioning data and the DC's VFS modules are only Recommends of samba, so named here.
 # openssl, curl: tests/gateway.rs and tests/cli.rs call them.
 # nginx, haproxy: the peers of the fleet benchmark (benches/fleet.rs).
+# prometheus (server and promtool), systemd (systemd-analyze), python3-venv: tests/prometheus.rs
+# and tests/deploy_checks.sh (rules, dashboard, unit file, Kubernetes schemas, Containerfile).
 # sogo ... memcached: tests/support/sogo.rs (a real ActiveSync server for
 # tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
 APT_PACKAGES=(
@@ -30,6 +32,7 @@ APT_PACKAGES=(
     openssl curl
     sogo sogo-activesync postgresql dovecot-imapd memcached
     nginx haproxy
+    prometheus systemd python3-venv
 )
 # The real ActiveSync client the SOGo test drives (tests/eas_client.py).
 PIP_PACKAGES=(pyactivesync==0.17.0)
@@ -193,6 +196,7 @@ step "cargo fmt --check" cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings" \
     cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release $*" run_tests "$@"
+step "deploy checks (tests/deploy_checks.sh)" bash tests/deploy_checks.sh
 step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
 # The device-fleet benchmark against nginx and HAProxy, short form (under 2 minutes), so it
 # keeps working; its table goes to the log and target/fleet/report.json.
