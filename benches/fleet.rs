@@ -175,21 +175,22 @@ fn main() {
 
     let seg_bin = PathBuf::from(env!("CARGO_BIN_EXE_seg"));
     let mut report = Report::default();
-    let kinds: Vec<Kind> = opts
+    // A requested peer that is missing is a failure, not a quiet gap in the table; leave it
+    // out explicitly with --proxies.
+    let missing: Vec<&str> = opts
         .kinds
         .iter()
-        .copied()
-        .filter(|k| {
-            let ok = k.available(&seg_bin);
-            if !ok {
-                report.notes.push(format!(
-                    "{} is not installed (apt-get install -y nginx haproxy): skipped",
-                    k.name()
-                ));
-            }
-            ok
-        })
+        .filter(|k| !k.available(&seg_bin))
+        .map(|k| k.name())
         .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "fleet: {} not installed: apt-get install -y nginx haproxy (./tests/run.sh does), or leave them out with --proxies",
+            missing.join(", ")
+        );
+        std::process::exit(1);
+    }
+    let kinds: Vec<Kind> = opts.kinds.clone();
 
     let mut levels = opts.levels.clone();
     let limit = open_file_limit();
