@@ -6,7 +6,7 @@
 //! restores the old certificate without checking it again and an ActiveSync connection lives
 //! for hours: after a reload brings a new CRL, a revoked device's next request is refused.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -20,8 +20,8 @@ use crate::tls::TlsError;
 /// The CRLs in force.
 #[derive(Default)]
 pub struct RevocationList {
-    /// (issuer DN as DER, serial without sign byte) of every revoked certificate.
-    revoked: HashSet<(Vec<u8>, Vec<u8>)>,
+    /// Issuer DN (DER) → serials (without sign byte) of its revoked certificates.
+    revoked: HashMap<Vec<u8>, HashSet<Box<[u8]>>>,
     /// One entry per CRL, for readiness and metrics.
     pub crls: Vec<CrlInfo>,
     /// The CRLs as DER, for the TLS verifier.
@@ -62,13 +62,13 @@ impl RevocationList {
         };
         let (_, crl) =
             CertificateRevocationList::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
-        let issuer = crl.issuer().as_raw().to_vec();
+        let serials = self
+            .revoked
+            .entry(crl.issuer().as_raw().to_vec())
+            .or_default();
         let mut entries = 0;
         for revoked in crl.iter_revoked_certificates() {
-            self.revoked.insert((
-                issuer.clone(),
-                strip_sign_byte(revoked.raw_serial()).to_vec(),
-            ));
+            serials.insert(strip_sign_byte(revoked.raw_serial()).into());
             entries += 1;
         }
         self.crls.push(CrlInfo {
@@ -88,10 +88,9 @@ impl RevocationList {
 
     /// Whether the certificate with this issuer (DER) and serial is revoked.
     pub fn is_revoked(&self, issuer_der: &[u8], serial: &[u8]) -> bool {
-        !self.revoked.is_empty()
-            && self
-                .revoked
-                .contains(&(issuer_der.to_vec(), serial.to_vec()))
+        self.revoked
+            .get(issuer_der)
+            .is_some_and(|serials| serials.contains(serial))
     }
 
     /// The CRLs past their nextUpdate at `now_unix`.

@@ -198,6 +198,7 @@ step "cargo clippy --release --all-targets -- -D warnings" \
 step "cargo test --release $*" run_tests "$@"
 step "deploy checks (tests/deploy_checks.sh)" bash tests/deploy_checks.sh
 step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
+step "cargo bench --bench crl -- --test" cargo bench --bench crl -- --test
 # The device-fleet benchmark against nginx and HAProxy, short form (under 2 minutes), so it
 # keeps working; its table goes to the log and target/fleet/report.json.
 step "cargo bench --bench fleet -- --quick" cargo bench --bench fleet -- --quick
