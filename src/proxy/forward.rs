@@ -85,20 +85,7 @@ impl HeaderPolicy {
 
     /// Cleans the client's headers, then adds the identity and the device's address.
     pub fn apply(&self, headers: &mut HeaderMap, identity: &HeaderValue, peer_ip: &HeaderValue) {
-        let nominated: Vec<String> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| !t.is_empty() && !CONNECTION_PROTECTED.contains(&t.as_str()))
-            .collect();
-        for name in HOP_BY_HOP {
-            headers.remove(name);
-        }
-        for name in &nominated {
-            headers.remove(name.as_str());
-        }
+        remove_hop_by_hop(headers);
         let doomed: Vec<HeaderName> = headers
             .keys()
             .filter(|name| self.is_stripped(name.as_str()))
@@ -122,8 +109,9 @@ impl HeaderPolicy {
     }
 }
 
-/// Removes hop-by-hop headers from an upstream response.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop headers and those a `Connection` header names (never framing or
+/// routing ones), from a request or a response.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let nominated: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -132,7 +120,10 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty() && !CONNECTION_PROTECTED.contains(&t.as_str()))
         .collect();
-    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(nominated) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in &nominated {
         headers.remove(name.as_str());
     }
 }

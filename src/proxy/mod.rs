@@ -377,7 +377,7 @@ impl Gateway {
         match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
-                forward::clean_response_headers(&mut parts.headers);
+                forward::remove_hop_by_hop(&mut parts.headers);
                 record.status = parts.status.as_u16();
                 Response::from_parts(parts, AuditBody::upstream(body, record))
             }
