@@ -29,6 +29,8 @@
 
 #[path = "fleet/http.rs"]
 mod http;
+#[path = "../tests/support/ldif.rs"]
+mod ldif;
 #[path = "fleet/peers.rs"]
 mod peers;
 #[path = "fleet/report.rs"]

@@ -268,12 +268,7 @@ impl Lab {
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
         let text = config_text(&pki, &directory, upstream.addr, extra_config);
         let config_path = pki.dir.write("seg.toml", &text);
-        let config = Config::load(&config_path).unwrap_or_else(|e| panic!("lab config: {e}"));
-        let seg = App::build(config)
-            .unwrap_or_else(|e| panic!("lab build: {e}"))
-            .start()
-            .await
-            .expect("seg start");
+        let seg = start_seg(&config_path).await;
         Lab {
             pki,
             slapd,
@@ -299,12 +294,7 @@ impl Lab {
         seg.stop().await;
         let text = edit(&std::fs::read_to_string(&config_path).expect("lab config"));
         std::fs::write(&config_path, text).expect("lab config");
-        let config = Config::load(&config_path).unwrap_or_else(|e| panic!("lab config: {e}"));
-        let seg = App::build(config)
-            .unwrap_or_else(|e| panic!("lab build: {e}"))
-            .start()
-            .await
-            .expect("seg start");
+        let seg = start_seg(&config_path).await;
         Lab {
             pki,
             slapd,

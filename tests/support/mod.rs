@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod lab;
+pub mod ldif;
 pub mod mapping_table;
 pub mod openssl_ca;
 pub mod samba;

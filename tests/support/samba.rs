@@ -32,7 +32,7 @@
 //! * [`Samba::modify`], [`Samba::set_attribute`], [`Samba::disable`],
 //!   [`Samba::set_expired`], [`Samba::set_locked`]
 //! * [`Samba::search`], [`Samba::search_scoped`] (raw `ldapsearch -LLL`
-//!   output), [`strip_references`], [`sid_to_string`], [`decode_base64`]
+//!   output), [`strip_references`]
 //!
 //! All reads and writes go over LDAPS as `Administrator` with the OpenLDAP
 //! command-line tools (`LDAPTLS_CACERT` set to the copied CA), never behind
@@ -118,6 +118,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+
+use super::ldif::{escape_rdn_value, ldif_line};
 
 /// The domain's base DN.
 pub const BASE_DN: &str = "DC=corp,DC=test";
@@ -372,7 +376,7 @@ impl Samba {
         let out = self.search(&filter, &["objectSid"]);
         let sids: Vec<Vec<u8>> = ldif_raw_values(&out, "objectSid");
         match sids.as_slice() {
-            [sid] => sid_to_string(sid)
+            [sid] => seg::identity::sid_to_text(sid)
                 .unwrap_or_else(|| panic!("malformed objectSid for {sam:?} in:\n{out}")),
             _ => panic!("expected one objectSid for sAMAccountName {sam:?}, got:\n{out}"),
         }
@@ -945,24 +949,6 @@ pub fn strip_references(ldif: &str) -> String {
     out
 }
 
-/// A textual SID (`S-1-5-21-...`) from its binary form; `None` if malformed.
-pub fn sid_to_string(sid: &[u8]) -> Option<String> {
-    let (&revision, rest) = sid.split_first()?;
-    let (&count, rest) = rest.split_first()?;
-    if rest.len() != 6 + 4 * usize::from(count) {
-        return None;
-    }
-    let authority = rest[..6]
-        .iter()
-        .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-    let mut text = format!("S-{revision}-{authority}");
-    for sub in rest[6..].chunks_exact(4) {
-        let sub = u32::from_le_bytes(sub.try_into().expect("chunks of 4"));
-        write!(text, "-{sub}").expect("writing to a String");
-    }
-    Some(text)
-}
-
 /// Every value of `attr` (case-insensitive name) in LDIF `out`, as text
 /// (base64 values decoded, lossily).
 fn ldif_values(out: &str, attr: &str) -> Vec<String> {
@@ -982,93 +968,15 @@ fn ldif_raw_values(out: &str, attr: &str) -> Vec<Vec<u8>> {
             }
             match rest.strip_prefix(':') {
                 Some(b64) => Some(
-                    decode_base64(b64.trim())
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b64.trim())
+                        .ok()
                         .unwrap_or_else(|| panic!("bad base64 in LDIF line {line:?}")),
                 ),
                 None => Some(rest.strip_prefix(' ').unwrap_or(rest).as_bytes().to_vec()),
             }
         })
         .collect()
-}
-
-/// Decodes standard base64 (padding optional); `None` on a bad character.
-pub fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|&c| c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
-/// Appends `name: value`, or `name:: base64` when the value is not an LDIF
-/// SAFE-STRING (or ends in a space, which some readers strip).
-fn ldif_line(out: &mut String, name: &str, value: &[u8]) {
-    let safe = value
-        .iter()
-        .all(|&b| b.is_ascii() && b != 0 && b != b'\r' && b != b'\n')
-        && !matches!(value.first(), Some(b' ' | b':' | b'<'))
-        && value.last() != Some(&b' ');
-    if safe {
-        writeln!(
-            out,
-            "{name}: {}",
-            std::str::from_utf8(value).expect("checked ASCII")
-        )
-        .expect("writing to a String");
-    } else {
-        writeln!(out, "{name}:: {}", base64(value)).expect("writing to a String");
-    }
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Escapes an RDN attribute value (RFC 4514).
-fn escape_rdn_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let last = value.chars().count().saturating_sub(1);
-    for (i, c) in value.chars().enumerate() {
-        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
-            || (i == 0 && matches!(c, ' ' | '#'))
-            || (i == last && c == ' ');
-        if special {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Escapes a filter assertion value (RFC 4515).

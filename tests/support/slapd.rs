@@ -35,7 +35,7 @@
 //!   [`Slapd::search_filters`], [`Slapd::stop`], [`Slapd::restart`],
 //!   [`Slapd::modify`]; dropping a `Slapd` kills it and removes its directory
 //!   (kept, with its path printed, if the thread is panicking)
-//! * [`bulk_users`], [`sid_bytes`]
+//! * [`bulk_users`]; binary SIDs come from `seg::identity::sid_from_text`
 //!
 //! Things slapd does that a test must know:
 //!
@@ -62,6 +62,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::ldif::{escape_rdn_value, ldif_line};
 
 /// The suffix used by [`SlapdOptions::default`].
 pub const DEFAULT_SUFFIX: &str = "DC=corp,DC=test";
@@ -91,7 +93,7 @@ pub struct UserSpec {
     pub user_account_control: u32,
     /// `accountExpires` as a FILETIME; `None` leaves the attribute absent.
     pub account_expires: Option<i64>,
-    /// Binary `objectSid` (see [`sid_bytes`]).
+    /// Binary `objectSid` (`seg::identity::sid_from_text`).
     pub object_sid: Option<Vec<u8>>,
     /// `proxyAddresses`, e.g. `SMTP:alice@corp.test`.
     pub proxy_addresses: Vec<String>,
@@ -463,40 +465,6 @@ pub fn bulk_users(n: usize, domain: &str) -> Vec<UserSpec> {
         .collect()
 }
 
-/// The binary form of a textual SID such as `S-1-5-21-1-2-3-1104`: revision,
-/// sub-authority count, 6-byte big-endian authority, then each sub-authority
-/// as a little-endian u32. Panics on a malformed SID.
-pub fn sid_bytes(text: &str) -> Vec<u8> {
-    let bad = |why: &str| -> ! { panic!("bad SID {text:?}: {why}") };
-    let mut parts = text.split('-');
-    if !parts.next().is_some_and(|s| s.eq_ignore_ascii_case("S")) {
-        bad("it must start with S-");
-    }
-    let revision: u8 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| bad("revision"));
-    let authority: u64 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| bad("authority"));
-    if authority >= 1 << 48 {
-        bad("authority does not fit in 6 bytes");
-    }
-    let subs: Vec<u32> = parts
-        .map(|s| s.parse().unwrap_or_else(|_| bad("sub-authority")))
-        .collect();
-    if subs.len() > 15 {
-        bad("more than 15 sub-authorities");
-    }
-    let mut out = vec![revision, subs.len() as u8];
-    out.extend_from_slice(&authority.to_be_bytes()[2..]);
-    for sub in subs {
-        out.extend_from_slice(&sub.to_le_bytes());
-    }
-    out
-}
-
 /// AD attribute types and object classes under their real names and OIDs.
 const AD_SCHEMA: &str = "\
 attributetype ( 1.2.840.113556.1.4.656 NAME 'userPrincipalName'
@@ -775,62 +743,6 @@ fn entry(out: &mut String, dn: &str, classes: &[&str], attrs: &[(&str, &[u8])]) 
         ldif_line(out, name, value);
     }
     out.push('\n');
-}
-
-/// Appends `name: value`, or `name:: base64` when the value is not an LDIF
-/// SAFE-STRING (or ends in a space, which some readers strip).
-fn ldif_line(out: &mut String, name: &str, value: &[u8]) {
-    let safe = value
-        .iter()
-        .all(|&b| b.is_ascii() && b != 0 && b != b'\r' && b != b'\n')
-        && !matches!(value.first(), Some(b' ' | b':' | b'<'))
-        && value.last() != Some(&b' ');
-    if safe {
-        writeln!(
-            out,
-            "{name}: {}",
-            std::str::from_utf8(value).expect("checked ASCII")
-        )
-        .expect("writing to a String");
-    } else {
-        writeln!(out, "{name}:: {}", base64(value)).expect("writing to a String");
-    }
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Escapes an RDN attribute value (RFC 4514).
-fn escape_rdn_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let last = value.chars().count().saturating_sub(1);
-    for (i, c) in value.chars().enumerate() {
-        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
-            || (i == 0 && matches!(c, ' ' | '#'))
-            || (i == last && c == ' ');
-        if special {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn write_file(path: &Path, contents: &str) {
