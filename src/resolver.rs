@@ -151,12 +151,15 @@ impl Resolver {
             }
             return Ok(cached.decision);
         }
-        let entry = self
-            .cache
-            .entry(fingerprint)
-            .or_try_insert_with(self.lookup_bounded(leaf_der))
-            .await
-            .map_err(|e| (*e).clone())?;
+        // Boxed: the directory lookup's state is several KiB, and every connection's request
+        // future would otherwise reserve room for it even when the cache answers.
+        let entry = Box::pin(
+            self.cache
+                .entry(fingerprint)
+                .or_try_insert_with(self.lookup_bounded(leaf_der)),
+        )
+        .await
+        .map_err(|e| (*e).clone())?;
         let label = if entry.is_fresh() {
             "miss"
         } else {

@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const NGINX_CONF: &str = include_str!("nginx.conf");
@@ -175,6 +176,7 @@ impl Proxy {
         let child = Command::new("taskset")
             .arg("-c")
             .arg(PROXY_CORE)
+            .args(heaptrack_prefix(self.kind))
             .arg(&self.program)
             .args(&self.args)
             // seg's audit records are info-level log lines; the peers run without an access
@@ -303,4 +305,23 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// `FLEET_HEAPTRACK=/tmp/seg.heap`: seg runs under heaptrack's preload library, one raw
+/// profile per start (`/tmp/seg.heap.0`, `.1`, …; the long-poll phase is `.1`). Read one with
+/// `/usr/lib/heaptrack/libexec/heaptrack_interpret < /tmp/seg.heap.1 | gzip > seg.gz` and
+/// `heaptrack_print -f seg.gz`. The memory figures of such a run are heaptrack's, not seg's.
+fn heaptrack_prefix(kind: Kind) -> Vec<String> {
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
+    match std::env::var("FLEET_HEAPTRACK") {
+        Ok(out) if kind == Kind::Seg => {
+            let n = STARTS.fetch_add(1, Ordering::Relaxed);
+            vec![
+                "env".into(),
+                "LD_PRELOAD=/usr/lib/heaptrack/libheaptrack_preload.so".into(),
+                format!("DUMP_HEAPTRACK_OUTPUT={out}.{n}"),
+            ]
+        }
+        _ => vec![],
+    }
 }
