@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench fleet` (full: 10,000 devices, 3 rounds) or
 //! `cargo bench --bench fleet -- --quick` (1,500 devices, 1 round, well under 2 minutes; CI).
-//! More options: `--rounds N`, `--devices N`, `--levels 2000,5000,9000`, `--proxies seg,nginx`.
+//! More options: `--rounds N`, `--devices N`, `--levels 2000,5000,9000`, `--proxies seg,nginx`,
+//! `--outage-secs N`, `--keepalive-secs N`, `--budget-devices N`.
 //!
 //! What it sets up (all on 127.0.0.1, in a temp dir, stopped by PID at the end):
 //! - a CA, a server certificate and one ECDSA P-256 certificate per device, each device mapped
@@ -21,11 +22,17 @@
 //! the upstream received); full handshakes with a new device per connection (a first pass —
 //! cold for seg — and a second); keep-alive requests/s over 64 connections and the proxy's CPU
 //! per request; p50/p99 at a fixed 2k requests/s minus the same straight to the upstream;
-//! resumed TLS 1.3 handshakes; then, on a fresh process, idle connections and held Pings at
-//! each level (VmRSS slopes), a restart under the held fleet (time until every device's
-//! re-issued Ping reached the upstream; seg's `seg_directory_searches_total`), and every
-//! device leaving during its held Ping (does the upstream see its request closed?).
-//! Not built yet (issue 9): the directory-outage scenario and the EAS load budget.
+//! resumed TLS 1.3 handshakes; for seg only, a directory outage under steady traffic (slapd
+//! stopped for `--outage-secs`) and the EAS load budget (a fleet living an ActiveSync day 60×
+//! faster: held Pings with their own heartbeat, Syncs, reconnects; seg's CPU gives the devices
+//! one core serves at 80 %); then, on a fresh process, idle connections and held Pings at each
+//! level (VmRSS slopes), a restart under the held fleet (time until every device's re-issued
+//! Ping reached the upstream; seg's `seg_directory_searches_total`), for seg once more with
+//! its identity-cache snapshot (warm restart), and every device leaving during its held Ping
+//! (does the upstream see its request closed?).
+//!
+//! `FLEET_HEAPTRACK=/tmp/seg.heap` runs seg under heaptrack (benches/fleet/peers.rs says how
+//! to read the profiles); `--keepalive-secs N` lengthens the keep-alive scenario for `perf`.
 
 #[path = "fleet/http.rs"]
 mod http;
@@ -76,6 +83,10 @@ struct Opts {
     latency_rate: f64,
     handshakes: usize,
     resumed_secs: f64,
+    outage_secs: f64,
+    /// EAS load budget: the fleet sizes tried (smallest first), and seconds measured at each.
+    budget_devices: Vec<usize>,
+    budget_secs: f64,
     levels: Vec<usize>,
     kinds: Vec<Kind>,
 }
@@ -94,6 +105,9 @@ impl Opts {
                 latency_rate: 2000.0,
                 handshakes: 400,
                 resumed_secs: 2.0,
+                outage_secs: 5.0,
+                budget_devices: vec![1000],
+                budget_secs: 10.0,
                 levels: vec![250, 500, 1000],
                 kinds: Kind::ALL.to_vec(),
             }
@@ -107,6 +121,9 @@ impl Opts {
                 latency_rate: 2000.0,
                 handshakes: 4000,
                 resumed_secs: 5.0,
+                outage_secs: 30.0,
+                budget_devices: vec![1000, 3000, 6000, 9000],
+                budget_secs: 20.0,
                 levels: vec![2000, 5000, 9000],
                 kinds: Kind::ALL.to_vec(),
             }
@@ -119,6 +136,18 @@ impl Opts {
         };
         if let Some(v) = value("--rounds") {
             opts.rounds = v.parse().expect("--rounds N");
+        }
+        if let Some(v) = value("--budget-devices") {
+            opts.budget_devices = v
+                .split(',')
+                .map(|n| n.parse().expect("--budget-devices a,b,c"))
+                .collect();
+        }
+        if let Some(v) = value("--outage-secs") {
+            opts.outage_secs = v.parse().expect("--outage-secs N");
+        }
+        if let Some(v) = value("--keepalive-secs") {
+            opts.keepalive_secs = v.parse().expect("--keepalive-secs N");
         }
         if let Some(v) = value("--devices") {
             opts.devices = v.parse().expect("--devices N");
@@ -136,6 +165,8 @@ impl Opts {
                 .collect();
         }
         let most = opts.levels.iter().copied().max().unwrap_or(0);
+        let fits = most.max(64);
+        opts.budget_devices.retain(|&n| n <= fits);
         opts.devices = opts.devices.max(most).max(opts.handshakes + 1).max(65);
         opts
     }
@@ -250,7 +281,7 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let t = Instant::now();
-    let slapd = Slapd::start(SlapdOptions {
+    let mut slapd = Slapd::start(SlapdOptions {
         users,
         bind_password: "svc-password".into(),
         tls: Some(TlsFiles {
@@ -305,7 +336,7 @@ fn main() {
                     &fleet,
                     &opts,
                     &levels,
-                    upstream.addr,
+                    (upstream.addr, &mut slapd),
                     base,
                     &mut report,
                 )
@@ -331,7 +362,7 @@ fn main() {
     ));
     report.notes.push(
         "TLS 1.3 everywhere (rustls client default), X25519, ECDSA P-256 certificates. Resumption: \
-         seg = rustls defaults (stateful cache of 256 sessions, 2 TLS 1.3 tickets per handshake); \
+         seg = stateless tickets under a per-process key (2 TLS 1.3 tickets per handshake); \
          nginx = tickets on (its default) plus ssl_session_cache shared:SSL:64m (its default is none); \
          HAProxy = its defaults (tickets, 20,000-entry cache)."
             .into(),
@@ -347,9 +378,6 @@ fn main() {
                 .into(),
         );
     }
-    report.notes.push(
-        "Not measured yet: the directory-outage scenario and the EAS load budget (issue 9).".into(),
-    );
     report.notes.push(format!(
         "Load average (1, 5, 15 min) at the start: {load_at_start}; at the end: {}. Other work \
          on the machine shows in the rates more than in the CPU-per-operation figures.",
@@ -596,6 +624,8 @@ mod fig {
     const LP: &str = "held long polls";
     const STORM: &str = "reconnect storm";
     const ORPHAN: &str = "orphaned long poll";
+    const OUTAGE: &str = "directory outage";
+    const BUDGET: &str = "EAS load budget";
 
     pub const HS_COLD: Figure =
         Figure::new(HS, "hs_cold", "first pass (seg: cold cache)", "/s", true);
@@ -617,6 +647,13 @@ mod fig {
     );
     pub const KA_RPS: Figure = Figure::new(KA, "ka_rps", "requests", "/s", true);
     pub const KA_CPU: Figure = Figure::new(KA, "ka_cpu", "proxy CPU per request", "µs", false);
+    pub const KA_KERNEL: Figure = Figure::new(
+        KA,
+        "ka_kernel",
+        "of which in the kernel (4 socket calls)",
+        "µs",
+        false,
+    );
     pub const LAT_P50: Figure = Figure::new(LAT, "lat_p50", "p50 added over direct", "µs", false);
     pub const LAT_P99: Figure = Figure::new(LAT, "lat_p99", "p99 added over direct", "µs", false);
     pub const RESUMED: Figure = Figure::new(RES, "hs_resumed", "resumed", "/s", true);
@@ -662,6 +699,69 @@ mod fig {
         "searches",
         false,
     );
+    pub const WARM_SECS: Figure = Figure::new(
+        STORM,
+        "warm_storm_secs",
+        "seg with its identity-cache snapshot: all re-served",
+        "s",
+        false,
+    );
+    pub const WARM_SEARCHES: Figure = Figure::new(
+        STORM,
+        "warm_storm_searches",
+        "seg with its snapshot: directory searches until all were re-served",
+        "searches",
+        false,
+    );
+    pub const OUTAGE_P99_BEFORE: Figure = Figure::new(
+        OUTAGE,
+        "outage_p99_before",
+        "p99 added at 2k req/s, directory up",
+        "µs",
+        false,
+    );
+    pub const OUTAGE_P99_DURING: Figure = Figure::new(
+        OUTAGE,
+        "outage_p99_during",
+        "p99 added at 2k req/s, directory stopped",
+        "µs",
+        false,
+    );
+    pub const OUTAGE_ERRORS: Figure = Figure::new(
+        OUTAGE,
+        "outage_errors",
+        "failed requests from known devices during the outage",
+        "requests",
+        false,
+    );
+    pub const OUTAGE_NEW_MS: Figure = Figure::new(
+        OUTAGE,
+        "outage_new_ms",
+        "a never-seen device's 503 + Retry-After, after",
+        "ms",
+        false,
+    );
+    pub const BUDGET_FLEET: Figure = Figure::new(
+        BUDGET,
+        "budget_fleet",
+        "largest fleet measured within budget (≤ 80 % CPU, p99 +≤ 5 ms, no errors)",
+        "devices",
+        true,
+    );
+    pub const BUDGET_DEVICES: Figure = Figure::new(
+        BUDGET,
+        "budget_devices",
+        "its CPU extrapolated: devices one core serves at 80 %",
+        "devices",
+        true,
+    );
+    pub const BUDGET_P99: Figure = Figure::new(
+        BUDGET,
+        "budget_p99",
+        "p99 added to a Sync, at the measured load",
+        "µs",
+        false,
+    );
     pub const ABORT_MS: Figure = Figure::new(
         ORPHAN,
         "abort_ms",
@@ -684,14 +784,14 @@ async fn run_proxy(
     fleet: &Fleet,
     opts: &Opts,
     levels: &[usize],
-    up: SocketAddr,
+    (up, slapd): (SocketAddr, &mut Slapd),
     direct: (f64, f64),
     report: &mut Report,
 ) {
     let kind = proxy.kind;
     let name = kind.name();
     let t = Instant::now();
-    proxy.start();
+    proxy.start_cold();
     let addr = proxy.addr;
 
     // Does it do the job? One request, the identity header the upstream received.
@@ -726,10 +826,11 @@ async fn run_proxy(
 
     // Keep-alive throughput.
     match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
-        Ok((rps, cpu, errors)) => {
-            eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each, {errors} errors");
+        Ok((rps, cpu, kernel, errors)) => {
+            eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each ({kernel:.1} in the kernel), {errors} errors");
             report.add(&fig::KA_RPS, kind, rps);
             report.add(&fig::KA_CPU, kind, cpu);
+            report.add(&fig::KA_KERNEL, kind, kernel);
         }
         Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
     }
@@ -763,9 +864,71 @@ async fn run_proxy(
         ),
     );
 
+    // Directory outage under steady traffic (seg is the only one that uses the directory).
+    if kind == Kind::Seg {
+        match outage(addr, fleet, opts, slapd).await {
+            Ok(o) => {
+                eprintln!(
+                    "  {name}: directory outage: p99 before {} µs, during {} µs, after {} µs; {} errors of {} requests during; a new device got {} in {:.0} ms",
+                    o.p99[0], o.p99[1], o.p99[2], o.errors, o.during, o.new_device.0, o.new_device.1
+                );
+                report.add(&fig::OUTAGE_P99_BEFORE, kind, o.p99[0] - direct.1);
+                report.add(&fig::OUTAGE_P99_DURING, kind, o.p99[1] - direct.1);
+                report.add(&fig::OUTAGE_ERRORS, kind, o.errors as f64);
+                report.add(&fig::OUTAGE_NEW_MS, kind, o.new_device.1);
+                report.fact(
+                    kind,
+                    format!(
+                        "directory outage ({:.0} s, slapd stopped): known devices {} errors in {} requests; a device never seen before got {} (Retry-After)",
+                        opts.outage_secs, o.errors, o.during, o.new_device.0
+                    ),
+                );
+            }
+            Err(e) => report.fact(kind, format!("directory outage failed: {e}")),
+        }
+    }
+
+    // The EAS load budget (seg's capacity; the peers do not map identities): growing fleets;
+    // the largest that stays within the budget (≤ 80 % of the core, Sync p99 added ≤ 5 ms,
+    // no errors) is the figure, with the devices per core its CPU extrapolates to.
+    if kind == Kind::Seg {
+        let mut within = None;
+        for &n in &opts.budget_devices {
+            let b = eas_budget(proxy, fleet, opts, up, n).await;
+            let added = b.sync_p99 - direct.1;
+            let ok = b.core_share <= 0.8 && added <= 5000.0 && b.errors == 0;
+            eprintln!(
+                "  {name}: EAS budget: {} devices × {}× time = {} real: {:.0} req/s ({} Syncs), {:.1} % of a core, Sync p99 {:.0} µs (+{added:.0}), {} errors → {:.0} devices per core at 80 %{}",
+                b.devices, COMPRESSION, b.devices * COMPRESSION as usize, b.rps, b.syncs, b.core_share * 100.0, b.sync_p99, b.errors, b.per_core,
+                if ok { "" } else { " (outside the budget)" }
+            );
+            report.fact(
+                kind,
+                format!(
+                    "EAS load budget, {} devices 60× faster ({} real): {:.0} req/s took {:.1} % of a core; Sync p99 +{added:.0} µs; {} errors{}",
+                    b.devices, b.devices * COMPRESSION as usize, b.rps, b.core_share * 100.0, b.errors,
+                    if ok { "" } else { " — outside the budget" }
+                ),
+            );
+            if !ok {
+                break;
+            }
+            within = Some((b, added));
+        }
+        if let Some((b, added)) = within {
+            report.add(
+                &fig::BUDGET_FLEET,
+                kind,
+                (b.devices * COMPRESSION as usize) as f64,
+            );
+            report.add(&fig::BUDGET_DEVICES, kind, b.per_core);
+            report.add(&fig::BUDGET_P99, kind, added);
+        }
+    }
+
     // Long polls, memory, reconnect storm, orphaned long polls: on a fresh process.
     proxy.stop();
-    proxy.start();
+    proxy.start_cold();
     let lp = long_polls(proxy, fleet, levels, up).await;
     let idle = slope(&lp.idle);
     let held = slope(&lp.held);
@@ -779,6 +942,16 @@ async fn run_proxy(
     report.add(&fig::STORM_SECS, kind, lp.storm_secs.unwrap_or(f64::NAN));
     if let Some(searches) = lp.searches {
         report.add(&fig::STORM_SEARCHES, kind, searches);
+    }
+    if let Some(warm) = lp.warm {
+        report.add(&fig::WARM_SECS, kind, warm.secs.unwrap_or(f64::NAN));
+        if let Some(searches) = warm.searches {
+            report.add(&fig::WARM_SEARCHES, kind, searches);
+        }
+        eprintln!(
+            "  {name}: warm restart (snapshot): {} devices re-served in {:?} s, searches {:?}",
+            warm.reached, warm.secs, warm.searches
+        );
     }
     match lp.storm_secs {
         Some(s) => eprintln!(
@@ -880,7 +1053,7 @@ async fn keepalive(
     fleet: &Fleet,
     conns: usize,
     secs: f64,
-) -> io::Result<(f64, f64, u64)> {
+) -> io::Result<(f64, f64, f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -913,13 +1086,13 @@ async fn keepalive(
     let (c0, t0, cpu0) = (
         count.load(Ordering::Relaxed),
         Instant::now(),
-        proxy.cpu_seconds(),
+        proxy.cpu_split(),
     );
     sleep(secs).await;
     let (c1, t1, cpu1) = (
         count.load(Ordering::Relaxed),
         Instant::now(),
-        proxy.cpu_seconds(),
+        proxy.cpu_split(),
     );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -928,9 +1101,252 @@ async fn keepalive(
     let n = (c1 - c0) as f64;
     Ok((
         n / (t1 - t0).as_secs_f64(),
-        (cpu1 - cpu0) * 1e6 / n.max(1.0),
+        (cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1) * 1e6 / n.max(1.0),
+        (cpu1.1 - cpu0.1) * 1e6 / n.max(1.0),
         errors.load(Ordering::Relaxed),
     ))
+}
+
+struct Outage {
+    /// p99 (µs) before, during and after the outage.
+    p99: [f64; 3],
+    errors: u64,
+    during: usize,
+    /// What a device the cache has never seen got during the outage, and how fast (ms).
+    new_device: (u16, f64),
+}
+
+/// Steady traffic from known devices (32 keep-alive connections at the latency rate) while
+/// slapd is stopped for `outage_secs` and started again.
+async fn outage(
+    addr: SocketAddr,
+    fleet: &Fleet,
+    opts: &Opts,
+    slapd: &mut Slapd,
+) -> io::Result<Outage> {
+    let mut conns = Vec::new();
+    for device in fleet.iter().skip(1).take(32) {
+        conns.push((
+            connect_tls(addr, &device.config).await?,
+            device.sync.clone(),
+        ));
+    }
+    let p99 = |mut lat: Vec<u32>| {
+        lat.sort_unstable();
+        percentile(&lat, 0.99)
+    };
+    let (before, _, conns) = paced(conns, opts.latency_rate, opts.latency_secs).await;
+    slapd.stop();
+    let stranger = fleet.last().expect("fleet");
+    let asked = Instant::now();
+    let new_device = match connect_tls(addr, &stranger.config).await {
+        Ok(mut conn) => conn.request(&stranger.sync).await.map(|r| r.status)?,
+        Err(e) => return Err(e),
+    };
+    let new_device = (new_device, asked.elapsed().as_secs_f64() * 1000.0);
+    let (during, errors, conns) = paced(conns, opts.latency_rate, opts.outage_secs).await;
+    slapd.restart();
+    let (after, _, _) = paced(conns, opts.latency_rate, opts.latency_secs).await;
+    Ok(Outage {
+        during: during.len() + errors as usize,
+        p99: [p99(before), p99(during), p99(after)],
+        errors,
+        new_device,
+    })
+}
+
+/// Time runs this many times faster in the EAS budget fleet: a 5–59 min heartbeat lasts 5–59 s.
+const COMPRESSION: u32 = 60;
+
+struct Budget {
+    devices: usize,
+    rps: f64,
+    syncs: usize,
+    /// Fraction of one core seg used.
+    core_share: f64,
+    sync_p99: f64,
+    errors: u64,
+    /// Real (uncompressed) devices one core serves at 80 %.
+    per_core: f64,
+}
+
+/// A small deterministic generator per device (xorshift), for heartbeats and jitter.
+struct Jitter(u64);
+
+impl Jitter {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A fleet living an ActiveSync day, `COMPRESSION` times faster: each device holds a Ping
+/// whose heartbeat (5–59 min) is its own, syncs every ~3 min (the Ping returns early, as
+/// Exchange answers a Ping when a folder changes), and opens a new TLS connection every
+/// ~15 min (network changes; resumed). seg's CPU over the measured window, divided by the
+/// real devices the fleet stands for, gives the devices one core serves at 80 %.
+async fn eas_budget(proxy: &Proxy, fleet: &Fleet, opts: &Opts, up: SocketAddr, n: usize) -> Budget {
+    let n = n.min(fleet.len());
+    let c = COMPRESSION as f64;
+    let minute = Duration::from_secs_f64(60.0 / c);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let ramp = Arc::new(Semaphore::new(64));
+    let addr = proxy.addr;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let fleet = fleet.clone();
+        let (measuring, stop, errors, requests, connected, ramp) = (
+            measuring.clone(),
+            stop.clone(),
+            errors.clone(),
+            requests.clone(),
+            connected.clone(),
+            ramp.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let device = &fleet[i];
+            let mut jitter =
+                Jitter(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0x2545_f491));
+            let heartbeat = minute.mul_f64(5.0 + 54.0 * jitter.unit());
+            let start = tokio::time::Instant::now();
+            let mut next_sync = start + minute.mul_f64(3.0 * jitter.unit());
+            let mut next_reconnect = start + minute.mul_f64(15.0 * jitter.unit());
+            let mut latencies = Vec::new();
+            // Joining: connect and sync until served (a cold device may be told to come back
+            // while the directory works through the others), then live the day.
+            let permit = ramp.acquire_owned().await.expect("semaphore");
+            let mut conn = loop {
+                let Ok(mut conn) = connect_tls(addr, &device.config).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                match conn.request(&device.sync).await {
+                    Ok(r) if r.status == 200 => break conn,
+                    Ok(r) => {
+                        let wait = r.retry_after.unwrap_or(1).min(30);
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            drop(permit);
+            connected.fetch_add(1, Ordering::Relaxed);
+            let head = &device.ping[..device.ping.len() - 2];
+            while !stop.load(Ordering::Relaxed) {
+                let now = tokio::time::Instant::now();
+                let hold = heartbeat
+                    .min(next_sync.saturating_duration_since(now))
+                    .max(Duration::from_millis(1));
+                let mut ping = head.to_vec();
+                ping.extend_from_slice(
+                    format!("X-Fleet-Hold-Ms: {}\r\n\r\n", hold.as_millis()).as_bytes(),
+                );
+                let counted = measuring.load(Ordering::Relaxed);
+                match conn.request(&ping).await {
+                    Ok(r) if r.status == 200 => {}
+                    _ if stop.load(Ordering::Relaxed) => break,
+                    Ok(r) => {
+                        eprintln!("  budget: device {i}: Ping answered {}", r.status);
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => {
+                        eprintln!("  budget: device {i}: Ping failed: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                if counted {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                }
+                let now = tokio::time::Instant::now();
+                if now >= next_sync {
+                    next_sync = now + minute.mul_f64(3.0 * (0.5 + jitter.unit()));
+                    let sent = Instant::now();
+                    match conn.request(&device.sync).await {
+                        Ok(r) if r.status == 200 => {}
+                        other => {
+                            eprintln!(
+                                "  budget: device {i}: Sync got {:?}",
+                                other.map(|r| r.status)
+                            );
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        latencies.push(sent.elapsed().as_micros() as u32);
+                        requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if now >= next_reconnect {
+                    next_reconnect = now + minute.mul_f64(15.0 * (0.5 + jitter.unit()));
+                    conn = match connect_tls(addr, &device.config).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("  budget: device {i}: reconnect failed: {e}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    };
+                }
+            }
+            latencies
+        }));
+    }
+    let all = connected.clone();
+    let errs = errors.clone();
+    wait_for(Duration::from_secs(120), Duration::from_millis(50), || {
+        let (all, errs) = (all.clone(), errs.clone());
+        async move { all.load(Ordering::Relaxed) + errs.load(Ordering::Relaxed) as usize >= n }
+    })
+    .await;
+    // One compressed sync period to settle, then measure.
+    tokio::time::sleep(minute * 3).await;
+    errors.store(0, Ordering::Relaxed);
+    measuring.store(true, Ordering::Relaxed);
+    let (t0, cpu0) = (Instant::now(), proxy.cpu_seconds());
+    sleep(opts.budget_secs).await;
+    let (t1, cpu1) = (Instant::now(), proxy.cpu_seconds());
+    measuring.store(false, Ordering::Relaxed);
+    let errors_seen = errors.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    // Held Pings end now, so every device sees the stop.
+    let _ = upstream::control(up, "release").await;
+    let mut lat = Vec::new();
+    for mut t in tasks {
+        // A Ping sent just as the stop came is released by the next call.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), &mut t).await {
+                Ok(Ok(l)) => lat.extend(l),
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    let _ = upstream::control(up, "release").await;
+                    continue;
+                }
+            }
+            break;
+        }
+    }
+    lat.sort_unstable();
+    let secs = (t1 - t0).as_secs_f64();
+    let core_share = (cpu1 - cpu0) / secs;
+    let real_devices = n as f64 * c;
+    Budget {
+        devices: n,
+        rps: requests.load(Ordering::Relaxed) as f64 / secs,
+        syncs: lat.len(),
+        core_share,
+        sync_p99: percentile(&lat, 0.99),
+        errors: errors_seen,
+        per_core: 0.8 * real_devices / core_share.max(1e-9),
+    }
 }
 
 /// p50, p99 (µs) at the fixed rate over 32 keep-alive connections.
@@ -1047,6 +1463,8 @@ struct LongPolls {
     storm_503: u64,
     connect_errors: u64,
     searches: Option<f64>,
+    /// seg restarted with its identity-cache snapshot.
+    warm: Option<Storm>,
     abort_ms: Option<f64>,
     abort_of: u64,
     still_open: u64,
@@ -1245,26 +1663,23 @@ async fn long_polls(
         sleep(0.5).await;
         out.held.push((level, proxy.rss_kib()));
     }
-    // Reconnect storm: restart the proxy under the held fleet.
+    // Reconnect storm: restart the proxy under the held fleet, cold (seg without its
+    // identity-cache snapshot), then for seg warm (with it).
     let holding = out.held_reached;
-    let _ = upstream::control(up, "reset").await;
-    proxy.stop();
-    let t0 = Instant::now();
-    proxy.spawn();
-    let storm_ok = wait_for(
-        Duration::from_secs(180),
-        Duration::from_millis(20),
-        || async { up_stats(up).await.distinct >= holding },
-    )
-    .await;
-    if storm_ok {
-        out.storm_secs = Some(t0.elapsed().as_secs_f64());
-    }
-    out.storm_reached = up_stats(up).await.distinct;
+    let cold = storm(proxy, up, holding, false).await;
+    out.storm_secs = cold.secs;
+    out.storm_reached = cold.reached;
+    out.searches = cold.searches;
     out.storm_503 = counters.status_503.load(Ordering::Relaxed);
     out.connect_errors = counters.connect_errors.load(Ordering::Relaxed);
-    if let Some(admin) = proxy.admin {
-        out.searches = scrape(admin, "seg_directory_searches_total").await;
+    if proxy.kind == Kind::Seg {
+        let _ = wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async { up_stats(up).await.held >= holding },
+        )
+        .await;
+        out.warm = Some(storm(proxy, up, holding, true).await);
     }
     // Every device leaves during its held Ping.
     let _ = wait_for(
@@ -1291,6 +1706,45 @@ async fn long_polls(
     out
 }
 
+/// One reconnect storm: how long until every device holding a Ping is served again after a
+/// restart, and the directory searches seg made meanwhile.
+#[derive(Clone, Copy)]
+struct Storm {
+    secs: Option<f64>,
+    reached: u64,
+    searches: Option<f64>,
+}
+
+async fn storm(proxy: &mut Proxy, up: SocketAddr, holding: u64, warm: bool) -> Storm {
+    let _ = upstream::control(up, "reset").await;
+    proxy.stop();
+    if let Some(snapshot) = proxy.snapshot_file() {
+        if !warm {
+            let _ = std::fs::remove_file(snapshot);
+        } else if !snapshot.exists() {
+            eprintln!("  seg: no identity-cache snapshot was written at stop");
+        }
+    }
+    let t0 = Instant::now();
+    proxy.spawn();
+    let served = wait_for(
+        Duration::from_secs(180),
+        Duration::from_millis(20),
+        || async { up_stats(up).await.distinct >= holding },
+    )
+    .await;
+    let secs = served.then(|| t0.elapsed().as_secs_f64());
+    let searches = match proxy.admin {
+        Some(admin) => scrape(admin, "seg_directory_searches_total").await,
+        None => None,
+    };
+    Storm {
+        secs,
+        reached: up_stats(up).await.distinct,
+        searches,
+    }
+}
+
 /// The sum of every sample of a metric on seg's admin listener.
 async fn scrape(admin: SocketAddr, metric: &str) -> Option<f64> {
     let mut conn = connect_plain(admin).await.ok()?;
@@ -1304,6 +1758,6 @@ async fn scrape(admin: SocketAddr, metric: &str) -> Option<f64> {
         .lines()
         .filter(|l| l.starts_with(metric))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+        .fold(0.0, |a, b| a + b);
     Some(sum)
 }

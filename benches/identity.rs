@@ -8,6 +8,8 @@
 //!   `Lookup` (`MappingPlan`) and its LDAP filter written.
 //! - `header_hygiene`: `HeaderPolicy::apply` on a realistic ActiveSync request (the map is
 //!   cloned inside each iteration, so the figure includes one clone).
+//! - `activesync_query`: `EasRequest::parse` of a Sync request's query in the plain form and
+//!   in the base64 form (MS-ASHTTP 2.2.1.1.1.1), protocol headers included.
 //!
 //! `cargo bench --bench identity` measures; `cargo bench --bench identity -- --test` runs
 //! each benchmark once (CI does this through tests/run.sh).
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 
+use seg::activesync::{Command, EasRequest};
 use seg::config::Config;
 use seg::directory::Directory;
 use seg::identity::{CertFacts, CertFingerprint, MappingPlan, MappingRule};
@@ -213,11 +216,33 @@ fn header_hygiene(c: &mut Criterion, fixture: &Fixture) {
     });
 }
 
+fn activesync_query(c: &mut Criterion) {
+    let headers = activesync_headers();
+    let plain = "Cmd=Sync&User=alice&DeviceId=ApplF17XQ3NKJC68&DeviceType=iPhone";
+    // The specification's example: version 14.0, Sync, en-US, DeviceId v140Device,
+    // DeviceType SmartPhone.
+    let base64 = "jAAJBAp2MTQwRGV2aWNlAApTbWFydFBob25l";
+    for (query, device) in [(plain, "ApplF17XQ3NKJC68"), (base64, "v140Device")] {
+        let parsed = EasRequest::parse(Some(query), &headers, true).expect("a valid query");
+        assert_eq!(parsed.command, Some(Command::Sync));
+        assert_eq!(parsed.device_id.as_deref(), Some(device));
+    }
+    let mut group = c.benchmark_group("activesync_query");
+    group.bench_function("plain", |b| {
+        b.iter(|| EasRequest::parse(Some(black_box(plain)), &headers, true))
+    });
+    group.bench_function("base64", |b| {
+        b.iter(|| EasRequest::parse(Some(black_box(base64)), &headers, true))
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let fixture = Fixture::new();
     cache_hit_identity(c, &fixture);
     cold_mapping(c, &fixture);
     header_hygiene(c, &fixture);
+    activesync_query(c);
 }
 
 criterion_group!(identity, benches);

@@ -23,6 +23,8 @@ pub struct Health {
     pub upstream_up: AtomicBool,
     /// Every CRL is within its nextUpdate.
     pub crls_fresh: AtomicBool,
+    /// Kerberos mode: the KDC answered the gateway's probe (always true in header mode).
+    pub kdc_up: AtomicBool,
     /// A drain has begun: the balancer should send no more devices here.
     pub draining: AtomicBool,
 }
@@ -33,6 +35,7 @@ impl Default for Health {
             directory_up: AtomicBool::new(false),
             upstream_up: AtomicBool::new(false),
             crls_fresh: AtomicBool::new(true),
+            kdc_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
         }
     }
@@ -50,6 +53,9 @@ impl Health {
         }
         if !self.upstream_up.load(Ordering::Acquire) {
             down.push("upstream");
+        }
+        if !self.kdc_up.load(Ordering::Acquire) {
+            down.push("kdc");
         }
         if !self.crls_fresh.load(Ordering::Acquire) {
             down.push("crl (past nextUpdate)");

@@ -23,9 +23,12 @@ pub struct Config {
     pub account: AccountPolicyConfig,
     pub activesync: ActiveSyncConfig,
     pub identity: IdentityConfig,
+    /// `identity.mode = "kerberos"`: forwarded by constrained delegation, not by header.
+    pub kerberos: Option<KerberosConfig>,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
+    pub revocation: RevocationConfig,
 }
 
 /// The device-facing listener.
@@ -63,6 +66,35 @@ pub struct TlsConfig {
     pub self_test_certificate: Option<PathBuf>,
     /// Shared session-ticket keys (a mounted secret) so devices resume on any replica.
     pub session_ticket_key_file: Option<PathBuf>,
+}
+
+/// Revocation checked online: OCSP for device certificates and CRLs fetched from their
+/// distribution points (the CRL files stay in `[tls]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RevocationConfig {
+    /// Ask an OCSP responder about every device certificate (cached until its nextUpdate).
+    pub ocsp: bool,
+    /// A responder used for every certificate instead of the one its AIA names.
+    pub ocsp_responder: Option<http::Uri>,
+    pub ocsp_timeout: Duration,
+    /// Longest an OCSP answer is trusted, whatever its nextUpdate says.
+    pub ocsp_max_age: Duration,
+    /// Admit a device when the responder cannot answer (logged and counted).
+    pub danger_ocsp_soft_fail: bool,
+    /// Fetch the CRLs named by the CRL distribution points of the client CAs and devices.
+    pub crl_distribution_points: bool,
+    /// CRLs fetched over HTTP besides the distribution points.
+    pub crl_urls: Vec<http::Uri>,
+    pub crl_fetch_timeout: Duration,
+    /// Admit a device whose distribution-point CRL was never fetched (logged and counted).
+    pub danger_crl_fetch_soft_fail: bool,
+}
+
+impl RevocationConfig {
+    /// Whether CRLs are fetched over HTTP at all.
+    pub fn fetches_crls(&self) -> bool {
+        self.crl_distribution_points || !self.crl_urls.is_empty()
+    }
 }
 
 /// Hot reload: SIGHUP always; watched files when enabled.
@@ -113,6 +145,8 @@ pub struct CacheConfig {
     pub max_queued_lookups: usize,
     /// Deadline for resolving a device not in the cache.
     pub lookup_timeout: Duration,
+    /// Where the admitted identities are written at shutdown and read at start.
+    pub snapshot_file: Option<PathBuf>,
 }
 
 /// Certificate-to-account mapping.
@@ -257,6 +291,29 @@ pub struct IdentityConfig {
     pub strip_headers: Vec<String>,
 }
 
+/// Kerberos constrained delegation toward the upstream (`[identity.kerberos]`): the gateway's
+/// own credential from a keytab, each account impersonated (S4U2Self) and delegated to the
+/// one target SPN (S4U2Proxy).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KerberosConfig {
+    pub keytab: PathBuf,
+    /// The gateway's principal, `name@REALM` (the realm is added when left out).
+    pub principal: String,
+    /// Accounts are impersonated as `sAMAccountName@realm`.
+    pub realm: String,
+    /// The upstream's service principal, `HTTP/host` (the realm is implied).
+    pub target_spn: String,
+    /// A cached credential is renewed in the background once its ticket has less left.
+    pub refresh_before: Duration,
+    /// How long a KDC refusal (disabled account, not delegable...) is remembered.
+    pub denial_ttl: Duration,
+    pub max_credentials: u64,
+    pub max_concurrent_exchanges: usize,
+    pub max_queued_exchanges: usize,
+    /// Deadline for a first request's exchange with the KDC, queueing included.
+    pub exchange_timeout: Duration,
+}
+
 /// Which account attribute becomes the identity header's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityValue {
@@ -371,15 +428,25 @@ impl Config {
             DirectoryConfig::Ldif { file } => format!("ldif file {} (demo only)", file.display()),
         };
         let rules: Vec<&str> = self.mapping.rules.iter().map(|r| r.name()).collect();
+        let identity = match &self.kerberos {
+            Some(k) => format!(
+                "kerberos as {} for sAMAccountName@{} to {}",
+                k.principal, k.realm, k.target_spn
+            ),
+            None => format!(
+                "header {} = {}",
+                self.identity.header,
+                self.identity.value.name()
+            ),
+        };
         format!(
-            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {} (enforcement {})\nidentity    header {} = {}\nupstream    {}{}\nadmin       {}\n",
+            "listen      {}\nclient CA   {}\ndirectory   {}\nmapping     {} (enforcement {})\nidentity    {}\nupstream    {}{}\nadmin       {}\n",
             self.listen.address,
             self.tls.client_ca.display(),
             directory,
             rules.join(" → "),
             self.mapping.enforcement.name(),
-            self.identity.header,
-            self.identity.value.name(),
+            identity,
             self.upstream.url,
             if self.upstream.path_prefix.is_empty() {
                 String::new()
@@ -459,6 +526,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         max_concurrent_lookups: s.integer("max_concurrent_lookups", 32, 1, p),
         max_queued_lookups: s.integer("max_queued_lookups", 20_000, 0, p),
         lookup_timeout: s.duration("lookup_timeout", "5s", p),
+        snapshot_file: s.writable_file("snapshot_file", p),
     };
     if cache.soft_ttl > cache.hard_ttl {
         p.push("cache.soft_ttl", "must not exceed cache.hard_ttl");
@@ -599,6 +667,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     s.finish(p);
 
     let mut s = root.section("identity", p);
+    let kerberos = read_identity_mode(&mut s, p);
     let identity = read_identity(&mut s, p);
     s.finish(p);
 
@@ -611,6 +680,10 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         watch_files: s.boolean("watch_files", true, p),
         watch_interval: s.duration("watch_interval", "5s", p),
     };
+    s.finish(p);
+
+    let mut s = root.section("revocation", p);
+    let revocation = read_revocation(&mut s, p);
     s.finish(p);
 
     let mut s = root.section("admin", p);
@@ -643,10 +716,59 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         account,
         activesync,
         identity: identity?,
+        kerberos,
         upstream: upstream?,
         admin,
         reload,
+        revocation,
     })
+}
+
+/// An http:// URL for revocation data; anything else is a problem at `key`.
+fn http_url(text: &str, key: &str, p: &mut Problems) -> Option<http::Uri> {
+    let lower = text.to_ascii_lowercase();
+    if lower.starts_with("ldap://") || lower.starts_with("ldaps://") {
+        p.push(
+            key,
+            &format!("\"{text}\": LDAP distribution points are not supported; publish the CRL over http://"),
+        );
+        return None;
+    }
+    match text.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Some(uri),
+        _ => {
+            p.push(
+                key,
+                &format!("\"{text}\" is not an http:// URL (OCSP and CRLs are fetched over plain HTTP: they are signed)"),
+            );
+            None
+        }
+    }
+}
+
+fn read_revocation(s: &mut Section, p: &mut Problems) -> RevocationConfig {
+    let responder_key = s.key("ocsp_responder");
+    let ocsp_responder = s
+        .optional_string("ocsp_responder", p)
+        .and_then(|text| http_url(&text, &responder_key, p));
+    let urls_key = s.key("crl_urls");
+    let crl_urls = s
+        .string_list("crl_urls", &[], p)
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| http_url(text, &format!("{urls_key}[{i}]"), p))
+        .collect();
+    RevocationConfig {
+        ocsp: s.boolean("ocsp", false, p),
+        ocsp_responder,
+        ocsp_timeout: s.duration("ocsp_timeout", "5s", p),
+        ocsp_max_age: s.duration("ocsp_max_age", "1h", p),
+        danger_ocsp_soft_fail: s.boolean("danger_ocsp_soft_fail", false, p),
+        crl_distribution_points: s.boolean("crl_distribution_points", false, p),
+        crl_urls,
+        crl_fetch_timeout: s.duration("crl_fetch_timeout", "10s", p),
+        danger_crl_fetch_soft_fail: s.boolean("danger_crl_fetch_soft_fail", false, p),
+    }
 }
 
 fn read_directory(s: &mut Section, p: &mut Problems) -> Option<DirectoryConfig> {
@@ -727,14 +849,83 @@ fn read_device_rules(s: &mut Section, p: &mut Problems) -> DeviceRules {
     }
 }
 
-fn read_identity(s: &mut Section, p: &mut Problems) -> Option<IdentityConfig> {
+/// `identity.mode` and, in mode "kerberos", `[identity.kerberos]`.
+fn read_identity_mode(s: &mut Section, p: &mut Problems) -> Option<KerberosConfig> {
     let mode = s.string("mode", "header", p);
-    if mode != "header" {
+    let mut k = s.section("kerberos", p);
+    let kerberos = match mode.as_str() {
+        "header" => {
+            if !k.table.is_empty() {
+                p.push(&k.path, "only used with identity.mode = \"kerberos\"");
+                k.table.clear();
+            }
+            None
+        }
+        "kerberos" if !cfg!(feature = "kerberos") => {
+            p.push(
+                &s.key("mode"),
+                "this seg was built without Kerberos (cargo feature \"kerberos\", on by default)",
+            );
+            k.table.clear();
+            None
+        }
+        "kerberos" => Some(read_kerberos(&mut k, p)),
+        other => {
+            p.push(
+                &s.key("mode"),
+                &format!("unknown mode \"{other}\"; one of header, kerberos"),
+            );
+            None
+        }
+    };
+    k.finish(p);
+    kerberos
+}
+
+fn read_kerberos(s: &mut Section, p: &mut Problems) -> KerberosConfig {
+    let keytab = s.file("keytab", p);
+    let realm = s.required_string("realm", p).unwrap_or_default();
+    if realm.contains(['@', '/', ' ']) {
+        p.push(&s.key("realm"), &format!("\"{realm}\" is not a realm name"));
+    }
+    let principal = s.required_string("principal", p).unwrap_or_default();
+    let principal = match principal.split_once('@') {
+        None if !principal.is_empty() => format!("{principal}@{realm}"),
+        Some((name, at)) if name.is_empty() || at.is_empty() => {
+            p.push(
+                &s.key("principal"),
+                &format!("\"{principal}\" is not name@REALM"),
+            );
+            principal
+        }
+        _ => principal,
+    };
+    let target_spn = s.required_string("target_spn", p).unwrap_or_default();
+    let spn_ok = target_spn
+        .split_once('/')
+        .is_some_and(|(service, host)| !service.is_empty() && !host.is_empty())
+        && !target_spn.contains(['@', ',', ' ']);
+    if !target_spn.is_empty() && !spn_ok {
         p.push(
-            &s.key("mode"),
-            &format!("unknown mode \"{mode}\"; supported: header"),
+            &s.key("target_spn"),
+            &format!("\"{target_spn}\" is not one service principal name such as \"HTTP/mail.corp.example\" (no realm, no list)"),
         );
     }
+    KerberosConfig {
+        keytab,
+        principal,
+        realm,
+        target_spn,
+        refresh_before: s.duration("refresh_before", "1h", p),
+        denial_ttl: s.duration("denial_ttl", "1m", p),
+        max_credentials: s.integer("max_credentials", 100_000, 1, p) as u64,
+        max_concurrent_exchanges: s.integer("max_concurrent_exchanges", 8, 1, p),
+        max_queued_exchanges: s.integer("max_queued_exchanges", 5_000, 0, p),
+        exchange_timeout: s.duration("exchange_timeout", "5s", p),
+    }
+}
+
+fn read_identity(s: &mut Section, p: &mut Problems) -> Option<IdentityConfig> {
     let header_name = s.string("header", "X-Remote-User", p);
     let header = match http::HeaderName::from_bytes(header_name.as_bytes()) {
         Ok(h) => Some(h),
@@ -1081,6 +1272,24 @@ impl Section {
                 path
             })
             .collect()
+    }
+
+    /// A file seg writes: it need not exist, its directory must.
+    fn writable_file(&mut self, key: &str, p: &mut Problems) -> Option<PathBuf> {
+        let text = self.optional_string(key, p)?;
+        let path = self.resolve(&text);
+        match path.parent().map(std::fs::metadata) {
+            Some(Ok(m)) if m.is_dir() => {}
+            Some(Err(e)) => p.push(
+                &self.key(key),
+                &format!("the directory of {} is unusable: {e}", path.display()),
+            ),
+            _ => p.push(
+                &self.key(key),
+                &format!("{} is not in a directory", path.display()),
+            ),
+        }
+        Some(path)
     }
 
     fn file(&mut self, key: &str, p: &mut Problems) -> PathBuf {

@@ -16,8 +16,16 @@
 //! - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
 //! - [`metrics`]: every Prometheus metric, on one registry.
 //! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
+//! - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream: the
+//!   impersonated credential per account, cached and bounded; KDC answers → decisions.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
 //! - [`revocation`]: CRLs, for the verifier and the per-request check.
+//! - [`online`]: revocation checked online on each request (OCSP, distribution-point
+//!   CRLs), hard-fail unless a `danger_` key opts out; the plain-HTTP client they share.
+//! - [`ocsp`]: OCSP requests built, responses verified, answers cached until nextUpdate.
+//! - [`crl_fetch`]: CRLs fetched from distribution points and URLs, verified, refreshed
+//!   ahead of their nextUpdate in the background.
+//! - [`snapshot`]: the identity cache written at shutdown and read at start (warm restart).
 //! - [`tickets`]: session tickets shared by replicas, bound to the trust policy.
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
 //! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
@@ -33,18 +41,23 @@
 pub mod activesync;
 pub mod admin;
 pub mod config;
+pub mod crl_fetch;
 pub mod demo;
 pub mod directory;
 pub mod echo;
 pub mod identity;
+pub mod kerberos;
 pub mod mapcheck;
 pub mod metrics;
+pub mod ocsp;
+pub mod online;
 pub mod pki;
 pub mod policy;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod resolver;
 pub mod revocation;
+pub mod snapshot;
 pub mod tickets;
 pub mod tls;
 
@@ -112,8 +125,25 @@ fn build_gateway(
     metrics: &Arc<Metrics>,
     previous: Option<&Gateway>,
 ) -> Result<Gateway, BuildError> {
-    let revocation = Arc::new(revocation::RevocationList::load(&config.tls.crl_files)?);
-    let tls = tls::server_config(&config.tls, &revocation)?;
+    // The CRLs in force are shared by every configuration: this one's files plus the CRLs
+    // fetched over HTTP so far (while fetching stays on).
+    let current_revocation = match previous {
+        Some(p) => Arc::clone(&p.revocation),
+        None => Arc::new(revocation::CurrentRevocation::default()),
+    };
+    let crl_files = revocation::RevocationList::load(&config.tls.crl_files)?;
+    let fetching = config.revocation.fetches_crls();
+    let revocation = if fetching {
+        current_revocation.with_files(&crl_files)
+    } else {
+        crl_files.clone()
+    };
+    let verifier = Arc::new(tls::ClientCertPolicy::build(
+        &config.tls,
+        &revocation,
+        fetching,
+    )?);
+    let tls = tls::server_config(&config.tls, Arc::clone(&verifier))?;
     if let DirectoryConfig::Ldap(l) = &config.directory {
         if l.danger_allow_plaintext {
             tracing::warn!(target: "seg::config", "directory.danger_allow_plaintext is set: the bind password may cross the network in clear");
@@ -156,13 +186,31 @@ fn build_gateway(
             (directory, resolver, false)
         }
     };
-    let upstream = Upstream::new(&config.upstream)?;
+    let mut upstream = Upstream::new(&config.upstream)?;
+    // Kerberos mode: the delegated credentials survive a reload that keeps their settings.
+    let delegation = config.kerberos.as_ref().map(|kerberos| {
+        previous
+            .and_then(|p| p.delegation.as_ref())
+            .filter(|d| d.config() == kerberos)
+            .map(Arc::clone)
+            .unwrap_or_else(|| Arc::new(kerberos::Delegation::new(kerberos, Arc::clone(metrics))))
+    });
+    if let Some(kerberos) = &config.kerberos {
+        upstream = upstream.pooled_per_account(kerberos.max_credentials);
+    }
+    let online = Arc::new(online::OnlineRevocation::build(
+        &config,
+        previous.map(|p| p.online.as_ref()),
+        &current_revocation,
+        metrics,
+    )?);
     // Nothing below can fail. The CRLs in force change for every connection at once.
-    let current_revocation = match previous {
-        Some(p) => Arc::clone(&p.revocation),
-        None => Arc::new(revocation::CurrentRevocation::default()),
-    };
-    current_revocation.store(Arc::clone(&revocation));
+    if !fetching {
+        if let Some(old) = previous.and_then(|p| p.online.distribution_points.as_ref()) {
+            old.stop();
+        }
+    }
+    current_revocation.install(&crl_files, verifier, &revocation);
     if rebound {
         resolver.set_directory(Arc::clone(&directory));
     }
@@ -183,10 +231,15 @@ fn build_gateway(
         resolver,
         directory,
         upstream,
-        headers: HeaderPolicy::new(&config.identity),
+        headers: match &delegation {
+            Some(_) => HeaderPolicy::new(&config.identity).without_identity_header(),
+            None => HeaderPolicy::new(&config.identity),
+        },
+        delegation,
         long_polls,
         tls: tokio_rustls::TlsAcceptor::from(tls),
         revocation: current_revocation,
+        online,
         metrics: Arc::clone(metrics),
         directory_files,
         config,
@@ -261,6 +314,10 @@ impl App {
         let listen_addr = listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let max_connections = config.listen.max_connections;
+        if let Some(path) = &config.cache.snapshot_file {
+            restore_snapshot(&self.gateway.resolver, path).await;
+        }
+        self.gateway.online.start();
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -316,7 +373,10 @@ impl Running {
         } else {
             build_gateway(config, &self.metrics, Some(&current))
                 .map_err(ReloadError::from)
-                .map(|gateway| self.live.store(Arc::new(gateway)))
+                .map(|gateway| {
+                    gateway.online.start();
+                    self.live.store(Arc::new(gateway))
+                })
         };
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics
@@ -391,6 +451,10 @@ impl Running {
             window,
         }));
         let _ = self.serving.await;
+        let gateway = self.live.load();
+        if let Some(path) = &gateway.config.cache.snapshot_file {
+            write_snapshot(&gateway.resolver, path);
+        }
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -405,6 +469,35 @@ impl Running {
     /// Stops at once: held requests are cut (tests, the demo).
     pub async fn stop(self) {
         self.drain(std::time::Duration::ZERO).await;
+    }
+}
+
+async fn restore_snapshot(resolver: &Resolver, path: &std::path::Path) {
+    match snapshot::Snapshot::read(path) {
+        Ok(Some(snapshot)) => {
+            let age = snapshot.written_unix;
+            let (restored, dropped) = resolver.restore(snapshot).await;
+            tracing::info!(target: "seg::identity", file = %path.display(), restored, dropped, written_unix = age, "identity cache restored from its snapshot; entries are re-validated in the background");
+        }
+        Ok(None) => {
+            tracing::info!(target: "seg::identity", file = %path.display(), "no identity-cache snapshot yet; starting cold");
+        }
+        Err(e) => {
+            tracing::warn!(target: "seg::identity", file = %path.display(), error = %e, "identity-cache snapshot unreadable; starting cold");
+        }
+    }
+}
+
+fn write_snapshot(resolver: &Resolver, path: &std::path::Path) {
+    let snapshot = resolver.snapshot();
+    let entries = snapshot.entries.len();
+    match snapshot.write(path) {
+        Ok(()) => {
+            tracing::info!(target: "seg::identity", file = %path.display(), entries, "identity cache written to its snapshot");
+        }
+        Err(e) => {
+            tracing::warn!(target: "seg::identity", file = %path.display(), error = %e, "identity-cache snapshot not written");
+        }
     }
 }
 
@@ -448,6 +541,24 @@ async fn probe_dependencies(
             }
         };
         let upstream_up = gateway.upstream.probe().await;
+        let kdc_up = match &gateway.delegation {
+            Some(delegation) => match delegation.probe().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(target: "seg::kerberos", error = %e, "KDC probe failed");
+                    false
+                }
+            },
+            None => true,
+        };
+        health.kdc_up.store(kdc_up, Ordering::Release);
+        if gateway.delegation.is_some() {
+            gateway
+                .metrics
+                .dependency_up
+                .with_label_values(&["kdc"])
+                .set(kdc_up as i64);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -455,8 +566,9 @@ async fn probe_dependencies(
         let revocation = gateway.revocation.load();
         let stale = revocation.stale(now);
         for crl in &stale {
-            tracing::error!(target: "seg::tls", issuer = %crl.issuer, file = %crl.file.display(), "CRL is past its nextUpdate: new handshakes of its certificates are refused");
+            tracing::error!(target: "seg::tls", issuer = %crl.issuer, source = %crl.source, "CRL is past its nextUpdate: new handshakes of its certificates are refused");
         }
+        gateway.metrics.record_crls(&revocation, now);
         health.directory_up.store(directory_up, Ordering::Release);
         health.upstream_up.store(upstream_up, Ordering::Release);
         health.crls_fresh.store(stale.is_empty(), Ordering::Release);
@@ -475,4 +587,12 @@ async fn probe_dependencies(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// A uniformly random number in [0, 1]: to spread work (drained long polls, restored
+/// identities' refreshes) over a window.
+pub(crate) fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    u32::from_le_bytes(bytes) as f64 / u32::MAX as f64
 }

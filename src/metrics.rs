@@ -25,11 +25,19 @@ pub struct Metrics {
     pub long_polls: IntGauge,
     pub config_reloads: IntCounterVec,
     pub crl_next_update: prometheus::GaugeVec,
+    pub crl_age: prometheus::GaugeVec,
+    pub crl_seconds_to_next_update: prometheus::GaugeVec,
     pub crls_stale: IntGauge,
+    pub crl_fetches: IntCounterVec,
+    pub ocsp_responses: IntCounterVec,
+    pub ocsp_duration: prometheus::Histogram,
+    pub revocation_soft_fails: IntCounterVec,
     pub server_certificate_expiry: prometheus::Gauge,
     pub policy_decisions: IntCounterVec,
     pub connections_refused: IntCounter,
     pub dependency_up: IntGaugeVec,
+    /// Kerberos constrained delegation (`identity.mode = "kerberos"`).
+    pub kerberos: KerberosMetrics,
 }
 
 impl Metrics {
@@ -130,9 +138,59 @@ impl Metrics {
         let crl_next_update = prometheus::GaugeVec::new(
             Opts::new(
                 "crl_next_update_timestamp_seconds",
-                "nextUpdate of each loaded CRL, by issuer, as a Unix time.",
+                "nextUpdate of each CRL in force, by issuer and source (file or URL), as a Unix time.",
             ),
-            &["issuer"],
+            &["issuer", "source"],
+        )
+        .expect("valid metric");
+        let crl_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "crl_age_seconds",
+                "Seconds since the thisUpdate of each CRL in force, by issuer and source (updated every probe interval).",
+            ),
+            &["issuer", "source"],
+        )
+        .expect("valid metric");
+        let crl_seconds_to_next_update = prometheus::GaugeVec::new(
+            Opts::new(
+                "crl_seconds_to_next_update",
+                "Seconds until the nextUpdate of each CRL in force (negative once past), by issuer and source (updated every probe interval).",
+            ),
+            &["issuer", "source"],
+        )
+        .expect("valid metric");
+        let crl_fetches = IntCounterVec::new(
+            Opts::new(
+                "crl_fetches_total",
+                "CRL fetches over HTTP, by result (ok, unavailable, invalid: unparsable, badly signed or refused; unsupported: a distribution point seg cannot fetch, such as ldap://, counted once per URL).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let ocsp_responses = IntCounterVec::new(
+            Opts::new(
+                "ocsp_responses_total",
+                "OCSP questions asked of responders (cached answers not counted), by result: good, revoked, unknown, refused (tryLater, unauthorized…), invalid (garbage, bad signature, out of date), unavailable (no answer), not_checkable (no responder, issuer not a client CA).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let ocsp_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "ocsp_request_duration_seconds",
+                "Time to ask an OCSP responder and check its answer.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let revocation_soft_fails = IntCounterVec::new(
+            Opts::new(
+                "revocation_soft_fail_total",
+                "Requests admitted although their revocation status was unknown, because a danger_*_soft_fail key allows it, by check (ocsp, crl_distribution_point).",
+            ),
+            &["check"],
         )
         .expect("valid metric");
         let crls_stale = IntGauge::new(
@@ -172,7 +230,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let kerberos = KerberosMetrics::register(&registry);
         let metrics = Metrics {
+            kerberos,
             registry,
             process_registry: Registry::new(),
             requests,
@@ -188,7 +248,13 @@ impl Metrics {
             long_polls,
             config_reloads,
             crl_next_update,
+            crl_age,
+            crl_seconds_to_next_update,
             crls_stale,
+            crl_fetches,
+            ocsp_responses,
+            ocsp_duration,
+            revocation_soft_fails,
             server_certificate_expiry,
             policy_decisions,
             connections_refused,
@@ -209,6 +275,12 @@ impl Metrics {
             Box::new(metrics.config_reloads.clone()),
             Box::new(metrics.crl_next_update.clone()),
             Box::new(metrics.crls_stale.clone()),
+            Box::new(metrics.crl_age.clone()),
+            Box::new(metrics.crl_seconds_to_next_update.clone()),
+            Box::new(metrics.crl_fetches.clone()),
+            Box::new(metrics.ocsp_responses.clone()),
+            Box::new(metrics.ocsp_duration.clone()),
+            Box::new(metrics.revocation_soft_fails.clone()),
             Box::new(metrics.server_certificate_expiry.clone()),
             Box::new(metrics.policy_decisions.clone()),
             Box::new(metrics.connections_refused.clone()),
@@ -238,14 +310,11 @@ impl Metrics {
         tls: &crate::config::TlsConfig,
         revocation: &crate::revocation::RevocationList,
     ) {
-        self.crl_next_update.reset();
-        for crl in &revocation.crls {
-            if let Some(next) = crl.next_update_unix {
-                self.crl_next_update
-                    .with_label_values(&[&crl.issuer])
-                    .set(next as f64);
-            }
-        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.record_crls(revocation, now);
         let expiry = crate::tls::read_certs(&tls.certificate, "tls.certificate")
             .ok()
             .and_then(|certs| certs.into_iter().next())
@@ -257,6 +326,29 @@ impl Metrics {
             });
         if let Some(expiry) = expiry {
             self.server_certificate_expiry.set(expiry as f64);
+        }
+    }
+
+    /// The CRL gauges for the CRLs in force at `now_unix`. Labelled by issuer *and* source,
+    /// so a file and a fetched CRL of one issuer do not overwrite each other.
+    pub fn record_crls(&self, revocation: &crate::revocation::RevocationList, now_unix: i64) {
+        self.crl_next_update.reset();
+        self.crl_age.reset();
+        self.crl_seconds_to_next_update.reset();
+        for crl in revocation.crls() {
+            let source = crl.source.to_string();
+            let labels = [crl.issuer.as_str(), source.as_str()];
+            self.crl_age
+                .with_label_values(&labels)
+                .set((now_unix - crl.this_update_unix) as f64);
+            if let Some(next) = crl.next_update_unix {
+                self.crl_next_update
+                    .with_label_values(&labels)
+                    .set(next as f64);
+                self.crl_seconds_to_next_update
+                    .with_label_values(&labels)
+                    .set((next - now_unix) as f64);
+            }
         }
     }
 
@@ -274,5 +366,67 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The Kerberos delegation metrics (no per-user labels).
+pub struct KerberosMetrics {
+    /// S4U exchanges by outcome: delegated, a refusal's reason code, or why none was made.
+    pub exchanges: IntCounterVec,
+    /// Time of one S4U2Self + S4U2Proxy exchange.
+    pub exchange_duration: prometheus::Histogram,
+    pub credential_cache: IntCounterVec,
+    /// Upstream 401s to delegated requests (each answered 503).
+    pub upstream_auth_failures: IntCounter,
+}
+
+impl KerberosMetrics {
+    fn register(registry: &Registry) -> KerberosMetrics {
+        let exchanges = IntCounterVec::new(
+            Opts::new(
+                "kerberos_exchanges_total",
+                "S4U2Self + S4U2Proxy exchanges with the KDC, by outcome: delegated, the refusal's reason code (kdc-account-disabled, account-not-delegable, delegation-not-allowed...) or why none was made (kdc-unavailable, kdc-clock-skew, kdc-overloaded, kdc-timeout, kerberos-misconfigured).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let exchange_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "kerberos_exchange_duration_seconds",
+                "Time of one S4U2Self + S4U2Proxy exchange (a first request's, or a renewal's).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        let credential_cache = IntCounterVec::new(
+            Opts::new(
+                "kerberos_credential_cache_total",
+                "Delegated-credential cache lookups: hit, miss (this request made the exchange), coalesced (waited for another's), refreshed (renewed in the background).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let upstream_auth_failures = IntCounter::new(
+            "upstream_auth_failures_total",
+            "Upstream 401 answers to requests seg delegated with Kerberos (each answered 503: a misconfiguration).",
+        )
+        .expect("valid metric");
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(exchanges.clone()),
+            Box::new(exchange_duration.clone()),
+            Box::new(credential_cache.clone()),
+            Box::new(upstream_auth_failures.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).expect("metric names are unique");
+        }
+        KerberosMetrics {
+            exchanges,
+            exchange_duration,
+            credential_cache,
+            upstream_auth_failures,
+        }
     }
 }

@@ -17,9 +17,10 @@ use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfi
 use crate::directory::{AccountEntry, Directory, DirectoryError};
 use crate::identity::{
     check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
-    Identity, MappingPlan, RuleAttempt,
+    Identity, MappingPlan, MappingRule, MappingStrength, RuleAttempt,
 };
 use crate::metrics::Metrics;
+use crate::snapshot::{Snapshot, SnapshotEntry};
 
 /// What the gateway does with a device.
 #[derive(Debug, Clone)]
@@ -83,7 +84,11 @@ pub struct Resolver {
     account_policy: AccountPolicyConfig,
     identity: IdentityConfig,
     soft_ttl: Duration,
+    hard_ttl: Duration,
+    negative_ttl: Duration,
     lookup_timeout: Duration,
+    /// Whether entries keep their certificate for `cache.snapshot_file`.
+    snapshotted: bool,
     limiter: WorkLimiter,
     metrics: Arc<Metrics>,
 }
@@ -91,10 +96,23 @@ pub struct Resolver {
 #[derive(Clone)]
 struct CachedDecision {
     decision: Decision,
+    /// When the directory last answered for it; the soft TTL counts from here.
     resolved_at: Instant,
+    /// How long it may be served from when it was cached: `cache.hard_ttl` for an admission
+    /// (less for one restored from a snapshot, whose age counts), `negative_ttl` for a denial.
+    lifetime: Duration,
     /// What a background refresh maps again; absent for an unreadable certificate.
     facts: Option<Arc<CertFacts>>,
     refreshing: Arc<AtomicBool>,
+    /// Kept only when the cache is written to a snapshot at shutdown.
+    saved: Option<Arc<Saved>>,
+}
+
+/// What a snapshot needs beyond the decision: the certificate and the wall-clock time of the
+/// directory's answer.
+struct Saved {
+    leaf: Arc<[u8]>,
+    resolved_unix: i64,
 }
 
 /// How long a failed background refresh waits before the next one may start.
@@ -111,10 +129,7 @@ impl Resolver {
     ) -> Resolver {
         let cache_store = moka::future::Cache::builder()
             .max_capacity(cache.max_entries)
-            .expire_after(DecisionExpiry {
-                admit: cache.hard_ttl,
-                deny: cache.negative_ttl,
-            })
+            .expire_after(DecisionExpiry)
             .build();
         Resolver {
             cache: cache_store,
@@ -123,7 +138,10 @@ impl Resolver {
             account_policy: account_policy.clone(),
             identity: identity.clone(),
             soft_ttl: cache.soft_ttl,
+            hard_ttl: cache.hard_ttl,
+            negative_ttl: cache.negative_ttl,
             lookup_timeout: cache.lookup_timeout,
+            snapshotted: cache.snapshot_file.is_some(),
             limiter: WorkLimiter::new(cache.max_concurrent_lookups, cache.max_queued_lookups),
             metrics,
         }
@@ -201,6 +219,113 @@ impl Resolver {
         Arc::clone(&self.directory.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Digest of the settings a cached decision depends on: a snapshot written under other
+    /// settings is not restored.
+    fn settings_digest(&self) -> String {
+        let text = format!(
+            "{:?}{:?}{:?}",
+            self.mapping, self.account_policy, self.identity
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        CertFingerprint::of(digest.as_ref()).hex()
+    }
+
+    /// The admitted devices in the cache, for `cache.snapshot_file`.
+    pub fn snapshot(&self) -> Snapshot {
+        let entries = self
+            .cache
+            .iter()
+            .filter_map(|(_, cached)| match (&cached.decision, &cached.saved) {
+                (Decision::Admit(identity), Some(saved)) => Some(SnapshotEntry::new(
+                    &saved.leaf,
+                    saved.resolved_unix,
+                    &identity.account,
+                )),
+                _ => None,
+            })
+            .collect();
+        Snapshot::new(self.settings_digest(), unix_now(), entries)
+    }
+
+    /// Puts a snapshot's devices back in the cache, each judged again by the current rules,
+    /// keeping its age, and due for a background refresh at a moment spread over the soft
+    /// TTL. Returns how many were restored and how many dropped.
+    pub async fn restore(&self, snapshot: Snapshot) -> (usize, usize) {
+        if snapshot.settings != self.settings_digest() {
+            tracing::warn!(target: "seg::identity", "the identity-cache snapshot was written under other mapping, account or identity settings; starting cold");
+            return (0, snapshot.entries.len());
+        }
+        let now = unix_now();
+        let (mut restored, mut dropped) = (0, 0);
+        for entry in snapshot.entries {
+            let age = now - entry.resolved_unix;
+            let remaining = (0..self.hard_ttl.as_secs() as i64)
+                .contains(&age)
+                .then(|| self.hard_ttl - Duration::from_secs(age as u64));
+            let resolved_unix = entry.resolved_unix;
+            let judged = remaining.and_then(|lifetime| {
+                let (leaf, account) = entry.parts()?;
+                Some((self.judge_restored(leaf, account)?, lifetime))
+            });
+            let Some(((fingerprint, mut cached), lifetime)) = judged else {
+                dropped += 1;
+                continue;
+            };
+            // Due for refresh at a random moment within the soft TTL from now.
+            let due_in = self.soft_ttl.mul_f64(crate::random_fraction());
+            cached.resolved_at = Instant::now()
+                .checked_sub(self.soft_ttl - due_in)
+                .unwrap_or_else(Instant::now);
+            cached.lifetime = lifetime;
+            cached.saved = cached.saved.map(|saved| {
+                Arc::new(Saved {
+                    leaf: Arc::clone(&saved.leaf),
+                    resolved_unix,
+                })
+            });
+            self.cache.insert(fingerprint, cached).await;
+            restored += 1;
+        }
+        (restored, dropped)
+    }
+
+    /// A restored device judged as a lookup would judge the same directory answer (the group
+    /// rules excepted: they were met under the same settings when the entry was written).
+    fn judge_restored(
+        &self,
+        leaf: Vec<u8>,
+        account: AccountEntry,
+    ) -> Option<(CertFingerprint, CachedDecision)> {
+        let facts = CertFacts::from_der(&leaf).ok()?;
+        let plan = MappingPlan::new(&facts, &self.mapping);
+        let mapped = decide(&facts, &plan, &[account], self.mapping.enforcement)
+            .outcome
+            .ok()?;
+        let (_, failure) = check_account(
+            &mapped.account,
+            SystemTime::now(),
+            self.account_policy.lockout_duration,
+        );
+        if failure.is_some() {
+            return None;
+        }
+        let header_value = header_value(&mapped.account, &self.identity).ok()?;
+        let identity = identity(
+            &facts,
+            mapped.account,
+            mapped.rule,
+            mapped.strength,
+            header_value,
+        );
+        let fingerprint = CertFingerprint::of(&leaf);
+        let cached = self.cached(
+            Decision::Admit(identity),
+            Some(Arc::new(facts)),
+            Some(leaf.into()),
+        );
+        Some((fingerprint, cached))
+    }
+
     /// Number of cached decisions (approximate; for tests and diagnostics).
     pub fn cached_entries(&self) -> u64 {
         self.cache.entry_count()
@@ -216,23 +341,51 @@ impl Resolver {
                     .identity_decisions
                     .with_label_values(&["deny", DenyReason::CertificateUnreadable.code()])
                     .inc();
-                return Ok(CachedDecision {
-                    decision: Decision::Deny(Arc::new(Denial {
-                        reason: DenyReason::CertificateUnreadable,
-                        account: None,
-                        cert_serial: String::new(),
-                        cert_issuer: String::new(),
-                    })),
-                    resolved_at: Instant::now(),
-                    facts: None,
-                    refreshing: Arc::new(AtomicBool::new(false)),
-                });
+                let denial = Decision::Deny(Arc::new(Denial {
+                    reason: DenyReason::CertificateUnreadable,
+                    account: None,
+                    cert_serial: String::new(),
+                    cert_issuer: String::new(),
+                }));
+                return Ok(self.cached(denial, None, None));
             }
         };
-        self.lookup_facts(facts).await
+        let leaf = self.snapshotted.then(|| Arc::from(leaf_der));
+        self.lookup_facts(facts, leaf).await
     }
 
-    async fn lookup_facts(&self, facts: Arc<CertFacts>) -> Result<CachedDecision, ResolveError> {
+    /// A fresh cache entry; `leaf` is kept for the snapshot.
+    fn cached(
+        &self,
+        decision: Decision,
+        facts: Option<Arc<CertFacts>>,
+        leaf: Option<Arc<[u8]>>,
+    ) -> CachedDecision {
+        let lifetime = match decision {
+            Decision::Admit(_) => self.hard_ttl,
+            Decision::Deny(_) => self.negative_ttl,
+        };
+        let saved = leaf.map(|leaf| {
+            Arc::new(Saved {
+                leaf,
+                resolved_unix: unix_now(),
+            })
+        });
+        CachedDecision {
+            decision,
+            resolved_at: Instant::now(),
+            lifetime,
+            facts,
+            refreshing: Arc::new(AtomicBool::new(false)),
+            saved,
+        }
+    }
+
+    async fn lookup_facts(
+        &self,
+        facts: Arc<CertFacts>,
+        leaf: Option<Arc<[u8]>>,
+    ) -> Result<CachedDecision, ResolveError> {
         let work = async {
             let _permit = self.limiter.acquire().await?;
             self.decide(&facts, &mut Trace::default()).await
@@ -240,12 +393,7 @@ impl Resolver {
         let decision = tokio::time::timeout(self.lookup_timeout, work)
             .await
             .map_err(|_| ResolveError::Timeout(self.lookup_timeout))??;
-        Ok(CachedDecision {
-            decision,
-            resolved_at: Instant::now(),
-            facts: Some(facts),
-            refreshing: Arc::new(AtomicBool::new(false)),
-        })
+        Ok(self.cached(decision, Some(facts), leaf))
     }
 
     fn refresh_in_background(
@@ -262,8 +410,9 @@ impl Resolver {
         let resolver = Arc::clone(self);
         let facts = Arc::clone(facts);
         let refreshing = Arc::clone(&cached.refreshing);
+        let leaf = cached.saved.as_ref().map(|s| Arc::clone(&s.leaf));
         tokio::spawn(async move {
-            match resolver.lookup_facts(facts).await {
+            match resolver.lookup_facts(facts, leaf).await {
                 Ok(fresh) => resolver.cache.insert(fingerprint, fresh).await,
                 Err(e) => {
                     tracing::warn!(target: "seg::identity", error = %e, "identity refresh failed; serving the cached decision");
@@ -342,15 +491,13 @@ impl Resolver {
             .identity_decisions
             .with_label_values(&["admit", "mapped"])
             .inc();
-        Ok(Decision::Admit(Arc::new(Identity {
+        Ok(Decision::Admit(identity(
+            facts,
             account,
-            rule: mapped.rule,
-            strength: mapped.strength,
+            mapped.rule,
+            mapped.strength,
             header_value,
-            cert_serial: facts.serial_hex(),
-            cert_issuer: facts.issuer.clone(),
-            revocation_key: (facts.issuer_der.clone(), facts.serial.clone()),
-        })))
+        )))
     }
 
     /// Denied groups first, then required ones; a directory that cannot say is an error.
@@ -405,10 +552,32 @@ impl Resolver {
     }
 }
 
-struct DecisionExpiry {
-    admit: Duration,
-    deny: Duration,
+fn identity(
+    facts: &CertFacts,
+    account: AccountEntry,
+    rule: MappingRule,
+    strength: MappingStrength,
+    header_value: http::HeaderValue,
+) -> Arc<Identity> {
+    Arc::new(Identity {
+        account,
+        rule,
+        strength,
+        header_value,
+        cert_serial: facts.serial_hex(),
+        cert_issuer: facts.issuer.clone(),
+        revocation_key: (facts.issuer_der.clone(), facts.serial.clone()),
+    })
 }
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Each entry lives for its own `lifetime`, counted again when a refresh replaces it.
+struct DecisionExpiry;
 
 impl moka::Expiry<CertFingerprint, CachedDecision> for DecisionExpiry {
     fn expire_after_create(
@@ -417,10 +586,7 @@ impl moka::Expiry<CertFingerprint, CachedDecision> for DecisionExpiry {
         value: &CachedDecision,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(match value.decision {
-            Decision::Admit(_) => self.admit,
-            Decision::Deny(_) => self.deny,
-        })
+        Some(value.lifetime)
     }
 
     fn expire_after_update(

@@ -1,5 +1,6 @@
 //! TLS session tickets shared by replicas, so a device resumes on whichever replica the
-//! balancer picks.
+//! balancer picks; without shared keys, a random key per process (stateless tickets either
+//! way: a fleet of thousands resumes, where a server-side session cache would hold only some).
 //!
 //! The key file (a mounted secret) holds one secret per non-empty line, at least 32 bytes
 //! each: the first encrypts, all decrypt, so keys rotate by adding a new first line and
@@ -66,6 +67,31 @@ impl SharedTicketer {
             .map_err(|_| error("key derivation failed".into()))?;
         Ok(SharedTicketer {
             keys,
+            random: SystemRandom::new(),
+        })
+    }
+}
+
+impl SharedTicketer {
+    /// Without a key file: one random secret for the life of the process (never written
+    /// anywhere), bound to the trust policy like shared keys. Devices resume on this replica
+    /// across reloads that keep the trust policy; a restart starts over.
+    pub fn process_local(tls: &TlsConfig) -> Result<SharedTicketer, TlsError> {
+        static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let secret = SECRET.get_or_init(|| {
+            let mut secret = [0u8; 32];
+            SystemRandom::new()
+                .fill(&mut secret)
+                .expect("the system's random source");
+            secret
+        });
+        let policy = trust_policy_digest(tls)?;
+        let key = derive_key(secret, &policy).map_err(|_| TlsError {
+            key: "tls",
+            message: "session ticket key derivation failed".into(),
+        })?;
+        Ok(SharedTicketer {
+            keys: vec![key],
             random: SystemRandom::new(),
         })
     }

@@ -3,9 +3,14 @@
 //! A client certificate is mandatory and must chain to the configured enterprise CA bundle
 //! (never the system roots). rustls-webpki accepts a leaf with no extended key usage at all,
 //! so `ClientCertPolicy` also requires the leaf to name clientAuth explicitly.
+//!
+//! The CRLs the verifier checks can be replaced without building a new TLS configuration
+//! (`ClientCertPolicy::set_crls`, for CRLs fetched over HTTP): the trust anchors and every
+//! other setting stay, so the session cache and the session tickets, which are bound to the
+//! trust policy (`tickets`), stay valid across a CRL refresh.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -38,13 +43,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the listener's rustls configuration from the `[tls]` section. Each call makes a
-/// fresh session cache: a rebuilt configuration never resumes sessions of the old one.
+/// Builds the listener's rustls configuration from the `[tls]` section. Sessions resume by
+/// ticket, under keys bound to the trust policy: a rebuilt configuration that trusts the same
+/// way resumes the old sessions, one that trusts differently never does.
 pub fn server_config(
     config: &TlsConfig,
-    revocation: &RevocationList,
+    verifier: Arc<ClientCertPolicy>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let verifier = ClientCertPolicy::new(config, revocation)?;
     let certs = read_certs(&config.certificate, "tls.certificate")?;
     let key = PrivateKeyDer::from_pem_file(&config.private_key).map_err(|e| {
         tls_error(
@@ -55,7 +60,7 @@ pub fn server_config(
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| tls_error("tls", e))?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| {
             tls_error(
@@ -64,9 +69,12 @@ pub fn server_config(
             )
         })?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    if let Some(keys) = &config.session_ticket_key_file {
-        server.ticketer = Arc::new(crate::tickets::SharedTicketer::from_config(keys, config)?);
-    }
+    // Stateless tickets always: a fleet of thousands of devices resumes whatever the number
+    // of sessions (rustls's default stateful cache holds 256).
+    server.ticketer = Arc::new(match &config.session_ticket_key_file {
+        Some(keys) => crate::tickets::SharedTicketer::from_config(keys, config)?,
+        None => crate::tickets::SharedTicketer::process_local(config)?,
+    });
     Ok(Arc::new(server))
 }
 
@@ -102,7 +110,13 @@ pub fn read_certs(
 /// explicit clientAuth EKU in the leaf.
 #[derive(Debug)]
 pub struct ClientCertPolicy {
-    inner: Arc<dyn ClientCertVerifier>,
+    roots: Arc<rustls::RootCertStore>,
+    check_chain: bool,
+    allow_unknown_status: bool,
+    /// The CA names offered to devices; they depend on the roots only.
+    hints: Vec<DistinguishedName>,
+    /// webpki's verifier with the CRLs in force; replaced whole when they change.
+    inner: RwLock<Arc<dyn ClientCertVerifier>>,
 }
 
 impl ClientCertPolicy {
@@ -112,6 +126,17 @@ impl ClientCertPolicy {
         config: &TlsConfig,
         revocation: &RevocationList,
     ) -> Result<ClientCertPolicy, TlsError> {
+        ClientCertPolicy::build(config, revocation, false)
+    }
+
+    /// As `new`; with `crls_fetched`, CRLs also come over HTTP, so an issuer whose CRL has
+    /// not been fetched yet passes the handshake: the request check waits for its CRL (and
+    /// refuses the device when it cannot be had), see `crl_fetch`.
+    pub fn build(
+        config: &TlsConfig,
+        revocation: &RevocationList,
+        crls_fetched: bool,
+    ) -> Result<ClientCertPolicy, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in read_certs(&config.client_ca, "tls.client_ca")? {
             refuse_unenforceable_name_constraints(&cert)?;
@@ -119,20 +144,29 @@ impl ClientCertPolicy {
                 .add(cert)
                 .map_err(|e| tls_error("tls.client_ca", format!("unusable CA certificate: {e}")))?;
         }
-        let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
-        if !revocation.is_empty() {
-            builder = builder
-                .with_crls(revocation.der.iter().cloned())
-                .enforce_revocation_expiration();
-            if !config.crl_check_chain {
-                builder = builder.only_check_end_entity_revocation();
-            }
-            if config.danger_allow_unknown_revocation_status {
-                builder = builder.allow_unknown_revocation_status();
-            }
-        }
-        let inner = builder.build().map_err(|e| tls_error("tls.crl_files", e))?;
-        Ok(ClientCertPolicy { inner })
+        let roots = Arc::new(roots);
+        let check_chain = config.crl_check_chain;
+        let allow_unknown_status = config.danger_allow_unknown_revocation_status || crls_fetched;
+        let inner = webpki_verifier(&roots, check_chain, allow_unknown_status, revocation)?;
+        Ok(ClientCertPolicy {
+            hints: inner.root_hint_subjects().to_vec(),
+            roots,
+            check_chain,
+            allow_unknown_status,
+            inner: RwLock::new(inner),
+        })
+    }
+
+    /// Checks revocation against these CRLs from now on; trust anchors and settings stay.
+    pub fn set_crls(&self, revocation: &RevocationList) -> Result<(), TlsError> {
+        let inner = webpki_verifier(
+            &self.roots,
+            self.check_chain,
+            self.allow_unknown_status,
+            revocation,
+        )?;
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = inner;
+        Ok(())
     }
 
     /// The same verdict the listener reaches, outside a handshake (`seg map`).
@@ -144,6 +178,31 @@ impl ClientCertPolicy {
         self.verify_client_cert(leaf, intermediates, UnixTime::now())
             .map(|_| ())
     }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        Arc::clone(&self.inner.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn webpki_verifier(
+    roots: &Arc<rustls::RootCertStore>,
+    check_chain: bool,
+    allow_unknown_status: bool,
+    revocation: &RevocationList,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), provider());
+    if !revocation.is_empty() {
+        builder = builder
+            .with_crls(revocation.der())
+            .enforce_revocation_expiration();
+        if !check_chain {
+            builder = builder.only_check_end_entity_revocation();
+        }
+        if allow_unknown_status {
+            builder = builder.allow_unknown_revocation_status();
+        }
+    }
+    builder.build().map_err(|e| tls_error("tls.crl_files", e))
 }
 
 /// rustls-webpki evaluates only DNS and IP name constraints and refuses every certificate
@@ -201,7 +260,7 @@ impl ClientCertVerifier for ClientCertPolicy {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.hints
     }
 
     fn verify_client_cert(
@@ -211,7 +270,7 @@ impl ClientCertVerifier for ClientCertPolicy {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .inner()
             .verify_client_cert(end_entity, intermediates, now)?;
         if !has_client_auth_eku(end_entity) {
             return Err(rustls::Error::InvalidCertificate(
@@ -227,7 +286,7 @@ impl ClientCertVerifier for ClientCertPolicy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -236,11 +295,11 @@ impl ClientCertVerifier for ClientCertPolicy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner().supported_verify_schemes()
     }
 }
 

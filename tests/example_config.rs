@@ -556,3 +556,85 @@ fn commented_block<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
     }
     block
 }
+
+/// The commented `[identity.kerberos]` block, uncommented with `mode = "kerberos"`, parses
+/// and shows the code's defaults; in header mode the same table is refused.
+#[test]
+fn the_commented_kerberos_block_is_accurate() {
+    let dir = TempDir::new("example-kerberos");
+    let text = example_with_placeholders(&dir.0);
+    let start = text
+        .find("# [identity.kerberos]")
+        .expect("the example documents [identity.kerberos]");
+    let end = start
+        + text[start..]
+            .find("\n[upstream]")
+            .expect("[upstream] follows");
+    let block: Vec<&str> = text[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with('[')
+                || l.split(" = ").next().is_some_and(|k| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) && l.contains(" = ")
+        })
+        .collect();
+    assert!(block.len() >= 11, "kerberos block too short: {block:?}");
+    let uncommented = format!("{}\n{}\n{}", &text[..start], block.join("\n"), &text[end..]);
+    let header_mode = Config::parse(&uncommented, &dir.0, "seg.example.toml")
+        .expect_err("[identity.kerberos] in header mode is refused");
+    let keys: Vec<&str> = header_mode
+        .problems
+        .iter()
+        .map(|p| p.key.as_str())
+        .collect();
+    assert_eq!(keys, ["identity.kerberos"]);
+    let kerberos_mode = uncommented.replacen("mode = \"header\"", "mode = \"kerberos\"", 1);
+    let config = match Config::parse(&kerberos_mode, &dir.0, "seg.example.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("the kerberos block does not parse:\n{e}"),
+    };
+    let k = config.kerberos.expect("kerberos mode");
+    assert_eq!(k.principal, "svc-seg@CORP.EXAMPLE");
+    assert_eq!(k.realm, "CORP.EXAMPLE");
+    assert_eq!(k.target_spn, "HTTP/mail.corp.example");
+    assert_eq!(k.refresh_before, Duration::from_secs(3600));
+    assert_eq!(k.denial_ttl, Duration::from_secs(60));
+    assert_eq!(k.max_credentials, 100_000);
+    assert_eq!(k.max_concurrent_exchanges, 8);
+    assert_eq!(k.max_queued_exchanges, 5_000);
+    assert_eq!(k.exchange_timeout, Duration::from_secs(5));
+    // Without the optional keys the same defaults apply.
+    let minimal = kerberos_mode
+        .lines()
+        .filter(|l| {
+            !["refresh_before", "denial_ttl", "max_", "exchange_timeout"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let defaults = Config::parse(&minimal, &dir.0, "seg.example.toml")
+        .unwrap_or_else(|e| panic!("minimal kerberos block: {e}"))
+        .kerberos
+        .expect("kerberos mode");
+    assert_eq!(defaults, k);
+    // A list of SPNs, a missing keytab: each problem at its key.
+    let bad = kerberos_mode
+        .replacen(
+            "target_spn = \"HTTP/mail.corp.example\"",
+            "target_spn = \"HTTP/a.corp.example,HTTP/b.corp.example\"",
+            1,
+        )
+        .replacen("keytab = ", "keytab_file = ", 1);
+    let err = Config::parse(&bad, &dir.0, "seg.example.toml").expect_err("bad kerberos");
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "identity.kerberos.target_spn",
+        "identity.kerberos.keytab",
+        "identity.kerberos.keytab_file",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+}

@@ -321,6 +321,7 @@ async fn spoofed_identity_headers_are_replaced_by_the_real_one() {
         ("X-Forwarded-For", "10.9.8.7"),
         ("Forwarded", "for=10.9.8.7"),
         ("x-webobjects-remote-user", "bob"),
+        ("X_WebObjects_Server_URL", "https://evil.example"),
         ("Authorization", "Basic Ym9iOng="),
         ("Connection", "X-Remote-User, X-Forwarded-For"),
     ];
@@ -338,6 +339,7 @@ async fn spoofed_identity_headers_are_replaced_by_the_real_one() {
         "x-forwarded-client-cert",
         "forwarded",
         "x-webobjects-remote-user",
+        "x_webobjects_server_url",
         "authorization",
         "connection",
     ] {

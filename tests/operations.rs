@@ -302,3 +302,109 @@ async fn replicas_share_session_tickets_within_one_trust_policy() {
         running.stop().await;
     }
 }
+
+/// The identity cache survives a restart through `cache.snapshot_file`: restored devices are
+/// served without a directory search (even while the directory is down), re-validated in the
+/// background after the soft TTL, and a snapshot entry older than the hard TTL is not used.
+#[tokio::test]
+async fn a_restart_keeps_the_identity_cache_through_its_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let alice = alice(&pki);
+    let mut bob = UserSpec::new("bob");
+    bob.upn = Some("bob@corp.test".into());
+    bob.alt_security_identities = vec![format!("X509:<I>{CA_AD_NAME}<SR>0403020b")];
+    let bob_device = pki.device(LeafSpec::device("bob").serial(&[0x0b, 0x02, 0x03, 0x04]));
+    let snapshot = pki.dir.path().join("identity-cache.json");
+    let extra = format!(
+        "[cache]\nsoft_ttl = \"2s\"\nsnapshot_file = \"{}\"\n",
+        snapshot.display()
+    );
+    let mut users = accounts();
+    users.push(bob);
+    let lab = Lab::start_with(pki, users, &extra).await;
+    let searches = r#"seg_directory_searches_total{result="ok"}"#;
+    let sync = eas_target("Sync", "alice");
+    let status = |r: std::io::Result<support::lab::HttpResponse>| r.expect("response").status;
+
+    assert_eq!(
+        status(lab.client().post(Some(&alice), &sync, &[]).await),
+        200
+    );
+    assert_eq!(lab.metric(searches), 1.0);
+    assert!(!snapshot.exists(), "written at shutdown, not before");
+
+    // Restart: alice is served from the restored cache, no search.
+    let lab = lab.reconfigure(|text| text.to_string()).await;
+    let mode = std::fs::metadata(&snapshot)
+        .expect("snapshot written")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the snapshot names accounts: owner only"
+    );
+    assert_eq!(
+        status(lab.client().post(Some(&alice), &sync, &[]).await),
+        200
+    );
+    assert_eq!(lab.metric(searches), 0.0, "served from the snapshot");
+    // Past the soft TTL her next request is served and re-validated in the background.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        status(lab.client().post(Some(&alice), &sync, &[]).await),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab.metric(searches) < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(lab.metric(searches), 1.0, "one background re-validation");
+
+    // Restart while the directory is down: alice still served, bob (never seen) is not.
+    let mut lab = lab.reconfigure(|text| text.to_string()).await;
+    lab.slapd.stop();
+    let lab = lab.reconfigure(|text| text.to_string()).await;
+    assert_eq!(
+        status(lab.client().post(Some(&alice), &sync, &[]).await),
+        200
+    );
+    let bob_sync = eas_target("Sync", "bob");
+    let refused = lab
+        .client()
+        .post(Some(&bob_device), &bob_sync, &[])
+        .await
+        .expect("response");
+    assert_eq!(refused.status, 503);
+
+    // A snapshot entry older than the hard TTL (1 h) is dropped: alice needs the directory.
+    let text = std::fs::read_to_string(&snapshot).expect("snapshot");
+    let mut json: serde_json::Value = serde_json::from_str(&text).expect("snapshot JSON");
+    for entry in json["entries"].as_array_mut().expect("entries") {
+        let resolved = entry["resolved_unix"].as_i64().expect("resolved_unix");
+        entry["resolved_unix"] = (resolved - 3601).into();
+    }
+    // Written while seg stops, then restored by the next start: edit between the two.
+    let Lab {
+        pki,
+        slapd,
+        upstream,
+        seg,
+        config_path,
+    } = lab;
+    seg.stop().await;
+    std::fs::write(&snapshot, json.to_string()).expect("aged snapshot");
+    let seg = support::lab::start_seg(&config_path).await;
+    let lab = Lab {
+        pki,
+        slapd,
+        upstream,
+        seg,
+        config_path,
+    };
+    assert_eq!(
+        status(lab.client().post(Some(&alice), &sync, &[]).await),
+        503
+    );
+}

@@ -11,7 +11,7 @@ use support::lab::{
     config_text, eas_target, metric_value, start_slapd, Client, Device, DirectoryRef, Pki,
     TlsVersion, CA_AD_NAME,
 };
-use support::openssl_ca::{IssuedDevice, OpensslCa};
+use support::openssl_ca::{FileServer, IssuedDevice, OcspResponder, OpensslCa};
 use support::slapd::UserSpec;
 
 /// The lab with device certificates from an OpenSSL CA and its CRL configured.
@@ -172,16 +172,18 @@ async fn a_resumed_session_never_skips_the_revocation_check() {
     lab.seg
         .reload_file(&lab.config_path)
         .expect("reload with the new CRL");
-    // The reloaded configuration shares no session state with the old one: the resumption
-    // attempt becomes a full handshake, and the revoked certificate fails it.
+    // A new CRL is not a new trust policy: the session still resumes (no certificate check
+    // in the handshake), and the request on it is refused by the CRL in force.
     let resumed_before = lab.metric("seg_tls_handshakes_total{result=\"resumed\"}");
-    support::lab::assert_refused(
-        resuming.post(&eas_target("Sync", "alice")).await,
-        "resumed revoked",
-    );
+    let r = resuming
+        .post(&eas_target("Sync", "alice"))
+        .await
+        .expect("a resumed connection");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(
         lab.metric("seg_tls_handshakes_total{result=\"resumed\"}"),
-        resumed_before
+        resumed_before + 1.0
     );
 }
 
@@ -441,5 +443,373 @@ async fn a_rotated_bind_password_is_used_after_reload_and_the_cache_is_kept() {
         lab.metric("seg_identity_cache_lookups_total{result=\"hit\"}"),
         hits + 1.0,
         "the cache was lost"
+    );
+}
+
+/// seg in front of the devices of an OpenSSL CA, with a `[revocation]` section and no CRL
+/// file: OCSP and distribution-point CRLs are the only revocation sources.
+struct OnlineLab {
+    pki: Pki,
+    config_path: std::path::PathBuf,
+    seg: seg::Running,
+    _slapd: support::slapd::Slapd,
+    _upstream: seg::echo::EchoUpstream,
+}
+
+impl OnlineLab {
+    async fn start(
+        ca: &OpensslCa,
+        devices: &[(&str, &IssuedDevice)],
+        revocation: &str,
+    ) -> OnlineLab {
+        let pki = Pki::new();
+        let users = devices
+            .iter()
+            .map(|(sam, device)| {
+                let mut user = UserSpec::new(sam);
+                user.upn = Some(format!("{sam}@corp.test"));
+                let mut reversed = device.serial.clone();
+                reversed.reverse();
+                user.alt_security_identities = vec![format!(
+                    "X509:<I>{CA_AD_NAME}<SR>{}",
+                    seg::identity::hex(&reversed)
+                )];
+                user
+            })
+            .collect();
+        let slapd = start_slapd(&pki, users);
+        let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+        let text = config_text(
+            &pki,
+            &directory,
+            upstream.addr,
+            &format!("\n[revocation]\n{revocation}\n"),
+        )
+        .replace(
+            &format!("client_ca = \"{}\"", pki.ca_path.display()),
+            &format!("client_ca = \"{}\"", ca.cert.display()),
+        );
+        let config_path = pki.dir.write("seg.toml", &text);
+        let seg = support::lab::start_seg(&config_path).await;
+        OnlineLab {
+            pki,
+            config_path,
+            seg,
+            _slapd: slapd,
+            _upstream: upstream,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.seg.listen_addr, &self.pki.ca_path)
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.seg.metrics.render(), sample)
+    }
+
+    /// Reloads with `edit` applied to the configuration text.
+    fn reload_with(&self, edit: impl Fn(&str) -> String) {
+        let text = edit(&std::fs::read_to_string(&self.config_path).unwrap());
+        std::fs::write(&self.config_path, text).unwrap();
+        self.seg.reload_file(&self.config_path).expect("reload");
+    }
+}
+
+fn device(issued: &IssuedDevice, name: &str) -> Device {
+    Device::from_files(name, &issued.cert, &issued.key)
+}
+
+/// OCSP through a delegated responder certificate: good → forwarded (and cached); after
+/// `openssl ca -revoke` and the cache lifetime, the device's next request on its open
+/// keep-alive connection gets 403 and the connection closes.
+#[tokio::test]
+async fn ocsp_good_is_forwarded_and_a_revocation_reaches_the_open_connection() {
+    let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+    let port = support::openssl_ca::free_port();
+    let aia = format!("authorityInfoAccess = OCSP;URI:http://127.0.0.1:{port}");
+    let alice = ca.issue_device("alice", &aia);
+    let bob = ca.issue_device("bob", &aia);
+    let signer = ca.issue_ocsp_signer("ocsp-responder");
+    let mut responder = OcspResponder::start(&ca, port, Some(&signer));
+    let lab = OnlineLab::start(
+        &ca,
+        &[("alice", &alice), ("bob", &bob)],
+        "ocsp = true\nocsp_max_age = \"1s\"",
+    )
+    .await;
+    let client = lab.client();
+    let mut held = client
+        .connect(Some(&device(&alice, "alice")), TlsVersion::Any)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let r = held
+            .request("POST", &eas_target("Sync", "alice"), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        lab.metric("seg_ocsp_responses_total{result=\"good\"}"),
+        1.0,
+        "the second request must be answered from the cache"
+    );
+    assert_eq!(lab.metric("seg_ocsp_request_duration_seconds_count"), 1.0);
+
+    ca.revoke(&alice);
+    // `openssl ocsp` (3.0) reads index.txt once at start: restart it to serve the revocation.
+    responder.restart();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        held.request("POST", &eas_target("Sync", "alice"), &[], b"")
+            .await
+            .is_err(),
+        "the connection stayed open"
+    );
+    assert_eq!(
+        lab.metric("seg_ocsp_responses_total{result=\"revoked\"}"),
+        1.0
+    );
+    // Bob, not revoked, still syncs.
+    let r = client
+        .post(Some(&device(&bob, "bob")), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// Answers signed by the CA itself; the responder down → 503 + Retry-After (hard fail);
+/// `danger_ocsp_soft_fail` opted in → forwarded and counted.
+#[tokio::test]
+async fn an_unreachable_ocsp_responder_fails_hard_unless_soft_fail_is_opted_in() {
+    let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+    let port = support::openssl_ca::free_port();
+    let bob = ca.issue_device(
+        "bob",
+        &format!("authorityInfoAccess = OCSP;URI:http://127.0.0.1:{port}"),
+    );
+    let mut responder = OcspResponder::start(&ca, port, None);
+    let lab = OnlineLab::start(
+        &ca,
+        &[("bob", &bob)],
+        "ocsp = true\nocsp_max_age = \"1s\"\nocsp_timeout = \"2s\"",
+    )
+    .await;
+    let client = lab.client();
+    let bob = device(&bob, "bob");
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "a CA-signed good answer");
+    assert_eq!(lab.metric("seg_ocsp_responses_total{result=\"good\"}"), 1.0);
+
+    responder.stop();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert_eq!(
+        lab.metric("seg_ocsp_responses_total{result=\"unavailable\"}"),
+        1.0
+    );
+
+    lab.reload_with(|text| {
+        text.replace("ocsp = true", "ocsp = true\ndanger_ocsp_soft_fail = true")
+    });
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "soft fail admits");
+    assert_eq!(
+        lab.metric("seg_revocation_soft_fail_total{check=\"ocsp\"}"),
+        1.0
+    );
+}
+
+/// CRLs from an HTTP distribution point: a revoked device is refused on its first request
+/// (the CRL is fetched then) and at the handshake afterwards; a new `-gencrl` is fetched in
+/// the background ahead of nextUpdate and reaches an open connection; once the
+/// distribution point stops answering and the CRL lapses, `/readyz` fails.
+#[tokio::test]
+async fn crls_from_a_distribution_point_are_fetched_refreshed_and_enforced() {
+    let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+    let published = support::lab::TempDir::new("distribution-point");
+    let server = FileServer::start(published.path()).await;
+    let cdp = format!("crlDistributionPoints = URI:http://{}/ca.crl", server.addr);
+    let alice = ca.issue_device("alice", &cdp);
+    let bob = ca.issue_device("bob", &cdp);
+    ca.revoke(&alice);
+    let crl = published.path().join("ca.crl");
+    ca.write_crl_der(&crl, 6);
+    let lab = OnlineLab::start(
+        &ca,
+        &[("alice", &alice), ("bob", &bob)],
+        "crl_distribution_points = true",
+    )
+    .await;
+    let client = lab.client();
+    let (alice, issued_bob) = (device(&alice, "alice"), bob);
+    let bob = device(&issued_bob, "bob");
+
+    // No CRL yet: the handshake passes, the request waits for the CRL and is refused.
+    let mut held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(lab.metric("seg_crl_fetches_total{result=\"ok\"}"), 1.0);
+    // The verifier has it now: a new handshake is refused.
+    support::lab::assert_refused(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await,
+        "revoked by the fetched CRL",
+    );
+    assert!(lab.metric("seg_tls_handshakes_total{result=\"certificate_revoked\"}") >= 1.0);
+    let mut bob_held = client.connect(Some(&bob), TlsVersion::Any).await.unwrap();
+    let r = bob_held
+        .request("POST", &eas_target("Sync", "bob"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let source = format!("source=\"http://{}/ca.crl\"", server.addr);
+    assert!(
+        lab.seg.metrics.render().contains(&source),
+        "the CRL gauges name the URL"
+    );
+
+    // Bob revoked, a new CRL published: the background refresh (at 80 % of its 6 s) brings
+    // it to bob's open connection without any reload.
+    ca.revoke(&issued_bob);
+    ca.write_crl_der(&crl, 6);
+    let mut status = 0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = bob_held
+            .request("POST", &eas_target("Sync", "bob"), &[], b"")
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0);
+        if status != 200 {
+            break;
+        }
+    }
+    assert_eq!(
+        status, 403,
+        "the refreshed CRL did not reach the open connection"
+    );
+    assert!(lab.metric("seg_crl_fetches_total{result=\"ok\"}") >= 2.0);
+    assert_eq!(
+        lab.metric("seg_config_reload_total{result=\"success\"}"),
+        0.0,
+        "no reload was involved"
+    );
+
+    // The distribution point goes away: the CRL in force stays until it lapses, then
+    // readiness fails and the staleness is reported.
+    drop(server);
+    let mut ready = String::new();
+    for _ in 0..100 {
+        ready = support::lab::http_get(lab.seg.admin_addr, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("crl"),
+        "{ready}"
+    );
+    assert_eq!(lab.metric("seg_crls_stale"), 1.0);
+    assert!(lab.metric("seg_crl_fetches_total{result=\"unavailable\"}") >= 1.0);
+}
+
+/// A device whose distribution point is ldap:// is reported as unsupported and refused
+/// (no CRL of its issuer); one whose distribution point does not answer is refused with
+/// 503 until soft fail is opted in; an ldap:// `crl_urls` entry is a configuration error.
+#[tokio::test]
+async fn unsupported_and_unreachable_distribution_points_fail_hard() {
+    let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+    let carol = ca.issue_device(
+        "carol",
+        "crlDistributionPoints = URI:ldap://dc1.corp.test/cn=cdp?certificateRevocationList",
+    );
+    let closed = support::openssl_ca::free_port();
+    let dave = ca.issue_device(
+        "dave",
+        &format!("crlDistributionPoints = URI:http://127.0.0.1:{closed}/ca.crl"),
+    );
+    let lab = OnlineLab::start(
+        &ca,
+        &[("carol", &carol), ("dave", &dave)],
+        "crl_distribution_points = true\ncrl_fetch_timeout = \"2s\"",
+    )
+    .await;
+    let client = lab.client();
+    let (carol, dave) = (device(&carol, "carol"), device(&dave, "dave"));
+    let r = client
+        .post(Some(&carol), &eas_target("Sync", "carol"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        lab.metric("seg_crl_fetches_total{result=\"unsupported\"}"),
+        1.0
+    );
+    let r = client
+        .post(Some(&dave), &eas_target("Sync", "dave"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert!(lab.metric("seg_crl_fetches_total{result=\"unavailable\"}") >= 1.0);
+
+    lab.reload_with(|text| {
+        text.replace(
+            "crl_distribution_points = true",
+            "crl_distribution_points = true\ndanger_crl_fetch_soft_fail = true",
+        )
+    });
+    let r = client
+        .post(Some(&dave), &eas_target("Sync", "dave"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "soft fail admits");
+    assert_eq!(
+        lab.metric("seg_revocation_soft_fail_total{check=\"crl_distribution_point\"}"),
+        1.0
+    );
+
+    let text = std::fs::read_to_string(&lab.config_path).unwrap().replace(
+        "crl_distribution_points = true",
+        "crl_distribution_points = true\ncrl_urls = [\"ldap://dc1.corp.test/CN=CDP\"]",
+    );
+    let error = Config::parse(&text, lab.pki.dir.path(), "seg.toml").unwrap_err();
+    let problem = error
+        .problems
+        .iter()
+        .find(|p| p.key == "revocation.crl_urls[0]")
+        .unwrap_or_else(|| panic!("no problem at revocation.crl_urls[0]: {error}"));
+    assert!(
+        problem.message.contains("not supported"),
+        "{}",
+        problem.message
     );
 }

@@ -3,6 +3,7 @@
 #
 #   ./tests/run.sh                 everything
 #   ./tests/run.sh --test ldap     extra arguments go to `cargo test`
+#   FUZZ_SECONDS=60 ./tests/run.sh each fuzz target runs that long (default 20 s)
 #
 # 1. Installs what the tests need when it is missing: slapd and ldap-utils, Samba's AD DC
 #    (the integration tests start their own throwaway directory servers), openssl, curl, and
@@ -26,7 +27,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # and tests/deploy_checks.sh (rules, dashboard, unit file, Kubernetes schemas, Containerfile).
 # sogo ... memcached: tests/support/sogo.rs (a real ActiveSync server for
 # tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
+# libkrb5-dev, libclang-dev: the default cargo feature "kerberos" links MIT libgssapi_krb5
+# (libgssapi-sys generates its bindings with bindgen, which needs libclang).
+# apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs.
 APT_PACKAGES=(
+    libkrb5-dev libclang-dev apache2 libapache2-mod-auth-gssapi
     slapd ldap-utils
     samba samba-dsdb-modules samba-vfs-modules samba-ad-provision ldb-tools krb5-user
     openssl curl
@@ -183,6 +188,14 @@ install_rust_components() {
     rustup component add "${components[@]}" || return
 }
 
+install_cargo_fuzz() {
+    if cargo fuzz --version >/dev/null 2>&1; then
+        echo "already installed: $(cargo fuzz --version)"
+        return 0
+    fi
+    cargo install -q --locked cargo-fuzz || return
+}
+
 run_tests() {
     TEST_LOG=$(mktemp) || return
     # --no-fail-fast: every test binary runs, so one report names every failure.
@@ -199,8 +212,12 @@ step "cargo test --release $*" run_tests "$@"
 step "deploy checks (tests/deploy_checks.sh)" bash tests/deploy_checks.sh
 step "cargo bench --bench identity -- --test" cargo bench --bench identity -- --test
 step "cargo bench --bench crl -- --test" cargo bench --bench crl -- --test
+step "cargo bench --bench kerberos -- --test" cargo bench --bench kerberos -- --test
 # The device-fleet benchmark against nginx and HAProxy, short form (under 2 minutes), so it
 # keeps working; its table goes to the log and target/fleet/report.json.
 step "cargo bench --bench fleet -- --quick" cargo bench --bench fleet -- --quick
+step "install cargo-fuzz" install_cargo_fuzz
+# Every fuzz target for a fixed time over its seed corpus and its regressions (fuzz/run.sh).
+step "fuzz/run.sh (FUZZ_SECONDS=${FUZZ_SECONDS:-20} each)" bash fuzz/run.sh
 summary
 exit "$FIRST_FAILURE"

@@ -94,6 +94,7 @@ pub struct Proxy {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    dir: PathBuf,
     child: Option<Child>,
 }
 
@@ -161,6 +162,7 @@ impl Proxy {
             program: kind.binary(&setup.seg_bin),
             args,
             log: dir.join("output.log"),
+            dir,
             child: None,
         }
     }
@@ -221,11 +223,24 @@ impl Proxy {
         }
     }
 
+    /// Starts without seg's identity-cache snapshot of an earlier run.
+    pub fn start_cold(&mut self) {
+        if let Some(snapshot) = self.snapshot_file() {
+            let _ = std::fs::remove_file(snapshot);
+        }
+        self.start();
+    }
+
+    /// seg's identity-cache snapshot (written when it stops).
+    pub fn snapshot_file(&self) -> Option<PathBuf> {
+        (self.kind == Kind::Seg).then(|| self.dir.join("identity-cache.json"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("proxy running").id()
     }
 
-    /// SIGTERM, then SIGKILL after 3 s; returns how long the process took to go.
+    /// SIGTERM, then SIGKILL after 10 s; returns how long the process took to go.
     pub fn stop(&mut self) -> Duration {
         let Some(mut child) = self.child.take() else {
             return Duration::ZERO;
@@ -239,7 +254,8 @@ impl Proxy {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            if start.elapsed() > Duration::from_secs(3) {
+            // seg drains for its 2 s window, then writes its identity-cache snapshot.
+            if start.elapsed() > Duration::from_secs(10) {
                 let _ = child.kill();
                 let _ = child.wait();
                 break;
@@ -262,7 +278,14 @@ impl Proxy {
     }
 
     /// User plus system CPU time of the whole process (all threads), in seconds.
+    /// CPU time used so far, user plus kernel.
     pub fn cpu_seconds(&self) -> f64 {
+        let (user, kernel) = self.cpu_split();
+        user + kernel
+    }
+
+    /// CPU time used so far: (user, kernel) seconds.
+    pub fn cpu_split(&self) -> (f64, f64) {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
@@ -274,7 +297,10 @@ impl Proxy {
                 .unwrap_or(0)
         };
         // Fields 14 (utime) and 15 (stime) of proc(5), counted after the command name.
-        (ticks(11) + ticks(12)) as f64 / clock_ticks()
+        (
+            ticks(11) as f64 / clock_ticks(),
+            ticks(12) as f64 / clock_ticks(),
+        )
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Hand-written HTTP/1.1 on one tokio thread: every request gets `200` with a 2-byte body and
 //! `X-Fleet-Seen-User` echoing the identity header it received. `Cmd=Ping` requests are held
-//! until `/_fleet/release`; while one is held the connection is watched, so a proxy that closes
+//! until `/_fleet/release` (or, with `X-Fleet-Hold-Ms: n`, for n ms: a heartbeat expiring); while one is held the connection is watched, so a proxy that closes
 //! its upstream connection when the device goes away is seen at once (`aborted`). Control:
 //! `GET /_fleet/stats` (answer in the `X-Fleet-Stats` header), `/_fleet/release`,
 //! `/_fleet/reset` (clears the set of DeviceIds whose Ping arrived).
@@ -14,6 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -69,6 +70,8 @@ struct Head {
     length: usize,
     chunked: bool,
     user: String,
+    /// `X-Fleet-Hold-Ms`: how long a Ping is held before it is answered.
+    hold_ms: Option<u64>,
 }
 
 fn parse_head(head: &str) -> Option<Head> {
@@ -79,6 +82,7 @@ fn parse_head(head: &str) -> Option<Head> {
         length: 0,
         chunked: false,
         user: String::new(),
+        hold_ms: None,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -91,6 +95,8 @@ fn parse_head(head: &str) -> Option<Head> {
             out.chunked = value.eq_ignore_ascii_case("chunked");
         } else if name.eq_ignore_ascii_case("x-remote-user") {
             out.user = value.to_string();
+        } else if name.eq_ignore_ascii_case("x-fleet-hold-ms") {
+            out.hold_ms = value.parse().ok();
         }
     }
     Some(out)
@@ -171,10 +177,16 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
                 let device = query_param(&head.target, "DeviceId").unwrap_or("");
                 state.distinct.lock().unwrap().insert(device.to_string());
                 let mut release = state.release.subscribe();
+                let expires = tokio::time::sleep(
+                    head.hold_ms
+                        .map_or(Duration::from_secs(86_400), Duration::from_millis),
+                );
+                tokio::pin!(expires);
                 c.held.fetch_add(1, Ordering::Relaxed);
                 let aborted = loop {
                     tokio::select! {
                         _ = release.changed() => break false,
+                        _ = &mut expires => break false,
                         more = read_more(&mut stream, &mut buf) => if !more { break true },
                     }
                 };

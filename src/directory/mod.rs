@@ -112,7 +112,7 @@ impl Lookup {
 }
 
 /// One account as the directory returned it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccountEntry {
     pub dn: String,
     pub object_classes: Vec<String>,

@@ -68,6 +68,24 @@ pub enum DenyReason {
     CertificateUnreadable,
     /// A CRL lists the certificate (caught on a resumed or long-lived connection).
     CertificateRevoked,
+    /// Kerberos delegation (`identity.mode = "kerberos"`), the KDC's refusals by error code:
+    /// KDC_ERR_CLIENT_REVOKED, the account is disabled or locked out.
+    KdcAccountDisabled,
+    /// KDC_ERR_NAME_EXP, the account has expired.
+    KdcAccountExpired,
+    /// KDC_ERR_KEY_EXP, the account's password has expired (or must be changed).
+    KdcPasswordExpired,
+    /// KDC_ERR_POLICY: Samba's answer for a disabled account; AD's for logon hours or
+    /// workstation restrictions.
+    KdcPolicy,
+    /// KDC_ERR_C_PRINCIPAL_UNKNOWN: the KDC knows no `sAMAccountName@REALM` of that name.
+    KdcPrincipalUnknown,
+    /// KDC_ERR_BADOPTION for an account marked "sensitive and cannot be delegated"
+    /// (`userAccountControl` NOT_DELEGATED).
+    AccountNotDelegable,
+    /// KDC_ERR_BADOPTION otherwise: the target SPN is not in the gateway account's delegation
+    /// list, or protocol transition is not allowed.
+    DelegationNotAllowed,
 }
 
 impl DenyReason {
@@ -87,6 +105,13 @@ impl DenyReason {
             DenyReason::IdentityUnrepresentable => "identity-unrepresentable",
             DenyReason::CertificateUnreadable => "certificate-unreadable",
             DenyReason::CertificateRevoked => "certificate-revoked",
+            DenyReason::KdcAccountDisabled => "kdc-account-disabled",
+            DenyReason::KdcAccountExpired => "kdc-account-expired",
+            DenyReason::KdcPasswordExpired => "kdc-password-expired",
+            DenyReason::KdcPolicy => "kdc-policy",
+            DenyReason::KdcPrincipalUnknown => "kdc-principal-unknown",
+            DenyReason::AccountNotDelegable => "account-not-delegable",
+            DenyReason::DelegationNotAllowed => "delegation-not-allowed",
         }
     }
 }

@@ -53,12 +53,19 @@ const IDENTITY_HEADERS: [&str; 17] = [
     "forwarded",
 ];
 
+/// Prefixes of client headers that are always removed: SOGo trusts every `x-webobjects-*`
+/// header it receives (the user, and the server name and URL it builds links from).
+const STRIPPED_PREFIXES: [&str; 1] = ["x-webobjects-"];
+
 /// Headers a `Connection` token may never remove: framing and routing.
 const CONNECTION_PROTECTED: [&str; 2] = ["content-length", "host"];
 
 /// Which request headers are stripped and what seg adds.
 pub struct HeaderPolicy {
     identity_header: HeaderName,
+    /// False in Kerberos mode: the request names its user by `Authorization: Negotiate`
+    /// only, never by a header an upstream might trust instead.
+    sets_identity_header: bool,
     /// Lowercase names with `-`; compared against names with `_` folded to `-`.
     stripped: Vec<String>,
 }
@@ -79,8 +86,15 @@ impl HeaderPolicy {
         }
         HeaderPolicy {
             identity_header: config.header.clone(),
+            sets_identity_header: true,
             stripped,
         }
+    }
+
+    /// The same hygiene, without adding the identity header (Kerberos mode).
+    pub fn without_identity_header(mut self) -> HeaderPolicy {
+        self.sets_identity_header = false;
+        self
     }
 
     /// Cleans the client's headers, then adds the identity and the device's address.
@@ -94,18 +108,26 @@ impl HeaderPolicy {
         for name in doomed {
             headers.remove(name);
         }
-        headers.insert(self.identity_header.clone(), identity.clone());
+        if self.sets_identity_header {
+            headers.insert(self.identity_header.clone(), identity.clone());
+        }
         headers.insert("x-forwarded-for", peer_ip.clone());
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     }
 
     fn is_stripped(&self, name: &str) -> bool {
-        self.stripped.iter().any(|s| {
-            s.len() == name.len()
-                && s.bytes()
-                    .zip(name.bytes())
-                    .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
-        })
+        let folded_eq = |expected: &str, seen: &str| {
+            expected
+                .bytes()
+                .zip(seen.bytes())
+                .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
+        };
+        self.stripped
+            .iter()
+            .any(|s| s.len() == name.len() && folded_eq(s, name))
+            || STRIPPED_PREFIXES
+                .iter()
+                .any(|p| name.len() >= p.len() && folded_eq(p, &name[..p.len()]))
     }
 }
 
@@ -130,9 +152,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+type PooledClient = Client<Connector, CountingBody>;
+
 /// The pooled client toward the ActiveSync server.
 pub struct Upstream {
-    client: Client<Connector, CountingBody>,
+    client: PooledClient,
+    /// Kerberos mode: one client, so one connection pool, per account. hyper-util pools by
+    /// scheme and authority only, and an upstream that keeps Kerberos authentication per
+    /// connection (IIS) must never see a connection carry two users.
+    per_account: Option<moka::future::Cache<std::sync::Arc<str>, PooledClient>>,
+    connector: Connector,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: HeaderValue,
@@ -178,12 +209,11 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
+        let client = pooled_client(
+            connector.clone(),
+            config.pool_idle_timeout,
+            config.pool_max_idle_per_host,
+        );
         let scheme = config
             .url
             .scheme()
@@ -198,6 +228,10 @@ impl Upstream {
             .map_err(|e| UpstreamSetupError(e.to_string()))?;
         Ok(Upstream {
             client,
+            per_account: None,
+            connector,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle_per_host: config.pool_max_idle_per_host,
             scheme,
             authority,
             host,
@@ -223,15 +257,58 @@ impl Upstream {
             .map_err(|_| Refusal::NotFound)
     }
 
+    /// Keeps a connection pool per account (Kerberos mode), at most `max_accounts` of them;
+    /// a pool unused for `pool_idle_timeout` is dropped with its idle connections.
+    pub fn pooled_per_account(mut self, max_accounts: u64) -> Upstream {
+        self.per_account = Some(
+            moka::future::Cache::builder()
+                .max_capacity(max_accounts)
+                .time_to_idle(self.pool_idle_timeout)
+                .build(),
+        );
+        self
+    }
+
+    /// Sends one request as `account`: on that account's own connections in Kerberos mode.
+    pub async fn send_as(
+        &self,
+        account: &std::sync::Arc<str>,
+        request: Request<CountingBody>,
+    ) -> Result<Response<Incoming>, Refusal> {
+        match &self.per_account {
+            Some(pools) => {
+                let client = pools
+                    .get_with_by_ref(account, async {
+                        pooled_client(
+                            self.connector.clone(),
+                            self.pool_idle_timeout,
+                            self.pool_max_idle_per_host,
+                        )
+                    })
+                    .await;
+                self.send_on(&client, request).await
+            }
+            None => self.send(request).await,
+        }
+    }
+
     /// Sends one request; the body streams, and hyper only re-sends a request it never wrote.
     pub async fn send(
         &self,
+        request: Request<CountingBody>,
+    ) -> Result<Response<Incoming>, Refusal> {
+        self.send_on(&self.client, request).await
+    }
+
+    async fn send_on(
+        &self,
+        client: &PooledClient,
         mut request: Request<CountingBody>,
     ) -> Result<Response<Incoming>, Refusal> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+        match tokio::time::timeout(self.request_timeout, client.request(request)).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if e.is_connect() => {
@@ -269,6 +346,15 @@ impl Upstream {
             Ok(Ok(_))
         )
     }
+}
+
+fn pooled_client(connector: Connector, idle_timeout: Duration, max_idle: usize) -> PooledClient {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
 }
 
 #[cfg(test)]

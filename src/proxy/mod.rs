@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -25,13 +25,14 @@ use tokio_rustls::TlsAcceptor;
 
 pub use audit::AuditBody;
 pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
-pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS};
+pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 
 use crate::activesync::EasRequest;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
+use crate::online::Verdict;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
@@ -48,6 +49,10 @@ pub struct Gateway {
     pub long_polls: Arc<LongPolls>,
     pub tls: TlsAcceptor,
     pub revocation: Arc<CurrentRevocation>,
+    /// OCSP and distribution-point CRLs, checked per request after the CRLs in force.
+    pub online: Arc<crate::online::OnlineRevocation>,
+    /// Kerberos constrained delegation (`identity.mode = "kerberos"`); None in header mode.
+    pub delegation: Option<Arc<crate::kerberos::Delegation>>,
     pub metrics: Arc<Metrics>,
     /// Digest of the directory's files, to notice a rotated bind password on reload.
     pub directory_files: Vec<u8>,
@@ -108,10 +113,7 @@ impl DrainPlan {
 
     /// A uniformly random moment within the window.
     fn spread(&self) -> Instant {
-        let mut bytes = [0u8; 4];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
-        let fraction = u32::from_le_bytes(bytes) as f64 / u32::MAX as f64;
-        self.started + self.window.mul_f64(fraction)
+        self.started + self.window.mul_f64(crate::random_fraction())
     }
 }
 
@@ -320,7 +322,21 @@ impl Gateway {
         record.subject = AuditSubject::Admitted(Arc::clone(&identity));
         // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
         let (issuer, serial) = &identity.revocation_key;
-        if self.revocation.load().is_revoked(issuer, serial) {
+        // Then OCSP and distribution-point CRLs, when configured: cached, so a known device
+        // costs a lookup; a status that cannot be learned is a dependency down (503).
+        let online = &self.online;
+        // Boxed: the check's state (an HTTP exchange) would otherwise enlarge every
+        // connection's request future, checked or not.
+        let revoked = self.revocation.load().is_revoked(issuer, serial)
+            || online.is_active()
+                && match Box::pin(online.check(&identity.revocation_key, &device.leaf)).await {
+                    Verdict::Good => false,
+                    Verdict::Revoked => true,
+                    Verdict::Unavailable => {
+                        return refuse(Refusal::DependencyDown(REVOCATION_UNAVAILABLE), record)
+                    }
+                };
+        if revoked {
             let mut response = refuse(Refusal::Denied(DenyReason::CertificateRevoked), record);
             response
                 .headers_mut()
@@ -365,6 +381,20 @@ impl Gateway {
             record.policy = decision;
             record.long_poll = long_poll;
         }
+        // Kerberos mode: the user's own token, and later the user's own connections. A
+        // delegation that cannot be made refuses the request; there is no header fallback.
+        let delegated = match &self.delegation {
+            Some(delegation) => match delegation.authorize(&identity.account).await {
+                Ok(authorization) => Some(authorization),
+                Err(crate::kerberos::DelegationError::Denied(reason)) => {
+                    return refuse(Refusal::Denied(reason), record)
+                }
+                Err(crate::kerberos::DelegationError::Unavailable(code)) => {
+                    return refuse(Refusal::DependencyDown(code), record)
+                }
+            },
+            None => None,
+        };
         let (mut parts, body) = request.into_parts();
         parts.uri = match self.upstream.uri_for(&parts.uri) {
             Ok(uri) => uri,
@@ -374,10 +404,42 @@ impl Gateway {
         self.headers
             .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
-        match self.upstream.send(Request::from_parts(parts, body)).await {
+        let sent = match &delegated {
+            Some(authorization) => {
+                parts
+                    .headers
+                    .insert(http::header::AUTHORIZATION, authorization.header.clone());
+                let request = Request::from_parts(parts, body);
+                self.upstream
+                    .send_as(&authorization.principal, request)
+                    .await
+            }
+            None => self.upstream.send(Request::from_parts(parts, body)).await,
+        };
+        match sent {
+            Ok(response)
+                if delegated.is_some() && response.status() == StatusCode::UNAUTHORIZED =>
+            {
+                // A 401 would make the phone prompt for a password it does not have: the
+                // upstream refused seg's delegation, which only an administrator can fix.
+                self.metrics.kerberos.upstream_auth_failures.inc();
+                let principal = delegated
+                    .as_ref()
+                    .map(|a| a.principal.as_ref())
+                    .unwrap_or("");
+                tracing::error!(target: "seg::kerberos", principal, peer = %device.peer, "upstream answered 401 to a delegated request: check the target SPN, its keytab on the upstream and the delegation settings");
+                refuse(
+                    Refusal::DependencyDown(crate::kerberos::UPSTREAM_AUTH_FAILED),
+                    record,
+                )
+            }
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 forward::remove_hop_by_hop(&mut parts.headers);
+                if delegated.is_some() {
+                    // Mutual-authentication tokens are for seg, not the device.
+                    parts.headers.remove(http::header::WWW_AUTHENTICATE);
+                }
                 record.status = parts.status.as_u16();
                 Response::from_parts(parts, AuditBody::upstream(body, record))
             }

@@ -11,12 +11,21 @@ use crate::resolver::ResolveError;
 /// Seconds a device is told to wait when a dependency is down.
 pub const RETRY_AFTER_SECS: u64 = 30;
 
+/// The range of the random wait given when the directory is busy rather than down.
+const STORM_RETRY_MIN_SECS: u64 = 2;
+const STORM_RETRY_MAX_SECS: u64 = 10;
+
+/// The `DependencyDown` code when a device's revocation status cannot be learned (OCSP
+/// responder or CRL distribution point down, an answer that cannot be trusted).
+pub const REVOCATION_UNAVAILABLE: &str = "revocation-unavailable";
+
 /// A request seg answers instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// A real denial: the certificate maps to no usable account.
     Denied(DenyReason),
-    /// The directory cannot decide now; try again later.
+    /// A dependency (the directory, an OCSP responder, a CRL distribution point) cannot
+    /// decide now; try again later.
     DependencyDown(&'static str),
     UpstreamUnreachable,
     UpstreamTimeout,
@@ -87,6 +96,22 @@ impl Refusal {
         }
     }
 
+    /// Seconds to tell the device to wait. A directory that is down gets the full
+    /// `RETRY_AFTER_SECS`; one that is only busy (a reconnect storm filling the lookup queue or
+    /// outlasting `cache.lookup_timeout`) gets a short, random wait, so the devices come back
+    /// soon and not all in the same second.
+    fn retry_after(self) -> u64 {
+        match self {
+            Refusal::DependencyDown("directory-overloaded" | "directory-timeout") => {
+                STORM_RETRY_MIN_SECS
+                    + (crate::random_fraction()
+                        * (STORM_RETRY_MAX_SECS - STORM_RETRY_MIN_SECS) as f64)
+                        .round() as u64
+            }
+            _ => RETRY_AFTER_SECS,
+        }
+    }
+
     /// The response: generic text naming no internals.
     pub fn response(self) -> Response<Bytes> {
         let status = self.status();
@@ -104,7 +129,7 @@ impl Refusal {
         );
         match self {
             Refusal::DependencyDown(_) | Refusal::Busy(_) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after()));
             }
             Refusal::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("OPTIONS, POST"));
@@ -112,5 +137,33 @@ impl Refusal {
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_busy_directory_gets_a_short_random_wait_and_a_down_one_the_full_wait() {
+        let storm = [
+            ResolveError::Overloaded,
+            ResolveError::Timeout(Duration::from_secs(5)),
+        ];
+        for error in &storm {
+            for _ in 0..50 {
+                let wait = Refusal::from_resolve_error(error).retry_after();
+                assert!((STORM_RETRY_MIN_SECS..=STORM_RETRY_MAX_SECS).contains(&wait));
+            }
+        }
+        assert_eq!(
+            Refusal::DependencyDown("directory-unavailable").retry_after(),
+            RETRY_AFTER_SECS
+        );
+        assert_eq!(
+            Refusal::Busy("long-poll-cap").retry_after(),
+            RETRY_AFTER_SECS
+        );
     }
 }

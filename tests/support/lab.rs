@@ -483,6 +483,40 @@ impl Connection {
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
             .and_then(|(_, v)| v.parse::<usize>().ok());
         let mut body = buffer[header_end..].to_vec();
+        let chunked = headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+        });
+        if chunked {
+            // Read up to the last chunk, then decode (no trailers, no extensions).
+            while find(&body, b"0\r\n\r\n").is_none_or(|i| i != 0 && !body[..i].ends_with(b"\r\n"))
+            {
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            let mut decoded = Vec::new();
+            let mut rest = body.as_slice();
+            while let Some(line_end) = find(rest, b"\r\n") {
+                let size = std::str::from_utf8(&rest[..line_end])
+                    .ok()
+                    .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+                    .unwrap_or(0);
+                if size == 0 {
+                    break;
+                }
+                let start = line_end + 2;
+                decoded.extend_from_slice(&rest[start..(start + size).min(rest.len())]);
+                rest = &rest[(start + size + 2).min(rest.len())..];
+            }
+            return Ok(HttpResponse {
+                status,
+                headers,
+                body: decoded,
+            });
+        }
         match length {
             Some(len) => {
                 while body.len() < len {

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod apache;
 pub mod lab;
 pub mod ldif;
 pub mod mapping_table;

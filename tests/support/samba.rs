@@ -166,6 +166,14 @@ pub struct SambaTls {
     pub ca: PathBuf,
 }
 
+/// The keytabs [`Samba::setup_delegation`] exported.
+pub struct DelegationKeytabs {
+    /// `svc-seg` and `HTTP/seg.corp.test`: the gateway's.
+    pub seg: PathBuf,
+    /// `HTTP/eas.corp.test`: the backend's.
+    pub eas: PathBuf,
+}
+
 /// A running Samba AD DC for `CORP.TEST` with its own temporary directory.
 pub struct Samba {
     child: Option<Child>,
@@ -328,6 +336,92 @@ impl Samba {
         ldif.push_str("userAccountControl: 4096\n");
         self.modify(&ldif);
         dn
+    }
+
+    /// Makes the domain a KDC for constrained delegation (LAB.md's recipe): the gateway
+    /// account `svc-seg` (SPN `HTTP/seg.corp.test`, protocol transition, allowed to delegate
+    /// to `HTTP/eas.corp.test` only) and the backend account `svc-eas` (SPN
+    /// `HTTP/eas.corp.test`), both AES-only (`msDS-SupportedEncryptionTypes: 24`, else the
+    /// keytabs come out RC4-only), and their keytabs exported with `samba-tool domain
+    /// exportkeytab` into `dir`. The seg keytab holds `svc-seg` as well as its SPN: Samba's
+    /// KDC refuses an SPN as the client of an AS request.
+    pub fn setup_delegation(&self, dir: &Path) -> DelegationKeytabs {
+        // TRUSTED_TO_AUTH_FOR_DELEGATION (protocol transition) | NORMAL_ACCOUNT.
+        let seg_dn =
+            self.create_service_account("svc-seg", "HTTP/seg.corp.test", 0x0100_0000 | 0x200);
+        self.set_attribute(&seg_dn, "msDS-AllowedToDelegateTo", &["HTTP/eas.corp.test"]);
+        self.create_service_account("svc-eas", "HTTP/eas.corp.test", 0x200);
+        let seg = dir.join("seg.keytab");
+        let eas = dir.join("eas.keytab");
+        for (file, principal) in [
+            (&seg, "svc-seg"),
+            (&seg, "HTTP/seg.corp.test"),
+            (&eas, "HTTP/eas.corp.test"),
+        ] {
+            self.samba_tool(&[
+                "domain",
+                "exportkeytab",
+                &file.display().to_string(),
+                &format!("--principal={principal}"),
+            ]);
+        }
+        DelegationKeytabs { seg, eas }
+    }
+
+    /// A service account with one SPN, AES keys only, and a password; returns its DN.
+    fn create_service_account(&self, sam: &str, spn: &str, user_account_control: u32) -> String {
+        let dn = format!("CN={},CN=Users,{BASE_DN}", escape_rdn_value(sam));
+        let mut ldif = String::new();
+        ldif_line(&mut ldif, "dn", dn.as_bytes());
+        ldif.push_str("changetype: add\nobjectClass: user\n");
+        ldif_line(&mut ldif, "sAMAccountName", sam.as_bytes());
+        ldif_line(&mut ldif, "servicePrincipalName", spn.as_bytes());
+        ldif.push_str("msDS-SupportedEncryptionTypes: 24\n");
+        ldif_line(&mut ldif, "unicodePwd", &unicode_pwd(USER_PASSWORD));
+        ldif.push_str(&format!("userAccountControl: {user_account_control}\n"));
+        self.modify(&ldif);
+        dn
+    }
+
+    /// Sets bits in `sam`'s `userAccountControl` (0x100000 NOT_DELEGATED: "account is
+    /// sensitive and cannot be delegated").
+    pub fn add_account_control(&self, sam: &str, bits: u32) {
+        let dn = self.dn_of(sam);
+        let out = self.search_scoped(&dn, "base", "(objectClass=*)", &["userAccountControl"]);
+        let uac: u32 = ldif_values(&out, "userAccountControl")
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no userAccountControl on {dn}:\n{out}"));
+        self.set_attribute(&dn, "userAccountControl", &[&(uac | bits).to_string()]);
+    }
+
+    /// Stops samba (its LDAP and its KDC) and keeps the directory and the machine lock:
+    /// the "domain controller down" case. Dropping the `Samba` cleans up as usual.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `samba-tool ARGS -s DIR/etc/smb.conf`, which works on the domain's files directly.
+    fn samba_tool(&self, args: &[&str]) {
+        let bin = find_tool("samba-tool");
+        let out = Command::new(&bin)
+            .args(args)
+            .arg("-s")
+            .arg(self.dir.join("etc/smb.conf"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+        if !out.status.success() {
+            panic!(
+                "samba-tool {args:?} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     /// Creates a global security group `CN=<name>,CN=Users,DC=corp,DC=test`
@@ -600,7 +694,8 @@ impl Samba {
             &self.krb5_conf(),
             &format!(
                 "[libdefaults]\n\tdefault_realm = {REALM}\n\tdns_lookup_realm = false\n\
-                 \tdns_lookup_kdc = false\n\trdns = false\n\n[realms]\n\t{REALM} = {{\n\
+                 \tdns_lookup_kdc = false\n\trdns = false\n\tdns_canonicalize_hostname = false\n\
+                 \tforwardable = true\n\n[realms]\n\t{REALM} = {{\n\
                  \t\tkdc = 127.0.0.1:88\n\t\tadmin_server = 127.0.0.1\n\t}}\n\n\
                  [domain_realm]\n\t.{DNS_DOMAIN} = {REALM}\n\t{DNS_DOMAIN} = {REALM}\n"
             ),

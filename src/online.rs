@@ -1,0 +1,346 @@
+//! Revocation checked online, once per request: OCSP (`ocsp`) and the CRLs of the device's
+//! distribution points (`crl_fetch`), after the identity is resolved and the CRLs in force
+//! are consulted.
+//!
+//! Both talk to the network, so neither runs inside the TLS handshake: a slow responder
+//! must never hold the handshake thread, and a resumed session or an hours-long ActiveSync
+//! connection must be checked anyway. Both fail hard by default: a device whose revocation
+//! status cannot be learned gets 503 with `Retry-After`, never a silent pass; the
+//! `danger_*_soft_fail` keys admit it instead, logged and counted.
+//!
+//! Also here what both share: the plain-HTTP client (OCSP and CRLs are signed, so RFC 5019
+//! and RFC 5280 publish them over http://) and the client CAs indexed by subject.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+
+use crate::config::Config;
+use crate::crl_fetch::CrlFetcher;
+use crate::metrics::Metrics;
+use crate::ocsp::{OcspChecker, OcspStatus};
+use crate::revocation::CurrentRevocation;
+use crate::tls::TlsError;
+
+/// The online checks of one configuration.
+pub struct OnlineRevocation {
+    pub ocsp: Option<Arc<OcspChecker>>,
+    pub distribution_points: Option<Arc<CrlFetcher>>,
+    ocsp_soft_fail: bool,
+    crl_soft_fail: bool,
+    http: Arc<PlainHttp>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the online checks say about one device certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not revoked, or nothing to check, or unknown but soft-fail was opted in.
+    Good,
+    Revoked,
+    /// The status could not be learned: 503, the device comes back later.
+    Unavailable,
+}
+
+impl OnlineRevocation {
+    /// The checks `config` asks for. Carries the OCSP cache and the fetched CRLs over from
+    /// `previous` when their settings did not change. Contacts nothing until `start`.
+    pub fn build(
+        config: &Config,
+        previous: Option<&OnlineRevocation>,
+        current: &Arc<CurrentRevocation>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<OnlineRevocation, TlsError> {
+        let settings = &config.revocation;
+        let http = previous
+            .map(|p| Arc::clone(&p.http))
+            .unwrap_or_else(|| Arc::new(PlainHttp::new()));
+        let needs_issuers = settings.ocsp || settings.fetches_crls();
+        let issuers = if needs_issuers {
+            Arc::new(Issuers::load(&config.tls.client_ca)?)
+        } else {
+            Arc::new(Issuers::default())
+        };
+        let ocsp = settings
+            .ocsp
+            .then(|| match previous.and_then(|p| p.ocsp.as_ref()) {
+                Some(old) if old.same_settings(settings, &issuers) => Arc::clone(old),
+                _ => Arc::new(OcspChecker::new(
+                    settings,
+                    Arc::clone(&issuers),
+                    Arc::clone(&http),
+                    Arc::clone(metrics),
+                )),
+            });
+        let distribution_points = settings.fetches_crls().then(|| {
+            match previous.and_then(|p| p.distribution_points.as_ref()) {
+                Some(old) => Arc::clone(old),
+                None => {
+                    CrlFetcher::shared(Arc::clone(current), Arc::clone(&http), Arc::clone(metrics))
+                }
+            }
+        });
+        if let Some(fetcher) = &distribution_points {
+            fetcher.configure(settings, Arc::clone(&issuers));
+        }
+        if settings.danger_ocsp_soft_fail && settings.ocsp {
+            tracing::warn!(target: "seg::config", "revocation.danger_ocsp_soft_fail is set: a device is admitted when the OCSP responder cannot answer");
+        }
+        if settings.danger_crl_fetch_soft_fail && settings.fetches_crls() {
+            tracing::warn!(target: "seg::config", "revocation.danger_crl_fetch_soft_fail is set: a device is admitted when its distribution point's CRL cannot be fetched");
+        }
+        Ok(OnlineRevocation {
+            ocsp,
+            distribution_points,
+            ocsp_soft_fail: settings.danger_ocsp_soft_fail,
+            crl_soft_fail: settings.danger_crl_fetch_soft_fail,
+            http,
+            metrics: Arc::clone(metrics),
+        })
+    }
+
+    /// Starts fetching CRLs in the background (once; later calls do nothing).
+    pub fn start(&self) {
+        if let Some(fetcher) = &self.distribution_points {
+            fetcher.start();
+        }
+    }
+
+    /// Whether any online check is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.ocsp.is_some() || self.distribution_points.is_some()
+    }
+
+    /// Checks one device certificate: its distribution-point CRLs, then OCSP. `key` is
+    /// (issuer DER, serial without sign byte); `leaf` is read only on a cache miss.
+    /// Whether OCSP or distribution-point CRLs are configured at all.
+    pub fn is_active(&self) -> bool {
+        self.distribution_points.is_some() || self.ocsp.is_some()
+    }
+
+    pub async fn check(&self, key: &(Vec<u8>, Vec<u8>), leaf: &[u8]) -> Verdict {
+        let (issuer, serial) = key;
+        if let Some(fetcher) = &self.distribution_points {
+            match fetcher.check(issuer, serial, leaf).await {
+                Ok(false) => {}
+                Ok(true) => return Verdict::Revoked,
+                Err(e) if self.crl_soft_fail => {
+                    tracing::warn!(target: "seg::revocation", error = %e, "CRL unavailable; admitted (danger_crl_fetch_soft_fail)");
+                    self.count_soft_fail("crl_distribution_point");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "seg::revocation", error = %e, "CRL unavailable; refused");
+                    return Verdict::Unavailable;
+                }
+            }
+        }
+        if let Some(ocsp) = &self.ocsp {
+            match ocsp.check(issuer, serial, leaf).await {
+                Ok(OcspStatus::Good) => {}
+                Ok(OcspStatus::Revoked) => return Verdict::Revoked,
+                Err(e) if self.ocsp_soft_fail => {
+                    tracing::warn!(target: "seg::revocation", error = %e, "OCSP unavailable; admitted (danger_ocsp_soft_fail)");
+                    self.count_soft_fail("ocsp");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "seg::revocation", error = %e, "OCSP unavailable; refused");
+                    return Verdict::Unavailable;
+                }
+            }
+        }
+        Verdict::Good
+    }
+
+    fn count_soft_fail(&self, check: &str) {
+        self.metrics
+            .revocation_soft_fails
+            .with_label_values(&[check])
+            .inc();
+    }
+}
+
+/// The client CAs (`tls.client_ca`) by subject: the issuers whose CRLs and OCSP answers
+/// seg accepts.
+#[derive(Default)]
+pub struct Issuers {
+    by_subject: HashMap<Vec<u8>, Vec<CertificateDer<'static>>>,
+    /// Every CA certificate, in file order.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// SHA-256 over the bundle, to notice a changed file on reload.
+    pub digest: Vec<u8>,
+}
+
+impl Issuers {
+    pub fn load(path: &std::path::Path) -> Result<Issuers, TlsError> {
+        let certs = crate::tls::read_certs(path, "tls.client_ca")?;
+        let mut by_subject: HashMap<Vec<u8>, Vec<CertificateDer<'static>>> = HashMap::new();
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        for cert in &certs {
+            digest.update(cert.as_ref());
+            let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|e| TlsError {
+                key: "tls.client_ca",
+                message: format!("{}: {e}", path.display()),
+            })?;
+            by_subject
+                .entry(parsed.subject().as_raw().to_vec())
+                .or_default()
+                .push(cert.clone());
+        }
+        Ok(Issuers {
+            by_subject,
+            certs,
+            digest: digest.finish().as_ref().to_vec(),
+        })
+    }
+
+    /// The CA certificates named `subject` (DER): usually one, two during a key rollover.
+    pub fn named(&self, subject: &[u8]) -> &[CertificateDer<'static>] {
+        self.by_subject.get(subject).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// OCSP responder URLs (id-ad-ocsp in the authorityInfoAccess) of a certificate.
+pub fn ocsp_urls(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut urls = Vec::new();
+    for extension in cert.extensions() {
+        if let ParsedExtension::AuthorityInfoAccess(aia) = extension.parsed_extension() {
+            for access in &aia.accessdescs {
+                if access.access_method
+                    == x509_parser::oid_registry::OID_PKIX_ACCESS_DESCRIPTOR_OCSP
+                {
+                    if let GeneralName::URI(uri) = access.access_location {
+                        urls.push(uri.to_string());
+                    }
+                }
+            }
+        }
+    }
+    urls
+}
+
+/// Every CRL distribution point of a certificate, as written (URI full names; a name
+/// relative to the CRL issuer is returned as a description so it can be reported).
+pub fn distribution_points(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut points = Vec::new();
+    for extension in cert.extensions() {
+        if let ParsedExtension::CRLDistributionPoints(cdp) = extension.parsed_extension() {
+            for point in cdp.iter() {
+                match &point.distribution_point {
+                    Some(DistributionPointName::FullName(names)) => {
+                        for name in names {
+                            match name {
+                                GeneralName::URI(uri) => points.push(uri.to_string()),
+                                other => points.push(format!("(non-URI name {other})")),
+                            }
+                        }
+                    }
+                    Some(DistributionPointName::NameRelativeToCRLIssuer(_)) => {
+                        points.push("(name relative to the CRL issuer)".into())
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    points
+}
+
+/// Whether seg can fetch from this URL: plain http:// only.
+pub fn fetchable(url: &str) -> Option<Uri> {
+    url.parse::<Uri>()
+        .ok()
+        .filter(|u| u.scheme_str() == Some("http") && u.authority().is_some())
+}
+
+/// A plain-HTTP client for revocation data: bounded in time and size.
+pub struct PlainHttp {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for PlainHttp {
+    fn default() -> Self {
+        PlainHttp::new()
+    }
+}
+
+impl PlainHttp {
+    pub fn new() -> PlainHttp {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4)
+            .build(connector);
+        PlainHttp { client }
+    }
+
+    /// GET `uri`; the body, at most `limit` bytes, within `timeout` in all.
+    pub async fn get(&self, uri: &Uri, timeout: Duration, limit: usize) -> Result<Bytes, String> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(uri.clone())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        self.send(request, timeout, limit).await
+    }
+
+    /// POST `body` as `content_type` to `uri`; as `get` otherwise.
+    pub async fn post(
+        &self,
+        uri: &Uri,
+        content_type: &'static str,
+        body: Vec<u8>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Bytes, String> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        self.send(request, timeout, limit).await
+    }
+
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Bytes, String> {
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                )
+            })?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            Limited::new(response.into_body(), limit)
+                .collect()
+                .await
+                .map(|body| body.to_bytes())
+                .map_err(|e| format!("body: {e}"))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+    }
+}
