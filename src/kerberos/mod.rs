@@ -21,7 +21,6 @@ mod gss {
 
     #[derive(Debug, Clone)]
     pub struct GssFailure {
-        pub major: u32,
         pub minor: i32,
         pub message: String,
     }
@@ -36,7 +35,6 @@ mod gss {
     pub struct UserCredential;
     fn unsupported<T>() -> Result<T, GssFailure> {
         Err(GssFailure {
-            major: 0,
             minor: 0,
             message: "built without the kerberos feature".into(),
         })

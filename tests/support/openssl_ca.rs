@@ -127,7 +127,40 @@ distinguished_name = dn
         self.issue_with(name, "ocsp_signer", "")
     }
 
+    /// Issues whatever a hostile test needs: its own subject (raw bytes allowed, openssl
+    /// `-subj` syntax), key (`ec` P-256 or `rsa:BITS`), digest and complete extension section.
+    pub fn issue_custom(
+        &self,
+        name: &str,
+        subject: &str,
+        key: &str,
+        digest: &str,
+        extensions: &str,
+    ) -> IssuedDevice {
+        self.issue_full(name, subject, key, digest, "custom", extensions)
+    }
+
     fn issue_with(&self, name: &str, section: &str, extra: &str) -> IssuedDevice {
+        let lines = format!("{}{extra}", extension_lines(section));
+        self.issue_full(
+            name,
+            &format!("/CN={name}"),
+            "ec",
+            "sha256",
+            section,
+            &lines,
+        )
+    }
+
+    fn issue_full(
+        &self,
+        name: &str,
+        subject: &str,
+        key_kind: &str,
+        digest: &str,
+        section: &str,
+        lines: &str,
+    ) -> IssuedDevice {
         let path = self.dir.path();
         let serial_hex = std::fs::read_to_string(path.join("serial")).unwrap();
         let serial: Vec<u8> = (0..serial_hex.trim().len())
@@ -137,33 +170,23 @@ distinguished_name = dn
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
         let cert = format!("{name}.pem");
-        openssl(
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-            path,
-        );
+        let mut req = vec!["req", "-new", "-utf8", "-newkey", key_kind];
+        if key_kind == "ec" {
+            req.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+        }
+        req.extend(["-nodes", "-keyout", &key, "-out", &csr, "-subj", subject]);
+        openssl(&req, path);
         let config = self.config.to_str().unwrap();
-        let extensions = self.dir.write(
-            &format!("{name}.ext"),
-            &format!("[{section}]\n{}{extra}\n", extension_lines(section)),
-        );
+        let extensions = self
+            .dir
+            .write(&format!("{name}.ext"), &format!("[{section}]\n{lines}\n"));
         openssl(
             &[
                 "ca",
                 "-batch",
+                "-utf8",
+                "-md",
+                digest,
                 "-config",
                 config,
                 "-extfile",
