@@ -19,6 +19,7 @@
 //! - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream: the
 //!   impersonated credential per account, cached and bounded; KDC answers → decisions.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
+//! - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
 //! - [`revocation`]: CRLs, for the verifier and the per-request check.
 //! - [`online`]: revocation checked online on each request (OCSP, distribution-point
 //!   CRLs), hard-fail unless a `danger_` key opts out; the plain-HTTP client they share.
@@ -47,6 +48,7 @@ pub mod directory;
 pub mod echo;
 pub mod identity;
 pub mod kerberos;
+pub mod limiter;
 pub mod mapcheck;
 pub mod metrics;
 pub mod ocsp;

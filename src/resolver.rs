@@ -7,11 +7,9 @@
 //! negative TTL, directory failures never. Concurrent misses for one certificate make one
 //! lookup, and one global bound with a bounded queue limits directory work.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
@@ -19,6 +17,7 @@ use crate::identity::{
     check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
     Identity, MappingPlan, MappingRule, MappingStrength, RuleAttempt,
 };
+use crate::limiter::WorkLimiter;
 use crate::metrics::Metrics;
 use crate::snapshot::{Snapshot, SnapshotEntry};
 
@@ -387,7 +386,11 @@ impl Resolver {
         leaf: Option<Arc<[u8]>>,
     ) -> Result<CachedDecision, ResolveError> {
         let work = async {
-            let _permit = self.limiter.acquire().await?;
+            let _permit = self
+                .limiter
+                .acquire()
+                .await
+                .ok_or(ResolveError::Overloaded)?;
             self.decide(&facts, &mut Trace::default()).await
         };
         let decision = tokio::time::timeout(self.lookup_timeout, work)
@@ -597,78 +600,5 @@ impl moka::Expiry<CertFingerprint, CachedDecision> for DecisionExpiry {
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         self.expire_after_create(key, value, updated_at)
-    }
-}
-
-/// One global bound on concurrent directory work, with a bounded queue: past it, refuse at once.
-struct WorkLimiter {
-    permits: Semaphore,
-    queued: AtomicUsize,
-    max_queued: usize,
-}
-
-struct QueueSlot<'a>(&'a AtomicUsize);
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl WorkLimiter {
-    fn new(max_concurrent: usize, max_queued: usize) -> WorkLimiter {
-        WorkLimiter {
-            permits: Semaphore::new(max_concurrent),
-            queued: AtomicUsize::new(0),
-            max_queued,
-        }
-    }
-
-    async fn acquire(&self) -> Result<SemaphorePermit<'_>, ResolveError> {
-        if let Ok(permit) = self.permits.try_acquire() {
-            return Ok(permit);
-        }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(ResolveError::Overloaded);
-        }
-        let _slot = QueueSlot(&self.queued);
-        self.permits
-            .acquire()
-            .await
-            .map_err(|_| ResolveError::Overloaded)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn limiter_refuses_past_the_queue() {
-        let limiter = WorkLimiter::new(1, 1);
-        let first = limiter.acquire().await.unwrap();
-        let queued = limiter.acquire();
-        tokio::pin!(queued);
-        // Poll once so the second caller takes the one queue slot.
-        assert!(futures_poll_once(queued.as_mut()).await.is_none());
-        assert!(matches!(
-            limiter.acquire().await,
-            Err(ResolveError::Overloaded)
-        ));
-        drop(first);
-        assert!(queued.await.is_ok());
-        assert_eq!(limiter.queued.load(Ordering::Acquire), 0);
-    }
-
-    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
-        let mut f = f;
-        std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
-                std::task::Poll::Ready(v) => Some(v),
-                std::task::Poll::Pending => None,
-            })
-        })
-        .await
     }
 }

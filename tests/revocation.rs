@@ -27,26 +27,31 @@ struct RevocationLab {
     bob: IssuedDevice,
 }
 
+/// One account per device, mapped strongly by the OpenSSL CA's issuer and the serial.
+fn mapped_users(devices: &[(&str, &IssuedDevice)]) -> Vec<UserSpec> {
+    devices
+        .iter()
+        .map(|(sam, device)| {
+            let mut user = UserSpec::new(sam);
+            user.upn = Some(format!("{sam}@corp.test"));
+            let mut reversed = device.serial.clone();
+            reversed.reverse();
+            user.alt_security_identities = vec![format!(
+                "X509:<I>{CA_AD_NAME}<SR>{}",
+                seg::identity::hex(&reversed)
+            )];
+            user
+        })
+        .collect()
+}
+
 impl RevocationLab {
     async fn start(crl_seconds: u32) -> RevocationLab {
         let pki = Pki::new();
         let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
         let alice = ca.issue("alice");
         let bob = ca.issue("bob");
-        let users = [("alice", &alice), ("bob", &bob)]
-            .into_iter()
-            .map(|(sam, device)| {
-                let mut user = UserSpec::new(sam);
-                user.upn = Some(format!("{sam}@corp.test"));
-                let mut reversed = device.serial.clone();
-                reversed.reverse();
-                user.alt_security_identities = vec![format!(
-                    "X509:<I>{CA_AD_NAME}<SR>{}",
-                    seg::identity::hex(&reversed)
-                )];
-                user
-            })
-            .collect();
+        let users = mapped_users(&[("alice", &alice), ("bob", &bob)]);
         let slapd = start_slapd(&pki, users);
         let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
             .await
@@ -463,20 +468,7 @@ impl OnlineLab {
         revocation: &str,
     ) -> OnlineLab {
         let pki = Pki::new();
-        let users = devices
-            .iter()
-            .map(|(sam, device)| {
-                let mut user = UserSpec::new(sam);
-                user.upn = Some(format!("{sam}@corp.test"));
-                let mut reversed = device.serial.clone();
-                reversed.reverse();
-                user.alt_security_identities = vec![format!(
-                    "X509:<I>{CA_AD_NAME}<SR>{}",
-                    seg::identity::hex(&reversed)
-                )];
-                user
-            })
-            .collect();
+        let users = mapped_users(devices);
         let slapd = start_slapd(&pki, users);
         let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
             .await

@@ -65,11 +65,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http::HeaderValue;
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::KerberosConfig;
 use crate::directory::AccountEntry;
 use crate::identity::DenyReason;
+use crate::limiter::WorkLimiter;
 use crate::metrics::Metrics;
 
 /// `userAccountControl` NOT_DELEGATED: "account is sensitive and cannot be delegated".
@@ -176,7 +176,7 @@ pub struct Delegation {
     /// repaired keytab is read again.
     gateway: Mutex<Option<gss::GatewayCredential>>,
     credentials: moka::future::Cache<Arc<str>, Cached>,
-    limiter: ExchangeLimiter,
+    limiter: WorkLimiter,
     /// Whether the KDC answered the last exchange or probe.
     kdc_up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -215,10 +215,7 @@ impl Delegation {
                 .max_capacity(config.max_credentials)
                 .expire_after(CachedExpiry)
                 .build(),
-            limiter: ExchangeLimiter::new(
-                config.max_concurrent_exchanges,
-                config.max_queued_exchanges,
-            ),
+            limiter: WorkLimiter::new(config.max_concurrent_exchanges, config.max_queued_exchanges),
             kdc_up: AtomicBool::new(true),
             metrics,
             config: config.clone(),
@@ -514,48 +511,6 @@ impl moka::Expiry<Arc<str>, Cached> for CachedExpiry {
     }
 }
 
-/// A bound on concurrent KDC exchanges with a bounded queue (the resolver's `WorkLimiter`
-/// idea): past the queue a device not in the cache gets 503 at once.
-struct ExchangeLimiter {
-    permits: Semaphore,
-    queued: AtomicUsize,
-    max_queued: usize,
-}
-
-struct QueueSlot<'a>(&'a AtomicUsize);
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl ExchangeLimiter {
-    fn new(max_concurrent: usize, max_queued: usize) -> ExchangeLimiter {
-        ExchangeLimiter {
-            permits: Semaphore::new(max_concurrent),
-            queued: AtomicUsize::new(0),
-            max_queued,
-        }
-    }
-
-    async fn acquire(&self) -> Option<SemaphorePermit<'_>> {
-        if let Some(permit) = self.try_acquire() {
-            return Some(permit);
-        }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let _slot = QueueSlot(&self.queued);
-        self.permits.acquire().await.ok()
-    }
-
-    fn try_acquire(&self) -> Option<SemaphorePermit<'_>> {
-        self.permits.try_acquire().ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,15 +562,5 @@ mod tests {
         // The table's codes are MIT's (krb5.h).
         assert_eq!(code::BADOPTION, -1_765_328_371);
         assert_eq!(code::SKEW, -1_765_328_347);
-    }
-
-    #[tokio::test]
-    async fn limiter_refuses_past_the_queue() {
-        let limiter = ExchangeLimiter::new(1, 0);
-        let first = limiter.acquire().await;
-        assert!(first.is_some());
-        assert!(limiter.acquire().await.is_none());
-        drop(first);
-        assert!(limiter.acquire().await.is_some());
     }
 }
