@@ -122,13 +122,13 @@ impl OnlineRevocation {
         self.ocsp.is_some() || self.distribution_points.is_some()
     }
 
-    /// Checks one device certificate: its distribution-point CRLs, then OCSP. `key` is
-    /// (issuer DER, serial without sign byte); `leaf` is read only on a cache miss.
     /// Whether OCSP or distribution-point CRLs are configured at all.
     pub fn is_active(&self) -> bool {
         self.distribution_points.is_some() || self.ocsp.is_some()
     }
 
+    /// Checks one device certificate: its distribution-point CRLs, then OCSP. `key` is
+    /// (issuer DER, serial without sign byte); `leaf` is read only on a cache miss.
     pub async fn check(&self, key: &(Vec<u8>, Vec<u8>), leaf: &[u8]) -> Verdict {
         let (issuer, serial) = key;
         if let Some(fetcher) = &self.distribution_points {

@@ -17,18 +17,7 @@ use support::lab::{
     config_text, eas_target, http_get, metric_value, start_seg, Client, Connection, Device,
     DirectoryRef, HttpResponse, Pki, TempDir, TlsVersion,
 };
-use support::samba::{Samba, SambaTls};
-
-fn start_samba(pki: &Pki) -> Samba {
-    let mut spec = LeafSpec::loopback_server();
-    spec.dns_names.push("dc1.corp.test".into());
-    let server = pki.ca.issue(&spec).expect("DC certificate");
-    Samba::start(SambaTls {
-        cert: pki.dir.write("dc1.pem", &server.cert_pem),
-        key: pki.dir.write("dc1.key", &server.key_pem),
-        ca: pki.ca_path.clone(),
-    })
-}
+use support::samba::Samba;
 
 /// What the backend authenticated, from the CGI's answer.
 fn field(response: &HttpResponse, name: &str) -> String {
@@ -81,7 +70,7 @@ async fn delegation_against_samba_and_apache() {
         .with_writer(std::io::stderr)
         .try_init();
     let pki = Pki::new();
-    let mut samba = start_samba(&pki);
+    let mut samba = Samba::start_with_pki(&pki);
     // Before any Kerberos call in this process: MIT reads its configuration once.
     std::env::set_var("KRB5_CONFIG", samba.krb5_conf());
     let work = TempDir::new("kerberos");

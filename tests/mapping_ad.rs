@@ -9,23 +9,12 @@ use std::time::{Duration, SystemTime};
 use seg::pki::LeafSpec;
 use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
 use support::mapping_table::{rows, run_table, EmailForm, Second, State};
-use support::samba::{Samba, SambaTls};
-
-fn start_samba(pki: &Pki) -> Samba {
-    let mut spec = LeafSpec::loopback_server();
-    spec.dns_names.push("dc1.corp.test".into());
-    let server = pki.ca.issue(&spec).expect("DC certificate");
-    Samba::start(SambaTls {
-        cert: pki.dir.write("dc1.pem", &server.cert_pem),
-        key: pki.dir.write("dc1.key", &server.key_pem),
-        ca: pki.ca_path.clone(),
-    })
-}
+use support::samba::Samba;
 
 #[tokio::test]
 async fn mapping_against_samba_ad() {
     let pki = Pki::new();
-    let samba = start_samba(&pki);
+    let samba = Samba::start_with_pki(&pki);
     let directory = DirectoryRef {
         urls: vec![samba.ldaps_url()],
         base_dn: samba.base_dn().to_string(),

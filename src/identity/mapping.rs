@@ -482,8 +482,26 @@ pub fn generalized_time_unix(text: &str) -> Option<i64> {
         return None;
     }
     let n = |range: std::ops::Range<usize>| digits[range].parse::<i64>().ok();
-    let (year, month, day) = (n(0..4)?, n(4..6)?, n(6..8)?);
-    let (hour, minute, second) = (n(8..10)?, n(10..12)?, n(12..14)?);
+    unix_from_civil(
+        n(0..4)?,
+        n(4..6)?,
+        n(6..8)?,
+        n(8..10)?,
+        n(10..12)?,
+        n(12..14)?,
+    )
+}
+
+/// A UTC date and time (proleptic Gregorian) → Unix seconds; `None` when a field is out of
+/// range. Leap seconds (60) are accepted as the next second.
+pub fn unix_from_civil(
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: i64,
+    minute: i64,
+    second: i64,
+) -> Option<i64> {
     if !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
         || hour > 23

@@ -16,8 +16,8 @@ pub use facts::{
     ad_dn, hex, oid_der, CertFacts, CertFingerprint, FactsError, SID_EXTENSION_OID, SID_URI_PREFIX,
 };
 pub use mapping::{
-    decide, generalized_time_unix, glob_match, Mapped, MappingPlan, MappingRule, MappingStrength,
-    MappingVerdict, RuleAttempt,
+    decide, generalized_time_unix, glob_match, unix_from_civil, Mapped, MappingPlan, MappingRule,
+    MappingStrength, MappingVerdict, RuleAttempt,
 };
 pub use sid::{sid_from_text, sid_to_text};
 

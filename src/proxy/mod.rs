@@ -180,18 +180,12 @@ impl Gateway {
                 Ok(Ok(Some(device))) => peer = device,
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
-                    self.metrics
-                        .handshakes
-                        .with_label_values(&["proxy_header_invalid"])
-                        .inc();
+                    self.count_handshake("proxy_header_invalid");
                     tracing::debug!(target: "seg::listener", %peer, error = %e, "PROXY header refused");
                     return;
                 }
                 Err(_) => {
-                    self.metrics
-                        .handshakes
-                        .with_label_values(&["timeout"])
-                        .inc();
+                    self.count_handshake("timeout");
                     return;
                 }
             }
@@ -200,15 +194,12 @@ impl Gateway {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let label = crate::tls::handshake_failure_label(&e);
-                self.metrics.handshakes.with_label_values(&[label]).inc();
+                self.count_handshake(label);
                 tracing::debug!(target: "seg::tls", %peer, error = %e, result = label, "handshake failed");
                 return;
             }
             Err(_) => {
-                self.metrics
-                    .handshakes
-                    .with_label_values(&["timeout"])
-                    .inc();
+                self.count_handshake("timeout");
                 return;
             }
         };
@@ -216,16 +207,10 @@ impl Gateway {
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) else {
             // Unreachable with a mandatory verifier; refuse rather than serve without identity.
-            self.metrics
-                .handshakes
-                .with_label_values(&["no_client_certificate"])
-                .inc();
+            self.count_handshake("no_client_certificate");
             return;
         };
-        self.metrics
-            .handshakes
-            .with_label_values(&[if resumed { "resumed" } else { "full" }])
-            .inc();
+        self.count_handshake(if resumed { "resumed" } else { "full" });
         let device = Arc::new(DeviceConnection {
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
@@ -383,8 +368,10 @@ impl Gateway {
         }
         // Kerberos mode: the user's own token, and later the user's own connections. A
         // delegation that cannot be made refuses the request; there is no header fallback.
+        // Both Kerberos steps are boxed, like the identity miss path: their state would
+        // otherwise enlarge every connection's request future in header mode too.
         let delegated = match &self.delegation {
-            Some(delegation) => match delegation.authorize(&identity.account).await {
+            Some(delegation) => match Box::pin(delegation.authorize(&identity.account)).await {
                 Ok(authorization) => Some(authorization),
                 Err(crate::kerberos::DelegationError::Denied(reason)) => {
                     return refuse(Refusal::Denied(reason), record)
@@ -410,9 +397,7 @@ impl Gateway {
                     .headers
                     .insert(http::header::AUTHORIZATION, authorization.header.clone());
                 let request = Request::from_parts(parts, body);
-                self.upstream
-                    .send_as(&authorization.principal, request)
-                    .await
+                Box::pin(self.upstream.send_as(&authorization.principal, request)).await
             }
             None => self.upstream.send(Request::from_parts(parts, body)).await,
         };
@@ -476,6 +461,11 @@ fn route(request: &Request<Incoming>) -> Result<Route, Refusal> {
 }
 
 impl Gateway {
+    /// `seg_tls_handshakes_total{result}`.
+    fn count_handshake(&self, result: &str) {
+        self.metrics.handshakes.with_label_values(&[result]).inc();
+    }
+
     /// A refusal after mapping, counted by its reason code.
     fn refuse_policy(&self, refusal: Refusal, record: AuditRecord) -> Response<AuditBody> {
         self.metrics

@@ -184,6 +184,19 @@ pub struct Samba {
 }
 
 impl Samba {
+    /// [`Samba::start`] with a DC certificate (`dc1.corp.test`, `localhost`) issued by the
+    /// test's PKI, so seg trusts the DC's LDAPS through the test CA.
+    pub fn start_with_pki(pki: &super::lab::Pki) -> Samba {
+        let mut spec = seg::pki::LeafSpec::loopback_server();
+        spec.dns_names.push("dc1.corp.test".into());
+        let server = pki.ca.issue(&spec).expect("DC certificate");
+        Samba::start(SambaTls {
+            cert: pki.dir.write("dc1.pem", &server.cert_pem),
+            key: pki.dir.write("dc1.key", &server.key_pem),
+            ca: pki.ca_path.clone(),
+        })
+    }
+
     /// Takes the machine-wide Samba lock (waiting up to 120 s), provisions
     /// `CORP.TEST` into a new directory, starts samba and waits until an
     /// LDAPS search bound as `Administrator` answers.
