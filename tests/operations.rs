@@ -386,23 +386,9 @@ async fn a_restart_keeps_the_identity_cache_through_its_snapshot() {
         entry["resolved_unix"] = (resolved - 3601).into();
     }
     // Written while seg stops, then restored by the next start: edit between the two.
-    let Lab {
-        pki,
-        slapd,
-        upstream,
-        seg,
-        config_path,
-    } = lab;
-    seg.stop().await;
-    std::fs::write(&snapshot, json.to_string()).expect("aged snapshot");
-    let seg = support::lab::start_seg(&config_path).await;
-    let lab = Lab {
-        pki,
-        slapd,
-        upstream,
-        seg,
-        config_path,
-    };
+    let lab = lab
+        .restart_after(|| std::fs::write(&snapshot, json.to_string()).expect("aged snapshot"))
+        .await;
     assert_eq!(
         status(lab.client().post(Some(&alice), &sync, &[]).await),
         503

@@ -284,6 +284,16 @@ impl Lab {
 
     /// Restarts seg with its configuration text edited (for keys a reload cannot change).
     pub async fn reconfigure(self, edit: impl Fn(&str) -> String) -> Lab {
+        let config_path = self.config_path.clone();
+        self.restart_after(|| {
+            let text = edit(&std::fs::read_to_string(&config_path).expect("lab config"));
+            std::fs::write(&config_path, text).expect("lab config");
+        })
+        .await
+    }
+
+    /// Stops seg, runs `between` (seg is down: its files may change), starts seg again.
+    pub async fn restart_after(self, between: impl FnOnce()) -> Lab {
         let Lab {
             pki,
             slapd,
@@ -292,8 +302,7 @@ impl Lab {
             config_path,
         } = self;
         seg.stop().await;
-        let text = edit(&std::fs::read_to_string(&config_path).expect("lab config"));
-        std::fs::write(&config_path, text).expect("lab config");
+        between();
         let seg = start_seg(&config_path).await;
         Lab {
             pki,
