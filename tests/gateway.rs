@@ -453,26 +453,8 @@ async fn a_stopped_directory_serves_cached_identities_and_503_for_unknown_device
 async fn readiness_follows_the_directory() {
     let mut lab = Lab::start(mapping_users(), "").await;
     let admin = lab.seg.admin_addr;
-    let ready = || async move {
-        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).await.unwrap();
-        out
-    };
-    let wait_for = |want: &'static str| async move {
-        for _ in 0..50 {
-            let answer = ready().await;
-            if answer.starts_with(want) {
-                return answer;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("/readyz never answered {want}");
-    };
+    let wait_for =
+        |want: &'static str| support::lab::wait_for_readyz(admin, want, "", Duration::from_secs(5));
     wait_for("HTTP/1.1 200").await;
     lab.slapd.stop();
     let answer = wait_for("HTTP/1.1 503").await;

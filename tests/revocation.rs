@@ -210,18 +210,13 @@ async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
         "stale CRL",
     );
     assert!(lab.metric("seg_tls_handshakes_total{result=\"revocation_list_expired\"}") >= 1.0);
-    let mut ready = String::new();
-    for _ in 0..50 {
-        ready = support::lab::http_get(lab.seg.admin_addr, "/readyz").await;
-        if ready.starts_with("HTTP/1.1 503") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        ready.starts_with("HTTP/1.1 503") && ready.contains("crl"),
-        "{ready}"
-    );
+    support::lab::wait_for_readyz(
+        lab.seg.admin_addr,
+        "HTTP/1.1 503",
+        "crl",
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(lab.metric("seg_crls_stale"), 1.0);
     // A fresh CRL, reloaded: served again, ready again.
     lab.ca.write_crl(&lab.crl, 3600);
@@ -717,18 +712,13 @@ async fn crls_from_a_distribution_point_are_fetched_refreshed_and_enforced() {
     // The distribution point goes away: the CRL in force stays until it lapses, then
     // readiness fails and the staleness is reported.
     drop(server);
-    let mut ready = String::new();
-    for _ in 0..100 {
-        ready = support::lab::http_get(lab.seg.admin_addr, "/readyz").await;
-        if ready.starts_with("HTTP/1.1 503") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        ready.starts_with("HTTP/1.1 503") && ready.contains("crl"),
-        "{ready}"
-    );
+    support::lab::wait_for_readyz(
+        lab.seg.admin_addr,
+        "HTTP/1.1 503",
+        "crl",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(lab.metric("seg_crls_stale"), 1.0);
     assert!(lab.metric("seg_crl_fetches_total{result=\"unavailable\"}") >= 1.0);
 }

@@ -625,6 +625,28 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
+/// Polls `/readyz` every 100 ms until its answer starts with `status` (such as
+/// `"HTTP/1.1 503"`) and contains `naming`; returns that answer, or panics after `limit`.
+pub async fn wait_for_readyz(
+    admin: SocketAddr,
+    status: &str,
+    naming: &str,
+    limit: std::time::Duration,
+) -> String {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let answer = http_get(admin, "/readyz").await;
+        if answer.starts_with(status) && answer.contains(naming) {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never answered {status} naming {naming:?}; last answer:\n{answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// seg built from a configuration file and started.
 pub async fn start_seg(config_path: &Path) -> Running {
     let config = Config::load(config_path).unwrap_or_else(|e| panic!("config: {e}"));
