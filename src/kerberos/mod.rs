@@ -308,13 +308,30 @@ impl Delegation {
         account: &AccountEntry,
     ) -> Result<Cached, DelegationError> {
         let not_delegated = not_delegated(account);
-        let work = async {
-            let _permit = self
-                .limiter
-                .acquire()
-                .await
-                .ok_or(DelegationError::Unavailable(KDC_OVERLOADED))?;
-            self.exchange(Arc::clone(principal), not_delegated).await
+        // The exchange runs in a task of its own that keeps its permit until the GSSAPI call
+        // returns: a blocking call cannot be cancelled, and MIT waits about 25 s per attempt
+        // for a KDC that accepts TCP and never answers. Were the permit dropped with the
+        // caller at exchange_timeout, every first request during a KDC hang would leave one
+        // more blocked thread behind (threads without bound, all queued on the gateway
+        // credential, delaying recovery by minutes). A request that gave up while queued
+        // starts no exchange.
+        let this = Arc::clone(self);
+        let user = Arc::clone(principal);
+        let deadline = Instant::now() + self.config.exchange_timeout;
+        let work = async move {
+            tokio::spawn(async move {
+                let _permit = this
+                    .limiter
+                    .acquire()
+                    .await
+                    .ok_or(DelegationError::Unavailable(KDC_OVERLOADED))?;
+                if Instant::now() >= deadline {
+                    return Err(DelegationError::Unavailable(KDC_TIMEOUT));
+                }
+                this.exchange(user, not_delegated).await
+            })
+            .await
+            .map_err(|_| DelegationError::Unavailable(KERBEROS_FAILED))?
         };
         let entry = tokio::time::timeout(
             self.config.exchange_timeout,

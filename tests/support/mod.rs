@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod apache;
+pub mod chaos;
 pub mod lab;
 pub mod ldif;
 pub mod mapping_table;
