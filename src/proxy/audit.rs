@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -227,11 +227,23 @@ impl Drop for AuditBody {
 pub struct CountingBody {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    /// Set when reading the device's body fails (broken chunked framing, the device gone
+    /// mid-body): the upstream request then fails through no fault of the upstream's.
+    failed: Arc<AtomicBool>,
 }
 
 impl CountingBody {
     pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> CountingBody {
-        CountingBody { inner, count }
+        CountingBody {
+            inner,
+            count,
+            failed: Arc::default(),
+        }
+    }
+
+    /// A flag set once reading the device's body has failed.
+    pub fn failure(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.failed)
     }
 }
 
@@ -244,6 +256,9 @@ impl Body for CountingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Release);
+        }
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             match frame.data_ref() {
                 Some(data) => {

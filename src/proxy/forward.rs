@@ -306,7 +306,9 @@ impl Upstream {
         let mut fresh = false;
         loop {
             if !lane.ready_conn(&self.pool, &key) {
-                let conn = self.connect(key.clone()).await?;
+                // Boxed: a connect's state (DNS, TCP, TLS) would otherwise enlarge every
+                // request's future, held Pings included.
+                let conn = Box::pin(self.connect(key.clone())).await?;
                 lane.install(conn, &self.pool);
                 fresh = true;
             }

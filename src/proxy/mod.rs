@@ -96,6 +96,12 @@ struct DeviceConnection {
     long_polls: Arc<AtomicUsize>,
 }
 
+/// The most bytes a request line and header block may take; more is 431 and a closed
+/// connection. Without it hyper's only bound is its read buffer (about 400 kB), which a head
+/// arriving in large reads can pass: a 450 kB header was forwarded. ActiveSync heads are a
+/// few hundred bytes and IIS refuses heads past 16 kB by default.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Beyond the drain window, how long connections get to close before serve returns anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -235,6 +241,7 @@ impl Gateway {
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.listen.idle_timeout)
+            .max_header_size(MAX_REQUEST_HEAD)
             .keep_alive(true)
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
@@ -329,18 +336,21 @@ impl Gateway {
                     }
                 };
         if revoked {
-            let mut response = refuse(Refusal::Denied(DenyReason::CertificateRevoked), record);
-            response
-                .headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
+            let refusal = Refusal::Denied(DenyReason::CertificateRevoked);
+            return closing(refuse(refusal, record));
         }
+        // The bytes after a CONNECT or Upgrade head may be another protocol's (tunnel data,
+        // an HTTP/2 preface): refused, the connection closes rather than read them as requests.
         let route = match route {
             Ok(route) => route,
+            Err(refusal) if request.method() == Method::CONNECT => {
+                return closing(refuse(refusal, record))
+            }
             Err(refusal) => return refuse(refusal, record),
         };
         if request.headers().contains_key(http::header::UPGRADE) {
-            return self.refuse_policy(Refusal::BadRequest("upgrade-refused"), record);
+            let refusal = Refusal::BadRequest("upgrade-refused");
+            return closing(self.refuse_policy(refusal, record));
         }
         if let Some(e) = query_error {
             return self.refuse_policy(Refusal::BadRequest(e.code()), record);
@@ -398,6 +408,7 @@ impl Gateway {
         self.headers
             .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
+        let body_failed = body.failure();
         if let Some(authorization) = &delegated {
             parts
                 .headers
@@ -435,6 +446,12 @@ impl Gateway {
                 }
                 record.status = parts.status.as_u16();
                 Response::from_parts(parts, AuditBody::upstream(body, record))
+            }
+            // hyper reports a device body that breaks its framing (a bad chunk size) or
+            // breaks off as a failed upstream request: the device's fault, so 400, not 502.
+            Err(_) if body_failed.load(Ordering::Acquire) => {
+                let refusal = Refusal::BadRequest("request-body-invalid");
+                closing(self.refuse_policy(refusal, record))
             }
             Err(refusal) => {
                 self.metrics
@@ -498,6 +515,14 @@ fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
         },
     };
     Response::from_parts(parts, AuditBody::local(body, record))
+}
+
+/// Ends the connection after this response.
+fn closing(mut response: Response<AuditBody>) -> Response<AuditBody> {
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 struct OpenConnection(Arc<Metrics>);
