@@ -89,7 +89,20 @@ struct Opts {
     budget_secs: f64,
     levels: Vec<usize>,
     kinds: Vec<Kind>,
+    /// `--only a,b`: run just these scenarios (names in `SCENARIOS`); all when empty.
+    only: Vec<String>,
 }
+
+/// The scenarios `--only` can pick.
+const SCENARIOS: [&str; 7] = [
+    "handshakes",
+    "keepalive",
+    "latency",
+    "resumed",
+    "outage",
+    "budget",
+    "longpolls",
+];
 
 impl Opts {
     fn parse() -> Opts {
@@ -110,6 +123,7 @@ impl Opts {
                 budget_secs: 10.0,
                 levels: vec![250, 500, 1000],
                 kinds: Kind::ALL.to_vec(),
+                only: Vec::new(),
             }
         } else {
             Opts {
@@ -126,6 +140,7 @@ impl Opts {
                 budget_secs: 20.0,
                 levels: vec![2000, 5000, 9000],
                 kinds: Kind::ALL.to_vec(),
+                only: Vec::new(),
             }
         };
         let value = |name: &str| {
@@ -164,6 +179,15 @@ impl Opts {
                 .map(|k| Kind::parse(k).expect("--proxies seg,nginx,haproxy"))
                 .collect();
         }
+        if let Some(v) = value("--only") {
+            opts.only = v.split(',').map(str::to_string).collect();
+            for name in &opts.only {
+                assert!(
+                    SCENARIOS.contains(&name.as_str()),
+                    "--only: unknown scenario {name:?}; known: {SCENARIOS:?}"
+                );
+            }
+        }
         let most = opts.levels.iter().copied().max().unwrap_or(0);
         let fits = most.max(64);
         opts.budget_devices.retain(|&n| n <= fits);
@@ -182,6 +206,13 @@ struct Device {
 }
 
 type Fleet = Arc<Vec<Device>>;
+
+impl Opts {
+    /// Whether `--only` (if given) names this scenario.
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
 
 fn main() {
     if std::env::var_os("FLEET_ROLE").is_some_and(|r| r == "upstream") {
@@ -808,64 +839,72 @@ async fn run_proxy(
     };
     report.fact(kind, first);
 
-    // Full handshakes, a different device on every connection: cold, then warm.
-    let range = 1..1 + opts.handshakes;
-    let cold = handshakes(proxy, fleet, range.clone(), 32, 30.0).await;
-    let warm = handshakes(proxy, fleet, range, 32, 30.0).await;
-    eprintln!(
-        "  {name}: full handshakes cold {:.0}/s ({:.0} µs CPU each, {} errors), warm {:.0}/s ({:.0} µs CPU each, {} errors)",
-        cold.0, cold.2, cold.1, warm.0, warm.2, warm.1
-    );
-    report.add(&fig::HS_COLD, kind, cold.0);
-    report.add(&fig::HS_COLD_CPU, kind, cold.2);
-    report.add(&fig::HS_WARM, kind, warm.0);
-    report.add(&fig::HS_WARM_CPU, kind, warm.2);
-    if cold.1 + warm.1 > 0 {
-        report.fact(kind, format!("full handshakes: {} errors", cold.1 + warm.1));
-    }
-
-    // Keep-alive throughput.
-    match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
-        Ok((rps, cpu, kernel, errors)) => {
-            eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each ({kernel:.1} in the kernel), {errors} errors");
-            report.add(&fig::KA_RPS, kind, rps);
-            report.add(&fig::KA_CPU, kind, cpu);
-            report.add(&fig::KA_KERNEL, kind, kernel);
+    if opts.runs("handshakes") {
+        // Full handshakes, a different device on every connection: cold, then warm.
+        let range = 1..1 + opts.handshakes;
+        let cold = handshakes(proxy, fleet, range.clone(), 32, 30.0).await;
+        let warm = handshakes(proxy, fleet, range, 32, 30.0).await;
+        eprintln!(
+            "  {name}: full handshakes cold {:.0}/s ({:.0} µs CPU each, {} errors), warm {:.0}/s ({:.0} µs CPU each, {} errors)",
+            cold.0, cold.2, cold.1, warm.0, warm.2, warm.1
+        );
+        report.add(&fig::HS_COLD, kind, cold.0);
+        report.add(&fig::HS_COLD_CPU, kind, cold.2);
+        report.add(&fig::HS_WARM, kind, warm.0);
+        report.add(&fig::HS_WARM_CPU, kind, warm.2);
+        if cold.1 + warm.1 > 0 {
+            report.fact(kind, format!("full handshakes: {} errors", cold.1 + warm.1));
         }
-        Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
     }
 
-    // Added latency at a fixed rate.
-    match latency(addr, fleet, opts).await {
-        Ok((p50, p99, errors)) => {
-            eprintln!(
-                "  {name}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
-                opts.latency_rate
-            );
-            report.add(&fig::LAT_P50, kind, p50 - direct.0);
-            report.add(&fig::LAT_P99, kind, p99 - direct.1);
+    if opts.runs("keepalive") {
+        // Keep-alive throughput.
+        match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
+            Ok((rps, cpu, kernel, errors)) => {
+                eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each ({kernel:.1} in the kernel), {errors} errors");
+                report.add(&fig::KA_RPS, kind, rps);
+                report.add(&fig::KA_CPU, kind, cpu);
+                report.add(&fig::KA_KERNEL, kind, kernel);
+            }
+            Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
         }
-        Err(e) => report.fact(kind, format!("latency failed: {e}")),
     }
 
-    // Resumed handshakes.
-    let (rate, fraction, errors, cpu) = resumed(proxy, fleet, 1..33, opts.resumed_secs).await;
-    eprintln!(
-        "  {name}: resumed handshakes {rate:.0}/s ({cpu:.0} µs CPU each, {:.0} % resumed, {errors} errors)",
-        fraction * 100.0
-    );
-    report.add(&fig::RESUMED, kind, rate);
-    report.add(&fig::RESUMED_CPU, kind, cpu);
-    report.fact(
-        kind,
-        format!(
-            "resumed scenario: {:.0} % of handshakes resumed (TLS 1.3)",
+    if opts.runs("latency") {
+        // Added latency at a fixed rate.
+        match latency(addr, fleet, opts).await {
+            Ok((p50, p99, errors)) => {
+                eprintln!(
+                    "  {name}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
+                    opts.latency_rate
+                );
+                report.add(&fig::LAT_P50, kind, p50 - direct.0);
+                report.add(&fig::LAT_P99, kind, p99 - direct.1);
+            }
+            Err(e) => report.fact(kind, format!("latency failed: {e}")),
+        }
+    }
+
+    if opts.runs("resumed") {
+        // Resumed handshakes.
+        let (rate, fraction, errors, cpu) = resumed(proxy, fleet, 1..33, opts.resumed_secs).await;
+        eprintln!(
+            "  {name}: resumed handshakes {rate:.0}/s ({cpu:.0} µs CPU each, {:.0} % resumed, {errors} errors)",
             fraction * 100.0
-        ),
-    );
+        );
+        report.add(&fig::RESUMED, kind, rate);
+        report.add(&fig::RESUMED_CPU, kind, cpu);
+        report.fact(
+            kind,
+            format!(
+                "resumed scenario: {:.0} % of handshakes resumed (TLS 1.3)",
+                fraction * 100.0
+            ),
+        );
+    }
 
     // Directory outage under steady traffic (seg is the only one that uses the directory).
-    if kind == Kind::Seg {
+    if kind == Kind::Seg && opts.runs("outage") {
         match outage(addr, fleet, opts, slapd).await {
             Ok(o) => {
                 eprintln!(
@@ -891,7 +930,7 @@ async fn run_proxy(
     // The EAS load budget (seg's capacity; the peers do not map identities): growing fleets;
     // the largest that stays within the budget (≤ 80 % of the core, Sync p99 added ≤ 5 ms,
     // no errors) is the figure, with the devices per core its CPU extrapolates to.
-    if kind == Kind::Seg {
+    if kind == Kind::Seg && opts.runs("budget") {
         let mut within = None;
         for &n in &opts.budget_devices {
             let b = eas_budget(proxy, fleet, opts, up, n).await;
@@ -928,6 +967,10 @@ async fn run_proxy(
 
     // Long polls, memory, reconnect storm, orphaned long polls: on a fresh process.
     proxy.stop();
+    if !opts.runs("longpolls") {
+        eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
+        return;
+    }
     proxy.start_cold();
     let lp = long_polls(proxy, fleet, levels, up).await;
     let idle = slope(&lp.idle);

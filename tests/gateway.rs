@@ -741,6 +741,117 @@ async fn an_unreachable_upstream_is_a_502() {
     seg.stop().await;
 }
 
+/// An upstream that answers one request per connection and then closes it without saying
+/// so (no `Connection: close`), as a server whose keep-alive timeout fires between two
+/// requests does. In-process: a real server closes idle connections only after its timeout,
+/// and this one closes at once so every reuse meets a closed connection. Returns its address
+/// and, per connection, the requests (heads and bodies) it read.
+async fn closing_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Head and the Content-Length body (the requests here are small).
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    bytes.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&bytes).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if bytes.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&bytes).to_string());
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Closed without notice.
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_not_reused_and_nothing_is_sent_twice() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let (upstream, seen) = closing_upstream().await;
+    let text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
+        upstream,
+        "",
+    );
+    let path = pki.dir.write("closing-upstream.toml", &text);
+    let seg = support::lab::start_seg(&path).await;
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let mut connection = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    for i in 0..3 {
+        // Time for the upstream's close to arrive, so seg finds the idle connection closed.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body = format!("sync-{i}");
+        let response = connection
+            .request("POST", &eas_target("Sync", "alice"), &[], body.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "request {i}: {}", response.text());
+    }
+    // Connections that sent nothing are /readyz's TCP probes.
+    let seen: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| !r.is_empty())
+        .cloned()
+        .collect();
+    assert_eq!(
+        seen.len(),
+        3,
+        "one upstream connection per request: {seen:#?}"
+    );
+    for (i, request) in seen.iter().enumerate() {
+        assert!(
+            request.ends_with(&format!("sync-{i}")),
+            "each request went out once, in order: {seen:#?}"
+        );
+    }
+    let metrics = seg.metrics.render();
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("seg_upstream_errors_total{"))
+        .collect();
+    assert!(errors.is_empty(), "no upstream errors: {errors:?}");
+    seg.stop().await;
+}
+
 #[tokio::test]
 async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
     let pki = Pki::new();

@@ -554,10 +554,6 @@ struct Row {
     expect: Expect,
     /// The bodies the upstream must receive, in order (when the row says).
     bodies: Option<Vec<Vec<u8>>>,
-    /// A known gap whose fix belongs to code this suite may not change: the row must still
-    /// show it (so the fix landing fails the row, to be updated), and it is not counted as
-    /// a failure meanwhile.
-    known_gap: Option<&'static str>,
 }
 
 impl Row {
@@ -567,7 +563,6 @@ impl Row {
             steps: vec![Step::Send(bytes)],
             expect,
             bodies: None,
-            known_gap: None,
         }
     }
 
@@ -577,17 +572,11 @@ impl Row {
             steps,
             expect,
             bodies: None,
-            known_gap: None,
         }
     }
 
     fn bodies(mut self, bodies: &[&str]) -> Row {
         self.bodies = Some(bodies.iter().map(|b| b.as_bytes().to_vec()).collect());
-        self
-    }
-
-    fn known_gap(mut self, why: &'static str) -> Row {
-        self.known_gap = Some(why);
         self
     }
 }
@@ -1290,19 +1279,16 @@ fn table() -> Vec<Row> {
         )
         .bodies(&["hello"]),
     ]);
-    // Framing header names spelled with `_`: hyper rightly frames by the real header, but
-    // the look-alike is forwarded as an ordinary header. An upstream that folds `_` to `-`
-    // would frame the body differently from seg on a pooled connection other users share.
-    // Known gap: `HeaderPolicy` (src/proxy/forward.rs, not this suite's to change) should
-    // drop names that fold to a framing or hop-by-hop name, as it does for identity names.
+    // Framing header names spelled with `_`: hyper rightly frames by the real header, and
+    // seg removes the look-alike: an upstream that folds `_` to `-` would otherwise frame
+    // the body differently from seg on a pooled connection other users share.
     rows.extend([
         Row::new(
             "Transfer_Encoding: chunked beside Content-Length",
             post("Transfer_Encoding: chunked\r\n", "0\r\n\r\n").into_bytes(),
             Forwarded(1),
         )
-        .bodies(&["0\r\n\r\n"])
-        .known_gap("forward.rs forwards transfer_encoding"),
+        .bodies(&["0\r\n\r\n"]),
         Row::new(
             "Content_Length beside a chunked body",
             post_framed(
@@ -1311,8 +1297,7 @@ fn table() -> Vec<Row> {
             ),
             Forwarded(1),
         )
-        .bodies(&["hello world"])
-        .known_gap("forward.rs forwards content_length"),
+        .bodies(&["hello world"]),
     ]);
     // Robustness: framing must not depend on how the bytes are cut.
     let pair = format!("{honest}{}", post("", "world"));
@@ -1590,18 +1575,8 @@ async fn run_row(
             "upstream connection {connection} is not well framed: {error}"
         ));
     }
-    let mut gaps = Vec::new();
     for request in &delta.requests {
-        let (found, framing_lookalikes) = check_forwarded(request);
-        problems.extend(found);
-        gaps.extend(framing_lookalikes);
-    }
-    match (row.known_gap, gaps.is_empty()) {
-        (Some(why), true) => problems.push(format!(
-            "the known gap is gone ({why}): update this row's expectation"
-        )),
-        (Some(_), false) => {}
-        (None, _) => problems.extend(gaps),
+        problems.extend(check_forwarded(request));
     }
     if let Some(bodies) = &row.bodies {
         let seen: Vec<&[u8]> = delta.requests.iter().map(|r| r.body.as_slice()).collect();
@@ -1672,12 +1647,9 @@ const FRAMING: [&str; 8] = [
     "expect",
 ];
 
-/// What every forwarded request must look like at the upstream: the problems, then the
-/// framing look-alike names (`Transfer_Encoding`) that reached it, kept apart because that
-/// fix belongs to the header policy (`src/proxy/forward.rs`).
-fn check_forwarded(request: &WireRequest) -> (Vec<String>, Vec<String>) {
+/// What every forwarded request must look like at the upstream; the problems found.
+fn check_forwarded(request: &WireRequest) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut lookalikes = Vec::new();
     let at = format!("upstream request on connection {}", request.connection);
     let identity = request.values(IDENTITY_HEADER);
     if identity != [ALICE] {
@@ -1694,7 +1666,7 @@ fn check_forwarded(request: &WireRequest) -> (Vec<String>, Vec<String>) {
             problems.push(format!("{at}: header {name:?} reached the upstream"));
         }
         if name.contains('_') && FRAMING.contains(&folded.as_str()) {
-            lookalikes.push(format!(
+            problems.push(format!(
                 "{at}: framing look-alike {name:?} reached the upstream"
             ));
         }
@@ -1726,7 +1698,7 @@ fn check_forwarded(request: &WireRequest) -> (Vec<String>, Vec<String>) {
     if request.method != "POST" || !request.target.starts_with("/Microsoft-Server-ActiveSync?") {
         problems.push(format!("{at}: {} {}", request.method, request.target));
     }
-    (problems, lookalikes)
+    problems
 }
 
 #[tokio::test]
@@ -1755,12 +1727,8 @@ async fn hostile_http_reaches_the_upstream_only_as_the_requests_meant() {
     let mut failures = Vec::new();
     let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
     let mut forwarded_requests = 0;
-    let mut known_gaps = Vec::new();
     for row in rows {
         let name = row.name.clone();
-        if let Some(why) = row.known_gap {
-            known_gaps.push(format!("{name}: {why}"));
-        }
         match run_row(&connector, seg.listen_addr, &upstream, row).await {
             Ok(result) => {
                 forwarded_requests += result.forwarded;
@@ -1791,9 +1759,6 @@ async fn hostile_http_reaches_the_upstream_only_as_the_requests_meant() {
         total - failures.len(),
         failures.len()
     );
-    for gap in &known_gaps {
-        println!("known gap (row expects today's behaviour): {gap}");
-    }
     seg.stop().await;
     assert!(
         failures.is_empty(),

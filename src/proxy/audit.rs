@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::pool::UpstreamBody;
 use crate::activesync::EasRequest;
 use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
@@ -130,7 +131,7 @@ impl AuditRecord {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
 }
 
@@ -142,7 +143,7 @@ pub struct AuditBody {
 }
 
 impl AuditBody {
-    pub fn upstream(body: Incoming, record: AuditRecord) -> AuditBody {
+    pub fn upstream(body: UpstreamBody, record: AuditRecord) -> AuditBody {
         AuditBody {
             inner: Inner::Upstream(body),
             record: Some(Box::new(record)),

@@ -1,4 +1,4 @@
-//! The upstream hop: header hygiene and the pooled HTTP client.
+//! The upstream hop: header hygiene and the requests to the ActiveSync server.
 //!
 //! Hygiene runs before seg adds anything: hop-by-hop headers and the headers a `Connection`
 //! token names are removed, then every client-supplied identity header in any spelling
@@ -6,16 +6,15 @@
 //! are the identity header, `X-Forwarded-For` and `X-Forwarded-Proto` added, so nothing the
 //! client sent can remove or replace them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::audit::CountingBody;
+use super::pool::{Lane, Pool, PoolKey, SendError, UpstreamBody, UpstreamConn};
 use super::refusal::Refusal;
 use crate::config::{IdentityConfig, UpstreamConfig};
 
@@ -56,6 +55,10 @@ const IDENTITY_HEADERS: [&str; 17] = [
 /// Prefixes of client headers that are always removed: SOGo trusts every `x-webobjects-*`
 /// header it receives (the user, and the server name and URL it builds links from).
 const STRIPPED_PREFIXES: [&str; 1] = ["x-webobjects-"];
+
+/// Framing and routing headers besides the hop-by-hop ones; spelled with `_` they are
+/// removed.
+const UNDERSCORE_FRAMING: [&str; 3] = ["content-length", "host", "expect"];
 
 /// Headers a `Connection` token may never remove: framing and routing.
 const CONNECTION_PROTECTED: [&str; 2] = ["content-length", "host"];
@@ -125,6 +128,13 @@ impl HeaderPolicy {
         self.stripped
             .iter()
             .any(|s| s.len() == name.len() && folded_eq(s, name))
+            // `Transfer_Encoding`, `Content_Length`: an upstream that reads `_` as `-` would
+            // frame the body differently from seg.
+            || name.contains('_')
+                && HOP_BY_HOP
+                    .iter()
+                    .chain(&UNDERSCORE_FRAMING)
+                    .any(|f| f.len() == name.len() && folded_eq(f, name))
             || STRIPPED_PREFIXES
                 .iter()
                 .any(|p| name.len() >= p.len() && folded_eq(p, &name[..p.len()]))
@@ -152,23 +162,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-type PooledClient = Client<Connector, CountingBody>;
-
-/// The pooled client toward the ActiveSync server.
+/// The ActiveSync server: where requests go and the idle connections to it.
 pub struct Upstream {
-    client: PooledClient,
-    /// Kerberos mode: one client, so one connection pool, per account. hyper-util pools by
-    /// scheme and authority only, and an upstream that keeps Kerberos authentication per
-    /// connection (IIS) must never see a connection carry two users.
-    per_account: Option<moka::future::Cache<std::sync::Arc<str>, PooledClient>>,
     connector: Connector,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
+    /// Idle connections; in Kerberos mode keyed by account, because an upstream that keeps
+    /// Kerberos authentication per connection (IIS) must never see a connection carry two
+    /// users.
+    pool: Arc<Pool>,
+    /// What connecting asks the connector for: scheme and authority.
+    origin: Uri,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: HeaderValue,
     path_prefix: String,
     request_timeout: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
 }
 
 /// An upstream setup problem.
@@ -209,11 +218,6 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = pooled_client(
-            connector.clone(),
-            config.pool_idle_timeout,
-            config.pool_max_idle_per_host,
-        );
         let scheme = config
             .url
             .scheme()
@@ -226,21 +230,27 @@ impl Upstream {
             .ok_or_else(|| UpstreamSetupError("upstream.url has no host".into()))?;
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| UpstreamSetupError(e.to_string()))?;
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamSetupError(e.to_string()))?;
         Ok(Upstream {
-            client,
-            per_account: None,
             connector,
-            pool_idle_timeout: config.pool_idle_timeout,
-            pool_max_idle_per_host: config.pool_max_idle_per_host,
+            pool: Pool::new(config.pool_max_idle_per_host, 1, config.pool_idle_timeout),
+            origin,
             scheme,
             authority,
             host,
             path_prefix: config.path_prefix.clone(),
             request_timeout: config.request_timeout,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle_per_host: config.pool_max_idle_per_host,
         })
     }
 
-    /// The upstream URI for a device's path and query.
+    /// The upstream request target (origin form) for a device's path and query.
     pub fn uri_for(&self, device_uri: &Uri) -> Result<Uri, Refusal> {
         let path_and_query = device_uri
             .path_and_query()
@@ -250,76 +260,88 @@ impl Upstream {
         target.push_str(&self.path_prefix);
         target.push_str(path_and_query);
         Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
             .path_and_query(target)
             .build()
             .map_err(|_| Refusal::NotFound)
     }
 
-    /// Keeps a connection pool per account (Kerberos mode), at most `max_accounts` of them;
-    /// a pool unused for `pool_idle_timeout` is dropped with its idle connections.
+    /// Keeps idle connections per account (Kerberos mode), for at most `max_accounts`
+    /// accounts at a time.
     pub fn pooled_per_account(mut self, max_accounts: u64) -> Upstream {
-        self.per_account = Some(
-            moka::future::Cache::builder()
-                .max_capacity(max_accounts)
-                .time_to_idle(self.pool_idle_timeout)
-                .build(),
+        self.pool = Pool::new(
+            self.pool_max_idle_per_host,
+            usize::try_from(max_accounts).unwrap_or(usize::MAX),
+            self.pool_idle_timeout,
         );
         self
     }
 
-    /// Sends one request as `account`: on that account's own connections in Kerberos mode.
-    pub async fn send_as(
-        &self,
-        account: &std::sync::Arc<str>,
-        request: Request<CountingBody>,
-    ) -> Result<Response<Incoming>, Refusal> {
-        match &self.per_account {
-            Some(pools) => {
-                let client = pools
-                    .get_with_by_ref(account, async {
-                        pooled_client(
-                            self.connector.clone(),
-                            self.pool_idle_timeout,
-                            self.pool_max_idle_per_host,
-                        )
-                    })
-                    .await;
-                self.send_on(&client, request).await
-            }
-            None => self.send(request).await,
-        }
-    }
-
-    /// Sends one request; the body streams, and hyper only re-sends a request it never wrote.
+    /// Sends one request on the device connection's `lane`; with an `account` (Kerberos
+    /// mode) only on that account's own connections. The body streams; a request is sent
+    /// again, on a new connection, only if it was never written.
     pub async fn send(
         &self,
-        request: Request<CountingBody>,
-    ) -> Result<Response<Incoming>, Refusal> {
-        self.send_on(&self.client, request).await
-    }
-
-    async fn send_on(
-        &self,
-        client: &PooledClient,
+        lane: &Arc<Lane>,
+        account: Option<&Arc<str>>,
         mut request: Request<CountingBody>,
-    ) -> Result<Response<Incoming>, Refusal> {
+    ) -> Result<Response<UpstreamBody>, Refusal> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
-        match tokio::time::timeout(self.request_timeout, client.request(request)).await {
+        let key = account.cloned();
+        match tokio::time::timeout(self.request_timeout, self.exchange(lane, key, request)).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::warn!(target: "seg::upstream", error = %e, "upstream connect failed");
-                Err(Refusal::UpstreamUnreachable)
+            Ok(result) => result,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        lane: &Arc<Lane>,
+        key: PoolKey,
+        mut request: Request<CountingBody>,
+    ) -> Result<Response<UpstreamBody>, Refusal> {
+        // An idle connection may have been closed by the upstream a moment ago; then the
+        // request is unsent and goes out on a new connection, which is the last try.
+        let mut fresh = false;
+        loop {
+            if !lane.ready_conn(&self.pool, &key) {
+                // Boxed: a connect's state (DNS, TCP, TLS) would otherwise enlarge every
+                // request's future, held Pings included.
+                let conn = Box::pin(self.connect(key.clone())).await?;
+                lane.install(conn, &self.pool);
+                fresh = true;
             }
-            Ok(Err(e)) => {
-                tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
-                Err(Refusal::UpstreamFailed)
+            match lane.send(request).await {
+                Ok(response) => return Ok(response),
+                Err(SendError::Unsent(_, unsent)) if !fresh => {
+                    tracing::debug!(target: "seg::upstream", "idle upstream connection closed; sending on a new one");
+                    request = *unsent;
+                }
+                Err(SendError::Unsent(Some(e), _) | SendError::Failed(e)) => {
+                    tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
+                    return Err(Refusal::UpstreamFailed);
+                }
+                Err(SendError::Unsent(None, _)) => {
+                    tracing::warn!(target: "seg::upstream", "new upstream connection closed at once");
+                    return Err(Refusal::UpstreamFailed);
+                }
             }
         }
+    }
+
+    async fn connect(&self, key: PoolKey) -> Result<UpstreamConn, Refusal> {
+        let mut connector = self.connector.clone();
+        let io = tower_service::Service::call(&mut connector, self.origin.clone())
+            .await
+            .map_err(|e| {
+                tracing::warn!(target: "seg::upstream", error = %e, "upstream connect failed");
+                Refusal::UpstreamUnreachable
+            })?;
+        UpstreamConn::open(io, key).await.map_err(|e| {
+            tracing::warn!(target: "seg::upstream", error = %e, "upstream handshake failed");
+            Refusal::UpstreamUnreachable
+        })
     }
 
     /// Checks that the upstream accepts TCP connections, for `/readyz`.
@@ -346,15 +368,6 @@ impl Upstream {
             Ok(Ok(_))
         )
     }
-}
-
-fn pooled_client(connector: Connector, idle_timeout: Duration, max_idle: usize) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle)
-        .build(connector)
 }
 
 #[cfg(test)]
@@ -415,6 +428,22 @@ mod tests {
             ["192.0.2.7"]
         );
         assert_eq!(h["content-type"], "application/vnd.ms-sync.wbxml");
+    }
+
+    #[test]
+    fn framing_headers_spelled_with_underscores_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        headers.insert("content_length", HeaderValue::from_static("5"));
+        headers.insert("x_custom_header", HeaderValue::from_static("kept"));
+        policy().apply(
+            &mut headers,
+            &HeaderValue::from_static("alice"),
+            &HeaderValue::from_static("192.0.2.1"),
+        );
+        assert!(!headers.contains_key("transfer_encoding"));
+        assert!(!headers.contains_key("content_length"));
+        assert_eq!(headers["x_custom_header"], "kept");
     }
 
     #[test]

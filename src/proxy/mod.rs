@@ -6,6 +6,7 @@
 
 mod audit;
 mod forward;
+mod pool;
 mod refusal;
 
 use std::convert::Infallible;
@@ -37,6 +38,7 @@ use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
+use pool::Lane;
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.
@@ -226,11 +228,15 @@ impl Gateway {
             long_polls: Arc::new(AtomicUsize::new(0)),
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
+        // This connection's upstream connections are driven by this task (see pool.rs).
+        let lane = Arc::new(Lane::default());
         let gateway = Arc::clone(&self);
+        let service_lane = Arc::clone(&lane);
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
             let device = Arc::clone(&device);
-            async move { Ok::<_, Infallible>(gateway.handle(request, &device).await) }
+            let lane = Arc::clone(&service_lane);
+            async move { Ok::<_, Infallible>(gateway.handle(request, &device, &lane).await) }
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -240,7 +246,7 @@ impl Gateway {
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
         let plan = tokio::select! {
-            result = connection.as_mut() => {
+            result = lane.drive(connection.as_mut()) => {
                 if let Err(e) = result {
                     tracing::debug!(target: "seg::listener", %peer, error = %e, "connection ended with an error");
                 }
@@ -259,7 +265,7 @@ impl Gateway {
             plan.deadline()
         };
         tokio::select! {
-            _ = connection.as_mut() => {}
+            _ = lane.drive(connection.as_mut()) => {}
             _ = tokio::time::sleep_until(close_at.into()) => {
                 self.metrics.drained_connections.inc();
             }
@@ -271,6 +277,7 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         device: &DeviceConnection,
+        lane: &Arc<Lane>,
     ) -> Response<AuditBody> {
         let route = route(&request);
         let (eas, query_error) = match EasRequest::parse(
@@ -402,16 +409,17 @@ impl Gateway {
             .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
         let body_failed = body.failure();
-        let sent = match &delegated {
-            Some(authorization) => {
-                parts
-                    .headers
-                    .insert(http::header::AUTHORIZATION, authorization.header.clone());
-                let request = Request::from_parts(parts, body);
-                Box::pin(self.upstream.send_as(&authorization.principal, request)).await
-            }
-            None => self.upstream.send(Request::from_parts(parts, body)).await,
-        };
+        if let Some(authorization) = &delegated {
+            parts
+                .headers
+                .insert(http::header::AUTHORIZATION, authorization.header.clone());
+        }
+        // Kerberos mode: on the account's own upstream connections.
+        let account = delegated.as_ref().map(|a| &a.principal);
+        let sent = self
+            .upstream
+            .send(lane, account, Request::from_parts(parts, body))
+            .await;
         match sent {
             Ok(response)
                 if delegated.is_some() && response.status() == StatusCode::UNAUTHORIZED =>
