@@ -162,6 +162,9 @@ fn resident_bytes() -> u64 {
         * 1024
 }
 
+/// Longer than any limit of these tests: a slow client still open then was never cut.
+const NEVER_CUT: Duration = Duration::from_secs(15);
+
 /// The start of a TLS handshake record announcing 512 bytes that never come.
 const PARTIAL_CLIENT_HELLO: [u8; 5] = [0x16, 0x03, 0x01, 0x02, 0x00];
 
@@ -190,6 +193,10 @@ async fn slow_headers(conn: &mut Connection, sam: &str, pace: Duration) -> Durat
     let started = Instant::now();
     let mut buffer = [0u8; 1024];
     for byte in head.as_bytes() {
+        assert!(
+            started.elapsed() < NEVER_CUT,
+            "a head sent a byte every {pace:?} was not cut within {NEVER_CUT:?}"
+        );
         if conn.send_raw(&[*byte]).await.is_err() {
             return started.elapsed();
         }
@@ -217,6 +224,10 @@ async fn slow_body(conn: &mut Connection, sam: &str, pace: Duration) -> (u16, Du
     let mut buffer = vec![0u8; 4096];
     let mut answer = Vec::new();
     for _ in 0..4096 {
+        assert!(
+            started.elapsed() < NEVER_CUT,
+            "a body sent a byte every {pace:?} was not cut within {NEVER_CUT:?}"
+        );
         if conn.send_raw(b"x").await.is_err() {
             break;
         }
