@@ -41,6 +41,18 @@ pub struct ListenConfig {
     /// in one (hyper arms its header timer as soon as a connection waits for a request).
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Connections open at once from one device address (an IPv6 /64 counts as one).
+    pub max_connections_per_address: usize,
+    /// Connections open at once presenting one device certificate.
+    pub max_connections_per_device: usize,
+    /// A request body must deliver `body_min_rate` bytes per second, averaged over each
+    /// period of this length (and at least one byte in it), or the request is cut.
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must average over each `body_timeout` period.
+    pub body_min_rate: u64,
+    /// Longest a write toward the device may stay blocked (the device reads nothing) before
+    /// the connection is closed. Silence is not a write: a held Ping is not cut.
+    pub write_timeout: Duration,
     /// The listen socket's accept backlog: room for a fleet reconnecting at once.
     pub backlog: u32,
     /// Networks whose connections must start with a PROXY protocol header (v1 or v2).
@@ -465,6 +477,11 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         handshake_timeout: s.duration("handshake_timeout", "10s", p),
         idle_timeout: s.duration("idle_timeout", "120s", p),
         max_connections: s.integer("max_connections", 20_000, 1, p),
+        max_connections_per_address: s.integer("max_connections_per_address", 1000, 1, p),
+        max_connections_per_device: s.integer("max_connections_per_device", 8, 1, p),
+        body_timeout: s.duration("body_timeout", "30s", p),
+        body_min_rate: s.integer("body_min_rate", 500, 0, p) as u64,
+        write_timeout: s.duration("write_timeout", "60s", p),
         backlog: s.integer("backlog", 4096, 1, p) as u32,
         proxy_protocol_from: {
             let key = s.key("proxy_protocol_from");

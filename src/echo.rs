@@ -3,7 +3,8 @@
 //!
 //! Test controls, sent as request headers: `x-echo-status: 449` answers with that status,
 //! `x-echo-response-header: Name: value` adds a response header, `x-echo-delay-ms: 500`
-//! answers after that long. An upstream started with a
+//! answers after that long, `x-echo-response-bytes: 16777216` answers with that many bytes
+//! (streamed, never held in memory) instead of the JSON. An upstream started with a
 //! hold keeps every `Cmd=Ping` request open for that long, and counts the held requests whose
 //! connection went away before the answer (`aborted_holds`).
 
@@ -166,7 +167,7 @@ async fn echo(
     request: Request<Incoming>,
     log: &Mutex<Vec<RecordedRequest>>,
     holds: &Holds,
-) -> Response<Full<Bytes>> {
+) -> Response<EchoBody> {
     let (parts, body) = request.into_parts();
     let is_ping = parts.uri.query().is_some_and(|q| q.contains("Cmd=Ping"));
     let body = body
@@ -198,6 +199,7 @@ async fn echo(
     let status = header(&recorded, "x-echo-status").and_then(|s| s.parse::<u16>().ok());
     let extra = header(&recorded, "x-echo-response-header");
     let delay = header(&recorded, "x-echo-delay-ms").and_then(|d| d.parse::<u64>().ok());
+    let filler = header(&recorded, "x-echo-response-bytes").and_then(|n| n.parse::<u64>().ok());
     if let Ok(mut log) = log.lock() {
         log.push(recorded);
     }
@@ -213,7 +215,10 @@ async fn echo(
         tokio::time::sleep(duration).await;
         guard.answered = true;
     }
-    let mut response = Response::new(Full::new(Bytes::from(text + "\n")));
+    let mut response = Response::new(match filler {
+        Some(left) => EchoBody::Filler { left },
+        None => EchoBody::Json(Full::new(Bytes::from(text + "\n"))),
+    });
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -235,4 +240,46 @@ async fn echo(
 
 fn header(request: &RecordedRequest, name: &str) -> Option<String> {
     request.header_values(name).first().map(|v| v.to_string())
+}
+
+/// The echo's answer: the JSON of the request, or `x-echo-response-bytes` filler bytes.
+pub enum EchoBody {
+    Json(Full<Bytes>),
+    Filler { left: u64 },
+}
+
+impl hyper::body::Body for EchoBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        const CHUNK: &[u8] = &[b'x'; 64 * 1024];
+        match &mut *self {
+            EchoBody::Json(full) => std::pin::Pin::new(full).poll_frame(cx),
+            EchoBody::Filler { left: 0 } => std::task::Poll::Ready(None),
+            EchoBody::Filler { left } => {
+                let n = (*left).min(CHUNK.len() as u64);
+                *left -= n;
+                let chunk = Bytes::from_static(&CHUNK[..n as usize]);
+                std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            EchoBody::Json(full) => full.is_end_stream(),
+            EchoBody::Filler { left } => *left == 0,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            EchoBody::Json(full) => full.size_hint(),
+            EchoBody::Filler { left } => hyper::body::SizeHint::with_exact(*left),
+        }
+    }
 }

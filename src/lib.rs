@@ -30,7 +30,8 @@
 //! - [`tickets`]: session tickets shared by replicas, bound to the trust policy.
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
 //! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
-//! - [`proxy`]: accept, handshake, per-request decision, header hygiene, forwarding, audit.
+//! - [`proxy`]: accept, connection caps, handshake, slow-client limits, per-request decision,
+//!   header hygiene, forwarding, audit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`mapcheck`]: `seg map` — the listener's validation and mapping for one certificate,
 //!   explained.

@@ -34,7 +34,12 @@ pub struct Metrics {
     pub revocation_soft_fails: IntCounterVec,
     pub server_certificate_expiry: prometheus::Gauge,
     pub policy_decisions: IntCounterVec,
-    pub connections_refused: IntCounter,
+    /// By `reason`: the cap that refused (`max_connections`, `max_connections_per_address`,
+    /// `max_connections_per_device`).
+    pub connections_refused: IntCounterVec,
+    /// By `phase`: where a slow or silent device was cut (`handshake`, `idle`,
+    /// `request_head`, `request_body`, `response_write`).
+    pub connections_timed_out: IntCounterVec,
     pub dependency_up: IntGaugeVec,
     /// Kerberos constrained delegation (`identity.mode = "kerberos"`).
     pub kerberos: KerberosMetrics,
@@ -208,11 +213,38 @@ impl Metrics {
             "Connections closed by a drain before their request finished (held long polls, mostly).",
         )
         .expect("valid metric");
-        let connections_refused = IntCounter::new(
-            "connections_refused_total",
-            "Device connections closed at accept because max_connections was reached.",
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Device connections refused by a cap, by reason: max_connections and max_connections_per_address (closed before the TLS handshake), max_connections_per_device (answered 503 after it).",
+            ),
+            &["reason"],
         )
         .expect("valid metric");
+        for reason in [
+            "max_connections",
+            "max_connections_per_address",
+            "max_connections_per_device",
+        ] {
+            connections_refused.with_label_values(&[reason]);
+        }
+        let connections_timed_out = IntCounterVec::new(
+            Opts::new(
+                "connections_timed_out_total",
+                "Device connections cut for slowness, by phase: handshake (listen.handshake_timeout), idle and request_head (listen.idle_timeout with nothing or part of a request head sent), request_body (under listen.body_min_rate over listen.body_timeout), response_write (the device read nothing for listen.write_timeout).",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        for phase in [
+            "handshake",
+            "idle",
+            "request_head",
+            "request_body",
+            "response_write",
+        ] {
+            connections_timed_out.with_label_values(&[phase]);
+        }
         let dependency_up = IntGaugeVec::new(
             Opts::new(
                 "dependency_up",
@@ -258,6 +290,7 @@ impl Metrics {
             server_certificate_expiry,
             policy_decisions,
             connections_refused,
+            connections_timed_out,
             dependency_up,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -284,6 +317,7 @@ impl Metrics {
             Box::new(metrics.server_certificate_expiry.clone()),
             Box::new(metrics.policy_decisions.clone()),
             Box::new(metrics.connections_refused.clone()),
+            Box::new(metrics.connections_timed_out.clone()),
             Box::new(metrics.dependency_up.clone()),
             Box::new(build_info),
         ];

@@ -104,6 +104,11 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
     assert_eq!(config.listen.handshake_timeout, Duration::from_secs(10));
     assert_eq!(config.listen.idle_timeout, Duration::from_secs(120));
     assert_eq!(config.listen.max_connections, 20_000);
+    assert_eq!(config.listen.max_connections_per_address, 1000);
+    assert_eq!(config.listen.max_connections_per_device, 8);
+    assert_eq!(config.listen.body_timeout, Duration::from_secs(30));
+    assert_eq!(config.listen.body_min_rate, 500);
+    assert_eq!(config.listen.write_timeout, Duration::from_secs(60));
     assert_eq!(config.cache.soft_ttl, Duration::from_secs(5 * 60));
     assert_eq!(config.cache.hard_ttl, Duration::from_secs(60 * 60));
     assert!(config.cache.soft_ttl <= config.cache.hard_ttl);
@@ -194,6 +199,23 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
             d.max_connections
         ),
         "[listen]"
+    );
+    assert_eq!(
+        (
+            l.max_connections_per_address,
+            l.max_connections_per_device,
+            l.body_timeout,
+            l.body_min_rate,
+            l.write_timeout
+        ),
+        (
+            d.max_connections_per_address,
+            d.max_connections_per_device,
+            d.body_timeout,
+            d.body_min_rate,
+            d.write_timeout
+        ),
+        "[listen] slow clients and caps"
     );
     let (c, d) = (&config.cache, &defaults.cache);
     assert_eq!(
@@ -494,6 +516,36 @@ fn the_documented_constraints_hold() {
         )),
         ["account.lockout_duration"]
     );
+    assert_eq!(
+        keys(problems_with(
+            "write_timeout = \"60s\"",
+            "write_timeout = \"0s\""
+        )),
+        ["listen.write_timeout"]
+    );
+    assert_eq!(
+        keys(problems_with(
+            "body_timeout = \"30s\"",
+            "body_timeout = \"0s\""
+        )),
+        ["listen.body_timeout"]
+    );
+
+    // The connection caps are at least 1; body_min_rate 0 is allowed (one byte per period).
+    for cap in [
+        "max_connections_per_address = 1000",
+        "max_connections_per_device = 8",
+    ] {
+        let key = cap.split(' ').next().unwrap();
+        assert_eq!(
+            problems_with(cap, &format!("{key} = 0")),
+            [(
+                format!("listen.{key}"),
+                "must be an integer ≥ 1".to_string()
+            )]
+        );
+    }
+    assert!(problems_with("body_min_rate = 500", "body_min_rate = 0").is_empty());
 
     // The documented values of enforcement and group_method, and nothing else.
     assert!(problems_with("enforcement = \"full\"", "enforcement = \"compatibility\"").is_empty());

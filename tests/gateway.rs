@@ -465,7 +465,18 @@ async fn readiness_follows_the_directory() {
 
 #[tokio::test]
 async fn concurrent_first_requests_for_one_certificate_make_one_directory_search() {
-    let lab = Lab::start(mapping_users(), "").await;
+    // 100 connections of one certificate at once: over listen.max_connections_per_device (8,
+    // tests/slow_clients.rs), lifted here because this test is about coalescing lookups.
+    let lab = Lab::start(mapping_users(), "")
+        .await
+        .reconfigure(|text| {
+            text.replacen(
+                "handshake_timeout = \"5s\"",
+                "handshake_timeout = \"5s\"\nmax_connections_per_device = 100",
+                1,
+            )
+        })
+        .await;
     let alice = lab
         .pki
         .device(LeafSpec::device("alice").upn("alice@corp.test"));

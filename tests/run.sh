@@ -30,6 +30,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # libkrb5-dev, libclang-dev: the default cargo feature "kerberos" links MIT libgssapi_krb5
 # (libgssapi-sys generates its bindings with bindgen, which needs libclang).
 # apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs.
+# slowhttptest: the slowloris / slow body / slow read tool run against seg by
+# tests/slow_clients.rs.
 APT_PACKAGES=(
     libkrb5-dev libclang-dev apache2 libapache2-mod-auth-gssapi
     slapd ldap-utils
@@ -38,6 +40,7 @@ APT_PACKAGES=(
     sogo sogo-activesync postgresql dovecot-imapd memcached
     nginx haproxy
     prometheus systemd python3-venv
+    slowhttptest
 )
 # The real ActiveSync client the SOGo test drives (tests/eas_client.py).
 PIP_PACKAGES=(pyactivesync==0.17.0)

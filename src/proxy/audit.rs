@@ -17,6 +17,8 @@ use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
 use crate::resolver::Denial;
 
+use super::slow::{IoWatch, PacedBody};
+
 /// Who the device turned out to be; the record reads its fields when it is written.
 pub enum AuditSubject {
     /// Not resolved (the directory could not answer).
@@ -42,6 +44,9 @@ pub struct AuditRecord {
     pub policy: &'static str,
     /// Held while a long poll is in flight; released with the record.
     pub long_poll: Option<crate::policy::LongPollGuard>,
+    /// The device connection's socket: a response cut because the device stopped reading
+    /// is written with reason `response-write-timeout`.
+    pub device_io: Arc<IoWatch>,
     /// Set once the record is written, so it is written exactly once.
     pub written: bool,
 }
@@ -61,6 +66,9 @@ impl Drop for AuditRecord {
 impl AuditRecord {
     fn finish(&mut self, bytes_out: u64, completed: bool) {
         self.written = true;
+        if !completed && self.reason.is_empty() && self.device_io.write_timed_out() {
+            self.reason = "response-write-timeout";
+        }
         let duration = self.started.elapsed();
         let command = self.eas.command_label();
         let status_class = match self.status {
@@ -223,9 +231,9 @@ impl Drop for AuditBody {
     }
 }
 
-/// The request body toward the upstream; counts bytes for the audit record.
+/// The request body toward the upstream, held to its pace; counts bytes for the audit record.
 pub struct CountingBody {
-    inner: Incoming,
+    inner: PacedBody<Incoming>,
     count: Arc<AtomicU64>,
     /// Set when reading the device's body fails (broken chunked framing, the device gone
     /// mid-body): the upstream request then fails through no fault of the upstream's.
@@ -233,7 +241,7 @@ pub struct CountingBody {
 }
 
 impl CountingBody {
-    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> CountingBody {
+    pub fn new(inner: PacedBody<Incoming>, count: Arc<AtomicU64>) -> CountingBody {
         CountingBody {
             inner,
             count,
@@ -249,12 +257,12 @@ impl CountingBody {
 
 impl Body for CountingBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Err(_))) = &polled {
             self.failed.store(true, Ordering::Release);

@@ -318,6 +318,12 @@ impl Upstream {
                     tracing::debug!(target: "seg::upstream", "idle upstream connection closed; sending on a new one");
                     request = *unsent;
                 }
+                // Reading the device's body failed (broken framing, too slow): the caller
+                // answers the device; the upstream did nothing wrong.
+                Err(SendError::Failed(e)) if e.is_user() => {
+                    tracing::debug!(target: "seg::upstream", error = %e, "request body failed");
+                    return Err(Refusal::UpstreamFailed);
+                }
                 Err(SendError::Unsent(Some(e), _) | SendError::Failed(e)) => {
                     tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
                     return Err(Refusal::UpstreamFailed);

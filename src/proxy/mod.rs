@@ -1,13 +1,16 @@
 //! The device-facing proxy: accept, TLS handshake, identity, forward, audit.
 //!
-//! `Gateway::serve` owns the accept loop and connection limits; each request is resolved to
-//! a decision (a cache hit for a known device), refused in `refusal` or forwarded through
-//! `forward`, and audited by the response body when it ends.
+//! `serve` owns the accept loop and connection limits (`caps`: per address and per
+//! certificate); `slow` bounds a trickling request body and a device that stops reading. Each
+//! request is resolved to a decision (a cache hit for a known device), refused in `refusal` or
+//! forwarded through `forward`, and audited by the response body when it ends.
 
 mod audit;
+mod caps;
 mod forward;
 mod pool;
 mod refusal;
+mod slow;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,7 +41,9 @@ use crate::policy::{check_device, rules_for, user_matches, LongPolls};
 use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
+use caps::{address_key, CapFull, ConnectionCaps};
 use pool::Lane;
+use slow::{BodyPace, DeviceIo, IoWatch, PacedBody};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.
@@ -94,6 +99,11 @@ struct DeviceConnection {
     leaf: Vec<u8>,
     /// Long polls held on this connection now (a drain closes such a connection early).
     long_polls: Arc<AtomicUsize>,
+    /// The certificate already has `listen.max_connections_per_device` connections open:
+    /// this one only answers 503 and closes.
+    over_device_cap: bool,
+    /// What the socket saw: a response write cut by `listen.write_timeout` is audited so.
+    io: Arc<IoWatch>,
 }
 
 /// The most bytes a request line and header block may take; more is 431 and a closed
@@ -134,6 +144,14 @@ pub async fn serve(
     mut drain: watch::Receiver<Option<DrainPlan>>,
 ) {
     let slots = Arc::new(Semaphore::new(max));
+    // One set of caps for the process: [listen] changes need a restart.
+    let caps = {
+        let listen = &live.load().config.listen;
+        Arc::new(ConnectionCaps::new(
+            listen.max_connections_per_address,
+            listen.max_connections_per_device,
+        ))
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -150,12 +168,13 @@ pub async fn serve(
         };
         let gateway = live.load();
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            gateway.metrics.connections_refused.inc();
+            gateway.count_refused("max_connections");
             continue;
         };
         let drain = drain.clone();
+        let caps = Arc::clone(&caps);
         tokio::spawn(async move {
-            gateway.connection(tcp, peer, drain).await;
+            gateway.connection(tcp, peer, drain, &caps).await;
             drop(slot);
         });
     }
@@ -171,6 +190,7 @@ impl Gateway {
         mut tcp: TcpStream,
         mut peer: SocketAddr,
         mut drain: watch::Receiver<Option<DrainPlan>>,
+        caps: &ConnectionCaps,
     ) {
         self.metrics.open_connections.inc();
         let _open = OpenConnection(Arc::clone(&self.metrics));
@@ -194,10 +214,24 @@ impl Gateway {
                 }
                 Err(_) => {
                     self.count_handshake("timeout");
+                    self.count_timed_out("handshake");
                     return;
                 }
             }
         }
+        // Counted by the device's address, so after the PROXY header: never the front's.
+        let _address_slot = match caps.per_address.acquire(address_key(peer.ip())) {
+            Ok(slot) => slot,
+            Err(CapFull { first }) => {
+                self.count_refused("max_connections_per_address");
+                if first {
+                    tracing::warn!(target: "seg::listener", %peer, max = self.config.listen.max_connections_per_address, "connections from this address refused: listen.max_connections_per_address reached");
+                }
+                return;
+            }
+        };
+        let tcp = DeviceIo::new(tcp, self.config.listen.write_timeout);
+        let io_watch = tcp.watch();
         let tls = match tokio::time::timeout(handshake_timeout, self.tls.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -208,9 +242,11 @@ impl Gateway {
             }
             Err(_) => {
                 self.count_handshake("timeout");
+                self.count_timed_out("handshake");
                 return;
             }
         };
+        io_watch.forget_reads();
         let session = tls.get_ref().1;
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) else {
@@ -219,13 +255,28 @@ impl Gateway {
             return;
         };
         self.count_handshake(if resumed { "resumed" } else { "full" });
+        let fingerprint = CertFingerprint::of(leaf.as_ref());
+        // The certificate is known only now, so a connection over its cap gets an answer
+        // (503 + Retry-After, then close) rather than a bare close the device would retry.
+        let device_slot = match caps.per_device.acquire(fingerprint) {
+            Ok(slot) => Some(slot),
+            Err(CapFull { first }) => {
+                self.count_refused("max_connections_per_device");
+                if first {
+                    tracing::warn!(target: "seg::listener", %peer, max = self.config.listen.max_connections_per_device, "connections of one device certificate refused: listen.max_connections_per_device reached (the audit record names the account)");
+                }
+                None
+            }
+        };
         let device = Arc::new(DeviceConnection {
             peer,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            fingerprint: CertFingerprint::of(leaf.as_ref()),
+            fingerprint,
             leaf: leaf.as_ref().to_vec(),
             long_polls: Arc::new(AtomicUsize::new(0)),
+            over_device_cap: device_slot.is_none(),
+            io: Arc::clone(&io_watch),
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
         // This connection's upstream connections are driven by this task (see pool.rs).
@@ -242,13 +293,13 @@ impl Gateway {
             .timer(TokioTimer::new())
             .header_read_timeout(self.config.listen.idle_timeout)
             .max_header_size(MAX_REQUEST_HEAD)
-            .keep_alive(true)
+            .keep_alive(device_slot.is_some())
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
         let plan = tokio::select! {
             result = lane.drive(connection.as_mut()) => {
                 if let Err(e) = result {
-                    tracing::debug!(target: "seg::listener", %peer, error = %e, "connection ended with an error");
+                    self.connection_failed(&e, &io_watch, peer);
                 }
                 return;
             }
@@ -300,6 +351,7 @@ impl Gateway {
             metrics: Arc::clone(&self.metrics),
             policy: "",
             long_poll: None,
+            device_io: Arc::clone(&device.io),
             written: false,
         };
         let identity = match self
@@ -338,6 +390,10 @@ impl Gateway {
         if revoked {
             let refusal = Refusal::Denied(DenyReason::CertificateRevoked);
             return closing(refuse(refusal, record));
+        }
+        if device.over_device_cap {
+            // Counted at the handshake; answered here so the audit record names the account.
+            return closing(refuse(Refusal::Busy("connection-cap-device"), record));
         }
         // The bytes after a CONNECT or Upgrade head may be another protocol's (tunnel data,
         // an HTTP/2 preface): refused, the connection closes rather than read them as requests.
@@ -407,6 +463,15 @@ impl Gateway {
         parts.version = Version::HTTP_11;
         self.headers
             .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
+        let listen = &self.config.listen;
+        let body = PacedBody::new(
+            body,
+            BodyPace {
+                window: listen.body_timeout,
+                min_rate: listen.body_min_rate,
+            },
+        );
+        let body_too_slow = body.too_slow();
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
         let body_failed = body.failure();
         if let Some(authorization) = &delegated {
@@ -446,6 +511,12 @@ impl Gateway {
                 }
                 record.status = parts.status.as_u16();
                 Response::from_parts(parts, AuditBody::upstream(body, record))
+            }
+            Err(_) if body_too_slow.load(Ordering::Acquire) => {
+                // The upstream request failed because the device's body stalled: its fault.
+                self.count_timed_out("request_body");
+                tracing::info!(target: "seg::listener", peer = %device.peer, body_timeout = ?listen.body_timeout, body_min_rate = listen.body_min_rate, "request cut: its body came too slowly");
+                refuse(Refusal::BodyTooSlow, record)
             }
             // hyper reports a device body that breaks its framing (a bad chunk size) or
             // breaks off as a failed upstream request: the device's fault, so 400, not 502.
@@ -489,6 +560,40 @@ impl Gateway {
     /// `seg_tls_handshakes_total{result}`.
     fn count_handshake(&self, result: &str) {
         self.metrics.handshakes.with_label_values(&[result]).inc();
+    }
+
+    /// `seg_connections_refused_total{reason}`: the cap (its `[listen]` key) that refused.
+    fn count_refused(&self, reason: &str) {
+        self.metrics
+            .connections_refused
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// `seg_connections_timed_out_total{phase}`.
+    fn count_timed_out(&self, phase: &str) {
+        self.metrics
+            .connections_timed_out
+            .with_label_values(&[phase])
+            .inc();
+    }
+
+    /// A connection that ended in an error: a device cut for slowness is counted and logged.
+    fn connection_failed(&self, error: &hyper::Error, io: &IoWatch, peer: SocketAddr) {
+        let listen = &self.config.listen;
+        if io.write_timed_out() {
+            // The request's audit record says so too (reason response-write-timeout).
+            self.count_timed_out("response_write");
+            tracing::info!(target: "seg::listener", %peer, write_timeout = ?listen.write_timeout, "connection closed: the device stopped reading the response");
+        } else if error.is_timeout() && io.read_since_write() {
+            self.count_timed_out("request_head");
+            tracing::info!(target: "seg::listener", %peer, idle_timeout = ?listen.idle_timeout, "connection closed: the request head did not arrive in time");
+        } else if error.is_timeout() {
+            self.count_timed_out("idle");
+            tracing::debug!(target: "seg::listener", %peer, "idle connection closed");
+        } else {
+            tracing::debug!(target: "seg::listener", %peer, %error, "connection ended with an error");
+        }
     }
 
     /// A refusal after mapping, counted by its reason code.

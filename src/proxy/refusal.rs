@@ -36,8 +36,11 @@ pub enum Refusal {
     BadRequest(&'static str),
     /// A policy denial after mapping (User= binding, device rules).
     PolicyDenied(&'static str),
-    /// A cap is full (long polls); the device should come back later.
+    /// A cap is full (long polls, connections of one certificate); the device should come
+    /// back later.
     Busy(&'static str),
+    /// The request body came slower than `listen.body_min_rate`; the connection is closed.
+    BodyTooSlow,
 }
 
 /// Who is at fault, for the audit record's `decision` field.
@@ -64,6 +67,7 @@ impl Refusal {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::PolicyDenied(_) => StatusCode::FORBIDDEN,
             Refusal::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -77,6 +81,7 @@ impl Refusal {
             Refusal::UpstreamFailed => "upstream-failed",
             Refusal::NotFound => "path-not-served",
             Refusal::MethodNotAllowed => "method-not-allowed",
+            Refusal::BodyTooSlow => "request-body-too-slow",
             Refusal::BadRequest(code) | Refusal::PolicyDenied(code) | Refusal::Busy(code) => code,
         }
     }
@@ -88,7 +93,8 @@ impl Refusal {
             | Refusal::MethodNotAllowed
             | Refusal::BadRequest(_)
             | Refusal::PolicyDenied(_)
-            | Refusal::Busy(_) => Fault::Client,
+            | Refusal::Busy(_)
+            | Refusal::BodyTooSlow => Fault::Client,
             Refusal::DependencyDown(_) => Fault::Dependency,
             Refusal::UpstreamUnreachable | Refusal::UpstreamTimeout | Refusal::UpstreamFailed => {
                 Fault::Upstream
@@ -133,6 +139,9 @@ impl Refusal {
             }
             Refusal::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("OPTIONS, POST"));
+            }
+            Refusal::BodyTooSlow => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -14,7 +14,7 @@ use seg::echo::EchoUpstream;
 use seg::pki::{CertAuthority, IssuedCert, LeafSpec};
 use seg::{App, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use super::slapd::{bulk_users, Slapd, SlapdOptions, TlsFiles, UserSpec};
@@ -404,6 +404,18 @@ impl Client {
         TlsConnector::from(Arc::new(config))
     }
 
+    /// Opens a TLS connection presenting `device` over a TCP connection the caller opened
+    /// (from another source address, or with a small receive buffer; see `socket_from`).
+    pub async fn connect_over(
+        &self,
+        tcp: TcpStream,
+        device: Option<&Device>,
+    ) -> std::io::Result<Connection> {
+        let name = ServerName::try_from("localhost").expect("name");
+        let stream = self.tls(device, TlsVersion::Any).connect(name, tcp).await?;
+        Ok(Connection { stream })
+    }
+
     /// Opens a TLS connection presenting `device` (or no certificate).
     pub async fn connect(
         &self,
@@ -452,6 +464,11 @@ impl Connection {
         self.send_raw(head.as_bytes()).await?;
         self.send_raw(body).await?;
         self.read_response().await
+    }
+
+    /// Reads whatever arrives next; 0 at the end of the stream.
+    pub async fn read_some(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.read(buffer).await
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -552,6 +569,16 @@ impl Connection {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A TCP socket bound to `source`, a loopback address (any of 127.0.0.0/8 on Linux), so
+/// per-address connection caps see each test client as a device address of its own.
+pub fn socket_from(source: [u8; 4]) -> TcpSocket {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("bind a loopback source address");
+    socket
 }
 
 /// The ActiveSync path with a plain query.

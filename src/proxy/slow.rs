@@ -1,0 +1,436 @@
+//! Slow devices: the request body that trickles and the device that stops reading.
+//!
+//! The TLS handshake (`listen.handshake_timeout`) and the request head (`listen.idle_timeout`,
+//! hyper's header timer) have their own limits. What is left is bounded here: a request body
+//! must keep a minimum pace (`PacedBody`), and a write toward the device may not stay blocked
+//! for long (`DeviceIo`). Neither limit counts silence: a held Ping, which sends nothing for
+//! up to an hour in either direction, is never cut by them.
+
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The pace a request body must keep: `min_rate` bytes per second averaged over each window
+/// of `window`, and never less than one byte per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    pub window: Duration,
+    pub min_rate: u64,
+}
+
+impl BodyPace {
+    /// Bytes one window must bring.
+    fn required(self) -> u64 {
+        let bytes = (self.min_rate as f64 * self.window.as_secs_f64()).ceil() as u64;
+        bytes.max(1)
+    }
+}
+
+/// The request body was slower than its `BodyPace`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body brought {received} bytes in {window:?}, less than the {required} required")]
+pub struct BodyTooSlow {
+    pub received: u64,
+    pub required: u64,
+    pub window: Duration,
+}
+
+/// A request body held to a `BodyPace`. Time counts only while the body is waiting for the
+/// device: a window that ran out while nobody polled (the upstream not reading) starts over
+/// rather than blaming the device. When the pace is missed it yields `BodyTooSlow` and sets
+/// the flag from `too_slow()`, so the request can be answered as the device's fault.
+pub struct PacedBody<B> {
+    inner: B,
+    pace: BodyPace,
+    window_start: Instant,
+    window_bytes: u64,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The last poll found nothing: the body is waiting for the device.
+    waiting: bool,
+    too_slow: Arc<AtomicBool>,
+}
+
+impl<B> PacedBody<B> {
+    pub fn new(inner: B, pace: BodyPace) -> PacedBody<B> {
+        PacedBody {
+            inner,
+            pace,
+            window_start: Instant::now(),
+            window_bytes: 0,
+            timer: None,
+            waiting: false,
+            too_slow: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once the body was cut for its pace.
+    pub fn too_slow(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.too_slow)
+    }
+
+    fn next_window(&mut self, now: Instant) {
+        self.window_start = now;
+        self.window_bytes = 0;
+    }
+
+    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.too_slow.store(true, Ordering::Release);
+        Poll::Ready(Some(Err(Box::new(BodyTooSlow {
+            received: self.window_bytes,
+            required: self.pace.required(),
+            window: self.pace.window,
+        }))))
+    }
+}
+
+impl<B> Body for PacedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let now = Instant::now();
+        let expired = now >= this.window_start + this.pace.window;
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if expired {
+                    // Waiting through the window's end without its bytes is the device's
+                    // doing; a window that ended while nobody polled is not.
+                    if this.waiting && this.window_bytes < this.pace.required() {
+                        return this.cut();
+                    }
+                    this.next_window(now);
+                }
+                this.waiting = false;
+                if let Some(data) = frame.data_ref() {
+                    this.window_bytes += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    if expired {
+                        this.next_window(now);
+                    }
+                }
+                loop {
+                    let deadline = this.window_start + this.pace.window;
+                    let now = Instant::now();
+                    if now >= deadline {
+                        if this.window_bytes < this.pace.required() {
+                            return this.cut();
+                        }
+                        this.next_window(now);
+                        continue;
+                    }
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.deadline() != deadline {
+                        timer.as_mut().reset(deadline);
+                    }
+                    ready!(timer.as_mut().poll(cx));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a connection's `DeviceIo` saw, read by the connection when it ends.
+#[derive(Debug, Default)]
+pub struct IoWatch {
+    /// A write stayed blocked past `listen.write_timeout`.
+    write_timed_out: AtomicBool,
+    /// The device sent bytes since seg last wrote: a request (head) is on its way.
+    read_since_write: AtomicBool,
+}
+
+impl IoWatch {
+    pub fn write_timed_out(&self) -> bool {
+        self.write_timed_out.load(Ordering::Acquire)
+    }
+
+    /// Whether the device sent anything since seg last wrote (or since `forget_reads`).
+    pub fn read_since_write(&self) -> bool {
+        self.read_since_write.load(Ordering::Acquire)
+    }
+
+    /// Forgets the handshake's bytes, so a connection silent after it counts as idle.
+    pub fn forget_reads(&self) {
+        self.read_since_write.store(false, Ordering::Release);
+    }
+}
+
+/// The device's socket, with a bound on how long one write may stay blocked. A blocked write
+/// means the device's receive window is closed: it stopped reading. Writes that complete,
+/// however far apart, never time out.
+pub struct DeviceIo<T> {
+    inner: T,
+    write_timeout: Duration,
+    blocked: Option<Pin<Box<Sleep>>>,
+    watch: Arc<IoWatch>,
+}
+
+impl<T> DeviceIo<T> {
+    pub fn new(inner: T, write_timeout: Duration) -> DeviceIo<T> {
+        DeviceIo {
+            inner,
+            write_timeout,
+            blocked: None,
+            watch: Arc::new(IoWatch::default()),
+        }
+    }
+
+    pub fn watch(&self) -> Arc<IoWatch> {
+        Arc::clone(&self.watch)
+    }
+
+    /// After the inner write: progress clears the clock, a blocked write starts or checks it.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.blocked = None;
+                if matches!(result, Ok(n) if n > 0) {
+                    self.watch.read_since_write.store(false, Ordering::Release);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let limit = self.write_timeout;
+                let blocked = self
+                    .blocked
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                ready!(blocked.as_mut().poll(cx));
+                self.watch.write_timed_out.store(true, Ordering::Release);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the device read nothing for {limit:?}"),
+                )))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for DeviceIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.watch.read_since_write.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for DeviceIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.after_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::sync::mpsc;
+
+    /// A body fed by the test, one chunk at a time.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    fn paced(window_secs: u64, min_rate: u64) -> (mpsc::Sender<Bytes>, PacedBody<Fed>) {
+        let (tx, rx) = mpsc::channel(16);
+        let pace = BodyPace {
+            window: Duration::from_secs(window_secs),
+            min_rate,
+        };
+        (tx, PacedBody::new(Fed(rx), pace))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_its_pace_is_read_to_the_end() {
+        let (tx, body) = paced(10, 10);
+        let feeder = tokio::spawn(async move {
+            // 200 bytes every 5 s for a minute: 400 per 10 s window, 100 required.
+            for _ in 0..12 {
+                tx.send(Bytes::from(vec![b'x'; 200])).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let collected = body.collect().await.expect("paced body");
+        assert_eq!(collected.to_bytes().len(), 2400);
+        feeder.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_below_the_rate_is_cut_at_the_end_of_its_window() {
+        // One byte a second; 10 bytes/s required over 10 s windows.
+        let (tx, body) = paced(10, 10);
+        let too_slow = body.too_slow();
+        let _feeder = tokio::spawn(async move {
+            loop {
+                if tx.send(Bytes::from_static(b"x")).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let started = Instant::now();
+        let error = body.collect().await.expect_err("cut");
+        assert!(error.is::<BodyTooSlow>(), "{error}");
+        assert!(too_slow.load(Ordering::Acquire));
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_cut_even_at_rate_zero() {
+        let (tx, body) = paced(30, 0);
+        tx.send(Bytes::from_static(b"head")).await.unwrap();
+        let started = Instant::now();
+        let error = body.collect().await.expect_err("cut");
+        assert!(error.is::<BodyTooSlow>(), "{error}");
+        // The first window brought 4 bytes (enough at rate 0); the second brought none.
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_that_ran_out_unpolled_is_not_held_against_the_device() {
+        let (tx, mut body) = paced(10, 100);
+        tx.send(Bytes::from_static(b"x")).await.unwrap();
+        // Nobody polls for 30 s (the upstream is not reading); then the body continues.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let frame = body.frame().await.expect("frame").expect("data");
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
+        drop(tx);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_past_the_timeout_fails_and_is_reported() {
+        // A 1 KiB pipe that nobody reads: the second write blocks.
+        let (near, _far) = tokio::io::duplex(1024);
+        let mut io = DeviceIo::new(near, Duration::from_secs(5));
+        let watch = io.watch();
+        io.write_all(&[0; 1024]).await.expect("fits");
+        let started = Instant::now();
+        let error = io.write_all(&[0; 1024]).await.expect_err("blocked");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(watch.write_timed_out());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_and_slow_but_moving_writes_never_time_out() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut io = DeviceIo::new(near, Duration::from_secs(5));
+        let watch = io.watch();
+        // An hour of silence (a held Ping), then a reply larger than the pipe that the
+        // device reads 512 bytes every 3 s: each blocked write makes progress in time.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut chunk = [0; 512];
+            while got < 8192 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                got += far.read(&mut chunk).await.unwrap();
+            }
+        });
+        io.write_all(&[0; 8192]).await.expect("slow but moving");
+        reader.await.unwrap();
+        assert!(!watch.write_timed_out());
+    }
+
+    #[tokio::test]
+    async fn reads_since_the_last_write_are_noticed() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut io = DeviceIo::new(near, Duration::from_secs(5));
+        let watch = io.watch();
+        assert!(!watch.read_since_write());
+        far.write_all(b"POST / HT").await.unwrap();
+        let mut buf = [0; 16];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(n, 9);
+        assert!(watch.read_since_write());
+        io.write_all(b"HTTP/1.1 200 OK").await.unwrap();
+        assert!(!watch.read_since_write());
+    }
+}
