@@ -31,7 +31,7 @@
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
 //! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
 //! - [`proxy`]: accept, connection caps, handshake, slow-client limits, per-request decision,
-//!   header hygiene, forwarding, audit.
+//!   header hygiene, forwarding on upstream connections driven in the device's task, audit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`mapcheck`]: `seg map` — the listener's validation and mapping for one certificate,
 //!   explained.

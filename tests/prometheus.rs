@@ -202,14 +202,6 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-/// A user created in 2020, before any test certificate (the lab maps in compatibility mode).
-fn user(sam: &str) -> UserSpec {
-    let mut u = UserSpec::new(sam);
-    u.upn = Some(format!("{sam}@corp.test"));
-    u.when_created = Some("20200101000000.0Z".into());
-    u
-}
-
 /// Every query of the Grafana dashboard, with its variables set for this lab.
 fn dashboard_queries() -> Vec<(String, String)> {
     let path =
@@ -233,7 +225,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_traffic_seg_serves() {
-    let mut dave = user("dave");
+    let mut dave = UserSpec::with_upn("dave");
     dave.user_account_control = 514; // disabled
     let upstream = EchoUpstream::start_holding(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -241,8 +233,13 @@ async fn prometheus_scrapes_the_traffic_seg_serves() {
     )
     .await
     .expect("echo upstream");
-    let mut lab =
-        Lab::start_with_upstream(Pki::new(), vec![user("alice"), dave], "", upstream).await;
+    let mut lab = Lab::start_with_upstream(
+        Pki::new(),
+        vec![UserSpec::with_upn("alice"), dave],
+        "",
+        upstream,
+    )
+    .await;
     let mut prometheus = Prometheus::start(lab.seg.admin_addr);
     prometheus.wait_ready().await;
     // Traffic starts only once Prometheus has a first sample: every counter then rises

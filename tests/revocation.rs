@@ -390,12 +390,7 @@ async fn the_binary_reloads_on_sighup_and_on_a_changed_crl() {
 async fn a_rotated_bind_password_is_used_after_reload_and_the_cache_is_kept() {
     let users = ["alice", "bob"]
         .into_iter()
-        .map(|sam| {
-            let mut user = UserSpec::new(sam);
-            user.upn = Some(format!("{sam}@corp.test"));
-            user.when_created = Some("20200101000000.0Z".into());
-            user
-        })
+        .map(UserSpec::with_upn)
         .collect();
     let mut lab = support::lab::Lab::start(users, "").await;
     let alice = lab

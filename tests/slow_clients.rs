@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 
 use seg::echo::EchoUpstream;
 use seg::pki::LeafSpec;
-use support::lab::{
-    config_text, eas_target, socket_from, start_seg, start_slapd, Connection, Device, DirectoryRef,
-    Lab, Pki,
-};
+use support::lab::{eas_target, socket_from, Connection, Device, Lab, Pki};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -41,33 +38,15 @@ async fn serial() -> MutexGuard<'static, ()> {
 
 /// The lab with `listen` replacing the lab's `handshake_timeout` line in `[listen]`.
 async fn lab_with(users: &[&str], listen: &str) -> Lab {
-    let pki = Pki::new();
     let upstream = EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("echo upstream");
-    let users = users
-        .iter()
-        .map(|sam| {
-            let mut user = UserSpec::new(sam);
-            user.upn = Some(format!("{sam}@corp.test"));
-            user.when_created = Some("20200101000000.0Z".into());
-            user
-        })
-        .collect();
-    let slapd = start_slapd(&pki, users);
-    let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
-    let base = config_text(&pki, &directory, upstream.addr, "");
-    assert!(base.contains("handshake_timeout = \"5s\"\n"));
-    let text = base.replacen("handshake_timeout = \"5s\"\n", &format!("{listen}\n"), 1);
-    let config_path = pki.dir.write("seg.toml", &text);
-    let seg = start_seg(&config_path).await;
-    Lab {
-        pki,
-        slapd,
-        upstream,
-        seg,
-        config_path,
-    }
+    let users = users.iter().copied().map(UserSpec::with_upn).collect();
+    Lab::start_edited(Pki::new(), users, upstream, |base| {
+        assert!(base.contains("handshake_timeout = \"5s\"\n"));
+        base.replacen("handshake_timeout = \"5s\"\n", &format!("{listen}\n"), 1)
+    })
+    .await
 }
 
 fn device(lab: &Lab, sam: &str) -> Device {

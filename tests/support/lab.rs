@@ -264,9 +264,19 @@ impl Lab {
         extra_config: &str,
         upstream: EchoUpstream,
     ) -> Lab {
+        Lab::start_edited(pki, users, upstream, |text| text + extra_config).await
+    }
+
+    /// The lab with its configuration text (`config_text`'s) edited before seg starts.
+    pub async fn start_edited(
+        pki: Pki,
+        users: Vec<UserSpec>,
+        upstream: EchoUpstream,
+        edit: impl FnOnce(String) -> String,
+    ) -> Lab {
         let slapd = start_slapd(&pki, users);
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
-        let text = config_text(&pki, &directory, upstream.addr, extra_config);
+        let text = edit(config_text(&pki, &directory, upstream.addr, ""));
         let config_path = pki.dir.write("seg.toml", &text);
         let seg = start_seg(&config_path).await;
         Lab {

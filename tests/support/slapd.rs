@@ -110,6 +110,15 @@ pub struct UserSpec {
 }
 
 impl UserSpec {
+    /// An enabled user with the UPN `sam@corp.test`, created in 2020: before any test
+    /// certificate, so a weak (UPN) mapping in compatibility mode admits it.
+    pub fn with_upn(sam: &str) -> Self {
+        let mut user = UserSpec::new(sam);
+        user.upn = Some(format!("{sam}@corp.test"));
+        user.when_created = Some("20200101000000.0Z".into());
+        user
+    }
+
     /// A normal enabled user (`userAccountControl: 512`) with nothing else set.
     pub fn new(sam: &str) -> Self {
         UserSpec {
