@@ -449,6 +449,56 @@ async fn a_stopped_directory_serves_cached_identities_and_503_for_unknown_device
     );
 }
 
+/// A directory that refuses seg itself — a wrong bind password (slapd answers
+/// invalidCredentials), an LDAPS certificate from a CA seg does not trust — is a dependency
+/// down: 503 + Retry-After and readiness failing, never a denial, and nothing forwarded.
+#[tokio::test]
+async fn a_directory_that_refuses_seg_is_a_503_not_a_denial() {
+    let pki = Pki::new();
+    let slapd = support::lab::start_slapd(&pki, mapping_users());
+    let upstream = seg::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let other_ca = Pki::new();
+    // Built one at a time: config_text writes the bind password file afresh each time.
+    let wrong_password = || {
+        let mut directory = support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+        directory.password = "not-the-password".into();
+        support::lab::config_text(&pki, &directory, upstream.addr, "")
+    };
+    let untrusted_ldaps = || {
+        let directory = support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+        let text = support::lab::config_text(&pki, &directory, upstream.addr, "");
+        let edited = text.replace(
+            &format!("ca_file = \"{}\"", pki.ca_path.display()),
+            &format!("ca_file = \"{}\"", other_ca.ca_path.display()),
+        );
+        assert_ne!(text, edited, "the directory's ca_file line");
+        edited
+    };
+    let cases: [(&str, &dyn Fn() -> String); 2] = [
+        ("bind refused", &wrong_password),
+        ("LDAPS certificate from an untrusted CA", &untrusted_ldaps),
+    ];
+    for (name, config) in cases {
+        let text = config();
+        let path = pki.dir.write("refusing-directory.toml", &text);
+        let seg = support::lab::start_seg(&path).await;
+        let client = Client::new(seg.listen_addr, &pki.ca_path);
+        let response = client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await
+            .unwrap();
+        assert_eq!(response.status, 503, "{name}: {}", response.text());
+        assert_eq!(response.header("retry-after"), Some("30"), "{name}");
+        let ready = support::lab::http_get(seg.admin_addr, "/readyz").await;
+        assert!(!ready.starts_with("HTTP/1.1 200"), "{name}: {ready}");
+        seg.stop().await;
+    }
+    assert!(upstream.requests().is_empty(), "nothing forwarded");
+}
+
 #[tokio::test]
 async fn readiness_follows_the_directory() {
     let mut lab = Lab::start(mapping_users(), "").await;
