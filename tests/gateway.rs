@@ -499,6 +499,58 @@ async fn a_directory_that_refuses_seg_is_a_503_not_a_denial() {
     assert!(upstream.requests().is_empty(), "nothing forwarded");
 }
 
+/// A directory whose own size limit cuts an answer below seg's may hide a second match:
+/// twin@corp.test is two accounts, and slapd with `sizelimit 1` returns one of them with
+/// sizeLimitExceeded. That one must never be taken as the unique match (it is a 503: the
+/// directory's setting must change), while a unique account is still served.
+#[tokio::test]
+async fn an_answer_cut_by_the_directorys_size_limit_is_never_a_unique_match() {
+    let pki = Pki::new();
+    let slapd = support::slapd::Slapd::start(support::slapd::SlapdOptions {
+        users: mapping_users(),
+        bind_password: "svc-password".into(),
+        tls: Some(support::slapd::TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: pki.ca_path.clone(),
+        }),
+        size_limit: Some(1),
+        ..support::slapd::SlapdOptions::default()
+    });
+    let upstream = seg::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let text = support::lab::config_text(
+        &pki,
+        &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
+        upstream.addr,
+        "",
+    );
+    let path = pki.dir.write("size-limited.toml", &text);
+    let seg = support::lab::start_seg(&path).await;
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let twin = pki.device(LeafSpec::device("twin").upn("twin@corp.test"));
+    let response = client
+        .post(Some(&twin), &eas_target("Sync", "twin1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 503, "{}", response.text());
+    let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let response = client
+        .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    let seen: Vec<String> = upstream
+        .requests()
+        .iter()
+        .flat_map(|r| r.header_values("x-remote-user"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(seen, ["alice@corp.test"]);
+    seg.stop().await;
+}
+
 #[tokio::test]
 async fn readiness_follows_the_directory() {
     let mut lab = Lab::start(mapping_users(), "").await;

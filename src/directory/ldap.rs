@@ -84,7 +84,17 @@ impl LdapDirectory {
                     .await;
                 let ldap3::SearchResult(entries, status) = result.map_err(|e| self.error(e))?;
                 match status.rc {
-                    RC_SUCCESS | RC_SIZE_LIMIT_EXCEEDED | RC_REFERRAL => {}
+                    RC_SUCCESS | RC_REFERRAL => {}
+                    // Cut at seg's own limit: enough entries to see any ambiguity.
+                    RC_SIZE_LIMIT_EXCEEDED if entries.len() >= SEARCH_LIMIT => {}
+                    // Cut below it by the server's own size limit: the entries that came
+                    // may hide a second match, so "one account" cannot be told.
+                    RC_SIZE_LIMIT_EXCEEDED => {
+                        return Err(DirectoryError::Refused(format!(
+                            "the directory cut the answer at {} entries (its size limit is below {SEARCH_LIMIT}): a unique match cannot be told",
+                            entries.len()
+                        )))
+                    }
                     rc => return Err(result_error(rc, &status.text)),
                 }
                 Ok(entries

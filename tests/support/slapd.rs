@@ -162,6 +162,8 @@ pub struct SlapdOptions {
     pub bind_password: String,
     /// With `Some`, slapd also listens on `ldaps://`.
     pub tls: Option<TlsFiles>,
+    /// slapd's `sizelimit` for every search (the rootdn excepted); `None`: unlimited.
+    pub size_limit: Option<u32>,
 }
 
 impl Default for SlapdOptions {
@@ -171,6 +173,7 @@ impl Default for SlapdOptions {
             users: Vec::new(),
             bind_password: "svc-password".to_string(),
             tls: None,
+            size_limit: None,
         }
     }
 }
@@ -555,7 +558,10 @@ fn slapd_conf(opts: &SlapdOptions, schema: &Path, db: &Path) -> String {
             &[&tls.key.display().to_string()],
         );
     }
-    conf_line(&mut conf, "sizelimit", &["unlimited"]);
+    let size_limit = opts
+        .size_limit
+        .map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    conf_line(&mut conf, "sizelimit", &[&size_limit]);
     conf_line(&mut conf, "modulepath", &["/usr/lib/ldap"]);
     conf_line(&mut conf, "moduleload", &["back_mdb"]);
     conf_line(&mut conf, "database", &["mdb"]);
