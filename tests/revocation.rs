@@ -100,6 +100,19 @@ impl RevocationLab {
     }
 }
 
+/// Alice's next Sync on her open connection: 403 with `Connection: close`, and the
+/// connection then closed.
+async fn assert_refused_and_closed(held: &mut support::lab::Connection) {
+    let sync = eas_target("Sync", "alice");
+    let r = held.request("POST", &sync, &[], b"").await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        held.request("POST", &sync, &[], b"").await.is_err(),
+        "the connection stayed open"
+    );
+}
+
 #[tokio::test]
 async fn a_device_revoked_while_connected_is_refused_on_its_next_request() {
     let lab = RevocationLab::start(3600).await;
@@ -120,18 +133,7 @@ async fn a_device_revoked_while_connected_is_refused_on_its_next_request() {
         .expect("reload with the new CRL");
 
     // The open keep-alive connection: 403 and closed.
-    let r = held
-        .request("POST", &eas_target("Sync", "alice"), &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 403);
-    assert_eq!(r.header("connection"), Some("close"));
-    assert!(
-        held.request("POST", &eas_target("Sync", "alice"), &[], b"")
-            .await
-            .is_err(),
-        "connection stayed open"
-    );
+    assert_refused_and_closed(&mut held).await;
     // A new handshake: refused by the verifier.
     support::lab::assert_refused(
         client
@@ -546,18 +548,7 @@ async fn ocsp_good_is_forwarded_and_a_revocation_reaches_the_open_connection() {
     // `openssl ocsp` (3.0) reads index.txt once at start: restart it to serve the revocation.
     responder.restart();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let r = held
-        .request("POST", &eas_target("Sync", "alice"), &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 403);
-    assert_eq!(r.header("connection"), Some("close"));
-    assert!(
-        held.request("POST", &eas_target("Sync", "alice"), &[], b"")
-            .await
-            .is_err(),
-        "the connection stayed open"
-    );
+    assert_refused_and_closed(&mut held).await;
     assert_eq!(
         lab.metric("seg_ocsp_responses_total{result=\"revoked\"}"),
         1.0

@@ -176,8 +176,6 @@ pub struct Upstream {
     host: HeaderValue,
     path_prefix: String,
     request_timeout: Duration,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
 }
 
 /// An upstream setup problem.
@@ -245,8 +243,6 @@ impl Upstream {
             host,
             path_prefix: config.path_prefix.clone(),
             request_timeout: config.request_timeout,
-            pool_idle_timeout: config.pool_idle_timeout,
-            pool_max_idle_per_host: config.pool_max_idle_per_host,
         })
     }
 
@@ -268,11 +264,9 @@ impl Upstream {
     /// Keeps idle connections per account (Kerberos mode), for at most `max_accounts`
     /// accounts at a time.
     pub fn pooled_per_account(mut self, max_accounts: u64) -> Upstream {
-        self.pool = Pool::new(
-            self.pool_max_idle_per_host,
-            usize::try_from(max_accounts).unwrap_or(usize::MAX),
-            self.pool_idle_timeout,
-        );
+        self.pool = self
+            .pool
+            .with_max_keys(usize::try_from(max_accounts).unwrap_or(usize::MAX));
         self
     }
 

@@ -86,6 +86,11 @@ impl Pool {
         })
     }
 
+    /// An empty pool with these settings, for at most `max_keys` keys.
+    pub fn with_max_keys(&self, max_keys: usize) -> Arc<Pool> {
+        Pool::new(self.max_idle_per_key, max_keys, self.idle_timeout)
+    }
+
     /// The most recently used idle connection for `key` that is still open.
     fn take(&self, key: &PoolKey) -> Option<UpstreamConn> {
         let mut closed = Vec::new();
@@ -175,8 +180,8 @@ pub struct Lane {
 #[derive(Default)]
 struct LaneState {
     active: Option<(UpstreamConn, Arc<Pool>)>,
-    /// The device connection's task, to poll a connection installed while it runs.
-    waker: Option<Waker>,
+    /// Installed during the device connection's poll, not yet polled by the lane.
+    fresh: bool,
 }
 
 /// Whether a request went out (the upstream may have acted on it) when sending failed.
@@ -215,12 +220,25 @@ impl Lane {
         }
     }
 
-    /// Makes `conn` this lane's connection and has the device task poll it.
+    /// Makes `conn` this lane's connection. Only a request of this device connection
+    /// installs one, so always within [`Driven::poll`], which polls it next.
     pub fn install(&self, conn: UpstreamConn, pool: &Arc<Pool>) {
         let mut state = self.lock();
         state.active = Some((conn, Arc::clone(pool)));
-        if let Some(waker) = &state.waker {
-            waker.wake_by_ref();
+        state.fresh = true;
+    }
+
+    /// Polls the lane's connection, if any; drops it once it has ended.
+    fn poll_upstream(&self, cx: &mut Context<'_>) {
+        let mut state = self.lock();
+        state.fresh = false;
+        if let Some((conn, _)) = &mut state.active {
+            if let Poll::Ready(result) = conn.io.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(target: "seg::upstream", error = %e, "upstream connection ended");
+                }
+                state.active = None;
+            }
         }
     }
 
@@ -279,26 +297,15 @@ impl<F: Future + Unpin> Future for Driven<'_, F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        {
-            let mut state = self.lane.lock();
-            if !state
-                .waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                state.waker = Some(cx.waker().clone());
-            }
-            // Upstream first: a response that arrived is then handed on in this same poll.
-            if let Some((conn, _)) = &mut state.active {
-                if let Poll::Ready(result) = conn.io.as_mut().poll(cx) {
-                    if let Err(e) = result {
-                        tracing::debug!(target: "seg::upstream", error = %e, "upstream connection ended");
-                    }
-                    state.active = None;
-                }
-            }
+        // Upstream first: a response that arrived is then handed on in this same poll.
+        self.lane.poll_upstream(cx);
+        let polled = Pin::new(&mut self.device).poll(cx);
+        // A request just put a connection in the lane: polled now, so the request goes out
+        // without another round through the scheduler.
+        if polled.is_pending() && self.lane.lock().fresh {
+            self.lane.poll_upstream(cx);
         }
-        Pin::new(&mut self.device).poll(cx)
+        polled
     }
 }
 
