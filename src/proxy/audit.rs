@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::pool::UpstreamBody;
+use super::client::{ClientError, UpstreamBody};
 use crate::activesync::EasRequest;
 use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
@@ -183,12 +183,12 @@ impl AuditBody {
 
 impl Body for AuditBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx),

@@ -9,14 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-
 use super::audit::CountingBody;
-use super::pool::{Lane, Pool, PoolKey, SendError, UpstreamBody, UpstreamConn};
+use super::client::{
+    self, ClientError, Connector, Outgoing, SendError, UpstreamBody, UpstreamConn,
+};
+use super::pool::{Pool, PoolKey};
 use super::refusal::Refusal;
 use crate::config::{IdentityConfig, UpstreamConfig};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the historic ones).
 const HOP_BY_HOP: [&str; 9] = [
@@ -160,8 +161,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// The ActiveSync server: where requests go and the idle connections to it.
 pub struct Upstream {
     connector: Connector,
@@ -169,8 +168,6 @@ pub struct Upstream {
     /// Kerberos authentication per connection (IIS) must never see a connection carry two
     /// users.
     pool: Arc<Pool>,
-    /// What connecting asks the connector for: scheme and authority.
-    origin: Uri,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     host: HeaderValue,
@@ -185,10 +182,6 @@ pub struct UpstreamSetupError(String);
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &config.ca_file {
             let certs = crate::tls::read_certs(ca, "upstream.ca_file")
@@ -211,11 +204,6 @@ impl Upstream {
                 crate::tls::upstream_verifier(roots).map_err(|e| UpstreamSetupError(e.message))?;
             builder.with_webpki_verifier(verifier).with_no_client_auth()
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let scheme = config
             .url
             .scheme()
@@ -228,16 +216,18 @@ impl Upstream {
             .ok_or_else(|| UpstreamSetupError("upstream.url has no host".into()))?;
         let host = HeaderValue::from_str(authority.as_str())
             .map_err(|e| UpstreamSetupError(e.to_string()))?;
-        let origin = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| UpstreamSetupError(e.to_string()))?;
+        let https = scheme == http::uri::Scheme::HTTPS;
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = https.then(|| {
+            let mut tls = tls;
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(tls)
+        });
+        let connector = Connector::new(authority.host(), port, tls, config.connect_timeout)
+            .map_err(UpstreamSetupError)?;
         Ok(Upstream {
             connector,
             pool: Pool::new(config.pool_max_idle_per_host, 1, config.pool_idle_timeout),
-            origin,
             scheme,
             authority,
             host,
@@ -270,12 +260,11 @@ impl Upstream {
         self
     }
 
-    /// Sends one request on the device connection's `lane`; with an `account` (Kerberos
-    /// mode) only on that account's own connections. The body streams; a request is sent
-    /// again, on a new connection, only if it was never written.
+    /// Sends one request; with an `account` (Kerberos mode) only on that account's own
+    /// connections. The body streams; a request is sent again, on a new connection, only if
+    /// not one byte of it was written.
     pub async fn send(
         &self,
-        lane: &Arc<Lane>,
         account: Option<&Arc<str>>,
         mut request: Request<CountingBody>,
     ) -> Result<Response<UpstreamBody>, Refusal> {
@@ -283,7 +272,7 @@ impl Upstream {
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         let key = account.cloned();
-        match tokio::time::timeout(self.request_timeout, self.exchange(lane, key, request)).await {
+        match tokio::time::timeout(self.request_timeout, self.exchange(key, request)).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
             Ok(result) => result,
         }
@@ -291,39 +280,40 @@ impl Upstream {
 
     async fn exchange(
         &self,
-        lane: &Arc<Lane>,
         key: PoolKey,
-        mut request: Request<CountingBody>,
+        request: Request<CountingBody>,
     ) -> Result<Response<UpstreamBody>, Refusal> {
+        let mut outgoing = Outgoing::new(request).map_err(|e| {
+            tracing::debug!(target: "seg::upstream", error = %e, "request not sendable");
+            Refusal::UpstreamFailed
+        })?;
         // An idle connection may have been closed by the upstream a moment ago; then the
-        // request is unsent and goes out on a new connection, which is the last try.
-        let mut fresh = false;
+        // request is unsent and goes out on another one. A new connection is the last try.
         loop {
-            if !lane.ready_conn(&self.pool, &key) {
+            let (conn, fresh) = match self.pool.take(&key) {
+                Some(conn) => (conn, false),
                 // Boxed: a connect's state (DNS, TCP, TLS) would otherwise enlarge every
                 // request's future, held Pings included.
-                let conn = Box::pin(self.connect(key.clone())).await?;
-                lane.install(conn, &self.pool);
-                fresh = true;
-            }
-            match lane.send(request).await {
+                None => (Box::pin(self.connect(key.clone())).await?, true),
+            };
+            match client::send(conn, outgoing, &self.pool).await {
                 Ok(response) => return Ok(response),
-                Err(SendError::Unsent(_, unsent)) if !fresh => {
-                    tracing::debug!(target: "seg::upstream", "idle upstream connection closed; sending on a new one");
-                    request = *unsent;
+                Err(SendError::Unsent(e, unsent)) if !fresh => {
+                    tracing::debug!(target: "seg::upstream", error = %e, "idle upstream connection closed; sending on another");
+                    outgoing = *unsent;
+                }
+                Err(SendError::Unsent(e, _)) => {
+                    tracing::warn!(target: "seg::upstream", error = %e, "new upstream connection closed at once");
+                    return Err(Refusal::UpstreamFailed);
                 }
                 // Reading the device's body failed (broken framing, too slow): the caller
                 // answers the device; the upstream did nothing wrong.
-                Err(SendError::Failed(e)) if e.is_user() => {
+                Err(SendError::Failed(e @ ClientError::Body(_))) => {
                     tracing::debug!(target: "seg::upstream", error = %e, "request body failed");
                     return Err(Refusal::UpstreamFailed);
                 }
-                Err(SendError::Unsent(Some(e), _) | SendError::Failed(e)) => {
+                Err(SendError::Failed(e)) => {
                     tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
-                    return Err(Refusal::UpstreamFailed);
-                }
-                Err(SendError::Unsent(None, _)) => {
-                    tracing::warn!(target: "seg::upstream", "new upstream connection closed at once");
                     return Err(Refusal::UpstreamFailed);
                 }
             }
@@ -331,17 +321,13 @@ impl Upstream {
     }
 
     async fn connect(&self, key: PoolKey) -> Result<UpstreamConn, Refusal> {
-        let mut connector = self.connector.clone();
-        let io = tower_service::Service::call(&mut connector, self.origin.clone())
-            .await
-            .map_err(|e| {
+        match self.connector.connect().await {
+            Ok(io) => Ok(UpstreamConn::new(io, key)),
+            Err(e) => {
                 tracing::warn!(target: "seg::upstream", error = %e, "upstream connect failed");
-                Refusal::UpstreamUnreachable
-            })?;
-        UpstreamConn::open(io, key).await.map_err(|e| {
-            tracing::warn!(target: "seg::upstream", error = %e, "upstream handshake failed");
-            Refusal::UpstreamUnreachable
-        })
+                Err(Refusal::UpstreamUnreachable)
+            }
+        }
     }
 
     /// Checks that the upstream accepts TCP connections, for `/readyz`.

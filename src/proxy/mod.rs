@@ -7,6 +7,7 @@
 
 mod audit;
 mod caps;
+mod client;
 mod forward;
 mod pool;
 mod refusal;
@@ -42,7 +43,6 @@ use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
 use caps::{address_key, CapFull, ConnectionCaps};
-use pool::Lane;
 use slow::{BodyPace, DeviceIo, IoWatch, PacedBody};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
@@ -279,15 +279,12 @@ impl Gateway {
             io: Arc::clone(&io_watch),
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
-        // This connection's upstream connections are driven by this task (see pool.rs).
-        let lane = Arc::new(Lane::default());
+        // Each request's upstream exchange (client.rs) runs within this connection's task.
         let gateway = Arc::clone(&self);
-        let service_lane = Arc::clone(&lane);
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
             let device = Arc::clone(&device);
-            let lane = Arc::clone(&service_lane);
-            async move { Ok::<_, Infallible>(gateway.handle(request, &device, &lane).await) }
+            async move { Ok::<_, Infallible>(gateway.handle(request, &device).await) }
         });
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -297,7 +294,7 @@ impl Gateway {
             .serve_connection(TokioIo::new(tls), service);
         let mut connection = std::pin::pin!(connection);
         let plan = tokio::select! {
-            result = lane.drive(connection.as_mut()) => {
+            result = connection.as_mut() => {
                 if let Err(e) = result {
                     self.connection_failed(&e, &io_watch, peer);
                 }
@@ -316,7 +313,7 @@ impl Gateway {
             plan.deadline()
         };
         tokio::select! {
-            _ = lane.drive(connection.as_mut()) => {}
+            _ = connection.as_mut() => {}
             _ = tokio::time::sleep_until(close_at.into()) => {
                 self.metrics.drained_connections.inc();
             }
@@ -328,7 +325,6 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         device: &DeviceConnection,
-        lane: &Arc<Lane>,
     ) -> Response<AuditBody> {
         let route = route(&request);
         let (eas, query_error) = match EasRequest::parse(
@@ -483,7 +479,7 @@ impl Gateway {
         let account = delegated.as_ref().map(|a| &a.principal);
         let sent = self
             .upstream
-            .send(lane, account, Request::from_parts(parts, body))
+            .send(account, Request::from_parts(parts, body))
             .await;
         match sent {
             Ok(response)
