@@ -240,7 +240,7 @@ fn build_gateway(
         },
         delegation,
         long_polls,
-        tls: tokio_rustls::TlsAcceptor::from(tls),
+        tls,
         revocation: current_revocation,
         online,
         metrics: Arc::clone(metrics),

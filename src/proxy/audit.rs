@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::client::{ClientError, UpstreamBody};
 use crate::activesync::EasRequest;
@@ -17,7 +17,9 @@ use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
 use crate::resolver::Denial;
 
-use super::slow::{IoWatch, PacedBody};
+use super::connection::RequestBody;
+use super::device_tls::IoWatch;
+use super::slow::PacedBody;
 
 /// Who the device turned out to be; the record reads its fields when it is written.
 pub enum AuditSubject {
@@ -233,7 +235,7 @@ impl Drop for AuditBody {
 
 /// The request body toward the upstream, held to its pace; counts bytes for the audit record.
 pub struct CountingBody {
-    inner: PacedBody<Incoming>,
+    inner: PacedBody<RequestBody>,
     count: Arc<AtomicU64>,
     /// Set when reading the device's body fails (broken chunked framing, the device gone
     /// mid-body): the upstream request then fails through no fault of the upstream's.
@@ -241,7 +243,7 @@ pub struct CountingBody {
 }
 
 impl CountingBody {
-    pub fn new(inner: PacedBody<Incoming>, count: Arc<AtomicU64>) -> CountingBody {
+    pub fn new(inner: PacedBody<RequestBody>, count: Arc<AtomicU64>) -> CountingBody {
         CountingBody {
             inner,
             count,

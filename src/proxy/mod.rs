@@ -8,27 +8,26 @@
 mod audit;
 mod caps;
 mod client;
+mod connection;
+mod device_tls;
 mod forward;
+pub mod http1;
 mod pool;
 mod refusal;
 mod slow;
 
-use std::convert::Infallible;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio_rustls::TlsAcceptor;
 
 pub use audit::AuditBody;
+pub use connection::RequestBody;
 pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 
@@ -43,7 +42,9 @@ use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
 use caps::{address_key, CapFull, ConnectionCaps};
-use slow::{BodyPace, DeviceIo, IoWatch, PacedBody};
+use connection::{ConnectionError, DeviceConn};
+use device_tls::{DeviceTls, IoWatch};
+use slow::{BodyPace, PacedBody};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.
@@ -54,7 +55,8 @@ pub struct Gateway {
     pub upstream: Upstream,
     pub headers: HeaderPolicy,
     pub long_polls: Arc<LongPolls>,
-    pub tls: TlsAcceptor,
+    /// The listener's TLS configuration (`crate::tls::server_config`).
+    pub tls: Arc<rustls::ServerConfig>,
     pub revocation: Arc<CurrentRevocation>,
     /// OCSP and distribution-point CRLs, checked per request after the CRLs in force.
     pub online: Arc<crate::online::OnlineRevocation>,
@@ -107,9 +109,8 @@ struct DeviceConnection {
 }
 
 /// The most bytes a request line and header block may take; more is 431 and a closed
-/// connection. Without it hyper's only bound is its read buffer (about 400 kB), which a head
-/// arriving in large reads can pass: a 450 kB header was forwarded. ActiveSync heads are a
-/// few hundred bytes and IIS refuses heads past 16 kB by default.
+/// connection. ActiveSync heads are a few hundred bytes and IIS refuses heads past 16 kB by
+/// default.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// Beyond the drain window, how long connections get to close before serve returns anyway.
@@ -230,10 +231,13 @@ impl Gateway {
                 return;
             }
         };
-        let tcp = DeviceIo::new(tcp, self.config.listen.write_timeout);
-        let io_watch = tcp.watch();
-        let tls = match tokio::time::timeout(handshake_timeout, self.tls.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
+        let listen = &self.config.listen;
+        let accept = DeviceTls::accept(tcp, Arc::clone(&self.tls), listen.write_timeout);
+        // Boxed: the handshake's state would otherwise stay in every connection's task for
+        // its whole life.
+        let (tls, received) = match tokio::time::timeout(handshake_timeout, Box::pin(accept)).await
+        {
+            Ok(Ok(accepted)) => accepted,
             Ok(Err(e)) => {
                 let label = crate::tls::handshake_failure_label(&e);
                 self.count_handshake(label);
@@ -246,10 +250,10 @@ impl Gateway {
                 return;
             }
         };
+        let io_watch = tls.watch();
         io_watch.forget_reads();
-        let session = tls.get_ref().1;
-        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) else {
+        let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let Some(leaf) = tls.peer_certificates().and_then(|c| c.first()) else {
             // Unreachable with a mandatory verifier; refuse rather than serve without identity.
             self.count_handshake("no_client_certificate");
             return;
@@ -280,21 +284,10 @@ impl Gateway {
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
         // Each request's upstream exchange (client.rs) runs within this connection's task.
-        let gateway = Arc::clone(&self);
-        let service = service_fn(move |request| {
-            let gateway = Arc::clone(&gateway);
-            let device = Arc::clone(&device);
-            async move { Ok::<_, Infallible>(gateway.handle(request, &device).await) }
-        });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.config.listen.idle_timeout)
-            .max_header_size(MAX_REQUEST_HEAD)
-            .keep_alive(device_slot.is_some())
-            .serve_connection(TokioIo::new(tls), service);
-        let mut connection = std::pin::pin!(connection);
+        let keep_alive = device_slot.is_some();
+        let mut connection = DeviceConn::new(Arc::clone(&self), device, tls, received, keep_alive);
         let plan = tokio::select! {
-            result = connection.as_mut() => {
+            result = poll_fn(|cx| connection.poll_run(cx)) => {
                 if let Err(e) = result {
                     self.connection_failed(&e, &io_watch, peer);
                 }
@@ -306,14 +299,14 @@ impl Gateway {
             return;
         };
         // No new requests; the one in flight may finish, a held long poll until its moment.
-        connection.as_mut().graceful_shutdown();
+        connection.drain();
         let close_at = if holds_long_poll.load(Ordering::Acquire) > 0 {
             plan.spread()
         } else {
             plan.deadline()
         };
         tokio::select! {
-            _ = connection.as_mut() => {}
+            _ = poll_fn(|cx| connection.poll_run(cx)) => {}
             _ = tokio::time::sleep_until(close_at.into()) => {
                 self.metrics.drained_connections.inc();
             }
@@ -322,9 +315,9 @@ impl Gateway {
 
     /// One device request: identity, route, forward.
     async fn handle(
-        &self,
-        request: Request<Incoming>,
-        device: &DeviceConnection,
+        self: Arc<Self>,
+        request: Request<RequestBody>,
+        device: Arc<DeviceConnection>,
     ) -> Response<AuditBody> {
         let route = route(&request);
         let (eas, query_error) = match EasRequest::parse(
@@ -532,7 +525,7 @@ impl Gateway {
 }
 
 /// Which requests seg forwards: ActiveSync and Autodiscover, by POST or OPTIONS.
-fn route(request: &Request<Incoming>) -> Result<Route, Refusal> {
+fn route<B>(request: &Request<B>) -> Result<Route, Refusal> {
     let path = request.uri().path();
     let activesync = path
         .get(..28)
@@ -575,16 +568,16 @@ impl Gateway {
     }
 
     /// A connection that ended in an error: a device cut for slowness is counted and logged.
-    fn connection_failed(&self, error: &hyper::Error, io: &IoWatch, peer: SocketAddr) {
+    fn connection_failed(&self, error: &ConnectionError, io: &IoWatch, peer: SocketAddr) {
         let listen = &self.config.listen;
         if io.write_timed_out() {
             // The request's audit record says so too (reason response-write-timeout).
             self.count_timed_out("response_write");
             tracing::info!(target: "seg::listener", %peer, write_timeout = ?listen.write_timeout, "connection closed: the device stopped reading the response");
-        } else if error.is_timeout() && io.read_since_write() {
+        } else if let ConnectionError::HeadTimeout { partial: true } = error {
             self.count_timed_out("request_head");
             tracing::info!(target: "seg::listener", %peer, idle_timeout = ?listen.idle_timeout, "connection closed: the request head did not arrive in time");
-        } else if error.is_timeout() {
+        } else if let ConnectionError::HeadTimeout { partial: false } = error {
             self.count_timed_out("idle");
             tracing::debug!(target: "seg::listener", %peer, "idle connection closed");
         } else {

@@ -1,13 +1,12 @@
 //! Slow devices: the request body that trickles and the device that stops reading.
 //!
-//! The TLS handshake (`listen.handshake_timeout`) and the request head (`listen.idle_timeout`,
-//! hyper's header timer) have their own limits. What is left is bounded here: a request body
-//! must keep a minimum pace (`PacedBody`), and a write toward the device may not stay blocked
-//! for long (`DeviceIo`). Neither limit counts silence: a held Ping, which sends nothing for
-//! up to an hour in either direction, is never cut by them.
+//! The TLS handshake (`listen.handshake_timeout`), the request head (`listen.idle_timeout`,
+//! in `connection`) and a write the device does not read (`listen.write_timeout`, in
+//! `device_tls`) have their own limits. What is left is bounded here: a request body must
+//! keep a minimum pace (`PacedBody`). No limit counts silence: a held Ping, which sends
+//! nothing for up to an hour in either direction, is never cut by them.
 
 use std::future::Future as _;
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -166,137 +164,10 @@ where
     }
 }
 
-/// What a connection's `DeviceIo` saw, read by the connection when it ends.
-#[derive(Debug, Default)]
-pub struct IoWatch {
-    /// A write stayed blocked past `listen.write_timeout`.
-    write_timed_out: AtomicBool,
-    /// The device sent bytes since seg last wrote: a request (head) is on its way.
-    read_since_write: AtomicBool,
-}
-
-impl IoWatch {
-    pub fn write_timed_out(&self) -> bool {
-        self.write_timed_out.load(Ordering::Acquire)
-    }
-
-    /// Whether the device sent anything since seg last wrote (or since `forget_reads`).
-    pub fn read_since_write(&self) -> bool {
-        self.read_since_write.load(Ordering::Acquire)
-    }
-
-    /// Forgets the handshake's bytes, so a connection silent after it counts as idle.
-    pub fn forget_reads(&self) {
-        self.read_since_write.store(false, Ordering::Release);
-    }
-}
-
-/// The device's socket, with a bound on how long one write may stay blocked. A blocked write
-/// means the device's receive window is closed: it stopped reading. Writes that complete,
-/// however far apart, never time out.
-pub struct DeviceIo<T> {
-    inner: T,
-    write_timeout: Duration,
-    blocked: Option<Pin<Box<Sleep>>>,
-    watch: Arc<IoWatch>,
-}
-
-impl<T> DeviceIo<T> {
-    pub fn new(inner: T, write_timeout: Duration) -> DeviceIo<T> {
-        DeviceIo {
-            inner,
-            write_timeout,
-            blocked: None,
-            watch: Arc::new(IoWatch::default()),
-        }
-    }
-
-    pub fn watch(&self) -> Arc<IoWatch> {
-        Arc::clone(&self.watch)
-    }
-
-    /// After the inner write: progress clears the clock, a blocked write starts or checks it.
-    fn after_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<usize>>,
-    ) -> Poll<io::Result<usize>> {
-        match polled {
-            Poll::Ready(result) => {
-                self.blocked = None;
-                if matches!(result, Ok(n) if n > 0) {
-                    self.watch.read_since_write.store(false, Ordering::Release);
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                let limit = self.write_timeout;
-                let blocked = self
-                    .blocked
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                ready!(blocked.as_mut().poll(cx));
-                self.watch.write_timed_out.store(true, Ordering::Release);
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the device read nothing for {limit:?}"),
-                )))
-            }
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for DeviceIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.watch.read_since_write.store(true, Ordering::Release);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for DeviceIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.after_write(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.after_write(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::sync::mpsc;
 
     /// A body fed by the test, one chunk at a time.
@@ -382,55 +253,5 @@ mod tests {
         assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"x"));
         drop(tx);
         assert!(body.frame().await.is_none());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_blocked_past_the_timeout_fails_and_is_reported() {
-        // A 1 KiB pipe that nobody reads: the second write blocks.
-        let (near, _far) = tokio::io::duplex(1024);
-        let mut io = DeviceIo::new(near, Duration::from_secs(5));
-        let watch = io.watch();
-        io.write_all(&[0; 1024]).await.expect("fits");
-        let started = Instant::now();
-        let error = io.write_all(&[0; 1024]).await.expect_err("blocked");
-        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_secs(5));
-        assert!(watch.write_timed_out());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn silence_and_slow_but_moving_writes_never_time_out() {
-        let (near, mut far) = tokio::io::duplex(1024);
-        let mut io = DeviceIo::new(near, Duration::from_secs(5));
-        let watch = io.watch();
-        // An hour of silence (a held Ping), then a reply larger than the pipe that the
-        // device reads 512 bytes every 3 s: each blocked write makes progress in time.
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        let reader = tokio::spawn(async move {
-            let mut got = 0;
-            let mut chunk = [0; 512];
-            while got < 8192 {
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                got += far.read(&mut chunk).await.unwrap();
-            }
-        });
-        io.write_all(&[0; 8192]).await.expect("slow but moving");
-        reader.await.unwrap();
-        assert!(!watch.write_timed_out());
-    }
-
-    #[tokio::test]
-    async fn reads_since_the_last_write_are_noticed() {
-        let (near, mut far) = tokio::io::duplex(1024);
-        let mut io = DeviceIo::new(near, Duration::from_secs(5));
-        let watch = io.watch();
-        assert!(!watch.read_since_write());
-        far.write_all(b"POST / HT").await.unwrap();
-        let mut buf = [0; 16];
-        let n = io.read(&mut buf).await.unwrap();
-        assert_eq!(n, 9);
-        assert!(watch.read_since_write());
-        io.write_all(b"HTTP/1.1 200 OK").await.unwrap();
-        assert!(!watch.read_since_write());
     }
 }

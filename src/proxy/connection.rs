@@ -1,0 +1,737 @@
+//! One device connection after its handshake: requests read in order, each handed to the
+//! gateway with its body streaming, and the responses written back.
+//!
+//! seg serves devices with this rather than hyper's server connection because of what a
+//! connection keeps while it waits. Between requests a connection holds its TLS session
+//! (`device_tls`) and this small state, and no buffer: bytes of a request head are kept only
+//! until the head is whole. During a held Ping it adds only the request's own state; hyper
+//! kept an 8 KiB read and an 8 KiB write buffer per connection for its whole life. The
+//! request syntax is `http1`'s, strict where request smuggling lives.
+//!
+//! While a request is with the gateway the connection keeps reading the device: to feed the
+//! request body when it is asked for, and, once the body is complete, to notice the device
+//! leaving. A device that leaves abandons its request: the gateway's future is dropped with
+//! its upstream exchange, so a held Ping is closed upstream at once.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, Method, Request, Response, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use super::audit::AuditBody;
+use super::device_tls::DeviceTls;
+use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
+use super::{DeviceConnection, Gateway, MAX_REQUEST_HEAD};
+
+/// The most bytes of a next (pipelined) request read while the current one is with the
+/// gateway; past it the device is not read until the current response is written.
+const MAX_PIPELINED: usize = 64 * 1024;
+
+/// Response bytes gathered before they are encrypted and written: a small response goes out
+/// in one record and one write.
+const GATHER: usize = 16 * 1024;
+
+/// Why a connection ended other than cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("device connection: {0}")]
+    Io(#[from] io::Error),
+    /// `listen.idle_timeout` passed without a whole request head; `partial` when some of
+    /// one had arrived.
+    #[error("no request head within the idle timeout")]
+    HeadTimeout { partial: bool },
+    #[error("the upstream's response broke off: {0}")]
+    ResponseBody(super::client::ClientError),
+}
+
+type Handler = Pin<Box<dyn Future<Output = Response<AuditBody>> + Send>>;
+
+/// A device connection between handshake and close.
+pub struct DeviceConn {
+    gateway: Arc<Gateway>,
+    device: Arc<DeviceConnection>,
+    tls: DeviceTls,
+    /// Plaintext received and not used yet: (part of) the next request head, or request
+    /// body bytes the decoder has not taken. Unallocated when empty.
+    buf: BytesMut,
+    state: State,
+    /// False for a connection over its certificate's cap: one answer, then close.
+    keep_alive: bool,
+    /// A drain started: no request after the current one.
+    draining: bool,
+    idle_timeout: Duration,
+    /// Runs while a request head is awaited.
+    head_timer: Option<Pin<Box<Sleep>>>,
+}
+
+enum State {
+    /// Waiting for a request head.
+    Idle,
+    /// The gateway is deciding and forwarding; the request body may still be arriving.
+    Handling(Box<Handling>),
+    /// The response is going out.
+    Responding(Box<Responding>),
+    /// close_notify, then the connection's end.
+    Closing,
+}
+
+/// What the connection must remember of a request while it is served.
+struct Exchange {
+    head_request: bool,
+    version: Version,
+    /// The request or its framing asked for the connection's end after this exchange.
+    close: bool,
+    /// A request body still arriving.
+    feed: Option<Feed>,
+}
+
+struct Handling {
+    response: Handler,
+    exchange: Exchange,
+}
+
+struct Responding {
+    body: AuditBody,
+    framing: ResponseFraming,
+    /// Body bytes still due under `Content-Length`.
+    remaining: Option<u64>,
+    exchange: Exchange,
+    close: bool,
+    /// Plaintext gathered and not yet handed to TLS.
+    out: Vec<u8>,
+    ended: bool,
+}
+
+impl DeviceConn {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        device: Arc<DeviceConnection>,
+        tls: DeviceTls,
+        received: BytesMut,
+        keep_alive: bool,
+    ) -> DeviceConn {
+        let idle_timeout = gateway.config.listen.idle_timeout;
+        DeviceConn {
+            gateway,
+            device,
+            tls,
+            buf: received,
+            state: State::Idle,
+            keep_alive,
+            draining: false,
+            idle_timeout,
+            head_timer: None,
+        }
+    }
+
+    /// No new requests: an idle connection closes at its next poll, a busy one after its
+    /// response.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Serves requests until the connection ends. Its state lives in `self`, so the future
+    /// polling it may be dropped and polling resumed (the caller does so when a drain
+    /// starts).
+    pub fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectionError>> {
+        loop {
+            let next = match self.state {
+                State::Idle => Some(ready!(self.poll_idle(cx))?),
+                State::Handling(_) => ready!(self.poll_handling(cx))?,
+                State::Responding(_) => Some(ready!(self.poll_responding(cx))?),
+                State::Closing => {
+                    // A device that stopped reading meets the write timeout here too.
+                    let _ = ready!(self.tls.poll_shutdown(cx));
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            match next {
+                Some(state) => self.state = state,
+                // The device left during its request: the request is abandoned.
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Result<State, ConnectionError>> {
+        loop {
+            if self.draining {
+                return Poll::Ready(Ok(State::Closing));
+            }
+            if !self.buf.is_empty() {
+                match http1::parse_request_head(&self.buf, MAX_REQUEST_HEAD) {
+                    Ok(Some((head, used))) => {
+                        self.buf.advance(used);
+                        self.head_timer = None;
+                        return Poll::Ready(Ok(self.dispatch(head)));
+                    }
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(self.refuse_head(&error)),
+                }
+            }
+            match self.tls.poll_read(cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(State::Closing)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => {}
+            }
+            let limit = self.idle_timeout;
+            let timer = self
+                .head_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            ready!(timer.as_mut().poll(cx));
+            return Poll::Ready(Err(ConnectionError::HeadTimeout {
+                partial: !self.buf.is_empty(),
+            }));
+        }
+    }
+
+    /// A head seg cannot take: 400 or 431 and close; the HTTP/2 preface gets no answer.
+    fn refuse_head(&mut self, error: &HeadError) -> Result<State, ConnectionError> {
+        tracing::debug!(target: "seg::listener", peer = %self.device.peer, %error, "request head refused");
+        self.buf = BytesMut::new();
+        if let Some(status) = error.status() {
+            self.tls.send(&http1::error_response(status, &date()))?;
+        }
+        Ok(State::Closing)
+    }
+
+    /// Hands a request to the gateway; a body that came with its head goes along whole.
+    fn dispatch(&mut self, head: http1::RequestHead) -> State {
+        let mut exchange = Exchange {
+            head_request: head.method == Method::HEAD,
+            version: head.version,
+            close: head.close,
+            feed: None,
+        };
+        let body = match head.body {
+            BodyFraming::Empty => RequestBody::complete(None),
+            framing => self.start_body(framing, head.expects_continue, &mut exchange),
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers;
+        let response = Box::pin(Gateway::handle(
+            Arc::clone(&self.gateway),
+            request,
+            Arc::clone(&self.device),
+        ));
+        State::Handling(Box::new(Handling { response, exchange }))
+    }
+
+    /// Decodes what of the body has arrived; the rest streams through a feed.
+    fn start_body(
+        &mut self,
+        framing: BodyFraming,
+        expects_continue: bool,
+        exchange: &mut Exchange,
+    ) -> RequestBody {
+        let mut decoder = BodyDecoder::new(framing);
+        let mut arrived = Arrived::default();
+        loop {
+            match decoder.decode(&mut self.buf) {
+                Ok(Some(BodyEvent::Data(data))) => arrived.push(data),
+                Ok(Some(BodyEvent::End)) => return RequestBody::complete(arrived.take()),
+                Ok(None) => break,
+                Err(e) => {
+                    // Where the message ends is unknown: nothing after it can be read.
+                    exchange.close = true;
+                    return RequestBody::failed(BodyFailure::Framing(e));
+                }
+            }
+        }
+        let channel = Arc::new(BodyChannel::new(decoder.exact_remaining()));
+        // A client that sent its body without waiting needs no 100 Continue.
+        let continue_due = expects_continue && arrived.is_empty();
+        if let Some(data) = arrived.take() {
+            channel.put(data, Waker::noop());
+        }
+        exchange.feed = Some(Feed {
+            decoder,
+            channel: Arc::clone(&channel),
+            continue_due,
+        });
+        RequestBody(Source::Streaming(channel))
+    }
+
+    /// Returns the next state, or None when the device left and the request was abandoned.
+    fn poll_handling(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<State>, ConnectionError>> {
+        let State::Handling(handling) = &mut self.state else {
+            return Poll::Ready(Ok(Some(State::Closing)));
+        };
+        loop {
+            if let Poll::Ready(response) = handling.response.as_mut().poll(cx) {
+                let State::Handling(handling) = std::mem::replace(&mut self.state, State::Closing)
+                else {
+                    unreachable!("state checked above");
+                };
+                let handling = *handling;
+                return Poll::Ready(Ok(Some(self.respond(response, handling.exchange))));
+            }
+            let exchange = &mut handling.exchange;
+            match &mut exchange.feed {
+                Some(feed) => {
+                    if !feed.channel.wanted() {
+                        // Nobody reads the body now; a body given up is drained, or the
+                        // connection closed, after the response.
+                        return Poll::Pending;
+                    }
+                    if feed.continue_due {
+                        feed.continue_due = false;
+                        self.tls.send(http1::CONTINUE)?;
+                    }
+                    match feed.decoder.decode(&mut self.buf) {
+                        Ok(Some(BodyEvent::Data(data))) => {
+                            feed.channel.put(data, cx.waker());
+                            continue;
+                        }
+                        Ok(Some(BodyEvent::End)) => {
+                            feed.channel.finish(None, cx.waker());
+                            exchange.feed = None;
+                            continue;
+                        }
+                        Err(e) => {
+                            feed.channel
+                                .finish(Some(BodyFailure::Framing(e)), cx.waker());
+                            exchange.feed = None;
+                            exchange.close = true;
+                            continue;
+                        }
+                        Ok(None) => {}
+                    }
+                    match self.tls.poll_read(cx, &mut self.buf) {
+                        Poll::Ready(Ok(0)) => {
+                            feed.channel.finish(Some(BodyFailure::Closed), cx.waker());
+                            exchange.feed = None;
+                            exchange.close = true;
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                None => {
+                    // The request is complete: watch for the device leaving. Bytes of a
+                    // next request are kept, up to a bound.
+                    if self.buf.len() >= MAX_PIPELINED || self.tls.peer_closed() {
+                        return Poll::Pending;
+                    }
+                    match self.tls.poll_read(cx, &mut self.buf) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes the response head and starts on its body.
+    fn respond(&mut self, response: Response<AuditBody>, exchange: Exchange) -> State {
+        let (parts, body) = response.into_parts();
+        let method = if exchange.head_request {
+            &Method::HEAD
+        } else {
+            &Method::POST
+        };
+        let framing = http1::response_framing(
+            method,
+            exchange.version,
+            parts.status,
+            &parts.headers,
+            body.size_hint().exact(),
+        );
+        let close = exchange.close
+            || !self.keep_alive
+            || self.draining
+            || framing == ResponseFraming::UntilClose
+            || asks_close(&parts.headers);
+        let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+        http1::encode_response_head(
+            &mut out,
+            parts.status,
+            &parts.headers,
+            framing,
+            exchange.version,
+            close,
+            &date(),
+        );
+        let remaining = match framing {
+            ResponseFraming::Length(n) => Some(n),
+            _ => None,
+        };
+        State::Responding(Box::new(Responding {
+            body,
+            framing,
+            remaining,
+            exchange,
+            close,
+            out,
+            ended: false,
+        }))
+    }
+
+    fn poll_responding(&mut self, cx: &mut Context<'_>) -> Poll<Result<State, ConnectionError>> {
+        let State::Responding(r) = &mut self.state else {
+            return Poll::Ready(Ok(State::Closing));
+        };
+        loop {
+            // What TLS holds must reach the device before more is taken from the upstream.
+            if self.tls.has_pending_output() {
+                ready!(self.tls.poll_flush(cx))?;
+            }
+            if r.ended {
+                if !r.out.is_empty() {
+                    self.tls.send(&r.out)?;
+                    r.out = Vec::new();
+                    continue;
+                }
+                ready!(self.tls.poll_flush(cx))?;
+                let State::Responding(done) = std::mem::replace(&mut self.state, State::Closing)
+                else {
+                    unreachable!("state checked above");
+                };
+                return Poll::Ready(Ok(self.after_response(*done)));
+            }
+            match Pin::new(&mut r.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // response trailers are not passed on
+                    };
+                    match r.framing {
+                        ResponseFraming::Empty => {}
+                        ResponseFraming::Chunked => http1::encode_chunk(&mut r.out, &data),
+                        ResponseFraming::UntilClose => r.out.extend_from_slice(&data),
+                        ResponseFraming::Length(_) => {
+                            let left = r.remaining.unwrap_or(0);
+                            let n = (data.len() as u64).min(left);
+                            r.out.extend_from_slice(&data[..n as usize]);
+                            r.remaining = Some(left - n);
+                            if n < data.len() as u64 {
+                                // More than its Content-Length: what was declared goes out,
+                                // then the connection closes.
+                                r.close = true;
+                            }
+                        }
+                    }
+                    if r.out.len() >= GATHER {
+                        self.tls.send(&r.out)?;
+                        r.out.clear();
+                    }
+                }
+                Poll::Ready(None) => {
+                    match r.framing {
+                        ResponseFraming::Chunked => r.out.extend_from_slice(http1::LAST_CHUNK),
+                        // Shorter than its Content-Length: the device must not wait for the
+                        // rest on a reused connection.
+                        ResponseFraming::Length(_) if r.remaining != Some(0) => r.close = true,
+                        _ => {}
+                    }
+                    r.ended = true;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The device cannot be told cleanly: what was gathered goes out, then the
+                    // connection closes, so the truncation shows.
+                    let _ = self.tls.send(&r.out);
+                    r.out = Vec::new();
+                    return Poll::Ready(Err(ConnectionError::ResponseBody(e)));
+                }
+                Poll::Pending => {
+                    if r.out.is_empty() {
+                        return Poll::Pending;
+                    }
+                    self.tls.send(&r.out)?;
+                    r.out.clear();
+                }
+            }
+        }
+    }
+
+    /// The response is out: the next request, or the connection's end.
+    fn after_response(&mut self, done: Responding) -> State {
+        let mut reusable = !done.close && !self.draining;
+        if let Some(mut feed) = done.exchange.feed {
+            // A body nobody read: skipped if it has all arrived already, else its end
+            // cannot be known without waiting for it.
+            feed.channel
+                .finish(Some(BodyFailure::Closed), Waker::noop());
+            reusable = reusable && drain_arrived(&mut feed.decoder, &mut self.buf);
+        }
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        if reusable {
+            State::Idle
+        } else {
+            State::Closing
+        }
+    }
+}
+
+/// Skips the already-received rest of a body nobody read; true if it ended there.
+fn drain_arrived(decoder: &mut BodyDecoder, buf: &mut BytesMut) -> bool {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(BodyEvent::Data(_))) => continue,
+            Ok(Some(BodyEvent::End)) => return true,
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+fn wake_other(waiting: Option<Waker>, connection: &Waker) {
+    if let Some(waker) = waiting {
+        if !waker.will_wake(connection) {
+            waker.wake();
+        }
+    }
+}
+
+/// Whether a response's `Connection` header says close (set by seg's own refusals).
+fn asks_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
+/// The `Date` of responses, formatted once a second per thread.
+fn date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((0, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHED.with(|cached| {
+        let (at, text) = cached.get();
+        if at == now {
+            return text;
+        }
+        let text = http1::http_date(now);
+        cached.set((now, text));
+        text
+    })
+}
+
+/// Body bytes that came with the head, joined when they came in several pieces.
+#[derive(Default)]
+struct Arrived {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Arrived {
+    fn push(&mut self, data: Bytes) {
+        match (&mut self.first, &mut self.more) {
+            (None, _) => self.first = Some(data),
+            (Some(first), None) => {
+                let mut joined = BytesMut::with_capacity(first.len() + data.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&data);
+                self.more = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.as_ref().is_none_or(Bytes::is_empty)
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        match self.more.take() {
+            Some(joined) => {
+                self.first = None;
+                Some(joined.freeze())
+            }
+            None => self.first.take(),
+        }
+    }
+}
+
+/// Why a request body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyFailure {
+    #[error("request body framing: {0}")]
+    Framing(http1::BodyError),
+    #[error("the device closed the connection before the request body ended")]
+    Closed,
+}
+
+/// A request body on its way from the device to the upstream.
+pub struct RequestBody(Source);
+
+enum Source {
+    /// All of it: empty, or arrived with the head.
+    Complete(Option<Bytes>),
+    /// Its framing broke before the request was handed on.
+    Failed(Option<BodyFailure>),
+    /// Still arriving; the connection feeds it as it is read.
+    Streaming(Arc<BodyChannel>),
+}
+
+impl RequestBody {
+    fn complete(data: Option<Bytes>) -> RequestBody {
+        RequestBody(Source::Complete(data.filter(|d| !d.is_empty())))
+    }
+
+    fn failed(failure: BodyFailure) -> RequestBody {
+        RequestBody(Source::Failed(Some(failure)))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyFailure;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
+        match &mut self.0 {
+            Source::Complete(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Source::Failed(failure) => Poll::Ready(failure.take().map(Err)),
+            Source::Streaming(channel) => channel.poll_take(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Source::Complete(data) => data.is_none(),
+            Source::Failed(failure) => failure.is_none(),
+            Source::Streaming(channel) => channel.is_end(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Source::Complete(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Source::Failed(_) => SizeHint::default(),
+            Source::Streaming(channel) => channel.size_hint(),
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Source::Streaming(channel) = &self.0 {
+            channel.abandon();
+        }
+    }
+}
+
+/// The request body still arriving, with the connection's feed.
+struct Feed {
+    decoder: BodyDecoder,
+    channel: Arc<BodyChannel>,
+    /// `Expect: 100-continue` is owed once the body is first asked for.
+    continue_due: bool,
+}
+
+/// Where the connection hands request body bytes to whoever reads the body. Both sides run
+/// in the connection's task, so the lock is never contended; it is there because the body
+/// travels inside the gateway's future.
+struct BodyChannel(Mutex<Slot>);
+
+#[derive(Default)]
+struct Slot {
+    data: Option<Bytes>,
+    /// The body ended: cleanly (None) or not.
+    end: Option<Option<BodyFailure>>,
+    /// The reader found nothing and waits.
+    waiting: Option<Waker>,
+    /// The reader dropped the body.
+    abandoned: bool,
+    /// Bytes still to come, when the framing says.
+    remaining: Option<u64>,
+}
+
+impl BodyChannel {
+    fn new(remaining: Option<u64>) -> BodyChannel {
+        BodyChannel(Mutex::new(Slot {
+            remaining,
+            ..Slot::default()
+        }))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the reader found nothing and waits for bytes.
+    fn wanted(&self) -> bool {
+        let slot = self.slot();
+        slot.waiting.is_some() && !slot.abandoned && slot.data.is_none() && slot.end.is_none()
+    }
+
+    /// Hands on body bytes. The connection polls the reader again itself when the reader
+    /// runs in its task (`connection`); any other reader is woken.
+    fn put(&self, data: Bytes, connection: &Waker) {
+        let mut slot = self.slot();
+        if let Some(remaining) = &mut slot.remaining {
+            *remaining = remaining.saturating_sub(data.len() as u64);
+        }
+        slot.data = Some(data);
+        wake_other(slot.waiting.take(), connection);
+    }
+
+    fn finish(&self, failure: Option<BodyFailure>, connection: &Waker) {
+        let mut slot = self.slot();
+        if slot.end.is_none() {
+            slot.end = Some(failure);
+        }
+        wake_other(slot.waiting.take(), connection);
+    }
+
+    fn abandon(&self) {
+        self.slot().abandoned = true;
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
+        let mut slot = self.slot();
+        if let Some(data) = slot.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        match slot.end.as_mut() {
+            Some(failure) => Poll::Ready(failure.take().map(Err)),
+            None => {
+                slot.waiting = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end(&self) -> bool {
+        let slot = self.slot();
+        slot.data.is_none() && matches!(&slot.end, Some(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let slot = self.slot();
+        let buffered = slot.data.as_ref().map_or(0, |d| d.len() as u64);
+        match slot.remaining {
+            Some(remaining) => SizeHint::with_exact(remaining + buffered),
+            None => SizeHint::default(),
+        }
+    }
+}
