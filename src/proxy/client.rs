@@ -367,7 +367,7 @@ impl Outgoing {
 /// response, and gives the connection back to `pool` when it has ended cleanly.
 pub async fn send(
     mut conn: UpstreamConn,
-    mut out: Outgoing,
+    mut out: Box<Outgoing>,
     pool: &Arc<Pool>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     if let Err(e) = poll_fn(|cx| Poll::Ready(out.gather(cx))).await {
@@ -378,9 +378,9 @@ pub async fn send(
     let written = match conn.io.write(&out.prefix).await {
         Ok(0) => {
             let closed = io::Error::from(io::ErrorKind::WriteZero);
-            return Err(SendError::Unsent(closed.into(), Box::new(out)));
+            return Err(SendError::Unsent(closed.into(), out));
         }
-        Err(e) => return Err(SendError::Unsent(e.into(), Box::new(out))),
+        Err(e) => return Err(SendError::Unsent(e.into(), out)),
         Ok(n) => n,
     };
     let head_request = out.head_request;

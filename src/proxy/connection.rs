@@ -28,7 +28,7 @@ use tokio::time::Sleep;
 use super::audit::AuditBody;
 use super::device_tls::DeviceTls;
 use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
-use super::{DeviceConnection, Gateway, MAX_REQUEST_HEAD};
+use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
 
 /// The most bytes of a next (pipelined) request read while the current one is with the
 /// gateway; past it the device is not read until the current response is written.
@@ -51,7 +51,38 @@ pub enum ConnectionError {
     ResponseBody(super::client::ClientError),
 }
 
-type Handler = Pin<Box<dyn Future<Output = Response<AuditBody>> + Send>>;
+/// The gateway's work on one request, in its two steps.
+enum Work {
+    /// Identity and policy (`Gateway::decide`).
+    Deciding(Pin<Box<dyn Future<Output = Handled> + Send>>),
+    /// The upstream exchange (`Gateway::forward`); a held Ping waits here, so its state is
+    /// only this step's.
+    Forwarding(Pin<Box<dyn Future<Output = Response<AuditBody>> + Send>>),
+}
+
+impl Work {
+    /// The response, once there is one; a decision to forward starts the second step.
+    fn poll_response(
+        &mut self,
+        gateway: &Arc<Gateway>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Response<AuditBody>> {
+        loop {
+            match self {
+                Work::Deciding(decide) => match ready!(decide.as_mut().poll(cx)) {
+                    Handled::Answered(response) => return Poll::Ready(response),
+                    Handled::Forward(forward) => {
+                        *self = Work::Forwarding(Box::pin(Gateway::forward(
+                            Arc::clone(gateway),
+                            forward,
+                        )));
+                    }
+                },
+                Work::Forwarding(forward) => return forward.as_mut().poll(cx),
+            }
+        }
+    }
+}
 
 /// A device connection between handshake and close.
 pub struct DeviceConn {
@@ -93,7 +124,7 @@ struct Exchange {
 }
 
 struct Handling {
-    response: Handler,
+    work: Work,
     exchange: Exchange,
 }
 
@@ -215,17 +246,21 @@ impl DeviceConn {
             BodyFraming::Empty => RequestBody::complete(None),
             framing => self.start_body(framing, head.expects_continue, &mut exchange),
         };
-        let mut request = Request::new(body);
+        let mut request = Box::new(Request::new(body));
         *request.method_mut() = head.method;
         *request.uri_mut() = head.uri;
         *request.version_mut() = head.version;
         *request.headers_mut() = head.headers;
-        let response = Box::pin(Gateway::handle(
+        if self.buf.is_empty() {
+            // A held Ping keeps no buffer.
+            self.buf = BytesMut::new();
+        }
+        let work = Work::Deciding(Box::pin(Gateway::decide(
             Arc::clone(&self.gateway),
             request,
             Arc::clone(&self.device),
-        ));
-        State::Handling(Box::new(Handling { response, exchange }))
+        )));
+        State::Handling(Box::new(Handling { work, exchange }))
     }
 
     /// Decodes what of the body has arrived; the rest streams through a feed.
@@ -272,7 +307,7 @@ impl DeviceConn {
             return Poll::Ready(Ok(Some(State::Closing)));
         };
         loop {
-            if let Poll::Ready(response) = handling.response.as_mut().poll(cx) {
+            if let Poll::Ready(response) = handling.work.poll_response(&self.gateway, cx) {
                 let State::Handling(handling) = std::mem::replace(&mut self.state, State::Closing)
                 else {
                     unreachable!("state checked above");

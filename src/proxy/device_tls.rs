@@ -29,7 +29,7 @@ use rustls::unbuffered::{
     UnbufferedStatus,
 };
 use rustls::HandshakeKind;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -497,14 +497,18 @@ impl DeviceTls {
         )))
     }
 
-    fn poll_read_socket(&self, cx: &mut Context<'_>, into: &mut [u8]) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.tcp.poll_read_ready(cx))?;
-            match self.tcp.try_read(into) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
+    /// One read from the socket. Through `AsyncRead` rather than `try_read`: tokio takes a
+    /// read shorter than the buffer as proof the socket is drained, so the next read waits
+    /// for readiness instead of costing a system call that finds nothing (one per request
+    /// otherwise, in keep-alive traffic).
+    fn poll_read_socket(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(into);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().len()))
     }
 
     /// rustls refused the connection: its alert goes out if the socket takes it at once, and

@@ -260,19 +260,28 @@ impl Upstream {
         self
     }
 
-    /// Sends one request; with an `account` (Kerberos mode) only on that account's own
-    /// connections. The body streams; a request is sent again, on a new connection, only if
-    /// not one byte of it was written.
-    pub async fn send(
-        &self,
-        account: Option<&Arc<str>>,
-        mut request: Request<CountingBody>,
-    ) -> Result<Response<UpstreamBody>, Refusal> {
+    /// Encodes a request for the upstream: its head as seg writes it, with the upstream's
+    /// own `Host`. Boxed, so the futures that carry it stay small.
+    pub fn prepare(&self, mut request: Request<CountingBody>) -> Result<Box<Outgoing>, Refusal> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
+        Outgoing::new(request).map(Box::new).map_err(|e| {
+            tracing::debug!(target: "seg::upstream", error = %e, "request not sendable");
+            Refusal::UpstreamFailed
+        })
+    }
+
+    /// Sends one prepared request; with an `account` (Kerberos mode) only on that account's
+    /// own connections. The body streams; a request is sent again, on a new connection, only
+    /// if not one byte of it was written.
+    pub async fn send(
+        &self,
+        account: Option<&Arc<str>>,
+        outgoing: Box<Outgoing>,
+    ) -> Result<Response<UpstreamBody>, Refusal> {
         let key = account.cloned();
-        match tokio::time::timeout(self.request_timeout, self.exchange(key, request)).await {
+        match tokio::time::timeout(self.request_timeout, self.exchange(key, outgoing)).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
             Ok(result) => result,
         }
@@ -281,12 +290,8 @@ impl Upstream {
     async fn exchange(
         &self,
         key: PoolKey,
-        request: Request<CountingBody>,
+        mut outgoing: Box<Outgoing>,
     ) -> Result<Response<UpstreamBody>, Refusal> {
-        let mut outgoing = Outgoing::new(request).map_err(|e| {
-            tracing::debug!(target: "seg::upstream", error = %e, "request not sendable");
-            Refusal::UpstreamFailed
-        })?;
         // An idle connection may have been closed by the upstream a moment ago; then the
         // request is unsent and goes out on another one. A new connection is the last try.
         loop {
@@ -300,7 +305,7 @@ impl Upstream {
                 Ok(response) => return Ok(response),
                 Err(SendError::Unsent(e, unsent)) if !fresh => {
                     tracing::debug!(target: "seg::upstream", error = %e, "idle upstream connection closed; sending on another");
-                    outgoing = *unsent;
+                    outgoing = unsent;
                 }
                 Err(SendError::Unsent(e, _)) => {
                     tracing::warn!(target: "seg::upstream", error = %e, "new upstream connection closed at once");

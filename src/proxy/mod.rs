@@ -18,7 +18,7 @@ mod slow;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 pub use audit::AuditBody;
+use client::Outgoing;
 pub use connection::RequestBody;
 pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
@@ -65,6 +66,27 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Digest of the directory's files, to notice a rotated bind password on reload.
     pub directory_files: Vec<u8>,
+}
+
+/// What the gateway decided for one request (`Gateway::decide`). Only ever a return value,
+/// never kept, so the answer is not boxed.
+#[allow(clippy::large_enum_variant)]
+enum Handled {
+    /// seg answers itself.
+    Answered(Response<AuditBody>),
+    /// The request goes upstream (`Gateway::forward`).
+    Forward(Box<Forward>),
+}
+
+/// A request ready for the upstream, with what its answer needs.
+struct Forward {
+    record: AuditRecord,
+    outgoing: Box<Outgoing>,
+    /// Kerberos mode: the account whose own upstream connections carry the request.
+    principal: Option<Arc<str>>,
+    /// Set when the device's body came too slowly, or broke its framing.
+    body_too_slow: Arc<AtomicBool>,
+    body_failed: Arc<AtomicBool>,
 }
 
 /// The gateway serving new connections now.
@@ -313,12 +335,16 @@ impl Gateway {
         }
     }
 
-    /// One device request: identity, route, forward.
-    async fn handle(
+    /// A device request's first step: identity, route and policy, then seg's own answer or
+    /// the upstream request ready to go. It is kept apart from `forward` so that a held Ping
+    /// keeps only the forwarding step's state while it waits (`connection`). The request
+    /// comes boxed: a future keeps its arguments' room for its whole life.
+    async fn decide(
         self: Arc<Self>,
-        request: Request<RequestBody>,
+        request: Box<Request<RequestBody>>,
         device: Arc<DeviceConnection>,
-    ) -> Response<AuditBody> {
+    ) -> Handled {
+        let request = *request;
         let route = route(&request);
         let (eas, query_error) = match EasRequest::parse(
             request.uri().query(),
@@ -352,11 +378,11 @@ impl Gateway {
             Ok(Decision::Deny(denial)) => {
                 let reason = denial.reason;
                 record.subject = AuditSubject::Denied(denial);
-                return refuse(Refusal::Denied(reason), record);
+                return Handled::Answered(refuse(Refusal::Denied(reason), record));
             }
             Err(e) => {
                 tracing::warn!(target: "seg::identity", peer = %device.peer, error = %e, "identity unavailable");
-                return refuse(Refusal::from_resolve_error(&e), record);
+                return Handled::Answered(refuse(Refusal::from_resolve_error(&e), record));
             }
         };
         record.subject = AuditSubject::Admitted(Arc::clone(&identity));
@@ -373,32 +399,35 @@ impl Gateway {
                     Verdict::Good => false,
                     Verdict::Revoked => true,
                     Verdict::Unavailable => {
-                        return refuse(Refusal::DependencyDown(REVOCATION_UNAVAILABLE), record)
+                        let refusal = Refusal::DependencyDown(REVOCATION_UNAVAILABLE);
+                        return Handled::Answered(refuse(refusal, record));
                     }
                 };
         if revoked {
             let refusal = Refusal::Denied(DenyReason::CertificateRevoked);
-            return closing(refuse(refusal, record));
+            return Handled::Answered(closing(refuse(refusal, record)));
         }
         if device.over_device_cap {
             // Counted at the handshake; answered here so the audit record names the account.
-            return closing(refuse(Refusal::Busy("connection-cap-device"), record));
+            let refusal = Refusal::Busy("connection-cap-device");
+            return Handled::Answered(closing(refuse(refusal, record)));
         }
         // The bytes after a CONNECT or Upgrade head may be another protocol's (tunnel data,
         // an HTTP/2 preface): refused, the connection closes rather than read them as requests.
         let route = match route {
             Ok(route) => route,
             Err(refusal) if request.method() == Method::CONNECT => {
-                return closing(refuse(refusal, record))
+                return Handled::Answered(closing(refuse(refusal, record)));
             }
-            Err(refusal) => return refuse(refusal, record),
+            Err(refusal) => return Handled::Answered(refuse(refusal, record)),
         };
         if request.headers().contains_key(http::header::UPGRADE) {
             let refusal = Refusal::BadRequest("upgrade-refused");
-            return closing(self.refuse_policy(refusal, record));
+            return Handled::Answered(closing(self.refuse_policy(refusal, record)));
         }
         if let Some(e) = query_error {
-            return self.refuse_policy(Refusal::BadRequest(e.code()), record);
+            let refusal = Refusal::BadRequest(e.code());
+            return Handled::Answered(self.refuse_policy(refusal, record));
         }
         if route == Route::Command {
             let account = &identity.account;
@@ -407,12 +436,13 @@ impl Gateway {
             let eas = &record.eas;
             if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
                 let code = crate::policy::PolicyDenial::UserMismatch.code();
-                return self.refuse_policy(Refusal::PolicyDenied(code), record);
+                return Handled::Answered(self.refuse_policy(Refusal::PolicyDenied(code), record));
             }
             let decision = match check_device(rules_for(activesync, account), eas) {
                 Ok(decision) => decision,
                 Err(denial) => {
-                    return self.refuse_policy(Refusal::PolicyDenied(denial.code()), record)
+                    let refusal = Refusal::PolicyDenied(denial.code());
+                    return Handled::Answered(self.refuse_policy(refusal, record));
                 }
             };
             let long_poll = if eas.is_long_poll() {
@@ -420,7 +450,10 @@ impl Gateway {
                 let device_id = eas.device_id.as_deref().unwrap_or("");
                 match self.long_polls.acquire(sam, device_id, &device.long_polls) {
                     Ok(guard) => Some(guard),
-                    Err(cap) => return self.refuse_policy(Refusal::Busy(cap.code()), record),
+                    Err(cap) => {
+                        let refusal = Refusal::Busy(cap.code());
+                        return Handled::Answered(self.refuse_policy(refusal, record));
+                    }
                 }
             } else {
                 None
@@ -436,10 +469,10 @@ impl Gateway {
             Some(delegation) => match Box::pin(delegation.authorize(&identity.account)).await {
                 Ok(authorization) => Some(authorization),
                 Err(crate::kerberos::DelegationError::Denied(reason)) => {
-                    return refuse(Refusal::Denied(reason), record)
+                    return Handled::Answered(refuse(Refusal::Denied(reason), record));
                 }
                 Err(crate::kerberos::DelegationError::Unavailable(code)) => {
-                    return refuse(Refusal::DependencyDown(code), record)
+                    return Handled::Answered(refuse(Refusal::DependencyDown(code), record));
                 }
             },
             None => None,
@@ -447,7 +480,7 @@ impl Gateway {
         let (mut parts, body) = request.into_parts();
         parts.uri = match self.upstream.uri_for(&parts.uri) {
             Ok(uri) => uri,
-            Err(refusal) => return refuse(refusal, record),
+            Err(refusal) => return Handled::Answered(refuse(refusal, record)),
         };
         parts.version = Version::HTTP_11;
         self.headers
@@ -468,24 +501,41 @@ impl Gateway {
                 .headers
                 .insert(http::header::AUTHORIZATION, authorization.header.clone());
         }
-        // Kerberos mode: on the account's own upstream connections.
-        let account = delegated.as_ref().map(|a| &a.principal);
+        let outgoing = match self.upstream.prepare(Request::from_parts(parts, body)) {
+            Ok(outgoing) => outgoing,
+            Err(refusal) => return Handled::Answered(self.upstream_failed(refusal, record)),
+        };
+        Handled::Forward(Box::new(Forward {
+            record,
+            outgoing,
+            // Kerberos mode: on the account's own upstream connections.
+            principal: delegated.map(|a| a.principal),
+            body_too_slow,
+            body_failed,
+        }))
+    }
+
+    /// A device request's second step: the upstream exchange, and its answer toward the
+    /// device.
+    async fn forward(self: Arc<Self>, forward: Box<Forward>) -> Response<AuditBody> {
+        let outgoing = forward.outgoing;
         let sent = self
             .upstream
-            .send(account, Request::from_parts(parts, body))
+            .send(forward.principal.as_ref(), outgoing)
             .await;
+        let mut record = forward.record;
+        let principal = forward.principal;
+        let (body_too_slow, body_failed) = (forward.body_too_slow, forward.body_failed);
+        let listen = &self.config.listen;
         match sent {
             Ok(response)
-                if delegated.is_some() && response.status() == StatusCode::UNAUTHORIZED =>
+                if principal.is_some() && response.status() == StatusCode::UNAUTHORIZED =>
             {
                 // A 401 would make the phone prompt for a password it does not have: the
                 // upstream refused seg's delegation, which only an administrator can fix.
                 self.metrics.kerberos.upstream_auth_failures.inc();
-                let principal = delegated
-                    .as_ref()
-                    .map(|a| a.principal.as_ref())
-                    .unwrap_or("");
-                tracing::error!(target: "seg::kerberos", principal, peer = %device.peer, "upstream answered 401 to a delegated request: check the target SPN, its keytab on the upstream and the delegation settings");
+                let principal = principal.as_deref().unwrap_or("");
+                tracing::error!(target: "seg::kerberos", principal, peer = %record.peer, "upstream answered 401 to a delegated request: check the target SPN, its keytab on the upstream and the delegation settings");
                 refuse(
                     Refusal::DependencyDown(crate::kerberos::UPSTREAM_AUTH_FAILED),
                     record,
@@ -494,7 +544,7 @@ impl Gateway {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 forward::remove_hop_by_hop(&mut parts.headers);
-                if delegated.is_some() {
+                if principal.is_some() {
                     // Mutual-authentication tokens are for seg, not the device.
                     parts.headers.remove(http::header::WWW_AUTHENTICATE);
                 }
@@ -504,22 +554,16 @@ impl Gateway {
             Err(_) if body_too_slow.load(Ordering::Acquire) => {
                 // The upstream request failed because the device's body stalled: its fault.
                 self.count_timed_out("request_body");
-                tracing::info!(target: "seg::listener", peer = %device.peer, body_timeout = ?listen.body_timeout, body_min_rate = listen.body_min_rate, "request cut: its body came too slowly");
+                tracing::info!(target: "seg::listener", peer = %record.peer, body_timeout = ?listen.body_timeout, body_min_rate = listen.body_min_rate, "request cut: its body came too slowly");
                 refuse(Refusal::BodyTooSlow, record)
             }
-            // hyper reports a device body that breaks its framing (a bad chunk size) or
-            // breaks off as a failed upstream request: the device's fault, so 400, not 502.
+            // A device body that breaks its framing (a bad chunk size) or breaks off fails the
+            // upstream request: the device's fault, so 400, not 502.
             Err(_) if body_failed.load(Ordering::Acquire) => {
                 let refusal = Refusal::BadRequest("request-body-invalid");
                 closing(self.refuse_policy(refusal, record))
             }
-            Err(refusal) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[refusal.code()])
-                    .inc();
-                refuse(refusal, record)
-            }
+            Err(refusal) => self.upstream_failed(refusal, record),
         }
     }
 }
@@ -583,6 +627,15 @@ impl Gateway {
         } else {
             tracing::debug!(target: "seg::listener", %peer, %error, "connection ended with an error");
         }
+    }
+
+    /// The upstream could not be asked or did not answer, counted by why.
+    fn upstream_failed(&self, refusal: Refusal, record: AuditRecord) -> Response<AuditBody> {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[refusal.code()])
+            .inc();
+        refuse(refusal, record)
     }
 
     /// A refusal after mapping, counted by its reason code.
