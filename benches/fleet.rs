@@ -3,7 +3,7 @@
 //! `cargo bench --bench fleet` (full: 10,000 devices, 3 rounds) or
 //! `cargo bench --bench fleet -- --quick` (1,500 devices, 1 round, well under 2 minutes; CI).
 //! More options: `--rounds N`, `--devices N`, `--levels 2000,5000,9000`, `--proxies seg,nginx`,
-//! `--outage-secs N`, `--keepalive-secs N`, `--budget-devices N`.
+//! `--outage-secs N`, `--keepalive-secs N`, `--budget-devices N`, `--handshakes N` (per pass).
 //!
 //! What it sets up (all on 127.0.0.1, in a temp dir, stopped by PID at the end):
 //! - a CA, a server certificate and one ECDSA P-256 certificate per device, each device mapped
@@ -163,6 +163,9 @@ impl Opts {
         }
         if let Some(v) = value("--keepalive-secs") {
             opts.keepalive_secs = v.parse().expect("--keepalive-secs N");
+        }
+        if let Some(v) = value("--handshakes") {
+            opts.handshakes = v.parse().expect("--handshakes N");
         }
         if let Some(v) = value("--devices") {
             opts.devices = v.parse().expect("--devices N");
@@ -392,7 +395,9 @@ fn main() {
         direct
     ));
     report.notes.push(
-        "TLS 1.3 everywhere (rustls client default), X25519, ECDSA P-256 certificates. Resumption: \
+        "TLS 1.3 everywhere, the device offering AES-128-GCM-SHA256 first as iOS and Android do \
+         (the suite each proxy chose is in its first-request line), X25519, ECDSA P-256 \
+         certificates. Resumption: \
          seg = stateless tickets under a per-process key (2 TLS 1.3 tickets per handshake); \
          nginx = tickets on (its default) plus ssl_session_cache shared:SSL:64m (its default is none); \
          HAProxy = its defaults (tickets, 20,000-entry cache)."
@@ -827,14 +832,25 @@ async fn run_proxy(
 
     // Does it do the job? One request, the identity header the upstream received.
     let first = match connect_tls(addr, &fleet[0].config).await {
-        Ok(mut c) => match c.request(&fleet[0].sync).await {
-            Ok(r) => format!(
-                "first request → {}, upstream received X-Remote-User: {:?}",
-                r.status,
-                r.seen_user.unwrap_or_default()
-            ),
-            Err(e) => format!("first request failed: {e}"),
-        },
+        Ok(mut c) => {
+            let session = c.stream.get_ref().1;
+            let suite = session
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_default();
+            let group = session
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+                .unwrap_or_default();
+            match c.request(&fleet[0].sync).await {
+                Ok(r) => format!(
+                    "first request → {}, upstream received X-Remote-User: {:?} ({suite}, {group})",
+                    r.status,
+                    r.seen_user.unwrap_or_default()
+                ),
+                Err(e) => format!("first request failed: {e}"),
+            }
+        }
         Err(e) => format!("first handshake failed: {e}"),
     };
     report.fact(kind, first);
