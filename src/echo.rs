@@ -4,7 +4,8 @@
 //! Test controls, sent as request headers: `x-echo-status: 449` answers with that status,
 //! `x-echo-response-header: Name: value` adds a response header, `x-echo-delay-ms: 500`
 //! answers after that long, `x-echo-response-bytes: 16777216` answers with that many bytes
-//! (streamed, never held in memory) instead of the JSON. An upstream started with a
+//! (streamed, never held in memory) instead of the JSON, and `x-echo-response-chunked: 1` sends
+//! those bytes without a length (chunked). An upstream started with a
 //! hold keeps every `Cmd=Ping` request open for that long, and counts the held requests whose
 //! connection went away before the answer (`aborted_holds`).
 
@@ -32,6 +33,9 @@ pub struct RecordedRequest {
     /// Every header line, lowercase name, in arrival order (duplicates kept).
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The body was read to its end; false when its connection broke first (then `body`
+    /// is empty).
+    pub body_complete: bool,
 }
 
 impl RecordedRequest {
@@ -170,11 +174,10 @@ async fn echo(
 ) -> Response<EchoBody> {
     let (parts, body) = request.into_parts();
     let is_ping = parts.uri.query().is_some_and(|q| q.contains("Cmd=Ping"));
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
+    let (body, body_complete) = match body.collect().await {
+        Ok(body) => (body.to_bytes().to_vec(), true),
+        Err(_) => (Vec::new(), false),
+    };
     let recorded = RecordedRequest {
         method: parts.method.to_string(),
         target: parts.uri.to_string(),
@@ -189,6 +192,7 @@ async fn echo(
             })
             .collect(),
         body,
+        body_complete,
     };
     let text = serde_json::to_string_pretty(&serde_json::json!({
         "method": recorded.method,
@@ -200,6 +204,7 @@ async fn echo(
     let extra = header(&recorded, "x-echo-response-header");
     let delay = header(&recorded, "x-echo-delay-ms").and_then(|d| d.parse::<u64>().ok());
     let filler = header(&recorded, "x-echo-response-bytes").and_then(|n| n.parse::<u64>().ok());
+    let chunked = header(&recorded, "x-echo-response-chunked").is_some();
     if let Ok(mut log) = log.lock() {
         log.push(recorded);
     }
@@ -216,7 +221,7 @@ async fn echo(
         guard.answered = true;
     }
     let mut response = Response::new(match filler {
-        Some(left) => EchoBody::Filler { left },
+        Some(left) => EchoBody::Filler { left, chunked },
         None => EchoBody::Json(Full::new(Bytes::from(text + "\n"))),
     });
     let headers = response.headers_mut();
@@ -242,10 +247,11 @@ fn header(request: &RecordedRequest, name: &str) -> Option<String> {
     request.header_values(name).first().map(|v| v.to_string())
 }
 
-/// The echo's answer: the JSON of the request, or `x-echo-response-bytes` filler bytes.
+/// The echo's answer: the JSON of the request, or `x-echo-response-bytes` filler bytes,
+/// whose length is left unsaid when `chunked` (so hyper sends them in chunks).
 pub enum EchoBody {
     Json(Full<Bytes>),
-    Filler { left: u64 },
+    Filler { left: u64, chunked: bool },
 }
 
 impl hyper::body::Body for EchoBody {
@@ -259,8 +265,8 @@ impl hyper::body::Body for EchoBody {
         const CHUNK: &[u8] = &[b'x'; 64 * 1024];
         match &mut *self {
             EchoBody::Json(full) => std::pin::Pin::new(full).poll_frame(cx),
-            EchoBody::Filler { left: 0 } => std::task::Poll::Ready(None),
-            EchoBody::Filler { left } => {
+            EchoBody::Filler { left: 0, .. } => std::task::Poll::Ready(None),
+            EchoBody::Filler { left, .. } => {
                 let n = (*left).min(CHUNK.len() as u64);
                 *left -= n;
                 let chunk = Bytes::from_static(&CHUNK[..n as usize]);
@@ -272,14 +278,18 @@ impl hyper::body::Body for EchoBody {
     fn is_end_stream(&self) -> bool {
         match self {
             EchoBody::Json(full) => full.is_end_stream(),
-            EchoBody::Filler { left } => *left == 0,
+            EchoBody::Filler { left, .. } => *left == 0,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             EchoBody::Json(full) => full.size_hint(),
-            EchoBody::Filler { left } => hyper::body::SizeHint::with_exact(*left),
+            EchoBody::Filler {
+                left,
+                chunked: false,
+            } => hyper::body::SizeHint::with_exact(*left),
+            EchoBody::Filler { chunked: true, .. } => hyper::body::SizeHint::default(),
         }
     }
 }
