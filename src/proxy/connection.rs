@@ -121,6 +121,9 @@ struct Exchange {
     close: bool,
     /// A request body still arriving.
     feed: Option<Feed>,
+    /// The device closed its side before the body ended: the body's failure answers the
+    /// request, so the close does not also abandon it.
+    closed_mid_body: bool,
 }
 
 struct Handling {
@@ -241,6 +244,7 @@ impl DeviceConn {
             version: head.version,
             close: head.close,
             feed: None,
+            closed_mid_body: false,
         };
         let body = match head.body {
             BodyFraming::Empty => RequestBody::complete(None),
@@ -351,6 +355,7 @@ impl DeviceConn {
                             feed.channel.finish(Some(BodyFailure::Closed), cx.waker());
                             exchange.feed = None;
                             exchange.close = true;
+                            exchange.closed_mid_body = true;
                         }
                         Poll::Ready(Ok(_)) => {}
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
@@ -359,8 +364,9 @@ impl DeviceConn {
                 }
                 None => {
                     // The request is complete: watch for the device leaving. Bytes of a
-                    // next request are kept, up to a bound.
-                    if self.buf.len() >= MAX_PIPELINED || self.tls.peer_closed() {
+                    // next request are kept, up to a bound. A close that came in the same
+                    // read as the request's last bytes is reported by this read.
+                    if self.buf.len() >= MAX_PIPELINED || exchange.closed_mid_body {
                         return Poll::Pending;
                     }
                     match self.tls.poll_read(cx, &mut self.buf) {

@@ -278,7 +278,8 @@ impl DeviceTls {
     }
 
     /// The device's end is known to be closed.
-    pub fn peer_closed(&self) -> bool {
+    #[cfg(test)]
+    fn peer_closed(&self) -> bool {
         self.peer_closed
     }
 
