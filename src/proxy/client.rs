@@ -406,26 +406,26 @@ pub async fn send(
     }
 }
 
-/// Writes what is left of the prefix, then the body as it comes.
+/// Writes what is left of the prefix, then the body as it comes: each write takes every
+/// frame ready by then, so a body sent in many small chunks does not cost a write each.
 async fn write_rest(io: &mut Io, out: &mut Outgoing, written: usize) -> Result<(), ClientError> {
     io.write_all(&out.prefix[written..]).await?;
-    out.prefix = Vec::new();
-    let mut framed = Vec::new();
-    while let Some(body) = out.body.as_mut() {
-        match poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-            Some(Err(e)) => return Err(ClientError::Body(e)),
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    out.frame(&data, &mut framed)?;
-                }
+    out.prefix.clear();
+    while out.body.is_some() {
+        poll_fn(|cx| {
+            out.gather(cx)?;
+            if out.prefix.is_empty() && out.body.is_some() {
+                // Nothing ready: the body registered this task for its next frame.
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok::<_, ClientError>(()))
             }
-            None => out.end(&mut framed)?,
-        }
-        if !framed.is_empty() {
-            io.write_all(&framed).await?;
-            framed.clear();
-        }
+        })
+        .await?;
+        io.write_all(&out.prefix).await?;
+        out.prefix.clear();
     }
+    out.prefix = Vec::new();
     io.flush().await?;
     Ok(())
 }

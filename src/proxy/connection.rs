@@ -38,6 +38,13 @@ const MAX_PIPELINED: usize = 64 * 1024;
 /// in one record and one write.
 const GATHER: usize = 16 * 1024;
 
+/// How long, and for how many bytes, a connection closed with input still coming keeps
+/// reading (and dropping) it, so the device reads seg's answer before a reset can destroy
+/// it: the kernel answers data sent to a closed socket with a reset, which may discard the
+/// response still in the device's receive buffer.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
 /// Why a connection ended other than cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -100,6 +107,13 @@ pub struct DeviceConn {
     idle_timeout: Duration,
     /// Runs while a request head is awaited.
     head_timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes of `buf` already looked at for a line end: a head is parsed again only when a
+    /// read brought a line end, so a head sent a byte at a time costs one parse per line,
+    /// not per byte.
+    scanned: usize,
+    /// Close by lingering: the device may still be sending (a refused head, a body nobody
+    /// read).
+    linger: bool,
 }
 
 enum State {
@@ -111,6 +125,8 @@ enum State {
     Responding(Box<Responding>),
     /// close_notify, then the connection's end.
     Closing,
+    /// Sent close_notify; dropping what the device still sends for a moment (`LINGER`).
+    Lingering(Pin<Box<Sleep>>, usize),
 }
 
 /// What the connection must remember of a request while it is served.
@@ -136,7 +152,6 @@ struct Responding {
     framing: ResponseFraming,
     /// Body bytes still due under `Content-Length`.
     remaining: Option<u64>,
-    exchange: Exchange,
     close: bool,
     /// Plaintext gathered and not yet handed to TLS.
     out: Vec<u8>,
@@ -162,6 +177,8 @@ impl DeviceConn {
             draining: false,
             idle_timeout,
             head_timer: None,
+            scanned: 0,
+            linger: false,
         }
     }
 
@@ -182,7 +199,13 @@ impl DeviceConn {
                 State::Responding(_) => Some(ready!(self.poll_responding(cx))?),
                 State::Closing => {
                     // A device that stopped reading meets the write timeout here too.
-                    let _ = ready!(self.tls.poll_shutdown(cx));
+                    if ready!(self.tls.poll_shutdown(cx)).is_err() || !self.linger {
+                        return Poll::Ready(Ok(()));
+                    }
+                    Some(State::Lingering(Box::pin(tokio::time::sleep(LINGER)), 0))
+                }
+                State::Lingering(..) => {
+                    ready!(self.poll_linger(cx));
                     return Poll::Ready(Ok(()));
                 }
             };
@@ -199,10 +222,11 @@ impl DeviceConn {
             if self.draining {
                 return Poll::Ready(Ok(State::Closing));
             }
-            if !self.buf.is_empty() {
+            if self.head_may_be_complete() {
                 match http1::parse_request_head(&self.buf, MAX_REQUEST_HEAD) {
                     Ok(Some((head, used))) => {
                         self.buf.advance(used);
+                        self.scanned = 0;
                         self.head_timer = None;
                         return Poll::Ready(Ok(self.dispatch(head)));
                     }
@@ -222,8 +246,34 @@ impl DeviceConn {
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
             ready!(timer.as_mut().poll(cx));
             return Poll::Ready(Err(ConnectionError::HeadTimeout {
-                partial: !self.buf.is_empty(),
+                partial: !self.buf.is_empty() || self.tls.has_partial_record(),
             }));
+        }
+    }
+
+    /// Whether bytes that arrived since the last look end a line (every head ends with
+    /// one; a line end can also finish a head httparse refuses), or the head is past its
+    /// bound.
+    fn head_may_be_complete(&mut self) -> bool {
+        let fresh = &self.buf[self.scanned.min(self.buf.len())..];
+        let line_end = fresh.iter().any(|&b| b == b'\n' || b == b'\r');
+        self.scanned = self.buf.len();
+        line_end || self.buf.len() > MAX_REQUEST_HEAD
+    }
+
+    /// Drops what the device still sends after close_notify, until it closes its side,
+    /// `LINGER` passes or `LINGER_BYTES` have come.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let State::Lingering(timer, dropped) = &mut self.state else {
+            return Poll::Ready(());
+        };
+        loop {
+            self.buf.clear();
+            match self.tls.poll_read(cx, &mut self.buf) {
+                Poll::Ready(Ok(n)) if n > 0 && *dropped + n < LINGER_BYTES => *dropped += n,
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return timer.as_mut().poll(cx),
+            }
         }
     }
 
@@ -233,6 +283,7 @@ impl DeviceConn {
         self.buf = BytesMut::new();
         if let Some(status) = error.status() {
             self.tls.send(&http1::error_response(status, &date()))?;
+            self.linger = true;
         }
         Ok(State::Closing)
     }
@@ -292,7 +343,7 @@ impl DeviceConn {
         // A client that sent its body without waiting needs no 100 Continue.
         let continue_due = expects_continue && arrived.is_empty();
         if let Some(data) = arrived.take() {
-            channel.put(data, Waker::noop());
+            channel.put(data, decoder.exact_remaining(), Waker::noop());
         }
         exchange.feed = Some(Feed {
             decoder,
@@ -311,6 +362,12 @@ impl DeviceConn {
             return Poll::Ready(Ok(Some(State::Closing)));
         };
         loop {
+            // A 100 Continue the socket did not take at once must still reach the device.
+            if self.tls.has_pending_output() {
+                if let Poll::Ready(Err(e)) = self.tls.poll_flush(cx) {
+                    return Poll::Ready(Err(e.into()));
+                }
+            }
             if let Poll::Ready(response) = handling.work.poll_response(&self.gateway, cx) {
                 let State::Handling(handling) = std::mem::replace(&mut self.state, State::Closing)
                 else {
@@ -333,7 +390,8 @@ impl DeviceConn {
                     }
                     match feed.decoder.decode(&mut self.buf) {
                         Ok(Some(BodyEvent::Data(data))) => {
-                            feed.channel.put(data, cx.waker());
+                            let remaining = feed.decoder.exact_remaining();
+                            feed.channel.put(data, remaining, cx.waker());
                             continue;
                         }
                         Ok(Some(BodyEvent::End)) => {
@@ -381,8 +439,18 @@ impl DeviceConn {
     }
 
     /// Encodes the response head and starts on its body.
-    fn respond(&mut self, response: Response<AuditBody>, exchange: Exchange) -> State {
+    fn respond(&mut self, response: Response<AuditBody>, mut exchange: Exchange) -> State {
         let (parts, body) = response.into_parts();
+        // The gateway is done with the request, so a body still arriving is one nobody will
+        // read: skipped if it has all arrived already; otherwise where the next request
+        // starts cannot be known without waiting for the body, and the answer says close.
+        let mut body_unread = false;
+        if let Some(mut feed) = exchange.feed.take() {
+            feed.channel
+                .finish(Some(BodyFailure::Closed), Waker::noop());
+            body_unread = !drain_arrived(&mut feed.decoder, &mut self.buf);
+            self.linger |= body_unread;
+        }
         let method = if exchange.head_request {
             &Method::HEAD
         } else {
@@ -396,6 +464,7 @@ impl DeviceConn {
             body.size_hint().exact(),
         );
         let close = exchange.close
+            || body_unread
             || !self.keep_alive
             || self.draining
             || framing == ResponseFraming::UntilClose
@@ -418,7 +487,6 @@ impl DeviceConn {
             body,
             framing,
             remaining,
-            exchange,
             close,
             out,
             ended: false,
@@ -503,18 +571,10 @@ impl DeviceConn {
 
     /// The response is out: the next request, or the connection's end.
     fn after_response(&mut self, done: Responding) -> State {
-        let mut reusable = !done.close && !self.draining;
-        if let Some(mut feed) = done.exchange.feed {
-            // A body nobody read: skipped if it has all arrived already, else its end
-            // cannot be known without waiting for it.
-            feed.channel
-                .finish(Some(BodyFailure::Closed), Waker::noop());
-            reusable = reusable && drain_arrived(&mut feed.decoder, &mut self.buf);
-        }
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
         }
-        if reusable {
+        if !done.close && !self.draining {
             State::Idle
         } else {
             State::Closing
@@ -703,7 +763,7 @@ struct Slot {
     waiting: Option<Waker>,
     /// The reader dropped the body.
     abandoned: bool,
-    /// Bytes still to come, when the framing says.
+    /// Bytes still to come from the device, when the framing says.
     remaining: Option<u64>,
 }
 
@@ -725,13 +785,12 @@ impl BodyChannel {
         slot.waiting.is_some() && !slot.abandoned && slot.data.is_none() && slot.end.is_none()
     }
 
-    /// Hands on body bytes. The connection polls the reader again itself when the reader
-    /// runs in its task (`connection`); any other reader is woken.
-    fn put(&self, data: Bytes, connection: &Waker) {
+    /// Hands on body bytes, with what the framing says is still to come. The connection
+    /// polls the reader again itself when the reader runs in its task (`connection`); any
+    /// other reader is woken.
+    fn put(&self, data: Bytes, remaining: Option<u64>, connection: &Waker) {
         let mut slot = self.slot();
-        if let Some(remaining) = &mut slot.remaining {
-            *remaining = remaining.saturating_sub(data.len() as u64);
-        }
+        slot.remaining = remaining;
         slot.data = Some(data);
         wake_other(slot.waiting.take(), connection);
     }

@@ -283,6 +283,11 @@ impl DeviceTls {
         self.peer_closed
     }
 
+    /// Whether part of a TLS record has arrived and waits for its rest.
+    pub fn has_partial_record(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+
     /// Whether bytes still wait to be written.
     pub fn has_pending_output(&self) -> bool {
         self.sent < self.outgoing.len()

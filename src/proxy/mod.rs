@@ -328,7 +328,11 @@ impl Gateway {
             plan.deadline()
         };
         tokio::select! {
-            _ = poll_fn(|cx| connection.poll_run(cx)) => {}
+            result = poll_fn(|cx| connection.poll_run(cx)) => {
+                if let Err(e) = result {
+                    self.connection_failed(&e, &io_watch, peer);
+                }
+            }
             _ = tokio::time::sleep_until(close_at.into()) => {
                 self.metrics.drained_connections.inc();
             }
