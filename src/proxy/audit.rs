@@ -18,8 +18,8 @@ use crate::metrics::Metrics;
 use crate::resolver::Denial;
 
 use super::connection::RequestBody;
-use super::device_tls::IoWatch;
 use super::slow::PacedBody;
+use super::tls_conn::IoWatch;
 
 /// Who the device turned out to be; the record reads its fields when it is written.
 pub enum AuditSubject {

@@ -4,9 +4,10 @@
 //! fleet pays per device. hyper's client connection keeps an 8 KiB read buffer, an 8 KiB
 //! write buffer and its dispatch state for the whole wait, and runs in a task of its own. Here
 //! the exchange is a future of the device connection's task, and a connection that waits
-//! (for a response, or in the pool) is its socket alone: bytes are read through a buffer on
-//! the stack and kept on the heap only once they have arrived, and the request's bytes are
-//! freed once written.
+//! (for a response, or in the pool) is its socket alone, and its TLS session for an
+//! `https://` upstream (`tls_conn`): bytes are read through a buffer on the stack (or
+//! decrypted in a per-thread one) and kept on the heap only once they have arrived, and the
+//! request's bytes are freed once written.
 //!
 //! What it speaks is narrow on purpose. Requests are the ones seg built: origin-form target,
 //! the headers hygiene left, one framing seg chose (`Content-Length`, or chunked when the
@@ -38,6 +39,7 @@ use tokio::net::TcpStream;
 
 use super::audit::CountingBody;
 use super::pool::{Pool, PoolKey};
+use super::tls_conn::UpstreamTls;
 
 /// The most bytes a response's status line and headers may take (IIS and Exchange send
 /// well under 2 kB); more is a 502.
@@ -60,21 +62,33 @@ const MAX_PREFIX: usize = 64 * 1024;
 /// it read the body, then close) is waited for.
 const EARLY_RESPONSE_GRACE: Duration = Duration::from_millis(50);
 
-/// A connection to the upstream: plain TCP, or TLS for an `https://` upstream.
+/// A connection to the upstream: plain TCP, or TLS for an `https://` upstream (through
+/// rustls's unbuffered API, so a waiting TLS connection keeps no buffer either).
 pub enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<UpstreamTls>),
 }
 
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl Io {
+    /// Reads what is there onto the end of `buf`: through a stack buffer for plain TCP (at
+    /// most `limit` bytes), whole records for TLS. `Ok(0)` at the connection's end.
+    fn poll_read_into(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Plain(tcp) => {
+                let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut read = ReadBuf::uninit(&mut stack[..limit.clamp(1, READ_CHUNK)]);
+                ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            // More than `limit` may come (a record is decrypted whole): the caller keeps
+            // what is past its response and then does not reuse the connection.
+            Io::Tls(tls) => tls.poll_read(cx, buf),
         }
     }
 }
@@ -87,21 +101,25 @@ impl AsyncWrite for Io {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Io::Tls(tls) => {
+                ready!(tls.poll_flush(cx))?;
+                tls.send(buf)?;
+                Poll::Ready(Ok(buf.len()))
+            }
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            Io::Tls(tls) => tls.poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            Io::Tls(tls) => tls.poll_shutdown(cx),
         }
     }
 }
@@ -110,7 +128,7 @@ impl AsyncWrite for Io {
 pub struct Connector {
     host: String,
     port: u16,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     connect_timeout: Duration,
 }
 
@@ -130,7 +148,7 @@ impl Connector {
             Some(config) => {
                 let name = ServerName::try_from(host.clone())
                     .map_err(|e| format!("upstream.url host {host:?}: {e}"))?;
-                Some((tokio_rustls::TlsConnector::from(config), name))
+                Some((config, name))
             }
         };
         Ok(Connector {
@@ -151,8 +169,8 @@ impl Connector {
                     tcp.set_nodelay(true)?;
                     return match &self.tls {
                         None => Ok(Io::Plain(tcp)),
-                        Some((tls, name)) => {
-                            let tls = tls.connect(name.clone(), tcp);
+                        Some((config, name)) => {
+                            let tls = UpstreamTls::connect(tcp, Arc::clone(config), name.clone());
                             match tokio::time::timeout(self.connect_timeout, tls).await {
                                 Ok(tls) => Ok(Io::Tls(Box::new(tls?))),
                                 Err(_) => Err(io::Error::new(
@@ -219,10 +237,8 @@ impl UpstreamConn {
     /// was idle, or sent something unasked.
     pub(super) fn still_usable(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        let mut byte = [MaybeUninit::uninit(); 1];
-        let mut buf = ReadBuf::uninit(&mut byte);
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut buf)
+        self.io
+            .poll_read_into(&mut cx, &mut BytesMut::new(), 1)
             .is_pending()
     }
 }
@@ -467,25 +483,10 @@ async fn read_head(
                 return Err(ClientError::HeadTooLarge);
             }
         }
-        if poll_fn(|cx| poll_read_into(io, cx, buf, READ_CHUNK)).await? == 0 {
+        if poll_fn(|cx| io.poll_read_into(cx, buf, READ_CHUNK)).await? == 0 {
             return Err(ClientError::Closed);
         }
     }
-}
-
-/// Reads what is there (at most `limit` bytes) through a stack buffer and appends it to
-/// `buf`: a socket that has nothing keeps nothing allocated.
-fn poll_read_into(
-    io: &mut Io,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-    limit: usize,
-) -> Poll<io::Result<usize>> {
-    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-    let mut read = ReadBuf::uninit(&mut stack[..limit.clamp(1, READ_CHUNK)]);
-    ready!(Pin::new(io).poll_read(cx, &mut read))?;
-    buf.extend_from_slice(read.filled());
-    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// Parses one response head from the start of `buf`: `None` when more bytes are needed,
@@ -709,7 +710,7 @@ impl UpstreamBody {
     /// Reads more into `buf`; `Ok(0)` at the connection's end.
     fn poll_more(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
         match self.conn.as_mut() {
-            Some(conn) => poll_read_into(&mut conn.io, cx, &mut self.buf, limit),
+            Some(conn) => conn.io.poll_read_into(cx, &mut self.buf, limit),
             None => Poll::Ready(Ok(0)),
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! seg serves devices with this rather than hyper's server connection because of what a
 //! connection keeps while it waits. Between requests a connection holds its TLS session
-//! (`device_tls`) and this small state, and no buffer: bytes of a request head are kept only
+//! (`tls_conn`) and this small state, and no buffer: bytes of a request head are kept only
 //! until the head is whole. During a held Ping it adds only the request's own state; hyper
 //! kept an 8 KiB read and an 8 KiB write buffer per connection for its whole life. The
 //! request syntax is `http1`'s, strict where request smuggling lives.
@@ -26,8 +26,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::audit::AuditBody;
-use super::device_tls::DeviceTls;
 use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
+use super::tls_conn::DeviceTls;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
 
 /// The most bytes of a next (pipelined) request read while the current one is with the

@@ -9,12 +9,12 @@ mod audit;
 mod caps;
 mod client;
 mod connection;
-mod device_tls;
 mod forward;
 pub mod http1;
 mod pool;
 mod refusal;
 mod slow;
+mod tls_conn;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -44,8 +44,8 @@ use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
 use caps::{address_key, CapFull, ConnectionCaps};
 use connection::{ConnectionError, DeviceConn};
-use device_tls::{DeviceTls, IoWatch};
 use slow::{BodyPace, PacedBody};
+use tls_conn::{DeviceTls, IoWatch};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.

@@ -2,7 +2,7 @@
 //!
 //! The TLS handshake (`listen.handshake_timeout`), the request head (`listen.idle_timeout`,
 //! in `connection`) and a write the device does not read (`listen.write_timeout`, in
-//! `device_tls`) have their own limits. What is left is bounded here: a request body must
+//! `tls_conn`) have their own limits. What is left is bounded here: a request body must
 //! keep a minimum pace (`PacedBody`). No limit counts silence: a held Ping, which sends
 //! nothing for up to an hour in either direction, is never cut by them.
 

@@ -1,20 +1,23 @@
-//! The device's TLS connection, driven through rustls's unbuffered API.
+//! TLS connections driven through rustls's unbuffered API: the device's (server side) and
+//! an `https://` upstream's (client side).
 //!
-//! A held Ping leaves its connection silent for up to an hour, so what a waiting connection
-//! keeps is what the fleet pays per device. rustls's buffered connection keeps a 4 KiB
-//! receive buffer for the connection's whole life (tokio-rustls cannot free it), and an
-//! idle mTLS connection held that way measured 12.6 KiB, against 8.6 KiB here. Here the
+//! A held Ping leaves both its connections silent for up to an hour, so what a waiting
+//! connection keeps is what the fleet pays per device. rustls's buffered connection keeps a
+//! 4 KiB receive buffer for the connection's whole life (tokio-rustls cannot free it), and an
+//! idle mTLS connection held that way measured 12.6 KiB, against 8.6 KiB here. Here a
 //! connection keeps rustls's session state and nothing else: TLS records are read into a
 //! per-thread buffer and processed there, a record cut by the read waits on the heap only
 //! until its rest arrives, and records to send are encrypted into a per-thread buffer and
 //! written at once; only what the socket does not take waits on the heap.
 //!
-//! It also bounds how long one write may stay blocked (`listen.write_timeout`): a blocked
-//! write means the device stopped reading. Silence, however long, never counts.
+//! On the device side it also bounds how long one write may stay blocked
+//! (`listen.write_timeout`): a blocked write means the device stopped reading. Silence,
+//! however long, never counts.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future as _};
 use std::io;
+use std::ops::DerefMut;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,11 +25,12 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rustls::pki_types::CertificateDer;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
-    UnbufferedStatus,
+    UnbufferedConnectionCommon, UnbufferedStatus, WriteTraffic,
 };
 use rustls::HandshakeKind;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -90,37 +94,101 @@ enum Stop {
     Closed,
 }
 
-/// A device's TLS connection after (or during) its handshake.
-pub struct DeviceTls {
+/// rustls's unbuffered connection of either side.
+pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Send {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, records: &'i mut [u8])
+        -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        records: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(records)
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        records: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(records)
+    }
+}
+
+/// A device's TLS connection.
+pub type DeviceTls = TlsConn<UnbufferedServerConnection>;
+
+/// An `https://` upstream's TLS connection.
+pub type UpstreamTls = TlsConn<UnbufferedClientConnection>;
+
+/// A TLS connection after (or during) its handshake.
+pub struct TlsConn<C> {
     tcp: TcpStream,
-    conn: Box<UnbufferedServerConnection>,
+    conn: Box<C>,
     /// Received bytes that do not make a whole record yet; unallocated most of the time.
     incoming: Vec<u8>,
     /// Encrypted bytes the socket has not taken yet, from `sent` on.
     outgoing: Vec<u8>,
     sent: usize,
-    /// The device sent close_notify or closed its end.
+    /// The peer sent close_notify or closed its end.
     peer_closed: bool,
     /// seg's close_notify is sealed.
     close_sent: bool,
-    write_timeout: Duration,
-    /// Running while a write waits for the device to read.
+    /// How long one write may wait for the peer to read (device side only).
+    write_timeout: Option<Duration>,
+    /// Running while a write waits for the peer to read.
     blocked: Option<Pin<Box<Sleep>>>,
     watch: Arc<IoWatch>,
 }
 
 impl DeviceTls {
-    /// Runs the TLS handshake on `tcp`. Application data the device sent right behind its
-    /// last handshake message (a request in the same packet) is returned with the
-    /// connection. A handshake rustls refuses sends its alert, then fails with the rustls
-    /// error inside the `io::Error` (for `crate::tls::handshake_failure_label`).
+    /// Runs the TLS handshake on a device's `tcp`. Application data the device sent right
+    /// behind its last handshake message (a request in the same packet) is returned with
+    /// the connection. A handshake rustls refuses sends its alert, then fails with the
+    /// rustls error inside the `io::Error` (for `crate::tls::handshake_failure_label`).
     pub async fn accept(
         tcp: TcpStream,
         config: Arc<rustls::ServerConfig>,
         write_timeout: Duration,
     ) -> io::Result<(DeviceTls, BytesMut)> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        let mut tls = DeviceTls {
+        TlsConn::new(tcp, conn, Some(write_timeout))
+            .handshake()
+            .await
+    }
+}
+
+impl UpstreamTls {
+    /// Runs the TLS handshake with an `https://` upstream as `name`.
+    pub async fn connect(
+        tcp: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<UpstreamTls> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        let (tls, received) = TlsConn::new(tcp, conn, None).handshake().await?;
+        if !received.is_empty() {
+            // A server speaks only when asked.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the upstream sent data before any request",
+            ));
+        }
+        Ok(tls)
+    }
+}
+
+impl<C: Side> TlsConn<C> {
+    fn new(tcp: TcpStream, conn: C, write_timeout: Option<Duration>) -> TlsConn<C> {
+        TlsConn {
             tcp,
             conn: Box::new(conn),
             incoming: Vec::new(),
@@ -131,36 +199,40 @@ impl DeviceTls {
             write_timeout,
             blocked: None,
             watch: Arc::new(IoWatch::default()),
-        };
+        }
+    }
+
+    /// Drives the handshake to its end, from whichever side speaks first.
+    async fn handshake(mut self) -> io::Result<(TlsConn<C>, BytesMut)> {
         let mut plaintext = BytesMut::new();
         loop {
-            let mut pending = std::mem::take(&mut tls.incoming);
-            let (consumed, stop) = tls.process(&mut pending, &mut plaintext)?;
+            let mut pending = std::mem::take(&mut self.incoming);
+            let (consumed, stop) = self.process(&mut pending, &mut plaintext)?;
             pending.drain(..consumed);
-            tls.incoming = pending;
-            poll_fn(|cx| tls.poll_flush(cx)).await?;
+            self.incoming = pending;
+            poll_fn(|cx| self.poll_flush(cx)).await?;
             match stop {
                 Stop::Established => break,
                 Stop::Closed => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Stop::Handshaking if tls.peer_closed => {
+                Stop::Handshaking if self.peer_closed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "the device closed the connection during the handshake",
+                        "the peer closed the connection during the handshake",
                     ))
                 }
                 Stop::Handshaking => {}
             }
             let mut chunk = [0u8; 4096];
-            let n = poll_fn(|cx| tls.poll_read_socket(cx, &mut chunk)).await?;
+            let n = poll_fn(|cx| self.poll_read_socket(cx, &mut chunk)).await?;
             if n == 0 {
-                tls.peer_closed = true;
+                self.peer_closed = true;
             }
-            tls.incoming.extend_from_slice(&chunk[..n]);
+            self.incoming.extend_from_slice(&chunk[..n]);
         }
-        if tls.incoming.is_empty() {
-            tls.incoming = Vec::new();
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
         }
-        Ok((tls, plaintext))
+        Ok((self, plaintext))
     }
 
     /// What the socket saw, shared with the audit records of this connection's requests.
@@ -323,7 +395,7 @@ impl DeviceTls {
     ) -> Result<Stop, rustls::Error> {
         loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut records[*consumed..]);
+                self.conn.process(&mut records[*consumed..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -386,14 +458,10 @@ impl DeviceTls {
     fn seal<'s>(
         &mut self,
         scratch: &'s mut [u8],
-        seal: impl Fn(
-            &mut rustls::unbuffered::WriteTraffic<'_, ServerConnectionData>,
-            &mut [u8],
-        ) -> Result<usize, EncryptError>,
+        seal: impl Fn(&mut WriteTraffic<'_, C::Data>, &mut [u8]) -> Result<usize, EncryptError>,
     ) -> io::Result<&'s [u8]> {
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+            let UnbufferedStatus { discard, state } = self.conn.process(&mut self.incoming);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -491,7 +559,10 @@ impl DeviceTls {
 
     /// A write waits for the device: the write timeout runs, and its end is an error.
     fn blocked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let limit = self.write_timeout;
+        let Some(limit) = self.write_timeout else {
+            // An upstream that stops reading is bounded by upstream.request_timeout.
+            return Poll::Pending;
+        };
         let timer = self
             .blocked
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -522,7 +593,7 @@ impl DeviceTls {
     /// records being processed: rustls must see the same buffer again to hand out its alert.
     fn fail(&mut self, error: rustls::Error, mut rest: &mut [u8]) -> io::Error {
         for _ in 0..8 {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(rest);
+            let UnbufferedStatus { discard, state } = self.conn.process(rest);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut alert)) => {
                     encode(&mut alert, &mut self.outgoing)
@@ -540,7 +611,7 @@ impl DeviceTls {
 }
 
 /// Appends a handshake (or alert) record rustls prepared to `outgoing`.
-fn encode(data: &mut EncodeTlsData<'_, ServerConnectionData>, outgoing: &mut Vec<u8>) {
+fn encode<Data>(data: &mut EncodeTlsData<'_, Data>, outgoing: &mut Vec<u8>) {
     let start = outgoing.len();
     let mut room = 512;
     loop {
@@ -578,6 +649,8 @@ mod tests {
 
     struct Configs {
         server: Arc<rustls::ServerConfig>,
+        /// A server that asks for no client certificate: an https:// upstream.
+        upstream: Arc<rustls::ServerConfig>,
         device: Arc<rustls::ClientConfig>,
         anonymous: Arc<rustls::ClientConfig>,
     }
@@ -596,9 +669,19 @@ mod tests {
         .build()
         .unwrap();
         let key = |pem: &str| PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
-        let mut server_config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
+        let server_builder = || {
+            rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+        };
+        let upstream_config = server_builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(server.der.clone())],
+                key(&server.key_pem),
+            )
+            .unwrap();
+        let mut server_config = server_builder()
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![CertificateDer::from(server.der)], key(&server.key_pem))
             .unwrap();
@@ -614,6 +697,7 @@ mod tests {
             .unwrap();
         Configs {
             server: Arc::new(server_config),
+            upstream: Arc::new(upstream_config),
             device: Arc::new(device_config),
             anonymous: Arc::new(client().with_no_client_auth()),
         }
@@ -638,7 +722,7 @@ mod tests {
         (accepted.await.unwrap(), device)
     }
 
-    async fn read_exactly(tls: &mut DeviceTls, into: &mut BytesMut, n: usize) {
+    async fn read_exactly<C: Side>(tls: &mut TlsConn<C>, into: &mut BytesMut, n: usize) {
         while into.len() < n {
             let got = poll_fn(|cx| tls.poll_read(cx, into)).await.unwrap();
             assert!(
@@ -790,6 +874,41 @@ mod tests {
             crate::tls::handshake_failure_label(&refused),
             "no_client_certificate"
         );
+    }
+
+    #[tokio::test]
+    async fn the_upstream_side_speaks_first_and_keeps_no_buffer_between_exchanges() {
+        let configs = configs();
+        // An https:// upstream: rustls's buffered server through tokio-rustls, seg's client
+        // side through the unbuffered one.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&configs.upstream));
+        let upstream = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut request = vec![0; 300_000];
+            tls.read_exact(&mut request).await.unwrap();
+            tls.write_all(&request).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = UpstreamTls::connect(tcp, Arc::clone(&configs.anonymous), name)
+            .await
+            .unwrap();
+        let request: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        tls.send(&request).unwrap();
+        poll_fn(|cx| tls.poll_flush(cx)).await.unwrap();
+        let mut echoed = BytesMut::new();
+        read_exactly(&mut tls, &mut echoed, request.len()).await;
+        assert_eq!(&echoed[..], &request[..]);
+        assert_eq!(tls.buffered(), 0);
+        poll_fn(|cx| tls.poll_shutdown(cx)).await.unwrap();
+        assert!(upstream.await.unwrap().is_empty(), "a clean close_notify");
     }
 
     #[tokio::test]
