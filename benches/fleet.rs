@@ -51,7 +51,7 @@ mod upstream;
 use std::io::{self, BufRead as _};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -94,7 +94,7 @@ struct Opts {
 }
 
 /// The scenarios `--only` can pick.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "handshakes",
     "keepalive",
     "latency",
@@ -102,6 +102,7 @@ const SCENARIOS: [&str; 7] = [
     "outage",
     "budget",
     "longpolls",
+    "tlsupstream",
 ];
 
 impl Opts {
@@ -330,7 +331,7 @@ fn main() {
         fleet.len(),
         t.elapsed().as_secs_f64()
     );
-    let upstream = UpstreamChild::start();
+    let upstream = UpstreamChild::start(&cert_path, &key_path);
 
     let setup = Setup {
         dir: dir.clone(),
@@ -340,14 +341,20 @@ fn main() {
         cert_and_key,
         ca: ca_path,
         upstream: upstream.addr,
+        upstream_tls: upstream.tls_addr,
         ldaps_url: slapd.ldaps_url(),
         base_dn: slapd.suffix().to_string(),
         bind_dn: slapd.bind_dn(),
         password_file,
     };
-    let mut proxies: Vec<Proxy> = kinds
+    let mut proxies: Vec<(Proxy, Proxy)> = kinds
         .iter()
-        .map(|&k| Proxy::new(k, &setup, free_port(), free_port()))
+        .map(|&k| {
+            (
+                Proxy::new(k, &setup, free_port(), free_port(), false),
+                Proxy::new(k, &setup, free_port(), free_port(), true),
+            )
+        })
         .collect();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -364,9 +371,9 @@ fn main() {
                 opts.latency_rate, base.0, base.1
             );
             direct.push(base);
-            for proxy in proxies.iter_mut() {
+            for (proxy, tls_upstream) in proxies.iter_mut() {
                 run_proxy(
-                    proxy,
+                    (proxy, tls_upstream),
                     &fleet,
                     &opts,
                     &levels,
@@ -379,8 +386,9 @@ fn main() {
         }
     });
 
-    for proxy in proxies.iter_mut() {
+    for (proxy, tls_upstream) in proxies.iter_mut() {
         proxy.stop();
+        tls_upstream.stop();
     }
     drop(upstream);
     drop(slapd);
@@ -497,32 +505,41 @@ fn make_fleet(
     a.into_iter().chain(b).unzip()
 }
 
-/// The upstream child process (same binary, `FLEET_ROLE=upstream`).
+/// The upstream child process (same binary, `FLEET_ROLE=upstream`): plain HTTP, and the same
+/// behind TLS with the fleet's server certificate.
 struct UpstreamChild {
     child: Child,
     addr: SocketAddr,
+    tls_addr: SocketAddr,
 }
 
 impl UpstreamChild {
-    fn start() -> UpstreamChild {
+    fn start(cert: &Path, key: &Path) -> UpstreamChild {
         let mut child = Command::new(std::env::current_exe().expect("current exe"))
             .env("FLEET_ROLE", "upstream")
+            .env("FLEET_UPSTREAM_CERT", cert)
+            .env("FLEET_UPSTREAM_KEY", key)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .expect("upstream child");
-        let mut line = String::new();
-        io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("upstream port");
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("upstream said {line:?}"));
+        let mut lines = io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut port = |prefix: &str| -> u16 {
+            let line = lines
+                .next()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| panic!("upstream child: no {prefix} line"));
+            line.trim()
+                .strip_prefix(prefix)
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or_else(|| panic!("upstream said {line:?}"))
+        };
+        let plain = port("PORT ");
+        let tls = port("TLSPORT ");
         UpstreamChild {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], plain)),
+            tls_addr: SocketAddr::from(([127, 0, 0, 1], tls)),
         }
     }
 }
@@ -714,6 +731,20 @@ mod fig {
         "KiB",
         false,
     );
+    pub const MEM_IDLE_TLS: Figure = Figure::new(
+        LP,
+        "mem_idle_tls",
+        "with TLS to the upstream too: memory per idle connection",
+        "KiB",
+        false,
+    );
+    pub const MEM_HELD_TLS: Figure = Figure::new(
+        LP,
+        "mem_held_tls",
+        "with TLS to the upstream too: memory per device holding a Ping",
+        "KiB",
+        false,
+    );
     pub const HELD_MAX: Figure = Figure::new(
         LP,
         "held_max",
@@ -816,7 +847,7 @@ mod fig {
 
 /// Every scenario against one proxy, one round.
 async fn run_proxy(
-    proxy: &mut Proxy,
+    (proxy, tls_upstream): (&mut Proxy, &mut Proxy),
     fleet: &Fleet,
     opts: &Opts,
     levels: &[usize],
@@ -983,12 +1014,39 @@ async fn run_proxy(
 
     // Long polls, memory, reconnect storm, orphaned long polls: on a fresh process.
     proxy.stop();
-    if !opts.runs("longpolls") {
-        eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
-        return;
+    if opts.runs("longpolls") {
+        proxy.start_cold();
+        report_long_polls(proxy, fleet, levels, up, report).await;
+        proxy.stop();
     }
-    proxy.start_cold();
-    let lp = long_polls(proxy, fleet, levels, up).await;
+    // Memory again with TLS to the upstream too, as an Exchange server is reached.
+    if opts.runs("tlsupstream") {
+        tls_upstream.start_cold();
+        let lp = long_polls(tls_upstream, fleet, levels, up, false).await;
+        let idle = slope(&lp.idle);
+        let held = slope(&lp.held);
+        eprintln!(
+            "  {name}: with TLS to the upstream: memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
+            lp.idle, lp.held
+        );
+        report.add(&fig::MEM_IDLE_TLS, kind, idle);
+        report.add(&fig::MEM_HELD_TLS, kind, idle + held);
+        tls_upstream.stop();
+    }
+    eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// Held long polls, the reconnect storm and orphaned long polls, into the report.
+async fn report_long_polls(
+    proxy: &mut Proxy,
+    fleet: &Fleet,
+    levels: &[usize],
+    up: SocketAddr,
+    report: &mut Report,
+) {
+    let kind = proxy.kind;
+    let name = kind.name();
+    let lp = long_polls(proxy, fleet, levels, up, true).await;
     let idle = slope(&lp.idle);
     let held = slope(&lp.held);
     eprintln!(
@@ -1049,8 +1107,6 @@ async fn run_proxy(
     };
     eprintln!("  {name}: {behaviour}");
     report.fact(kind, behaviour);
-    proxy.stop();
-    eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
 }
 
 /// Connections opened one after another, each with a different device, `concurrency` at a
@@ -1657,13 +1713,14 @@ async fn up_stats(up: SocketAddr) -> upstream::Stats {
     upstream::control(up, "stats").await.unwrap_or_default()
 }
 
-/// Held long polls at each level (memory), the reconnect storm after a restart, and what
-/// happens upstream when every device leaves during its held Ping.
+/// Held long polls at each level (memory), then, when `all`, the reconnect storm after a
+/// restart and what happens upstream when every device leaves during its held Ping.
 async fn long_polls(
     proxy: &mut Proxy,
     fleet: &Fleet,
     levels: &[usize],
     up: SocketAddr,
+    all: bool,
 ) -> LongPolls {
     let mut out = LongPolls::default();
     let (tx, rx) = watch::channel(Ctl::default());
@@ -1721,6 +1778,14 @@ async fn long_polls(
         }
         sleep(0.5).await;
         out.held.push((level, proxy.rss_kib()));
+    }
+    if !all {
+        tx.send_modify(|c| c.quit = true);
+        let _ = upstream::control(up, "release").await;
+        for t in tasks {
+            let _ = t.await;
+        }
+        return out;
     }
     // Reconnect storm: restart the proxy under the held fleet, cold (seg without its
     // identity-cache snapshot), then for seg warm (with it).

@@ -79,6 +79,8 @@ pub struct Setup {
     pub cert_and_key: PathBuf,
     pub ca: PathBuf,
     pub upstream: SocketAddr,
+    /// The same upstream behind TLS (its certificate from the fleet CA, for 127.0.0.1).
+    pub upstream_tls: SocketAddr,
     pub ldaps_url: String,
     pub base_dn: String,
     pub bind_dn: String,
@@ -99,9 +101,26 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Writes the configuration for `kind` on `port` (seg's admin on `admin_port`).
-    pub fn new(kind: Kind, setup: &Setup, port: u16, admin_port: u16) -> Proxy {
-        let dir = setup.dir.join(kind.name());
+    /// Writes the configuration for `kind` on `port` (seg's admin on `admin_port`), toward
+    /// the upstream over plain HTTP, or over TLS with `tls_upstream`.
+    pub fn new(kind: Kind, setup: &Setup, port: u16, admin_port: u16, tls_upstream: bool) -> Proxy {
+        let name = match tls_upstream {
+            false => kind.name().to_string(),
+            true => format!("{}-tls-upstream", kind.name()),
+        };
+        let dir = setup.dir.join(name);
+        let ca = setup.ca.display().to_string();
+        let (scheme, upstream, upstream_ca, haproxy_tls) = match tls_upstream {
+            false => ("http", setup.upstream, String::new(), String::new()),
+            true => (
+                "https",
+                setup.upstream_tls,
+                format!("ca_file = \"{ca}\""),
+                format!(
+                    " ssl verify required ca-file {ca} sni str(localhost) verifyhost localhost"
+                ),
+            ),
+        };
         std::fs::create_dir_all(&dir).expect("proxy dir");
         let template = match kind {
             Kind::Seg => SEG_TOML,
@@ -116,7 +135,10 @@ impl Proxy {
             .replace("{{KEY}}", &setup.key.display().to_string())
             .replace("{{CERTKEY}}", &setup.cert_and_key.display().to_string())
             .replace("{{CA}}", &setup.ca.display().to_string())
-            .replace("{{UPSTREAM}}", &setup.upstream.to_string())
+            .replace("{{UPSTREAM}}", &upstream.to_string())
+            .replace("{{SCHEME}}", scheme)
+            .replace("{{UPSTREAM_CA}}", &upstream_ca)
+            .replace("{{HAPROXY_UPSTREAM_TLS}}", &haproxy_tls)
             .replace("{{LDAPS}}", &setup.ldaps_url)
             .replace("{{BASE_DN}}", &setup.base_dn)
             .replace("{{BIND_DN}}", &setup.bind_dn)

@@ -8,6 +8,10 @@
 //! its upstream connection when the device goes away is seen at once (`aborted`). Control:
 //! `GET /_fleet/stats` (answer in the `X-Fleet-Stats` header), `/_fleet/release`,
 //! `/_fleet/reset` (clears the set of DeviceIds whose Ping arrived).
+//!
+//! With `FLEET_UPSTREAM_CERT` and `FLEET_UPSTREAM_KEY` set it also listens with TLS on a
+//! second port (`TLSPORT <n>`), serving the same requests from the same state: the
+//! https:// upstream of the memory measurement with TLS on both hops.
 
 use std::collections::HashSet;
 use std::io;
@@ -16,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::http::{connect_plain, find};
@@ -43,18 +47,35 @@ pub fn child_main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("reuseaddr");
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind");
-        let listener = socket.listen(4096).expect("listen");
-        println!("PORT {}", listener.local_addr().expect("addr").port());
         let state = Arc::new(State {
             counters: Counters::default(),
             distinct: Mutex::new(HashSet::new()),
             release: watch::channel(0).0,
         });
+        let listener = listen();
+        println!("PORT {}", listener.local_addr().expect("addr").port());
+        if let Some(acceptor) = tls_acceptor() {
+            let tls_listener = listen();
+            println!(
+                "TLSPORT {}",
+                tls_listener.local_addr().expect("addr").port()
+            );
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = tls_listener.accept().await else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let (acceptor, state) = (acceptor.clone(), Arc::clone(&state));
+                    tokio::spawn(async move {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            serve(tls, state).await;
+                        }
+                    });
+                }
+            });
+        }
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -63,6 +84,37 @@ pub fn child_main() {
             tokio::spawn(serve(stream, Arc::clone(&state)));
         }
     });
+}
+
+fn listen() -> TcpListener {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("reuseaddr");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    socket.listen(4096).expect("listen")
+}
+
+/// The TLS side, when the bench asked for one (`FLEET_UPSTREAM_CERT`, `FLEET_UPSTREAM_KEY`).
+fn tls_acceptor() -> Option<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert = std::env::var_os("FLEET_UPSTREAM_CERT")?;
+    let key = std::env::var_os("FLEET_UPSTREAM_KEY")?;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .expect("upstream cert")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("upstream cert");
+    let key = PrivateKeyDer::from_pem_file(key).expect("upstream key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("upstream TLS config");
+    Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 struct Head {
@@ -111,12 +163,12 @@ fn query_param<'a>(target: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> bool {
     buf.reserve(4096);
     matches!(stream.read_buf(buf).await, Ok(n) if n > 0)
 }
 
-async fn serve(mut stream: TcpStream, state: Arc<State>) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, state: Arc<State>) {
     let mut buf = Vec::with_capacity(2048);
     loop {
         let head_end = loop {
@@ -202,7 +254,7 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
             "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.ms-sync.wbxml\r\nContent-Length: 2\r\nX-Fleet-Seen-User: {}\r\n{extra}\r\nok",
             head.user
         );
-        if stream.write_all(response.as_bytes()).await.is_err() {
+        if stream.write_all(response.as_bytes()).await.is_err() || stream.flush().await.is_err() {
             return;
         }
     }
