@@ -10,6 +10,8 @@
 //!   cloned inside each iteration, so the figure includes one clone).
 //! - `activesync_query`: `EasRequest::parse` of a Sync request's query in the plain form and
 //!   in the base64 form (MS-ASHTTP 2.2.1.1.1.1), protocol headers included.
+//! - `request_head`: seg's HTTP/1.1 codec reading that Sync's head off the wire into a
+//!   request (method, target, headers, framing), as the device connection does per request.
 //!
 //! `cargo bench --bench identity` measures; `cargo bench --bench identity -- --test` runs
 //! each benchmark once (CI does this through tests/run.sh).
@@ -26,6 +28,7 @@ use seg::directory::Directory;
 use seg::identity::{CertFacts, CertFingerprint, MappingPlan, MappingRule};
 use seg::metrics::Metrics;
 use seg::pki::{CertAuthority, LeafSpec};
+use seg::proxy::http1::{parse_request_head, BodyFraming};
 use seg::proxy::HeaderPolicy;
 use seg::resolver::{Decision, Resolver};
 
@@ -237,12 +240,33 @@ fn activesync_query(c: &mut Criterion) {
     group.finish();
 }
 
+fn request_head(c: &mut Criterion) {
+    let mut wire = b"POST /Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ApplF17XQ3NKJC68&DeviceType=iPhone HTTP/1.1\r\n".to_vec();
+    for (name, value) in activesync_headers().iter() {
+        wire.extend_from_slice(name.as_str().as_bytes());
+        wire.extend_from_slice(b": ");
+        wire.extend_from_slice(value.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"\r\n");
+    let (head, used) = parse_request_head(&wire, 64 * 1024)
+        .expect("a valid head")
+        .expect("a whole head");
+    assert_eq!(used, wire.len());
+    assert_eq!(head.headers.len(), 8);
+    assert_eq!(head.body, BodyFraming::Length(131));
+    c.bench_function("request_head", |b| {
+        b.iter(|| parse_request_head(black_box(&wire), 64 * 1024))
+    });
+}
+
 fn benches(c: &mut Criterion) {
     let fixture = Fixture::new();
     cache_hit_identity(c, &fixture);
     cold_mapping(c, &fixture);
     header_hygiene(c, &fixture);
     activesync_query(c);
+    request_head(c);
 }
 
 criterion_group!(identity, benches);
