@@ -3,7 +3,8 @@
 //! `cargo bench --bench fleet` (full: 10,000 devices, 3 rounds) or
 //! `cargo bench --bench fleet -- --quick` (1,500 devices, 1 round, well under 2 minutes; CI).
 //! More options: `--rounds N`, `--devices N`, `--levels 2000,5000,9000`, `--proxies seg,nginx`,
-//! `--outage-secs N`, `--keepalive-secs N`, `--budget-devices N`, `--handshakes N` (per pass).
+//! `--outage-secs N`, `--keepalive-secs N`, `--latency-secs N`, `--budget-devices N`,
+//! `--handshakes N` (per pass).
 //!
 //! What it sets up (all on 127.0.0.1, in a temp dir, stopped by PID at the end):
 //! - a CA, a server certificate and one ECDSA P-256 certificate per device, each device mapped
@@ -164,6 +165,9 @@ impl Opts {
         }
         if let Some(v) = value("--keepalive-secs") {
             opts.keepalive_secs = v.parse().expect("--keepalive-secs N");
+        }
+        if let Some(v) = value("--latency-secs") {
+            opts.latency_secs = v.parse().expect("--latency-secs N");
         }
         if let Some(v) = value("--handshakes") {
             opts.handshakes = v.parse().expect("--handshakes N");
@@ -404,7 +408,8 @@ fn main() {
     ));
     report.notes.push(
         "TLS 1.3 everywhere, the device offering AES-128-GCM-SHA256 first as iOS and Android do \
-         (the suite each proxy chose is in its first-request line), X25519, ECDSA P-256 \
+         (HAProxy, which would pick AES-256-GCM-SHA384 by its own order, is told to prefer it \
+         too; the suite each proxy chose is in its first-request line), X25519, ECDSA P-256 \
          certificates. Resumption: \
          seg = stateless tickets under a per-process key (2 TLS 1.3 tickets per handshake); \
          nginx = tickets on (its default) plus ssl_session_cache shared:SSL:64m (its default is none); \
