@@ -1528,6 +1528,16 @@ async fn upstream_responses_reach_the_device_only_as_well_framed_answers() {
         total - failures.len(),
         failures.len()
     );
+    // The bodies cut after their head had gone to the device (rows 16) are counted as such.
+    let cut = support::lab::metric_value(
+        &seg.metrics.render(),
+        "seg_upstream_errors_total{kind=\"upstream-body-failed\"}",
+    );
+    if cut < 1.0 {
+        failures.push(format!(
+            "seg_upstream_errors_total{{kind=\"upstream-body-failed\"}} is {cut} after the cut bodies"
+        ));
+    }
     seg.stop().await;
     assert!(
         failures.is_empty(),

@@ -207,7 +207,23 @@ impl Body for AuditBody {
                 }
             }
             Poll::Ready(None) => this.complete(true),
-            Poll::Ready(Some(Err(_))) => this.complete(false),
+            Poll::Ready(Some(Err(error))) => {
+                // The response head went out already: the device sees a cut response, the
+                // record and the upstream counter say why.
+                if let Some(record) = this.record.as_mut() {
+                    let kind = match error {
+                        ClientError::BodySilent => "upstream-body-timeout",
+                        _ => "upstream-body-failed",
+                    };
+                    record.reason = kind;
+                    record
+                        .metrics
+                        .upstream_errors
+                        .with_label_values(&[kind])
+                        .inc();
+                }
+                this.complete(false)
+            }
             Poll::Pending => {}
         }
         polled

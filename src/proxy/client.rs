@@ -21,7 +21,7 @@
 //! with not one byte more and without `Connection: close`; anything else closes it, so
 //! nothing an upstream sends past its response can become another device's response.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -205,6 +205,9 @@ pub enum ClientError {
     HeadTooLarge,
     #[error("malformed upstream response: {0}")]
     Malformed(&'static str),
+    /// The upstream said nothing for `upstream.request_timeout` in the middle of a body.
+    #[error("the upstream fell silent in the middle of its response body")]
+    BodySilent,
     /// Reading the device's request body failed: the device's fault, not the upstream's.
     #[error("request body: {0}")]
     Body(Box<dyn std::error::Error + Send + Sync>),
@@ -646,6 +649,8 @@ fn respond(
             ResponseFraming::Empty => Some(0),
             _ => None,
         },
+        silence_limit: None,
+        silence: None,
     };
     if body.decode == Decode::Done {
         body.finish();
@@ -687,9 +692,19 @@ pub struct UpstreamBody {
     keep_alive: bool,
     /// The length the head declared, for the size hint.
     length: Option<u64>,
+    /// How long the upstream may stay silent in the middle of the body (`None`: unbounded),
+    /// and the timer measuring it, made at the first wait.
+    silence_limit: Option<Duration>,
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl UpstreamBody {
+    /// Bounds each silence of the upstream in the middle of the body: past `limit` the body
+    /// fails with `ClientError::BodySilent` and its connection is closed.
+    pub fn limit_silence(&mut self, limit: Duration) {
+        self.silence_limit = Some(limit);
+    }
+
     /// The body has ended: its connection goes back to the pool if nothing is wrong with it.
     fn finish(&mut self) {
         self.decode = Decode::Done;
@@ -887,7 +902,25 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
-        self.step(cx)
+        let this = &mut *self;
+        let limit = this.silence_limit;
+        match (this.step(cx), limit) {
+            (Poll::Pending, Some(limit)) => {
+                let timer = this
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                ready!(timer.as_mut().poll(cx));
+                this.fail(ClientError::BodySilent)
+            }
+            (Poll::Ready(frame), Some(limit)) => {
+                // Something came: the next silence is measured from now.
+                if let Some(timer) = this.silence.as_mut() {
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                Poll::Ready(frame)
+            }
+            (polled, None) => polled,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1006,5 +1039,60 @@ mod tests {
         ] {
             assert!(chunk_size(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    /// A body over a real loopback socket whose far end (the test, standing in for an
+    /// upstream: no real server stalls mid-body on demand) writes `parts` with `gap` between
+    /// them and then stays open and silent; returns what the body yielded.
+    async fn body_through_silence(
+        parts: &'static [&'static [u8]],
+        gap: Duration,
+        limit: Duration,
+    ) -> (Vec<u8>, Option<ClientError>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            for part in parts {
+                tokio::time::sleep(gap).await;
+                socket.write_all(part).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let conn = UpstreamConn::new(Io::Plain(tcp), None);
+        let (head, _) = head("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let pool = Pool::new(1, 1, Duration::from_secs(60));
+        let mut body = respond(conn, BytesMut::new(), head.unwrap(), true, &pool).into_body();
+        body.limit_silence(limit);
+        let mut got = Vec::new();
+        let error = loop {
+            match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(frame)) => got.extend_from_slice(&frame.into_data().unwrap()),
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        upstream.abort();
+        (got, error)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_silent_mid_body_fails_the_body_and_one_that_keeps_talking_does_not() {
+        let (got, error) =
+            body_through_silence(&[b"hello"], Duration::ZERO, Duration::from_millis(200)).await;
+        assert_eq!(got, b"hello");
+        assert!(matches!(error, Some(ClientError::BodySilent)), "{error:?}");
+        // Each part comes within the limit, though the whole body takes longer than it.
+        let (got, error) = body_through_silence(
+            &[b"he", b"ll", b"o ", b"wo", b"rl", b"d!"],
+            Duration::from_millis(100),
+            Duration::from_millis(400),
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(got, b"hello worl");
     }
 }

@@ -302,7 +302,12 @@ impl Upstream {
                 None => (Box::pin(self.connect(key.clone())).await?, true),
             };
             match client::send(conn, outgoing, &self.pool).await {
-                Ok(response) => return Ok(response),
+                Ok(mut response) => {
+                    // The wait for the head is bounded above; a silence within the body
+                    // is bounded alike.
+                    response.body_mut().limit_silence(self.request_timeout);
+                    return Ok(response);
+                }
                 Err(SendError::Unsent(e, unsent)) if !fresh => {
                     tracing::debug!(target: "seg::upstream", error = %e, "idle upstream connection closed; sending on another");
                     outgoing = unsent;
