@@ -68,7 +68,7 @@ use tokio::sync::{watch, Semaphore};
 
 use http::{connect_plain, connect_tls, device_config, eas_request, HttpConn};
 use peers::{free_port, Kind, Proxy, Setup};
-use report::Report;
+use report::{Figure, Report};
 use slapd::{Slapd, SlapdOptions, TlsFiles, UserSpec};
 
 /// The fleet CA's name as AD writes it in `altSecurityIdentities`.
@@ -1028,17 +1028,37 @@ async fn run_proxy(
     if opts.runs("tlsupstream") {
         tls_upstream.start_cold();
         let lp = long_polls(tls_upstream, fleet, levels, up, false).await;
-        let idle = slope(&lp.idle);
-        let held = slope(&lp.held);
-        eprintln!(
-            "  {name}: with TLS to the upstream: memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
-            lp.idle, lp.held
+        report_memory(
+            report,
+            kind,
+            "with TLS to the upstream: ",
+            &lp,
+            [&fig::MEM_IDLE_TLS, &fig::MEM_HELD_TLS],
         );
-        report.add(&fig::MEM_IDLE_TLS, kind, idle);
-        report.add(&fig::MEM_HELD_TLS, kind, idle + held);
         tls_upstream.stop();
     }
     eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// Memory per idle connection and per device holding a Ping, from the slopes over the
+/// levels, into `figures` (idle, held).
+fn report_memory(
+    report: &mut Report,
+    kind: Kind,
+    label: &str,
+    lp: &LongPolls,
+    figures: [&Figure; 2],
+) {
+    let idle = slope(&lp.idle);
+    let held = slope(&lp.held);
+    eprintln!(
+        "  {}: {label}memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
+        kind.name(),
+        lp.idle,
+        lp.held
+    );
+    report.add(figures[0], kind, idle);
+    report.add(figures[1], kind, idle + held);
 }
 
 /// Held long polls, the reconnect storm and orphaned long polls, into the report.
@@ -1052,14 +1072,7 @@ async fn report_long_polls(
     let kind = proxy.kind;
     let name = kind.name();
     let lp = long_polls(proxy, fleet, levels, up, true).await;
-    let idle = slope(&lp.idle);
-    let held = slope(&lp.held);
-    eprintln!(
-        "  {name}: memory idle {:?} → {idle:.1} KiB/conn; held {:?} → +{held:.1} KiB/held",
-        lp.idle, lp.held
-    );
-    report.add(&fig::MEM_IDLE, kind, idle);
-    report.add(&fig::MEM_HELD, kind, idle + held);
+    report_memory(report, kind, "", &lp, [&fig::MEM_IDLE, &fig::MEM_HELD]);
     report.add(&fig::HELD_MAX, kind, lp.held_reached as f64);
     report.add(&fig::STORM_SECS, kind, lp.storm_secs.unwrap_or(f64::NAN));
     if let Some(searches) = lp.searches {

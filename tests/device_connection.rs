@@ -7,55 +7,17 @@
 
 mod support;
 
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use seg::echo::{EchoUpstream, RecordedRequest};
 use seg::pki::LeafSpec;
+use support::audit::{audit, capture_audit};
 use support::lab::{socket_from, Device, Lab, Pki};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-
-// ---------------------------------------------------------------------------------------
-// Audit capture: every `seg::audit` record of this process, as JSON lines.
-
-static AUDIT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct AuditWriter;
-
-impl std::io::Write for AuditWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        AUDIT.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_audit() {
-    static INIT: OnceLock<()> = OnceLock::new();
-    INIT.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("seg::audit=info")
-            .with_writer(|| AuditWriter)
-            .try_init();
-    });
-}
-
-/// The audit records' fields for one device id, oldest first.
-fn audit(device_id: &str) -> Vec<serde_json::Value> {
-    let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| v["fields"].clone())
-        .filter(|f| f["device_id"] == device_id)
-        .collect()
-}
 
 /// Waits until `device_id` has `n` audit records (records are written when a response body
 /// ends or its request is dropped), then a moment more to catch a duplicate.

@@ -12,12 +12,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use seg::echo::EchoUpstream;
 use seg::pki::LeafSpec;
 use seg::Running;
+use support::audit::{audit, capture_audit};
 use support::chaos::{Chaos, Mode};
 use support::lab::{
     config_text, reversed_hex, start_slapd, Client, Device, DirectoryRef, HttpResponse, Pki,
@@ -25,44 +26,6 @@ use support::lab::{
 };
 use support::slapd::{Slapd, UserSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-// ---------------------------------------------------------------------------------------
-// Audit capture: every `seg::audit` record of this process, as JSON lines.
-
-static AUDIT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct AuditWriter;
-
-impl std::io::Write for AuditWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        AUDIT.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_audit() {
-    static INIT: OnceLock<()> = OnceLock::new();
-    INIT.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("seg::audit=info")
-            .with_writer(|| AuditWriter)
-            .try_init();
-    });
-}
-
-/// The audit records' fields for one device id, oldest first.
-fn audit(device_id: &str) -> Vec<serde_json::Value> {
-    let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| v["fields"].clone())
-        .filter(|f| f["device_id"] == device_id)
-        .collect()
-}
 
 /// The reason of the last audit record for a device id (records are written when the body
 /// ends, so this waits a little for it).

@@ -418,17 +418,10 @@ impl<C: Side> TlsConn<C> {
                     }
                     None
                 }
-                ConnectionState::EncodeTlsData(mut handshake) => {
-                    encode(&mut handshake, &mut self.outgoing);
-                    None
-                }
-                // Sent by the next flush, in order behind anything already waiting.
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    None
-                }
-                ConnectionState::PeerClosed => {
-                    self.peer_closed = true;
+                state @ (ConnectionState::EncodeTlsData(_)
+                | ConnectionState::TransmitTlsData(_)
+                | ConnectionState::PeerClosed) => {
+                    record_keeping(state, &mut self.outgoing, &mut self.peer_closed);
                     None
                 }
                 ConnectionState::BlockedHandshake => Some(Stop::Handshaking),
@@ -485,16 +478,10 @@ impl<C: Side> TlsConn<C> {
                     }
                     Err(e) => return Err(io::Error::other(e)),
                 },
-                ConnectionState::EncodeTlsData(mut data) => {
-                    encode(&mut data, &mut self.outgoing);
-                    None
-                }
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    None
-                }
-                ConnectionState::PeerClosed => {
-                    self.peer_closed = true;
+                state @ (ConnectionState::EncodeTlsData(_)
+                | ConnectionState::TransmitTlsData(_)
+                | ConnectionState::PeerClosed) => {
+                    record_keeping(state, &mut self.outgoing, &mut self.peer_closed);
                     None
                 }
                 ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
@@ -610,6 +597,23 @@ impl<C: Side> TlsConn<C> {
     }
 }
 
+/// The states in which rustls only hands over records or news, alike whatever the
+/// connection was doing: a handshake or alert record to append to `outgoing` (sent by the
+/// next flush, in order behind anything already waiting), records appended already, or the
+/// peer's close_notify.
+fn record_keeping<Data>(
+    state: ConnectionState<'_, '_, Data>,
+    outgoing: &mut Vec<u8>,
+    peer_closed: &mut bool,
+) {
+    match state {
+        ConnectionState::EncodeTlsData(mut data) => encode(&mut data, outgoing),
+        ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+        ConnectionState::PeerClosed => *peer_closed = true,
+        _ => {}
+    }
+}
+
 /// Appends a handshake (or alert) record rustls prepared to `outgoing`.
 fn encode<Data>(data: &mut EncodeTlsData<'_, Data>, outgoing: &mut Vec<u8>) {
     let start = outgoing.len();
@@ -708,18 +712,31 @@ mod tests {
         configs: &Configs,
         write_timeout: Duration,
     ) -> ((DeviceTls, BytesMut), TlsStream<TcpStream>) {
+        let (addr, accepted) = accept_one(configs, write_timeout).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&configs.device));
+        let name = ServerName::try_from("localhost").unwrap();
+        let device = connector.connect(name, tcp).await.unwrap();
+        (accepted.await.unwrap().unwrap(), device)
+    }
+
+    /// seg's side of one handshake over loopback: the address to connect to, and the
+    /// accepted connection or the handshake's error.
+    async fn accept_one(
+        configs: &Configs,
+        write_timeout: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<io::Result<(DeviceTls, BytesMut)>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Arc::clone(&configs.server);
         let accepted = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            DeviceTls::accept(tcp, server, write_timeout).await.unwrap()
+            DeviceTls::accept(tcp, server, write_timeout).await
         });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&configs.device));
-        let name = ServerName::try_from("localhost").unwrap();
-        let device = connector.connect(name, tcp).await.unwrap();
-        (accepted.await.unwrap(), device)
+        (addr, accepted)
     }
 
     async fn read_exactly<C: Side>(tls: &mut TlsConn<C>, into: &mut BytesMut, n: usize) {
@@ -766,15 +783,7 @@ mod tests {
     #[tokio::test]
     async fn records_cut_into_single_bytes_are_put_together() {
         let configs = configs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = Arc::clone(&configs.server);
-        let accepted = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            DeviceTls::accept(tcp, server, Duration::from_secs(5))
-                .await
-                .unwrap()
-        });
+        let (addr, accepted) = accept_one(&configs, Duration::from_secs(5)).await;
         // The device's side in plain rustls, so every TLS byte can go out on its own.
         let device = Arc::clone(&configs.device);
         let writer = tokio::task::spawn_blocking(move || {
@@ -796,7 +805,7 @@ mod tests {
             // Keep the connection open until seg has read everything.
             let _ = tcp.read(&mut [0; 1]);
         });
-        let (mut tls, mut received) = accepted.await.unwrap();
+        let (mut tls, mut received) = accepted.await.unwrap().unwrap();
         read_exactly(&mut tls, &mut received, 19).await;
         assert_eq!(&received[..], b"POST / HTTP/1.1\r\n\r\n");
         assert_eq!(
@@ -839,16 +848,7 @@ mod tests {
     #[tokio::test]
     async fn a_device_without_a_certificate_gets_an_alert_and_a_labelled_error() {
         let configs = configs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = Arc::clone(&configs.server);
-        let accepted = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            DeviceTls::accept(tcp, server, Duration::from_secs(5))
-                .await
-                .err()
-                .expect("refused")
-        });
+        let (addr, accepted) = accept_one(&configs, Duration::from_secs(5)).await;
         let tcp = TcpStream::connect(addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&configs.anonymous));
         let name = ServerName::try_from("localhost").unwrap();
@@ -869,7 +869,7 @@ mod tests {
                 .contains("certificaterequired"),
             "the device saw {error}"
         );
-        let refused = accepted.await.unwrap();
+        let refused = accepted.await.unwrap().err().expect("refused");
         assert_eq!(
             crate::tls::handshake_failure_label(&refused),
             "no_client_certificate"

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod apache;
+pub mod audit;
 pub mod chaos;
 pub mod lab;
 pub mod ldif;

@@ -1,0 +1,40 @@
+//! Audit capture for tests that run seg in process: every `seg::audit` record of the test
+//! process, as JSON lines, and the records of one device id.
+
+use std::sync::{Mutex, OnceLock};
+
+static AUDIT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct AuditWriter;
+
+impl std::io::Write for AuditWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        AUDIT.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capture (once per process; later calls do nothing).
+pub fn capture_audit() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("seg::audit=info")
+            .with_writer(|| AuditWriter)
+            .try_init();
+    });
+}
+
+/// The audit records' fields for one device id, oldest first.
+pub fn audit(device_id: &str) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone())
+        .filter(|f| f["device_id"] == device_id)
+        .collect()
+}
