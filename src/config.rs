@@ -341,6 +341,8 @@ pub struct UpstreamConfig {
     pub path_prefix: String,
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// New connections being opened at once; more wait for a slot.
+    pub max_connecting: usize,
     pub request_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout: Duration,
@@ -1038,6 +1040,7 @@ fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
         path_prefix,
         ca_file,
         connect_timeout: s.duration("connect_timeout", "5s", p),
+        max_connecting: s.integer("max_connecting", 64, 1, p),
         request_timeout,
         pool_max_idle_per_host: s.integer("pool_max_idle_per_host", 256, 0, p),
         pool_idle_timeout: s.duration("pool_idle_timeout", "90s", p),

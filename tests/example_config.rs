@@ -270,9 +270,17 @@ fn example_parses_with_its_files_present_and_shows_the_defaults() {
         "[upstream] timeouts and prefix"
     );
     assert_eq!(
-        (u.pool_max_idle_per_host, u.pool_idle_timeout),
-        (d.pool_max_idle_per_host, d.pool_idle_timeout),
-        "[upstream] pool"
+        (
+            u.pool_max_idle_per_host,
+            u.pool_idle_timeout,
+            u.max_connecting
+        ),
+        (
+            d.pool_max_idle_per_host,
+            d.pool_idle_timeout,
+            d.max_connecting
+        ),
+        "[upstream] pool and connection slots"
     );
     let (a, d) = (&config.admin, &defaults.admin);
     assert_eq!(

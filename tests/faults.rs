@@ -548,12 +548,13 @@ struct UpstreamFault {
     seg: Running,
 }
 
-/// seg with `upstream.url` at `upstream`; `request_timeout` replaces the validated value
-/// (at least 3600 s, so ActiveSync long polls fit), so a test can wait for it.
+/// seg with `upstream.url` at `upstream`; `adjust` changes the loaded configuration before
+/// seg starts, past validation (a `request_timeout` below the 3600 s ActiveSync long polls
+/// need, so a test can wait for it).
 async fn upstream_fault(
     upstream: SocketAddr,
     extra: &str,
-    request_timeout: Option<Duration>,
+    adjust: impl FnOnce(&mut seg::config::Config, &Pki),
 ) -> UpstreamFault {
     capture_audit();
     let pki = Pki::new();
@@ -563,9 +564,7 @@ async fn upstream_fault(
     let text = config_text(&pki, &directory, upstream, extra);
     let config_path = pki.dir.write("seg.toml", &text);
     let mut config = seg::config::Config::load(&config_path).expect("config");
-    if let Some(timeout) = request_timeout {
-        config.upstream.request_timeout = timeout;
-    }
+    adjust(&mut config, &pki);
     let seg = seg::App::build(config)
         .expect("build")
         .start()
@@ -596,7 +595,7 @@ async fn echo() -> EchoUpstream {
 async fn upstream_refused() {
     let upstream = echo().await;
     let chaos = Chaos::start(upstream.addr, Mode::Refuse).await;
-    let lab = upstream_fault(chaos.addr, "", None).await;
+    let lab = upstream_fault(chaos.addr, "", |_, _| {}).await;
     let (r, took) = lab.post("Sync", "up-refused").await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(took < Duration::from_secs(2), "took {took:?}");
@@ -617,7 +616,10 @@ async fn upstream_refused() {
 async fn upstream_hanging() {
     let upstream = echo().await;
     let chaos = Chaos::start(upstream.addr, Mode::Pass).await;
-    let lab = upstream_fault(chaos.addr, "", Some(Duration::from_secs(2))).await;
+    let lab = upstream_fault(chaos.addr, "", |config, _| {
+        config.upstream.request_timeout = Duration::from_secs(2);
+    })
+    .await;
     let (r, _) = lab.post("Sync", "up-hang").await;
     assert_eq!(r.status, 200, "{}", r.text());
 
@@ -642,7 +644,7 @@ async fn upstream_hanging() {
 async fn upstream_reset_mid_response_is_not_retried() {
     let upstream = echo().await;
     let chaos = Chaos::start(upstream.addr, Mode::Pass).await;
-    let lab = upstream_fault(chaos.addr, "", None).await;
+    let lab = upstream_fault(chaos.addr, "", |_, _| {}).await;
     let (r, _) = lab.post("Sync", "up-reset").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(upstream.requests().len(), 1);
@@ -726,7 +728,7 @@ async fn upstream_malformed_response() {
             });
         }
     });
-    let lab = upstream_fault(addr, "", None).await;
+    let lab = upstream_fault(addr, "", |_, _| {}).await;
     let (r, took) = lab.post("Sync", "up-garbage").await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(took < Duration::from_secs(2), "took {took:?}");
@@ -748,7 +750,7 @@ async fn upstream_long_polls_do_not_starve_other_requests() {
     .expect("holding upstream");
     let chaos = Chaos::start(upstream.addr, Mode::Pass).await;
     let extra = "[activesync]\nmax_long_polls = 6\nmax_long_polls_per_account = 100\n";
-    let lab = Arc::new(upstream_fault(chaos.addr, extra, None).await);
+    let lab = Arc::new(upstream_fault(chaos.addr, extra, |_, _| {}).await);
     let (r, _) = lab.post("Sync", "poll-sync").await;
     assert_eq!(r.status, 200, "{}", r.text());
 
@@ -783,6 +785,54 @@ async fn upstream_long_polls_do_not_starve_other_requests() {
         assert!(took < Duration::from_secs(7), "took {took:?}");
     }
     assert_eq!(metric(&lab.seg, "seg_long_polls_in_flight"), 0.0);
+}
+
+/// New upstream connections are opened `upstream.max_connecting` at a time. With 2 slots and
+/// an https:// upstream whose handshakes never complete (a blackhole in front of it), four
+/// requests at once open two connections, not four; every request ends in 502
+/// upstream-unreachable within its connect timeout and its wait for a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connects_are_opened_a_few_at_a_time() {
+    let upstream = echo().await;
+    let chaos = Chaos::start(upstream.addr, Mode::Blackhole).await;
+    let url = format!("https://{}", chaos.addr);
+    let lab = Arc::new(
+        upstream_fault(chaos.addr, "", |config, pki| {
+            config.upstream.url = url.parse().expect("url");
+            config.upstream.ca_file = Some(pki.ca_path.clone());
+            config.upstream.max_connecting = 2;
+            config.upstream.connect_timeout = Duration::from_secs(2);
+            // The readiness probe's connects would count too: one, at the start.
+            config.admin.probe_interval = Duration::from_secs(3600);
+        })
+        .await,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let probes = chaos.accepted();
+    let posts: Vec<_> = (0..4)
+        .map(|i| {
+            let lab = Arc::clone(&lab);
+            tokio::spawn(async move { lab.post("Sync", &format!("slots-{i}")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        chaos.accepted() - probes,
+        2,
+        "connections opened while four requests wanted one"
+    );
+    for post in posts {
+        let (r, took) = post.await.expect("post task");
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(took < Duration::from_secs(6), "took {took:?}");
+    }
+    for i in 0..4 {
+        assert_eq!(
+            last_reason(&format!("slots-{i}")).await,
+            "upstream-unreachable"
+        );
+    }
+    assert!(upstream.requests().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------

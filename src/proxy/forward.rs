@@ -18,6 +18,7 @@ use super::refusal::Refusal;
 use crate::config::{IdentityConfig, UpstreamConfig};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use tokio::sync::Semaphore;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the historic ones).
 const HOP_BY_HOP: [&str; 9] = [
@@ -173,6 +174,12 @@ pub struct Upstream {
     host: HeaderValue,
     path_prefix: String,
     request_timeout: Duration,
+    /// Slots for opening new connections (`upstream.max_connecting`): requests that find no
+    /// idle connection all at once (a restart under a fleet's held Pings) reach the server
+    /// as a bounded stream of handshakes, not as one burst.
+    connecting: Semaphore,
+    max_connecting: usize,
+    connect_timeout: Duration,
 }
 
 /// An upstream setup problem.
@@ -233,6 +240,9 @@ impl Upstream {
             host,
             path_prefix: config.path_prefix.clone(),
             request_timeout: config.request_timeout,
+            connecting: Semaphore::new(config.max_connecting),
+            max_connecting: config.max_connecting,
+            connect_timeout: config.connect_timeout,
         })
     }
 
@@ -299,7 +309,7 @@ impl Upstream {
                 Some(conn) => (conn, false),
                 // Boxed: a connect's state (DNS, TCP, TLS) would otherwise enlarge every
                 // request's future, held Pings included.
-                None => (Box::pin(self.connect(key.clone())).await?, true),
+                None => Box::pin(self.open(&key)).await?,
             };
             match client::send(conn, outgoing, &self.pool).await {
                 Ok(mut response) => {
@@ -328,6 +338,27 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// A connection for `key` and whether it is new: opened once one of the
+    /// `upstream.max_connecting` slots is free, or an idle one given back to the pool during
+    /// the wait. The wait is bounded by `upstream.connect_timeout`, as a connect is: slots
+    /// that stay taken mean connects that are not completing.
+    async fn open(&self, key: &PoolKey) -> Result<(UpstreamConn, bool), Refusal> {
+        let slot = match tokio::time::timeout(self.connect_timeout, self.connecting.acquire()).await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                tracing::warn!(target: "seg::upstream", max_connecting = self.max_connecting, connect_timeout = ?self.connect_timeout, "no upstream connection slot free within the connect timeout");
+                return Err(Refusal::UpstreamUnreachable);
+            }
+        };
+        if let Some(conn) = self.pool.take(key) {
+            return Ok((conn, false));
+        }
+        let conn = self.connect(key.clone()).await;
+        drop(slot);
+        Ok((conn?, true))
     }
 
     async fn connect(&self, key: PoolKey) -> Result<UpstreamConn, Refusal> {
