@@ -20,6 +20,8 @@ pub struct Metrics {
     pub directory_searches: IntCounterVec,
     pub directory_search_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
+    /// Requests that waited for one of the `upstream.max_connecting` slots.
+    pub upstream_connect_waits: IntCounter,
     pub open_connections: IntGauge,
     pub drained_connections: IntCounter,
     pub long_polls: IntGauge,
@@ -112,6 +114,12 @@ impl Metrics {
                 "Requests the upstream could not answer, by kind.",
             ),
             &["kind"],
+        )
+        .expect("valid metric");
+        let upstream_connect_waits = IntCounter::new(
+            "upstream_connect_waits_total",
+            "Requests that found no idle upstream connection and waited for a slot to open one \
+             (upstream.max_connecting).",
         )
         .expect("valid metric");
         let open_connections = IntGauge::new(
@@ -275,6 +283,7 @@ impl Metrics {
             directory_searches,
             directory_search_duration,
             upstream_errors,
+            upstream_connect_waits,
             open_connections,
             drained_connections,
             long_polls,
@@ -302,6 +311,7 @@ impl Metrics {
             Box::new(metrics.directory_searches.clone()),
             Box::new(metrics.directory_search_duration.clone()),
             Box::new(metrics.upstream_errors.clone()),
+            Box::new(metrics.upstream_connect_waits.clone()),
             Box::new(metrics.open_connections.clone()),
             Box::new(metrics.drained_connections.clone()),
             Box::new(metrics.long_polls.clone()),

@@ -833,6 +833,7 @@ async fn upstream_connects_are_opened_a_few_at_a_time() {
         );
     }
     assert!(upstream.requests().is_empty());
+    assert_eq!(metric(&lab.seg, "seg_upstream_connect_waits_total"), 2.0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ pub struct Upstream {
     connecting: Semaphore,
     max_connecting: usize,
     connect_timeout: Duration,
+    /// Counts the requests that had to wait for a slot (`seg_upstream_connect_waits_total`).
+    connect_waits: Option<prometheus::IntCounter>,
 }
 
 /// An upstream setup problem.
@@ -243,6 +245,7 @@ impl Upstream {
             connecting: Semaphore::new(config.max_connecting),
             max_connecting: config.max_connecting,
             connect_timeout: config.connect_timeout,
+            connect_waits: None,
         })
     }
 
@@ -259,6 +262,12 @@ impl Upstream {
             .path_and_query(target)
             .build()
             .map_err(|_| Refusal::NotFound)
+    }
+
+    /// Counts the waits for a connection slot in `waits`.
+    pub fn counting_connect_waits(mut self, waits: prometheus::IntCounter) -> Upstream {
+        self.connect_waits = Some(waits);
+        self
     }
 
     /// Keeps idle connections per account (Kerberos mode), for at most `max_accounts`
@@ -345,6 +354,11 @@ impl Upstream {
     /// the wait. The wait is bounded by `upstream.connect_timeout`, as a connect is: slots
     /// that stay taken mean connects that are not completing.
     async fn open(&self, key: &PoolKey) -> Result<(UpstreamConn, bool), Refusal> {
+        if self.connecting.available_permits() == 0 {
+            if let Some(waits) = &self.connect_waits {
+                waits.inc();
+            }
+        }
         let slot = match tokio::time::timeout(self.connect_timeout, self.connecting.acquire()).await
         {
             Ok(Ok(slot)) => slot,
