@@ -189,8 +189,7 @@ fn build_gateway(
             (directory, resolver, false)
         }
     };
-    let mut upstream = Upstream::new(&config.upstream)?
-        .counting_connect_waits(metrics.upstream_connect_waits.clone());
+    let mut upstream = Upstream::new(&config.upstream, metrics.upstream_connect_waits.clone())?;
     // Kerberos mode: the delegated credentials survive a reload that keeps their settings.
     let delegation = config.kerberos.as_ref().map(|kerberos| {
         previous

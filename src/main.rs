@@ -27,8 +27,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// Runtime worker threads (default: one per core). With 1, everything runs on one
-        /// thread (a current-thread runtime): measured ~8 % less CPU per request than one
-        /// worker of the multi-threaded runtime.
+        /// thread (a current-thread runtime).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -74,8 +73,9 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = match &cli.command {
         // One thread: everything runs where the runtime is driven, with no hand-over
-        // between threads and no parking of a second one (the fleet benchmark's one-core
-        // setup: keep-alive CPU per request 24.5 -> 22.5 µs, 15.3 -> 13.7 of it in the kernel).
+        // between threads and no parking of a second one. In the fleet benchmark's one-core
+        // setup, interleaved runs gave about 5 % less CPU per keep-alive request than one
+        // worker of the multi-threaded runtime (23.1 against 24.2 µs, four runs each).
         Command::Run {
             threads: Some(1), ..
         } => tokio::runtime::Builder::new_current_thread(),

@@ -383,11 +383,13 @@ impl Outgoing {
 }
 
 /// Sends `out` on `conn` and reads the response head; the body streams from the returned
-/// response, and gives the connection back to `pool` when it has ended cleanly.
+/// response, fails when the upstream falls silent within it for `silence`, and gives the
+/// connection back to `pool` when it has ended cleanly.
 pub async fn send(
     mut conn: UpstreamConn,
     mut out: Box<Outgoing>,
     pool: &Arc<Pool>,
+    silence: Duration,
 ) -> Result<Response<UpstreamBody>, SendError> {
     if let Err(e) = poll_fn(|cx| Poll::Ready(out.gather(cx))).await {
         return Err(SendError::Failed(e));
@@ -413,14 +415,14 @@ pub async fn send(
             drop(out);
             let early = read_head(&mut conn.io, &mut buf, head_request);
             return match tokio::time::timeout(EARLY_RESPONSE_GRACE, early).await {
-                Ok(Ok(head)) => Ok(respond(conn, buf, head, false, pool)),
+                Ok(Ok(head)) => Ok(respond(conn, buf, head, false, pool, silence)),
                 _ => Err(SendError::Failed(e)),
             };
         }
     }
     drop(out);
     match read_head(&mut conn.io, &mut buf, head_request).await {
-        Ok(head) => Ok(respond(conn, buf, head, true, pool)),
+        Ok(head) => Ok(respond(conn, buf, head, true, pool, silence)),
         Err(e) => Err(SendError::Failed(e)),
     }
 }
@@ -631,6 +633,7 @@ fn respond(
     head: Head,
     reusable: bool,
     pool: &Arc<Pool>,
+    silence_limit: Duration,
 ) -> Response<UpstreamBody> {
     let decode = match head.framing {
         ResponseFraming::Empty | ResponseFraming::Length(0) => Decode::Done,
@@ -649,7 +652,7 @@ fn respond(
             ResponseFraming::Empty => Some(0),
             _ => None,
         },
-        silence_limit: None,
+        silence_limit,
         silence: None,
     };
     if body.decode == Decode::Done {
@@ -692,19 +695,13 @@ pub struct UpstreamBody {
     keep_alive: bool,
     /// The length the head declared, for the size hint.
     length: Option<u64>,
-    /// How long the upstream may stay silent in the middle of the body (`None`: unbounded),
-    /// and the timer measuring it, made at the first wait.
-    silence_limit: Option<Duration>,
+    /// How long the upstream may stay silent in the middle of the body, and the timer
+    /// measuring it, made at the first wait.
+    silence_limit: Duration,
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl UpstreamBody {
-    /// Bounds each silence of the upstream in the middle of the body: past `limit` the body
-    /// fails with `ClientError::BodySilent` and its connection is closed.
-    pub fn limit_silence(&mut self, limit: Duration) {
-        self.silence_limit = Some(limit);
-    }
-
     /// The body has ended: its connection goes back to the pool if nothing is wrong with it.
     fn finish(&mut self) {
         self.decode = Decode::Done;
@@ -904,22 +901,22 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
         let this = &mut *self;
         let limit = this.silence_limit;
-        match (this.step(cx), limit) {
-            (Poll::Pending, Some(limit)) => {
+        match this.step(cx) {
+            // Past `limit` of silence the body fails and its connection is closed.
+            Poll::Pending => {
                 let timer = this
                     .silence
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
                 ready!(timer.as_mut().poll(cx));
                 this.fail(ClientError::BodySilent)
             }
-            (Poll::Ready(frame), Some(limit)) => {
+            Poll::Ready(frame) => {
                 // Something came: the next silence is measured from now.
                 if let Some(timer) = this.silence.as_mut() {
                     timer.as_mut().reset(tokio::time::Instant::now() + limit);
                 }
                 Poll::Ready(frame)
             }
-            (polled, None) => polled,
         }
     }
 
@@ -1065,8 +1062,8 @@ mod tests {
             .unwrap()
             .unwrap();
         let pool = Pool::new(1, 1, Duration::from_secs(60));
-        let mut body = respond(conn, BytesMut::new(), head.unwrap(), true, &pool).into_body();
-        body.limit_silence(limit);
+        let mut body =
+            respond(conn, BytesMut::new(), head.unwrap(), true, &pool, limit).into_body();
         let mut got = Vec::new();
         let error = loop {
             match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {

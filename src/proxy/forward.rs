@@ -181,7 +181,7 @@ pub struct Upstream {
     max_connecting: usize,
     connect_timeout: Duration,
     /// Counts the requests that had to wait for a slot (`seg_upstream_connect_waits_total`).
-    connect_waits: Option<prometheus::IntCounter>,
+    connect_waits: prometheus::IntCounter,
 }
 
 /// An upstream setup problem.
@@ -190,7 +190,12 @@ pub struct Upstream {
 pub struct UpstreamSetupError(String);
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+    /// The upstream of `config`; `connect_waits` counts the requests that wait for a
+    /// connection slot.
+    pub fn new(
+        config: &UpstreamConfig,
+        connect_waits: prometheus::IntCounter,
+    ) -> Result<Upstream, UpstreamSetupError> {
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &config.ca_file {
             let certs = crate::tls::read_certs(ca, "upstream.ca_file")
@@ -245,7 +250,7 @@ impl Upstream {
             connecting: Semaphore::new(config.max_connecting),
             max_connecting: config.max_connecting,
             connect_timeout: config.connect_timeout,
-            connect_waits: None,
+            connect_waits,
         })
     }
 
@@ -262,12 +267,6 @@ impl Upstream {
             .path_and_query(target)
             .build()
             .map_err(|_| Refusal::NotFound)
-    }
-
-    /// Counts the waits for a connection slot in `waits`.
-    pub fn counting_connect_waits(mut self, waits: prometheus::IntCounter) -> Upstream {
-        self.connect_waits = Some(waits);
-        self
     }
 
     /// Keeps idle connections per account (Kerberos mode), for at most `max_accounts`
@@ -320,13 +319,10 @@ impl Upstream {
                 // request's future, held Pings included.
                 None => Box::pin(self.open(&key)).await?,
             };
-            match client::send(conn, outgoing, &self.pool).await {
-                Ok(mut response) => {
-                    // The wait for the head is bounded above; a silence within the body
-                    // is bounded alike.
-                    response.body_mut().limit_silence(self.request_timeout);
-                    return Ok(response);
-                }
+            // The wait for the head is bounded in `send`; a silence within the body is
+            // bounded alike.
+            match client::send(conn, outgoing, &self.pool, self.request_timeout).await {
+                Ok(response) => return Ok(response),
                 Err(SendError::Unsent(e, unsent)) if !fresh => {
                     tracing::debug!(target: "seg::upstream", error = %e, "idle upstream connection closed; sending on another");
                     outgoing = unsent;
@@ -355,9 +351,7 @@ impl Upstream {
     /// that stay taken mean connects that are not completing.
     async fn open(&self, key: &PoolKey) -> Result<(UpstreamConn, bool), Refusal> {
         if self.connecting.available_permits() == 0 {
-            if let Some(waits) = &self.connect_waits {
-                waits.inc();
-            }
+            self.connect_waits.inc();
         }
         let slot = match tokio::time::timeout(self.connect_timeout, self.connecting.acquire()).await
         {
