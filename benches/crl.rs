@@ -71,6 +71,7 @@ fn fixture() -> Fixture {
             danger_allow_unknown_revocation_status: false,
             self_test_certificate: None,
             session_ticket_key_file: None,
+            session_lifetime: std::time::Duration::from_secs(6 * 3600),
         },
         crl: crl_path,
         dir,

@@ -32,6 +32,8 @@
 //! its identity-cache snapshot (warm restart), and every device leaving during its held Ping
 //! (does the upstream see its request closed?).
 //!
+//! `FLEET_SEG_BIN=/path/to/seg` measures that seg binary instead of this build's (an earlier
+//! commit's, for a before/after in one session).
 //! `FLEET_HEAPTRACK=/tmp/seg.heap` runs seg under heaptrack (benches/fleet/peers.rs says how
 //! to read the profiles); `--keepalive-secs N` lengthens the keep-alive scenario for `perf`.
 
@@ -245,7 +247,10 @@ fn main() {
         .status()
         .is_ok_and(|s| s.success());
 
-    let seg_bin = PathBuf::from(env!("CARGO_BIN_EXE_seg"));
+    // `FLEET_SEG_BIN` runs another build of seg (an earlier commit's, for a before/after).
+    let seg_bin = std::env::var_os("FLEET_SEG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_seg")));
     let mut report = Report::default();
     // A requested peer that is missing is a failure, not a quiet gap in the table; leave it
     // out explicitly with --proxies.

@@ -200,7 +200,8 @@ fn activesync_headers() -> HeaderMap {
 }
 
 fn header_hygiene(c: &mut Criterion, fixture: &Fixture) {
-    let policy = HeaderPolicy::new(&fixture.config.identity);
+    let metrics = seg::metrics::Metrics::new();
+    let policy = HeaderPolicy::new(&fixture.config.identity, &fixture.config.upstream, &metrics);
     let template = activesync_headers();
     let identity = HeaderValue::from_static("alice@corp.test");
     let peer_ip = HeaderValue::from_static("203.0.113.7");

@@ -144,6 +144,32 @@ impl Command {
     }
 }
 
+/// The request headers an ActiveSync or Autodiscover request needs at the server, lowercase:
+/// the only client headers seg forwards (with `upstream.forward_headers`). Sources, header by
+/// header, in docs/security.md ("Headers forwarded"). `Content-Length` is seg's own to
+/// write (the upstream client frames the body); `Authorization`, `Cookie` and every routing
+/// or identity header are absent on purpose.
+pub const REQUEST_HEADERS: [&str; 9] = [
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "content-length",
+    "content-type",
+    "ms-asacceptmultipart",
+    "ms-asprotocolversion",
+    "user-agent",
+    "x-ms-policykey",
+];
+
+/// Headers seg reads, or a server reads, as one value: twice is ambiguous, so refused.
+pub const SINGLE_VALUED_HEADERS: [&str; 5] = [
+    "content-type",
+    "ms-asacceptmultipart",
+    "ms-asprotocolversion",
+    "user-agent",
+    "x-ms-policykey",
+];
+
 /// Which query form a request used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueryForm {
@@ -193,6 +219,12 @@ pub enum QueryError {
     DuplicateParameter,
     #[error("query-too-long")]
     TooLong,
+    #[error("query-bad-key")]
+    BadKey,
+    #[error("query-bad-separator")]
+    BadSeparator,
+    #[error("query-bad-cmd")]
+    BadCommand,
 }
 
 impl QueryError {
@@ -209,6 +241,9 @@ impl QueryError {
             QueryError::MissingDevice => "query-missing-device",
             QueryError::DuplicateParameter => "query-duplicate-parameter",
             QueryError::TooLong => "query-too-long",
+            QueryError::BadKey => "query-bad-key",
+            QueryError::BadSeparator => "query-bad-separator",
+            QueryError::BadCommand => "query-bad-cmd",
         }
     }
 }
@@ -329,12 +364,23 @@ fn looks_like_base64(q: &str) -> bool {
     !body.contains('=') && !body.contains('&')
 }
 
+/// The plain form, read so that no other parser can find a key seg did not see: PHP trims
+/// and drops `[]`, turns `.` and spaces into `_` and splits on `;` when configured to;
+/// ASP.NET decodes keys and compares them case-insensitively; Unicode case folding turns
+/// `ſ` into `s`. So keys are raw ASCII letters and digits only (never escaped), `;` is no
+/// separator and no character, and `Cmd` is letters only, so the command seg caps is the
+/// command the upstream runs.
 fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
+    if query.contains(';') {
+        return Err(QueryError::BadSeparator);
+    }
     let mut request = EasRequest::empty(QueryForm::Plain);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode(key)?;
-        let value = percent_decode(value)?;
+        let (key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(QueryError::BadKey);
+        }
+        let value = percent_decode(raw_value)?;
         if value.len() > MAX_FIELD {
             return Err(QueryError::FieldTooLong);
         }
@@ -345,14 +391,17 @@ fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
                 if request.command.is_some() {
                     return Err(QueryError::DuplicateParameter);
                 }
-                request.command = Some(Command::from_name(&value));
+                if raw_value.is_empty() || !raw_value.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(QueryError::BadCommand);
+                }
+                request.command = Some(Command::from_name(raw_value));
                 continue;
             }
             "user" => &mut request.user,
             "deviceid" => &mut request.device_id,
             "devicetype" => &mut request.device_type,
             _ => {
-                request.parameters.push((key, value));
+                request.parameters.push((key.to_string(), value));
                 continue;
             }
         };
@@ -591,6 +640,61 @@ mod tests {
             ),
             ("Cmd=Sync&User=alice", QueryError::MissingDevice),
             ("!!!notbase64", QueryError::BadBase64),
+            // Keys other parsers read as User, Cmd or DeviceId.
+            (
+                "Cmd=Sync&%20User=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&+User=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&User%5B%5D=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&User[]=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&User.=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&U%C5%BFer=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            (
+                "Cmd=Sync&%55ser=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadKey,
+            ),
+            ("Cmd=Sync&=bob&DeviceId=a&DeviceType=x", QueryError::BadKey),
+            ("Cmd=Sync&Device_Id=a&DeviceType=x", QueryError::BadKey),
+            (
+                "Cmd=Sync&;User=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadSeparator,
+            ),
+            (
+                "Cmd=Sync;User=bob&DeviceId=a&DeviceType=x",
+                QueryError::BadSeparator,
+            ),
+            (
+                "Cmd=Sync&DeviceId=a%3Bb&DeviceType=x;",
+                QueryError::BadSeparator,
+            ),
+            // Whatever the upstream would run as Ping is capped as Ping.
+            (
+                "Cmd=Ping%20&DeviceId=a&DeviceType=x",
+                QueryError::BadCommand,
+            ),
+            (
+                "Cmd=%20Ping&DeviceId=a&DeviceType=x",
+                QueryError::BadCommand,
+            ),
+            ("Cmd=Ping+&DeviceId=a&DeviceType=x", QueryError::BadCommand),
+            ("Cmd=P%69ng&DeviceId=a&DeviceType=x", QueryError::BadCommand),
+            ("Cmd=&DeviceId=a&DeviceType=x", QueryError::BadCommand),
             ("jA", QueryError::Truncated),
         ];
         for (query, expected) in rows {

@@ -83,7 +83,7 @@ pub async fn serve(
         let health = Arc::clone(&health);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = answer(request.uri().path(), &metrics, &health);
+                let response = answer(request.method(), request.uri().path(), &metrics, &health);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = http1::Builder::new()
@@ -95,7 +95,25 @@ pub async fn serve(
     }
 }
 
-fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+/// The answer to one admin request. Only GET and HEAD read anything here; any other method
+/// is 405, so nothing on this listener can be made to act (hyper leaves HEAD's body out).
+fn answer(
+    method: &http::Method,
+    path: &str,
+    metrics: &Metrics,
+    health: &Health,
+) -> Response<Full<Bytes>> {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"method not allowed\n")));
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        let headers = response.headers_mut();
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain"),
+        );
+        return response;
+    }
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,

@@ -60,6 +60,9 @@ pub struct ListenConfig {
     /// On SIGTERM: how long short requests may finish and over which held long polls are
     /// closed, spread out so the devices do not all reconnect in the same second.
     pub drain_window: Duration,
+    /// Bytes all unfinished request heads together may hold; a head that would pass it is
+    /// refused (503, closed).
+    pub max_pending_head_bytes: usize,
 }
 
 /// Server certificate and the enterprise CA that issues device certificates.
@@ -78,6 +81,8 @@ pub struct TlsConfig {
     pub self_test_certificate: Option<PathBuf>,
     /// Shared session-ticket keys (a mounted secret) so devices resume on any replica.
     pub session_ticket_key_file: Option<PathBuf>,
+    /// How long after its full handshake a session may be resumed (tickets and session IDs).
+    pub session_lifetime: Duration,
 }
 
 /// Revocation checked online: OCSP for device certificates and CRLs fetched from their
@@ -346,6 +351,10 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     pub pool_max_idle_per_host: usize,
     pub pool_idle_timeout: Duration,
+    /// Request headers forwarded besides the ActiveSync ones (lowercase).
+    pub forward_headers: Vec<http::HeaderName>,
+    /// Cookie names forwarded; every other cookie is dropped.
+    pub forward_cookies: Vec<String>,
 }
 
 /// The loopback admin listener.
@@ -354,6 +363,34 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     pub probe_interval: Duration,
 }
+
+/// Longest `tls.session_lifetime`: a TLS 1.3 ticket's lifetime is at most seven days.
+pub const MAX_SESSION_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
+/// Headers `upstream.forward_headers` may not name: seg writes them itself (framing,
+/// routing, the forwarding headers) or they carry a credential or a session.
+const NOT_FORWARDABLE: [&str; 16] = [
+    "authorization",
+    "connection",
+    "content-length",
+    "cookie",
+    "expect",
+    "forwarded",
+    "host",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
+
+/// Cookies Exchange's front end takes a back-end server or a token from: never forwarded.
+const EXCHANGE_ROUTING_COOKIES: [&str; 3] =
+    ["X-BEResource", "X-AnonResource-Backend", "X-AnonResource"];
 
 /// Shortest timeout allowed on an ActiveSync request in flight: a Ping may be held 3540 s.
 pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -502,6 +539,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
                 .collect()
         },
         drain_window: s.duration("drain_window", "60s", p),
+        max_pending_head_bytes: s.integer("max_pending_head_bytes", 32 << 20, 64 << 10, p),
     };
     s.finish(p);
 
@@ -529,6 +567,14 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         ),
         self_test_certificate: s.optional_file("self_test_certificate", p),
         session_ticket_key_file: s.optional_file("session_ticket_key_file", p),
+        session_lifetime: {
+            let lifetime = s.duration("session_lifetime", "6h", p);
+            // RFC 8446 §4.6.1: a ticket lives at most seven days.
+            if lifetime > MAX_SESSION_LIFETIME {
+                p.push(&s.key("session_lifetime"), "must be at most 7 days (168h)");
+            }
+            lifetime
+        },
     };
     s.finish(p);
 
@@ -1035,6 +1081,49 @@ fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
             "must be at least 3600s: ActiveSync holds Ping and Sync for up to 3540 s",
         );
     }
+    let forward_headers = {
+        let key = s.key("forward_headers");
+        s.string_list("forward_headers", &[], p)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let lower = name.to_ascii_lowercase();
+                match http::HeaderName::from_bytes(lower.as_bytes()) {
+                    Err(_) => {
+                        p.push(&format!("{key}[{i}]"), &format!("\"{name}\" is not a valid header name"));
+                        None
+                    }
+                    Ok(_) if NOT_FORWARDABLE.contains(&lower.as_str()) || lower.starts_with("x-forwarded-") => {
+                        p.push(
+                            &format!("{key}[{i}]"),
+                            &format!("\"{name}\" is seg's own to write or a credential; it is never forwarded (cookies: upstream.forward_cookies)"),
+                        );
+                        None
+                    }
+                    Ok(header) => Some(header),
+                }
+            })
+            .collect()
+    };
+    let forward_cookies = s.string_list("forward_cookies", &[], p);
+    for (i, name) in forward_cookies.iter().enumerate() {
+        // RFC 6265 §4.1.1: a cookie name is an RFC 9110 token.
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            p.push(
+                &format!("{}[{i}]", s.key("forward_cookies")),
+                &format!("\"{name}\" is not a cookie name"),
+            );
+        } else if EXCHANGE_ROUTING_COOKIES
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(name))
+        {
+            p.push(
+                &format!("{}[{i}]", s.key("forward_cookies")),
+                &format!("\"{name}\" names the back end Exchange routes to (ProxyLogon, CVE-2021-26855); it is never forwarded"),
+            );
+        }
+    }
     Some(UpstreamConfig {
         url: url?,
         path_prefix,
@@ -1044,7 +1133,27 @@ fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
         request_timeout,
         pool_max_idle_per_host: s.integer("pool_max_idle_per_host", 256, 0, p),
         pool_idle_timeout: s.duration("pool_idle_timeout", "90s", p),
+        forward_headers,
+        forward_cookies,
     })
+}
+
+impl UpstreamConfig {
+    /// An upstream at `url` with every other key at its default.
+    pub fn with_defaults(url: http::Uri) -> UpstreamConfig {
+        UpstreamConfig {
+            url,
+            path_prefix: String::new(),
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            max_connecting: 64,
+            request_timeout: Duration::from_secs(3660),
+            pool_max_idle_per_host: 256,
+            pool_idle_timeout: Duration::from_secs(90),
+            forward_headers: Vec::new(),
+            forward_cookies: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1413,6 +1522,34 @@ mod tests {
             "bogus",
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn forwarding_lists_and_the_session_lifetime_are_checked() {
+        let text = r#"
+            [tls]
+            session_lifetime = "200h"
+            [upstream]
+            url = "http://eas.example"
+            forward_headers = ["X-Device-Note", "Authorization", "cookie", "X-Forwarded-Host", "bad header"]
+            forward_cookies = ["lb", "x-beresource", "a;b"]
+        "#;
+        let err = Config::parse(text, Path::new("/"), "test.toml").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "tls.session_lifetime",
+            "upstream.forward_headers[1]",
+            "upstream.forward_headers[2]",
+            "upstream.forward_headers[3]",
+            "upstream.forward_headers[4]",
+            "upstream.forward_cookies[1]",
+            "upstream.forward_cookies[2]",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        for fine in ["upstream.forward_headers[0]", "upstream.forward_cookies[0]"] {
+            assert!(!keys.contains(&fine), "{fine} refused: {keys:?}");
         }
     }
 }

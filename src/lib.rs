@@ -18,6 +18,8 @@
 //! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
 //! - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream: the
 //!   impersonated credential per account, cached and bounded; KDC answers → decisions.
+//! - [`clock`]: the wall clock decisions read (certificate validity, session age); tests
+//!   move it.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
 //! - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
 //! - [`revocation`]: CRLs, for the verifier and the per-request check.
@@ -27,7 +29,9 @@
 //! - [`crl_fetch`]: CRLs fetched from distribution points and URLs, verified, refreshed
 //!   ahead of their nextUpdate in the background.
 //! - [`snapshot`]: the identity cache written at shutdown and read at start (warm restart).
-//! - [`tickets`]: session tickets shared by replicas, bound to the trust policy.
+//! - [`tickets`]: session resumption with a bound: tickets shared by replicas, bound to the
+//!   trust policy, and the TLS 1.2 session cache, each resumed only within
+//!   `tls.session_lifetime`.
 //! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
 //! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
 //! - [`proxy`]: accept, connection caps, handshake, slow-client limits, per-request decision,
@@ -42,6 +46,7 @@
 
 pub mod activesync;
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod crl_fetch;
 pub mod demo;
@@ -127,6 +132,7 @@ fn build_gateway(
     config: Config,
     metrics: &Arc<Metrics>,
     previous: Option<&Gateway>,
+    clock: &clock::Clock,
 ) -> Result<Gateway, BuildError> {
     // The CRLs in force are shared by every configuration: this one's files plus the CRLs
     // fetched over HTTP so far (while fetching stays on).
@@ -146,7 +152,7 @@ fn build_gateway(
         &revocation,
         fetching,
     )?);
-    let tls = tls::server_config(&config.tls, Arc::clone(&verifier))?;
+    let tls = tls::server_config(&config.tls, Arc::clone(&verifier), clock)?;
     if let DirectoryConfig::Ldap(l) = &config.directory {
         if l.danger_allow_plaintext {
             tracing::warn!(target: "seg::config", "directory.danger_allow_plaintext is set: the bind password may cross the network in clear");
@@ -235,8 +241,9 @@ fn build_gateway(
         directory,
         upstream,
         headers: match &delegation {
-            Some(_) => HeaderPolicy::new(&config.identity).without_identity_header(),
-            None => HeaderPolicy::new(&config.identity),
+            Some(_) => HeaderPolicy::new(&config.identity, &config.upstream, metrics)
+                .without_identity_header(),
+            None => HeaderPolicy::new(&config.identity, &config.upstream, metrics),
         },
         delegation,
         long_polls,
@@ -245,6 +252,7 @@ fn build_gateway(
         online,
         metrics: Arc::clone(metrics),
         directory_files,
+        clock: clock.clone(),
         config,
     })
 }
@@ -268,8 +276,13 @@ fn directory_files_digest(config: &DirectoryConfig) -> Vec<u8> {
 impl App {
     /// Reads keys, certificates, CRLs and the bind password; contacts nothing yet.
     pub fn build(config: Config) -> Result<App, BuildError> {
+        App::build_with_clock(config, clock::Clock::system())
+    }
+
+    /// The same, deciding certificate validity and session age by `clock` (tests move it).
+    pub fn build_with_clock(config: Config, clock: clock::Clock) -> Result<App, BuildError> {
         let metrics = Arc::new(Metrics::new());
-        let gateway = Arc::new(build_gateway(config, &metrics, None)?);
+        let gateway = Arc::new(build_gateway(config, &metrics, None, &clock)?);
         Ok(App { gateway, metrics })
     }
 
@@ -374,7 +387,7 @@ impl Running {
         } else if config.admin.address != current.config.admin.address {
             Err(ReloadError::NeedsRestart("admin.address"))
         } else {
-            build_gateway(config, &self.metrics, Some(&current))
+            build_gateway(config, &self.metrics, Some(&current), &current.clock)
                 .map_err(ReloadError::from)
                 .map(|gateway| {
                     gateway.online.start();

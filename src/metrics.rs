@@ -39,6 +39,9 @@ pub struct Metrics {
     /// By `reason`: the cap that refused (`max_connections`, `max_connections_per_address`,
     /// `max_connections_per_device`).
     pub connections_refused: IntCounterVec,
+    /// Request headers not forwarded, by `reason`: `hop-by-hop`, `identity`, `cookie`,
+    /// `not-allowed` (no header names as labels: a device chooses those).
+    pub request_headers_dropped: IntCounterVec,
     /// By `phase`: where a slow or silent device was cut (`handshake`, `idle`,
     /// `request_head`, `request_body`, `response_write`).
     pub connections_timed_out: IntCounterVec,
@@ -221,10 +224,21 @@ impl Metrics {
             "Connections closed by a drain before their request finished (held long polls, mostly).",
         )
         .expect("valid metric");
+        let request_headers_dropped = IntCounterVec::new(
+            Opts::new(
+                "request_headers_dropped_total",
+                "Request headers a device sent that seg did not forward, by reason: hop-by-hop, identity (a client-sent identity or forwarding header), cookie (a cookie not in upstream.forward_cookies), not-allowed (not on the allow-list).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in ["hop-by-hop", "identity", "cookie", "not-allowed"] {
+            request_headers_dropped.with_label_values(&[reason]);
+        }
         let connections_refused = IntCounterVec::new(
             Opts::new(
                 "connections_refused_total",
-                "Device connections refused by a cap, by reason: max_connections and max_connections_per_address (closed before the TLS handshake), max_connections_per_device (answered 503 after it).",
+                "Device connections refused by a cap, by reason: max_connections and max_connections_per_address (closed before the TLS handshake), max_connections_per_device (answered 503 at its end), max_pending_head_bytes (a request head refused 503 while unfinished heads hold the listener's budget).",
             ),
             &["reason"],
         )
@@ -233,6 +247,7 @@ impl Metrics {
             "max_connections",
             "max_connections_per_address",
             "max_connections_per_device",
+            "max_pending_head_bytes",
         ] {
             connections_refused.with_label_values(&[reason]);
         }
@@ -299,6 +314,7 @@ impl Metrics {
             server_certificate_expiry,
             policy_decisions,
             connections_refused,
+            request_headers_dropped,
             connections_timed_out,
             dependency_up,
         };
@@ -327,6 +343,7 @@ impl Metrics {
             Box::new(metrics.server_certificate_expiry.clone()),
             Box::new(metrics.policy_decisions.clone()),
             Box::new(metrics.connections_refused.clone()),
+            Box::new(metrics.request_headers_dropped.clone()),
             Box::new(metrics.connections_timed_out.clone()),
             Box::new(metrics.dependency_up.clone()),
             Box::new(build_info),

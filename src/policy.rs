@@ -33,8 +33,8 @@ impl PolicyDenial {
 }
 
 /// Whether `User=` names the account, in any form AD uses: sAMAccountName, `DOMAIN\sam`,
-/// UPN, primary SMTP address or another proxy address; case-insensitively. An absent
-/// `User` (allowed in the base64 form) is the certificate's account.
+/// UPN, primary SMTP address or another proxy address; case-insensitively as `names_equal`
+/// compares. An absent `User` (allowed in the base64 form) is the certificate's account.
 pub fn user_matches(
     requested: Option<&str>,
     account: &AccountEntry,
@@ -43,7 +43,7 @@ pub fn user_matches(
     let Some(requested) = requested else {
         return true;
     };
-    let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase();
+    let eq = names_equal;
     let sam = account.sam_account_name.as_deref();
     if let Some((domain, user)) = requested.split_once('\\') {
         let domain_ok = match netbios_domain {
@@ -63,6 +63,33 @@ pub fn user_matches(
         .chain(account.mail.as_deref())
         .chain(smtp)
         .any(|candidate| eq(candidate, requested))
+}
+
+/// Two account names, equal as AD compares them, but never by folding a non-ASCII character
+/// into an ASCII one: the Kelvin sign `K` lowercases to `k` and `ſ` uppercases to `S`, so a
+/// Unicode-folding comparison would let `User=\u{212a}im` pass as `kim` while the upstream,
+/// comparing otherwise, reads another name. ASCII letters compare case-insensitively;
+/// non-ASCII characters only with non-ASCII ones, by their lowercase forms.
+pub fn names_equal(a: &str, b: &str) -> bool {
+    let mut left = a.chars();
+    let mut right = b.chars();
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if x.is_ascii() && y.is_ascii() => {
+                if !x.eq_ignore_ascii_case(&y) {
+                    return false;
+                }
+            }
+            (Some(x), Some(y)) if !x.is_ascii() && !y.is_ascii() => {
+                let (lx, ly) = (x.to_lowercase(), y.to_lowercase());
+                if lx.clone().any(|c| c.is_ascii()) || !lx.eq(ly) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
 }
 
 /// The device rules for an account: its override if one exists, else the global rules.
@@ -264,10 +291,25 @@ mod tests {
             Some("/o=x"),
             Some(""),
             Some("alic"),
+            // Unicode folding never turns a non-ASCII character into the account's ASCII.
+            Some("\u{212a}alice"),
+            Some("alice@corp.tes\u{1e9b}"),
+            Some("\u{17f}mtp"),
         ] {
             assert!(!user_matches(bad, &a, Some("CORP")), "{bad:?}");
         }
         assert!(user_matches(Some("ANY\\alice"), &a, None));
+    }
+
+    #[test]
+    fn names_compare_without_folding_into_ascii() {
+        assert!(names_equal("Kim", "kIM"));
+        assert!(!names_equal("\u{212a}im", "kim"), "Kelvin sign");
+        assert!(!names_equal("\u{17f}am", "sam"), "long s");
+        assert!(!names_equal("i", "\u{130}"), "dotted capital I");
+        assert!(names_equal("J\u{fc}rgen", "j\u{dc}RGEN"));
+        assert!(!names_equal("J\u{fc}rgen", "Jurgen"));
+        assert!(!names_equal("alice", "alic"));
     }
 
     fn request(id: &str, kind: &str, agent: &str) -> EasRequest {

@@ -570,6 +570,7 @@ fn identity(
         cert_serial: facts.serial_hex(),
         cert_issuer: facts.issuer.clone(),
         revocation_key: (facts.issuer_der.clone(), facts.serial.clone()),
+        validity: (facts.not_before_unix, facts.not_after_unix),
     })
 }
 

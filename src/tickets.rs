@@ -1,6 +1,15 @@
-//! TLS session tickets shared by replicas, so a device resumes on whichever replica the
-//! balancer picks; without shared keys, a random key per process (stateless tickets either
-//! way: a fleet of thousands resumes, where a server-side session cache would hold only some).
+//! TLS session resumption with a bound: tickets shared by replicas, so a device resumes on
+//! whichever replica the balancer picks; without shared keys, a random key per process
+//! (stateless tickets either way: a fleet of thousands resumes, where a server-side session
+//! cache would hold only some); and the TLS 1.2 session-ID cache.
+//!
+//! rustls checks no session's age on the server side, and resumption skips the certificate
+//! check, so seg bounds both forms itself: every ticket seals the time of the full handshake
+//! it descends from, every cached session keeps it, and a session older than
+//! `tls.session_lifetime` by `Clock` is not resumed (the device does a full handshake, its
+//! certificate checked again). The same holds across replicas that share the key file,
+//! whatever the age of the key. The certificate's own validity is checked again on every
+//! request (`proxy`), so a session within its lifetime never outlives its certificate.
 //!
 //! The key file (a mounted secret) holds one secret per non-empty line, at least 32 bytes
 //! each: the first encrypts, all decrypt, so keys rotate by adding a new first line and
@@ -13,21 +22,66 @@
 use std::fmt;
 use std::path::Path;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls::server::StoresServerSessions;
 
+use crate::clock::Clock;
 use crate::config::TlsConfig;
 use crate::tls::TlsError;
 
-/// Ticket lifetime hint, in seconds.
-const LIFETIME_SECS: u32 = 6 * 3600;
 /// Shortest secret accepted.
 const MIN_SECRET: usize = 32;
+/// How far in the future a sealed issue time may lie: replicas' clocks disagree a little.
+const MAX_CLOCK_SKEW_SECS: i64 = 300;
+/// Bound to every ticket, so a ticket of another format or purpose never opens.
+const TICKET_AAD: &[u8] = b"seg session ticket v2";
+/// TLS 1.2 sessions kept by ID (rustls's default size): only clients without ticket support
+/// use them.
+const SESSION_CACHE_SIZE: usize = 256;
 
-/// Session tickets sealed with ChaCha20-Poly1305 under keys derived from the shared secrets.
+/// When a session was first established, and for how long it may be resumed.
+#[derive(Debug, Clone)]
+struct SessionAge {
+    clock: Clock,
+    lifetime_secs: i64,
+}
+
+impl SessionAge {
+    fn new(clock: Clock, lifetime: Duration) -> SessionAge {
+        SessionAge {
+            clock,
+            lifetime_secs: i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// `value` behind the time it was established, as 8 big-endian bytes.
+    fn stamp(&self, value: &[u8]) -> Vec<u8> {
+        let mut stamped = Vec::with_capacity(8 + value.len());
+        stamped.extend_from_slice(&self.clock.now_unix().to_be_bytes());
+        stamped.extend_from_slice(value);
+        stamped
+    }
+
+    /// The value of a stamped session still within its lifetime.
+    fn fresh(&self, stamped: &[u8]) -> Option<Vec<u8>> {
+        let (issued, value) = stamped.split_first_chunk::<8>()?;
+        let age = self.clock.now_unix() - i64::from_be_bytes(*issued);
+        (-MAX_CLOCK_SKEW_SECS..=self.lifetime_secs)
+            .contains(&age)
+            .then(|| value.to_vec())
+    }
+}
+
+/// Session tickets sealed with ChaCha20-Poly1305 under keys derived from the shared secrets,
+/// each holding the time of its session's full handshake.
 pub struct SharedTicketer {
     keys: Vec<LessSafeKey>,
     random: SystemRandom,
+    age: SessionAge,
 }
 
 impl fmt::Debug for SharedTicketer {
@@ -38,7 +92,11 @@ impl fmt::Debug for SharedTicketer {
 
 impl SharedTicketer {
     /// Reads the key file and binds the keys to this configuration's trust policy.
-    pub fn from_config(path: &Path, tls: &TlsConfig) -> Result<SharedTicketer, TlsError> {
+    pub fn from_config(
+        path: &Path,
+        tls: &TlsConfig,
+        clock: &Clock,
+    ) -> Result<SharedTicketer, TlsError> {
         let error = |message: String| TlsError {
             key: "tls.session_ticket_key_file",
             message,
@@ -68,6 +126,7 @@ impl SharedTicketer {
         Ok(SharedTicketer {
             keys,
             random: SystemRandom::new(),
+            age: SessionAge::new(clock.clone(), tls.session_lifetime),
         })
     }
 }
@@ -76,7 +135,7 @@ impl SharedTicketer {
     /// Without a key file: one random secret for the life of the process (never written
     /// anywhere), bound to the trust policy like shared keys. Devices resume on this replica
     /// across reloads that keep the trust policy; a restart starts over.
-    pub fn process_local(tls: &TlsConfig) -> Result<SharedTicketer, TlsError> {
+    pub fn process_local(tls: &TlsConfig, clock: &Clock) -> Result<SharedTicketer, TlsError> {
         static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
         let secret = SECRET.get_or_init(|| {
             let mut secret = [0u8; 32];
@@ -93,7 +152,43 @@ impl SharedTicketer {
         Ok(SharedTicketer {
             keys: vec![key],
             random: SystemRandom::new(),
+            age: SessionAge::new(clock.clone(), tls.session_lifetime),
         })
+    }
+}
+
+/// TLS 1.2 sessions cached by ID, each resumed only within `tls.session_lifetime` of its
+/// full handshake.
+#[derive(Debug)]
+pub struct BoundedSessionCache {
+    sessions: Arc<dyn StoresServerSessions>,
+    age: SessionAge,
+}
+
+impl BoundedSessionCache {
+    pub fn new(tls: &TlsConfig, clock: &Clock) -> BoundedSessionCache {
+        BoundedSessionCache {
+            sessions: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+            age: SessionAge::new(clock.clone(), tls.session_lifetime),
+        }
+    }
+}
+
+impl StoresServerSessions for BoundedSessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.sessions.put(key, self.age.stamp(&value))
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.age.fresh(&self.sessions.get(key)?)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.age.fresh(&self.sessions.take(key)?)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -127,19 +222,24 @@ impl rustls::server::ProducesTickets for SharedTicketer {
         true
     }
 
+    /// The hint to the device; the bound itself is enforced in `decrypt`.
     fn lifetime(&self) -> u32 {
-        LIFETIME_SECS
+        u32::try_from(self.age.lifetime_secs).unwrap_or(u32::MAX)
     }
 
+    /// Seals `plain` behind the time it is sealed. rustls issues tickets only after a full
+    /// handshake (a resumed TLS 1.3 session gets new tickets too: those carry the new time,
+    /// so a device that keeps resuming is asked for its certificate again at the latest
+    /// when the certificate's own validity, checked per request, ends).
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.random.fill(&mut nonce).ok()?;
-        let mut sealed = plain.to_vec();
+        let mut sealed = self.age.stamp(plain);
         self.keys
             .first()?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::empty(),
+                Aad::from(TICKET_AAD),
                 &mut sealed,
             )
             .ok()?;
@@ -154,17 +254,18 @@ impl rustls::server::ProducesTickets for SharedTicketer {
         }
         let (nonce, sealed) = cipher.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
-        self.keys.iter().find_map(|key| {
+        let stamped = self.keys.iter().find_map(|key| {
             let mut buffer = sealed.to_vec();
             let plain = key
                 .open_in_place(
                     Nonce::assume_unique_for_key(nonce),
-                    Aad::empty(),
+                    Aad::from(TICKET_AAD),
                     &mut buffer,
                 )
                 .ok()?;
             Some(plain.to_vec())
-        })
+        })?;
+        self.age.fresh(&stamped)
     }
 }
 
@@ -185,6 +286,7 @@ mod tests {
             danger_allow_unknown_revocation_status: false,
             self_test_certificate: None,
             session_ticket_key_file: None,
+            session_lifetime: std::time::Duration::from_secs(6 * 3600),
         }
     }
 
@@ -195,9 +297,10 @@ mod tests {
         let old = "k".repeat(32);
         let new = "n".repeat(40);
         let keys = dir.join("keys");
+        let clock = Clock::system();
         std::fs::write(&keys, format!("{old}\n")).unwrap();
-        let a = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one")).unwrap();
-        let b = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one")).unwrap();
+        let a = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one"), &clock).unwrap();
+        let b = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one"), &clock).unwrap();
         let ticket = a.encrypt(b"session").unwrap();
         assert_eq!(
             b.decrypt(&ticket).as_deref(),
@@ -206,14 +309,15 @@ mod tests {
         );
         // Rotation: a new first key encrypts, the old one still decrypts.
         std::fs::write(&keys, format!("{new}\n{old}\n")).unwrap();
-        let rotated = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one")).unwrap();
+        let rotated = SharedTicketer::from_config(&keys, &tls(&dir, b"CA one"), &clock).unwrap();
         assert_eq!(rotated.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
         assert!(
             a.decrypt(&rotated.encrypt(b"x").unwrap()).is_none(),
             "the old replica cannot read new tickets"
         );
         // Another trust policy never resumes the old sessions.
-        let other = SharedTicketer::from_config(&keys, &tls(&dir, b"CA two, longer")).unwrap();
+        let other =
+            SharedTicketer::from_config(&keys, &tls(&dir, b"CA two, longer"), &clock).unwrap();
         assert!(other.decrypt(&ticket).is_none());
         // Tampering and garbage fail.
         let mut bad = ticket.clone();
@@ -222,7 +326,61 @@ mod tests {
         assert!(b.decrypt(&[1, 2, 3]).is_none());
         // Short keys are refused.
         std::fs::write(&keys, "short\n").unwrap();
-        assert!(SharedTicketer::from_config(&keys, &tls(&dir, b"CA one")).is_err());
+        assert!(SharedTicketer::from_config(&keys, &tls(&dir, b"CA one"), &clock).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tickets_and_cached_sessions_resume_only_within_their_lifetime() {
+        let dir = std::env::temp_dir().join(format!("seg-ticket-age-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys");
+        std::fs::write(&keys, format!("{}\n", "k".repeat(32))).unwrap();
+        let config = TlsConfig {
+            session_lifetime: Duration::from_secs(3600),
+            ..tls(&dir, b"CA one")
+        };
+        let clock = Clock::adjustable();
+        // A replica whose clock runs 4 minutes ahead still resumes (clock skew).
+        let behind = Clock::adjustable();
+        let shared = SharedTicketer::from_config(&keys, &config, &clock).unwrap();
+        let local = SharedTicketer::process_local(&config, &clock).unwrap();
+        let cache = BoundedSessionCache::new(&config, &clock);
+        assert_eq!(shared.lifetime(), 3600, "the hint is the bound");
+        let shared_ticket = shared.encrypt(b"session").unwrap();
+        let local_ticket = local.encrypt(b"session").unwrap();
+        assert!(cache.put(b"id".to_vec(), b"session".to_vec()));
+        let ahead = SharedTicketer::from_config(&keys, &config, &behind).unwrap();
+        behind.advance(Duration::from_secs(4 * 60));
+        let from_the_future = ahead.encrypt(b"early").unwrap();
+        assert_eq!(
+            shared.decrypt(&from_the_future).as_deref(),
+            Some(&b"early"[..])
+        );
+        clock.advance(Duration::from_secs(3599));
+        assert_eq!(
+            shared.decrypt(&shared_ticket).as_deref(),
+            Some(&b"session"[..])
+        );
+        assert_eq!(
+            local.decrypt(&local_ticket).as_deref(),
+            Some(&b"session"[..])
+        );
+        assert_eq!(cache.get(b"id").as_deref(), Some(&b"session"[..]));
+        clock.advance(Duration::from_secs(2));
+        assert!(
+            shared.decrypt(&shared_ticket).is_none(),
+            "past the lifetime"
+        );
+        assert!(local.decrypt(&local_ticket).is_none());
+        assert!(cache.get(b"id").is_none());
+        assert!(cache.take(b"id").is_none());
+        // A ticket sealed with a far-future time (a replica's clock gone wrong) is refused.
+        let skewed = Clock::adjustable();
+        skewed.advance(Duration::from_secs(3 * 3600));
+        let wrong = SharedTicketer::from_config(&keys, &config, &skewed).unwrap();
+        let far = wrong.encrypt(b"x").unwrap();
+        assert!(shared.decrypt(&far).is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

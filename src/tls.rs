@@ -49,6 +49,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn server_config(
     config: &TlsConfig,
     verifier: Arc<ClientCertPolicy>,
+    clock: &crate::clock::Clock,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(&config.certificate, "tls.certificate")?;
     let key = PrivateKeyDer::from_pem_file(&config.private_key).map_err(|e| {
@@ -57,24 +58,29 @@ pub fn server_config(
             format!("{}: {e}", config.private_key.display()),
         )
     })?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| tls_error("tls", e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            tls_error(
-                "tls.private_key",
-                format!("does not match tls.certificate or is unsupported: {e}"),
-            )
-        })?;
+    // The clock decides certificate validity at the handshake and a session's age, the same
+    // clock the per-request validity check reads.
+    let mut server =
+        rustls::ServerConfig::builder_with_details(provider(), Arc::new(clock.clone()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| tls_error("tls", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| {
+                tls_error(
+                    "tls.private_key",
+                    format!("does not match tls.certificate or is unsupported: {e}"),
+                )
+            })?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Stateless tickets always: a fleet of thousands of devices resumes whatever the number
     // of sessions (rustls's default stateful cache holds 256).
     server.ticketer = Arc::new(match &config.session_ticket_key_file {
-        Some(keys) => crate::tickets::SharedTicketer::from_config(keys, config)?,
-        None => crate::tickets::SharedTicketer::process_local(config)?,
+        Some(keys) => crate::tickets::SharedTicketer::from_config(keys, config, clock)?,
+        None => crate::tickets::SharedTicketer::process_local(config, clock)?,
     });
+    // TLS 1.2 clients without ticket support resume by session ID, within the same bound.
+    server.session_storage = Arc::new(crate::tickets::BoundedSessionCache::new(config, clock));
     Ok(Arc::new(server))
 }
 

@@ -1099,7 +1099,8 @@ fn table() -> Vec<Row> {
         Row::new(
             "CONNECT host:443",
             b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n".to_vec(),
-            Rejected(404),
+            // Authority form is no canonical path (400), and the tunnel's bytes are never read.
+            Rejected(400),
         ),
         Row::new(
             "CONNECT followed at once by tunnel bytes that look like a request",
@@ -1108,7 +1109,7 @@ fn table() -> Vec<Row> {
                 post("", "tunnel").into_bytes(),
             ]
             .concat(),
-            Rejected(404),
+            Rejected(400),
         ),
     ]);
     // Targets, versions and methods.
@@ -1119,7 +1120,8 @@ fn table() -> Vec<Row> {
                 "POST http://evil.example{} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n",
                 target()
             )),
-            Forwarded(1),
+            // An upstream (IIS) routes an absolute-form target by its host: not canonical.
+            Refused(400),
         ),
         Row::new(
             "absolute-form target with userinfo",
@@ -1127,9 +1129,9 @@ fn table() -> Vec<Row> {
                 "POST http://{SPOOF}@evil.example{} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n",
                 target()
             )),
-            // RFC 9110 §4.2.4 would have userinfo treated as an error; seg keeps only the path
-            // and query and names the upstream itself, so neither reaches the upstream.
-            Forwarded(1),
+            // RFC 9110 §4.2.4 would have userinfo treated as an error; absolute form is not
+            // canonical, so nothing reaches the upstream.
+            Refused(400),
         ),
         Row::new(
             "two Host headers",
@@ -1185,7 +1187,7 @@ fn table() -> Vec<Row> {
         Row::new(
             "asterisk-form target",
             raw("OPTIONS * HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-            Refused(404),
+            Refused(400),
         ),
     ]);
     // Pipelining.

@@ -243,6 +243,7 @@ fn run_client(case: &Case, dir: &Path) -> Verdict {
         danger_allow_unknown_revocation_status: false,
         self_test_certificate: None,
         session_ticket_key_file: None,
+        session_lifetime: std::time::Duration::from_secs(6 * 3600),
     };
     let revocation = match seg::revocation::RevocationList::load(&crl_files) {
         Ok(list) => list,

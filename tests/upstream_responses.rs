@@ -205,14 +205,17 @@ async fn next_request(tcp: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Strin
     }
 }
 
-/// The `row=` query parameter of a request target.
+/// The `row=` query parameter of a request target (an OPTIONS: `DeviceId=row…`).
 fn script_named(target: &str) -> String {
     target
         .split_once('?')
         .map(|(_, query)| query)
         .unwrap_or("")
         .split('&')
-        .find_map(|pair| pair.strip_prefix("row="))
+        .find_map(|pair| {
+            pair.strip_prefix("row=")
+                .or_else(|| pair.strip_prefix("DeviceId=row"))
+        })
         .unwrap_or("")
         .to_string()
 }
@@ -1413,8 +1416,9 @@ async fn run_row(
             ));
             device.pending.clear();
         }
+        // OPTIONS may carry only the user and the device: the row goes in the DeviceId.
         let target = if step.method == "OPTIONS" {
-            format!("/Microsoft-Server-ActiveSync?row={}", step.id)
+            format!("/Microsoft-Server-ActiveSync?DeviceId=row{}", step.id)
         } else {
             format!("{}&row={}", eas_target("Sync", "alice"), step.id)
         };

@@ -1,12 +1,14 @@
 //! Header hygiene on any set of client headers (one `name: value` per line): afterwards the
-//! identity header appears exactly once with seg's value, no client-sent identity spelling,
-//! credential, hop-by-hop or `_`-spelled framing header survives, and every header a
-//! `Connection` header named is gone (seg's own headers are then added afresh).
+//! identity header appears exactly once with seg's value, only allow-listed headers and seg's
+//! own remain (so no client-sent identity spelling, credential, cookie, hop-by-hop or
+//! `_`-spelled framing header survives), and every header a `Connection` header named is
+//! gone (seg's own headers are then added afresh).
 #![no_main]
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use seg::config::{IdentityConfig, IdentityValue};
+use seg::activesync::REQUEST_HEADERS;
+use seg::config::{IdentityConfig, IdentityValue, UpstreamConfig};
 use seg::proxy::HeaderPolicy;
 
 fuzz_target!(|data: &[u8]| {
@@ -37,11 +39,18 @@ fuzz_target!(|data: &[u8]| {
     };
     let identity = HeaderValue::from_static("alice@corp.test");
     let peer = HeaderValue::from_static("203.0.113.7");
-    HeaderPolicy::new(&config).apply(&mut headers, &identity, &peer);
+    let upstream = UpstreamConfig::with_defaults(http::Uri::from_static("http://127.0.0.1"));
+    let metrics = seg::metrics::Metrics::new();
+    HeaderPolicy::new(&config, &upstream, &metrics).apply(&mut headers, &identity, &peer);
 
     let own: Vec<_> = headers.get_all("x-remote-user").iter().collect();
     assert_eq!(own, [&identity], "the identity header is seg's, once");
     for name in headers.keys() {
+        assert!(
+            REQUEST_HEADERS.contains(&name.as_str())
+                || ["x-remote-user", "x-forwarded-for", "x-forwarded-proto"].contains(&name.as_str()),
+            "{name} is not on the allow-list"
+        );
         let folded = name.as_str().replace('_', "-");
         assert!(
             folded != "x-remote-user" || name.as_str() == "x-remote-user",

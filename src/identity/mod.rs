@@ -37,6 +37,23 @@ pub struct Identity {
     pub cert_issuer: String,
     /// (issuer DER, serial): the certificate's key in revocation lists.
     pub revocation_key: (Vec<u8>, Vec<u8>),
+    /// The certificate's validity (notBefore, notAfter), Unix seconds: checked on every
+    /// request, because a resumed session never shows the certificate to the verifier again.
+    pub validity: (i64, i64),
+}
+
+impl Identity {
+    /// Why the certificate is not valid at `now` (Unix seconds), if it is not.
+    pub fn validity_at(&self, now: i64) -> Result<(), DenyReason> {
+        let (not_before, not_after) = self.validity;
+        if now < not_before {
+            Err(DenyReason::CertificateNotYetValid)
+        } else if now > not_after {
+            Err(DenyReason::CertificateExpired)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Stable reason codes for denials, as they appear in audit records and `seg map`.
@@ -68,6 +85,10 @@ pub enum DenyReason {
     CertificateUnreadable,
     /// A CRL lists the certificate (caught on a resumed or long-lived connection).
     CertificateRevoked,
+    /// The certificate's notAfter has passed (caught on a resumed or long-lived connection).
+    CertificateExpired,
+    /// The certificate's notBefore is still ahead.
+    CertificateNotYetValid,
     /// Kerberos delegation (`identity.mode = "kerberos"`), the KDC's refusals by error code:
     /// KDC_ERR_CLIENT_REVOKED, the account is disabled or locked out.
     KdcAccountDisabled,
@@ -105,6 +126,8 @@ impl DenyReason {
             DenyReason::IdentityUnrepresentable => "identity-unrepresentable",
             DenyReason::CertificateUnreadable => "certificate-unreadable",
             DenyReason::CertificateRevoked => "certificate-revoked",
+            DenyReason::CertificateExpired => "certificate-expired",
+            DenyReason::CertificateNotYetValid => "certificate-not-yet-valid",
             DenyReason::KdcAccountDisabled => "kdc-account-disabled",
             DenyReason::KdcAccountExpired => "kdc-account-expired",
             DenyReason::KdcPasswordExpired => "kdc-password-expired",

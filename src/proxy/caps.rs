@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::identity::CertFingerprint;
@@ -17,14 +18,81 @@ use crate::identity::CertFingerprint;
 pub struct ConnectionCaps {
     pub per_address: Arc<KeyedCap<IpAddr>>,
     pub per_device: Arc<KeyedCap<CertFingerprint>>,
+    /// `listen.max_pending_head_bytes`: what unfinished request heads hold in all.
+    pub heads: Arc<HeadBudget>,
 }
 
 impl ConnectionCaps {
-    pub fn new(per_address: usize, per_device: usize) -> ConnectionCaps {
+    pub fn new(per_address: usize, per_device: usize, head_bytes: usize) -> ConnectionCaps {
         ConnectionCaps {
             per_address: Arc::new(KeyedCap::new(per_address)),
             per_device: Arc::new(KeyedCap::new(per_device)),
+            heads: Arc::new(HeadBudget {
+                max: head_bytes,
+                held: AtomicUsize::new(0),
+            }),
         }
+    }
+}
+
+/// The bytes every connection's unfinished request head holds together, bounded: one
+/// connection's head is bounded by `MAX_REQUEST_HEAD`, but thousands of connections each
+/// trickling one in would otherwise hold thousands of them.
+pub struct HeadBudget {
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl HeadBudget {
+    /// Bytes held now.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// One connection's share of the `HeadBudget`, given back when dropped.
+pub struct HeadCharge {
+    budget: Arc<HeadBudget>,
+    held: usize,
+}
+
+impl HeadCharge {
+    pub fn new(budget: &Arc<HeadBudget>) -> HeadCharge {
+        HeadCharge {
+            budget: Arc::clone(budget),
+            held: 0,
+        }
+    }
+
+    /// Makes the connection's share `bytes`; false, and nothing charged, when that would
+    /// take the total past the budget.
+    pub fn set(&mut self, bytes: usize) -> bool {
+        if bytes <= self.held {
+            self.budget
+                .held
+                .fetch_sub(self.held - bytes, Ordering::AcqRel);
+            self.held = bytes;
+            return true;
+        }
+        let more = bytes - self.held;
+        let charged = self
+            .budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more)
+                    .filter(|&total| total <= self.budget.max)
+            });
+        if charged.is_ok() {
+            self.held = bytes;
+        }
+        charged.is_ok()
+    }
+}
+
+impl Drop for HeadCharge {
+    fn drop(&mut self) {
+        self.set(0);
     }
 }
 
@@ -154,5 +222,22 @@ mod tests {
             let ip: IpAddr = address.parse().unwrap();
             assert_eq!(address_key(ip), key.parse::<IpAddr>().unwrap(), "{address}");
         }
+    }
+
+    #[test]
+    fn unfinished_heads_share_one_budget() {
+        let caps = ConnectionCaps::new(10, 10, 100);
+        let mut a = HeadCharge::new(&caps.heads);
+        let mut b = HeadCharge::new(&caps.heads);
+        assert!(a.set(60));
+        assert!(!b.set(50), "past the budget");
+        assert_eq!(caps.heads.held(), 60, "a refused charge takes nothing");
+        assert!(b.set(40));
+        assert!(a.set(10), "a head that shrinks gives bytes back");
+        assert!(b.set(90));
+        drop(b);
+        assert_eq!(caps.heads.held(), 10);
+        drop(a);
+        assert_eq!(caps.heads.held(), 0);
     }
 }

@@ -26,6 +26,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::audit::AuditBody;
+use super::caps::HeadCharge;
 use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
 use super::tls_conn::DeviceTls;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
@@ -102,6 +103,8 @@ pub struct DeviceConn {
     state: State,
     /// False for a connection over its certificate's cap: one answer, then close.
     keep_alive: bool,
+    /// The unfinished head's share of `listen.max_pending_head_bytes`.
+    head_charge: HeadCharge,
     /// A drain started: no request after the current one.
     draining: bool,
     idle_timeout: Duration,
@@ -164,7 +167,7 @@ impl DeviceConn {
         device: Arc<DeviceConnection>,
         tls: DeviceTls,
         received: BytesMut,
-        keep_alive: bool,
+        head_charge: HeadCharge,
     ) -> DeviceConn {
         let idle_timeout = gateway.config.listen.idle_timeout;
         DeviceConn {
@@ -173,13 +176,32 @@ impl DeviceConn {
             tls,
             buf: received,
             state: State::Idle,
-            keep_alive,
+            keep_alive: true,
+            head_charge,
             draining: false,
             idle_timeout,
             head_timer: None,
             scanned: 0,
             linger: false,
         }
+    }
+
+    /// Answers the gateway's decision for a request with no head at all (a connection over
+    /// its certificate's cap: 503 with the account in the audit record), then closes,
+    /// lingering over whatever the device sends meanwhile.
+    pub fn refuse_at_once(&mut self) {
+        self.keep_alive = false;
+        self.linger = true;
+        let head = http1::RequestHead {
+            method: Method::GET,
+            uri: http::Uri::from_static("/"),
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            body: BodyFraming::Empty,
+            close: true,
+            expects_continue: false,
+        };
+        self.state = self.dispatch(head);
     }
 
     /// No new requests: an idle connection closes at its next poll, a busy one after its
@@ -228,6 +250,7 @@ impl DeviceConn {
                         self.buf.advance(used);
                         self.scanned = 0;
                         self.head_timer = None;
+                        self.head_charge.set(0);
                         return Poll::Ready(Ok(self.dispatch(head)));
                     }
                     Ok(None) => {}
@@ -236,6 +259,9 @@ impl DeviceConn {
             }
             match self.tls.poll_read(cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(State::Closing)),
+                Poll::Ready(Ok(_)) if !self.head_charge.set(self.buf.len()) => {
+                    return Poll::Ready(self.refuse_head_memory());
+                }
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => {}
@@ -285,6 +311,23 @@ impl DeviceConn {
             self.tls.send(&http1::error_response(status, &date()))?;
             self.linger = true;
         }
+        Ok(State::Closing)
+    }
+
+    /// Unfinished heads hold all of `listen.max_pending_head_bytes`: this one is refused
+    /// with 503 and a `Retry-After`, and the connection closes.
+    fn refuse_head_memory(&mut self) -> Result<State, ConnectionError> {
+        tracing::warn!(target: "seg::listener", peer = %self.device.peer, "request head refused: unfinished request heads hold listen.max_pending_head_bytes");
+        self.gateway
+            .metrics
+            .connections_refused
+            .with_label_values(&["max_pending_head_bytes"])
+            .inc();
+        self.buf = BytesMut::new();
+        self.head_charge.set(0);
+        let retry_after = super::RETRY_AFTER_SECS;
+        self.tls.send(&http1::busy_response(retry_after, &date()))?;
+        self.linger = true;
         Ok(State::Closing)
     }
 

@@ -1,10 +1,13 @@
-//! The upstream hop: header hygiene and the requests to the ActiveSync server.
+//! The upstream hop: which request headers go on, and the requests to the ActiveSync server.
 //!
-//! Hygiene runs before seg adds anything: hop-by-hop headers and the headers a `Connection`
-//! token names are removed, then every client-supplied identity header in any spelling
-//! (case, `_` for `-`, duplicates), `Authorization` and the forwarding headers. Only then
-//! are the identity header, `X-Forwarded-For` and `X-Forwarded-Proto` added, so nothing the
-//! client sent can remove or replace them.
+//! Headers go by allow-list (`HeaderPolicy`): a request carries upstream only the headers
+//! ActiveSync and Autodiscover need (`activesync::REQUEST_HEADERS`), those the operator
+//! names in `upstream.forward_headers`, the cookies named in `upstream.forward_cookies`, and
+//! what seg adds itself: the identity header, `X-Forwarded-For` and `X-Forwarded-Proto`,
+//! added last so nothing the client sent can remove or replace them. Everything else is
+//! dropped and counted by why: a deny-list is spelled around (Exchange alone acts on
+//! `X-AnchorMailbox`, the `X-BEResource` cookie and IIS on `X-Original-URL`), an allow-list
+//! is not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +18,11 @@ use super::client::{
 };
 use super::pool::{Pool, PoolKey};
 use super::refusal::Refusal;
+use crate::activesync::{REQUEST_HEADERS, SINGLE_VALUED_HEADERS};
 use crate::config::{IdentityConfig, UpstreamConfig};
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use prometheus::IntCounter;
 use tokio::sync::Semaphore;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the historic ones).
@@ -33,8 +38,10 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authenticate",
 ];
 
-/// Client headers that claim an identity or a forwarding path; always removed.
-const IDENTITY_HEADERS: [&str; 17] = [
+/// Client headers that claim an identity or a forwarding path. Not on the allow-list, so
+/// never forwarded; named so that their drop is counted as `identity`, and so that
+/// `upstream.forward_headers` cannot name them.
+pub const IDENTITY_HEADERS: [&str; 17] = [
     "authorization",
     "x-remote-user",
     "remote-user",
@@ -54,65 +61,125 @@ const IDENTITY_HEADERS: [&str; 17] = [
     "forwarded",
 ];
 
-/// Prefixes of client headers that are always removed: SOGo trusts every `x-webobjects-*`
-/// header it receives (the user, and the server name and URL it builds links from).
-const STRIPPED_PREFIXES: [&str; 1] = ["x-webobjects-"];
-
-/// Framing and routing headers besides the hop-by-hop ones; spelled with `_` they are
-/// removed.
-const UNDERSCORE_FRAMING: [&str; 3] = ["content-length", "host", "expect"];
-
 /// Headers a `Connection` token may never remove: framing and routing.
 const CONNECTION_PROTECTED: [&str; 2] = ["content-length", "host"];
 
-/// Which request headers are stripped and what seg adds.
+/// Which request headers go upstream and what seg adds.
 pub struct HeaderPolicy {
     identity_header: HeaderName,
     /// False in Kerberos mode: the request names its user by `Authorization: Negotiate`
     /// only, never by a header an upstream might trust instead.
     sets_identity_header: bool,
-    /// Lowercase names with `-`; compared against names with `_` folded to `-`.
-    stripped: Vec<String>,
+    /// `upstream.forward_headers`, lowercase.
+    extra: Vec<HeaderName>,
+    /// `upstream.forward_cookies`: the cookie names kept; empty drops every cookie.
+    cookies: Vec<String>,
+    /// `identity.strip_headers` and the identity header, lowercase with `-`: counted as
+    /// identity headers when dropped (they never pass the allow-list).
+    identity_names: Vec<String>,
+    dropped: DroppedCounters,
 }
 
+/// `seg_request_headers_dropped_total`, one counter per reason, resolved once.
+struct DroppedCounters {
+    hop_by_hop: IntCounter,
+    identity: IntCounter,
+    cookie: IntCounter,
+    not_allowed: IntCounter,
+}
+
+/// A request seg must refuse because of its headers: a header it reads or forwards as one
+/// value came twice, so seg and the upstream could read different ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuplicateHeader;
+
 impl HeaderPolicy {
-    pub fn new(config: &IdentityConfig) -> HeaderPolicy {
-        let mut stripped: Vec<String> = IDENTITY_HEADERS.iter().map(|s| s.to_string()).collect();
-        let own = config.header.as_str().replace('_', "-");
-        for name in std::iter::once(own).chain(
-            config
-                .strip_headers
-                .iter()
-                .map(|h| h.to_ascii_lowercase().replace('_', "-")),
-        ) {
-            if !stripped.contains(&name) {
-                stripped.push(name);
-            }
-        }
+    pub fn new(
+        identity: &IdentityConfig,
+        upstream: &UpstreamConfig,
+        metrics: &crate::metrics::Metrics,
+    ) -> HeaderPolicy {
+        let folded = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+        let identity_names = std::iter::once(folded(identity.header.as_str()))
+            .chain(identity.strip_headers.iter().map(|h| folded(h)))
+            .collect();
+        let counter = |reason: &str| metrics.request_headers_dropped.with_label_values(&[reason]);
         HeaderPolicy {
-            identity_header: config.header.clone(),
+            identity_header: identity.header.clone(),
             sets_identity_header: true,
-            stripped,
+            extra: upstream.forward_headers.clone(),
+            cookies: upstream.forward_cookies.clone(),
+            identity_names,
+            dropped: DroppedCounters {
+                hop_by_hop: counter("hop-by-hop"),
+                identity: counter("identity"),
+                cookie: counter("cookie"),
+                not_allowed: counter("not-allowed"),
+            },
         }
     }
 
-    /// The same hygiene, without adding the identity header (Kerberos mode).
+    /// The same policy, without adding the identity header (Kerberos mode).
     pub fn without_identity_header(mut self) -> HeaderPolicy {
         self.sets_identity_header = false;
         self
     }
 
-    /// Cleans the client's headers, then adds the identity and the device's address.
-    pub fn apply(&self, headers: &mut HeaderMap, identity: &HeaderValue, peer_ip: &HeaderValue) {
-        remove_hop_by_hop(headers);
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| self.is_stripped(name.as_str()))
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
+    /// Refuses a request that carries twice a header seg reads or forwards as one value
+    /// (two `User-Agent`s: seg would check the first against the block rules, a server might
+    /// read the last).
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), DuplicateHeader> {
+        let twice = |name: &HeaderName| {
+            let mut values = headers.get_all(name).iter();
+            values.next().is_some() && values.next().is_some()
+        };
+        if SINGLE_VALUED_HEADERS
+            .iter()
+            .any(|name| twice(&HeaderName::from_static(name)))
+            || self.extra.iter().any(twice)
+        {
+            return Err(DuplicateHeader);
         }
+        Ok(())
+    }
+
+    /// Keeps the allowed headers (and cookies), then adds the identity and the device's
+    /// address.
+    pub fn apply(&self, headers: &mut HeaderMap, identity: &HeaderValue, peer_ip: &HeaderValue) {
+        let nominated = connection_nominated(headers);
+        let mut kept = HeaderMap::with_capacity(headers.len() + 3);
+        let mut cookies: Vec<u8> = Vec::new();
+        let mut current: Option<HeaderName> = None;
+        for (name, value) in headers.drain() {
+            if let Some(name) = name {
+                current = Some(name);
+            }
+            let Some(name) = &current else { continue };
+            let lower = name.as_str();
+            if name == header::HOST {
+                // The upstream's own is set when the request is prepared.
+                continue;
+            }
+            if HOP_BY_HOP.contains(&lower) || nominated.iter().any(|n| n == lower) {
+                self.dropped.hop_by_hop.inc();
+            } else if name == header::COOKIE {
+                self.keep_cookies(&value, &mut cookies);
+            } else if (REQUEST_HEADERS.contains(&lower) || self.extra.contains(name))
+                && !self.is_identity(lower)
+            {
+                kept.append(name.clone(), value);
+            } else if self.is_identity(lower) {
+                self.dropped.identity.inc();
+            } else {
+                self.dropped.not_allowed.inc();
+            }
+        }
+        if !cookies.is_empty() {
+            if let Ok(value) = HeaderValue::from_bytes(&cookies) {
+                kept.insert(header::COOKIE, value);
+            }
+        }
+        *headers = kept;
         if self.sets_identity_header {
             headers.insert(self.identity_header.clone(), identity.clone());
         }
@@ -120,40 +187,61 @@ impl HeaderPolicy {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     }
 
-    fn is_stripped(&self, name: &str) -> bool {
-        let folded_eq = |expected: &str, seen: &str| {
-            expected
-                .bytes()
-                .zip(seen.bytes())
-                .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
+    /// Appends the cookies of one `Cookie` header whose names are listed, `; `-separated.
+    fn keep_cookies(&self, value: &HeaderValue, out: &mut Vec<u8>) {
+        let mut dropped = self.cookies.is_empty();
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            if pair.is_empty() {
+                continue;
+            }
+            let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+            if self.cookies.iter().any(|c| c.as_bytes() == name) {
+                if !out.is_empty() {
+                    out.extend_from_slice(b"; ");
+                }
+                out.extend_from_slice(pair);
+            } else {
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.dropped.cookie.inc();
+        }
+    }
+
+    /// A client-sent identity or forwarding header, in any case and with `_` for `-`.
+    fn is_identity(&self, name: &str) -> bool {
+        let folded_eq = |expected: &str| {
+            expected.len() == name.len()
+                && expected
+                    .bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == if b == b'_' { b'-' } else { b })
         };
-        self.stripped
-            .iter()
-            .any(|s| s.len() == name.len() && folded_eq(s, name))
-            // `Transfer_Encoding`, `Content_Length`: an upstream that reads `_` as `-` would
-            // frame the body differently from seg.
-            || name.contains('_')
-                && HOP_BY_HOP
-                    .iter()
-                    .chain(&UNDERSCORE_FRAMING)
-                    .any(|f| f.len() == name.len() && folded_eq(f, name))
-            || STRIPPED_PREFIXES
-                .iter()
-                .any(|p| name.len() >= p.len() && folded_eq(p, &name[..p.len()]))
+        IDENTITY_HEADERS.iter().any(|h| folded_eq(h))
+            || self.identity_names.iter().any(|h| folded_eq(h))
+            // SOGo trusts every `x-webobjects-*` header (the user, its server name and URL).
+            || name.len() >= 13 && name[..13].replace('_', "-") == "x-webobjects-"
     }
 }
 
-/// Removes the hop-by-hop headers and those a `Connection` header names (never framing or
-/// routing ones), from a request or a response.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let nominated: Vec<String> = headers
+/// The header names a `Connection` header lists, lowercase, except framing and routing.
+fn connection_nominated(headers: &HeaderMap) -> Vec<String> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty() && !CONNECTION_PROTECTED.contains(&t.as_str()))
-        .collect();
+        .collect()
+}
+
+/// Removes the hop-by-hop headers and those a `Connection` header names (never framing or
+/// routing ones), from a request or a response.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let nominated = connection_nominated(headers);
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
@@ -410,19 +498,98 @@ mod tests {
     use super::*;
     use crate::config::IdentityValue;
 
+    fn policy_with(forward_headers: &[&str], forward_cookies: &[&str]) -> HeaderPolicy {
+        let upstream = UpstreamConfig {
+            forward_headers: forward_headers
+                .iter()
+                .map(|h| HeaderName::from_bytes(h.as_bytes()).unwrap())
+                .collect(),
+            forward_cookies: forward_cookies.iter().map(|c| c.to_string()).collect(),
+            ..UpstreamConfig::with_defaults("http://127.0.0.1:1".parse().unwrap())
+        };
+        HeaderPolicy::new(
+            &IdentityConfig {
+                header: HeaderName::from_static("x-remote-user"),
+                value: IdentityValue::Upn,
+                netbios_domain: None,
+                strip_headers: vec!["X-Custom-Identity".into()],
+            },
+            &upstream,
+            &crate::metrics::Metrics::new(),
+        )
+    }
+
     fn policy() -> HeaderPolicy {
-        HeaderPolicy::new(&IdentityConfig {
-            header: HeaderName::from_static("x-remote-user"),
-            value: IdentityValue::Upn,
-            netbios_domain: None,
-            strip_headers: vec!["X-Custom-Identity".into()],
-        })
+        policy_with(&[], &[])
+    }
+
+    fn headers(rows: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in rows {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn apply(policy: &HeaderPolicy, h: &mut HeaderMap) {
+        policy.apply(
+            h,
+            &HeaderValue::from_static("alice@corp.test"),
+            &HeaderValue::from_static("192.0.2.7"),
+        );
+    }
+
+    #[test]
+    fn only_allowed_headers_reach_the_upstream() {
+        let mut h = headers(&[
+            ("content-type", "application/vnd.ms-sync.wbxml"),
+            ("content-length", "5"),
+            ("user-agent", "Apple-iPhone9C1/1602.92"),
+            ("ms-asprotocolversion", "16.1"),
+            ("x-ms-policykey", "3942919513"),
+            ("accept-language", "en-us"),
+            // What Exchange, IIS and ARR act on, and what other gateways trust.
+            ("x-original-url", "/ecp/"),
+            ("x-rewrite-url", "/ecp/"),
+            ("x-http-method-override", "DELETE"),
+            ("x-arr-clientcert", "MIIB"),
+            ("x-ms-client-principal-name", "ceo@corp.test"),
+            ("x-anchormailbox", "ceo@corp.test"),
+            ("x-forwarded-email", "ceo@corp.test"),
+            ("x-auth-request-user", "ceo"),
+            ("x-user", "ceo"),
+            ("true-client-ip", "10.0.0.1"),
+            ("x-client-ip", "10.0.0.1"),
+            ("cookie", "X-BEResource=localhost/owa/auth/x.js~1942062522"),
+            ("expect", "100-continue"),
+            ("content_type", "text/plain"),
+        ]);
+        apply(&policy(), &mut h);
+        let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept-language",
+                "content-length",
+                "content-type",
+                "ms-asprotocolversion",
+                "user-agent",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-ms-policykey",
+                "x-remote-user",
+            ]
+        );
+        assert_eq!(h["content-type"], "application/vnd.ms-sync.wbxml");
     }
 
     #[test]
     fn spoofed_identities_are_replaced() {
-        let mut h = HeaderMap::new();
-        for (name, value) in [
+        let mut h = headers(&[
             ("x-remote-user", "bob"),
             ("X-REMOTE-USER", "bob2"),
             ("x_remote_user", "bob3"),
@@ -432,78 +599,89 @@ mod tests {
             ("x-custom-identity", "bob"),
             ("x_webobjects_remote_user", "bob"),
             ("x-forwarded-for", "10.0.0.1"),
-            ("content-type", "application/vnd.ms-sync.wbxml"),
-        ] {
-            h.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_static(value),
-            );
-        }
-        policy().apply(
-            &mut h,
-            &HeaderValue::from_static("alice@corp.test"),
-            &HeaderValue::from_static("192.0.2.7"),
-        );
+        ]);
+        let policy = policy_with(&["X-Custom-Identity", "x-remote-user"], &[]);
+        apply(&policy, &mut h);
         assert_eq!(
             h.get_all("x-remote-user").iter().collect::<Vec<_>>(),
             ["alice@corp.test"]
         );
-        for gone in [
-            "x_remote_user",
-            "x_remote-user",
-            "x-forwarded-client-cert",
-            "authorization",
-            "x-custom-identity",
-            "x_webobjects_remote_user",
-        ] {
-            assert!(h.get(gone).is_none(), "{gone} survived");
-        }
+        assert!(h.get("x-custom-identity").is_none(), "strip_headers wins");
         assert_eq!(
             h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
             ["192.0.2.7"]
         );
-        assert_eq!(h["content-type"], "application/vnd.ms-sync.wbxml");
+        assert_eq!(policy.dropped.identity.get(), 9);
+        assert_eq!(policy.dropped.not_allowed.get(), 0);
     }
 
     #[test]
-    fn framing_headers_spelled_with_underscores_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert("transfer_encoding", HeaderValue::from_static("chunked"));
-        headers.insert("content_length", HeaderValue::from_static("5"));
-        headers.insert("x_custom_header", HeaderValue::from_static("kept"));
-        policy().apply(
-            &mut headers,
-            &HeaderValue::from_static("alice"),
-            &HeaderValue::from_static("192.0.2.1"),
+    fn operator_headers_and_cookies_are_kept_by_name() {
+        let policy = policy_with(&["x-device-note"], &["ASP.NET_SessionId", "lb"]);
+        let mut h = headers(&[
+            ("x-device-note", "kept"),
+            ("x-other", "dropped"),
+            (
+                "cookie",
+                "X-BEResource=localhost~1942062522; lb=7; msExchEcpCanary=x",
+            ),
+            ("cookie", "ASP.NET_SessionId=abc;lbx=1"),
+        ]);
+        apply(&policy, &mut h);
+        assert_eq!(h["x-device-note"], "kept");
+        assert!(h.get("x-other").is_none());
+        assert_eq!(
+            h.get_all("cookie").iter().collect::<Vec<_>>(),
+            ["lb=7; ASP.NET_SessionId=abc"]
         );
-        assert!(!headers.contains_key("transfer_encoding"));
-        assert!(!headers.contains_key("content_length"));
-        assert_eq!(headers["x_custom_header"], "kept");
+        assert_eq!(policy.dropped.cookie.get(), 2);
+        assert_eq!(policy.dropped.not_allowed.get(), 1);
+        // Without forward_cookies no cookie passes.
+        let mut h = headers(&[("cookie", "lb=7")]);
+        apply(&self::policy(), &mut h);
+        assert!(h.get("cookie").is_none());
     }
 
     #[test]
     fn connection_tokens_cannot_remove_gateway_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static(
-                "close, X-Remote-User, x-forwarded-for, content-length, x-extra",
+        let mut h = headers(&[
+            (
+                "connection",
+                "close, X-Remote-User, x-forwarded-for, content-length, user-agent",
             ),
-        );
-        h.insert("x-extra", HeaderValue::from_static("1"));
-        h.insert("content-length", HeaderValue::from_static("5"));
-        h.insert("upgrade", HeaderValue::from_static("h2c"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        policy().apply(
-            &mut h,
-            &HeaderValue::from_static("alice@corp.test"),
-            &HeaderValue::from_static("192.0.2.7"),
-        );
+            ("user-agent", "Apple"),
+            ("content-length", "5"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+        ]);
+        let policy = policy();
+        apply(&policy, &mut h);
         assert_eq!(h["x-remote-user"], "alice@corp.test");
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["content-length"], "5");
-        for gone in ["connection", "x-extra", "upgrade", "te"] {
+        for gone in ["connection", "user-agent", "upgrade", "te"] {
             assert!(h.get(gone).is_none(), "{gone} survived");
         }
+        assert_eq!(policy.dropped.hop_by_hop.get(), 4);
+    }
+
+    #[test]
+    fn a_header_read_as_one_value_may_come_once() {
+        let policy = policy_with(&["x-device-note"], &[]);
+        for name in [
+            "user-agent",
+            "content-type",
+            "ms-asprotocolversion",
+            "x-ms-policykey",
+            "x-device-note",
+        ] {
+            let twice = headers(&[(name, "a"), (name, "b")]);
+            assert_eq!(policy.check(&twice), Err(DuplicateHeader), "{name}");
+            assert_eq!(policy.check(&headers(&[(name, "a")])), Ok(()), "{name}");
+        }
+        assert_eq!(
+            policy.check(&headers(&[("accept", "a"), ("accept", "b")])),
+            Ok(())
+        );
     }
 }

@@ -562,6 +562,18 @@ pub fn error_response(status: StatusCode, date: &[u8; 29]) -> Vec<u8> {
     out
 }
 
+/// A 503 seg answers before any head is read (memory for heads used up), closing.
+pub fn busy_response(retry_after_secs: u64, date: &[u8; 29]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    push_status_line(&mut out, StatusCode::SERVICE_UNAVAILABLE);
+    out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\nretry-after: ");
+    out.extend_from_slice(retry_after_secs.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    push_date(&mut out, date);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 /// Appends one chunk of a chunked body; nothing for empty data, whose chunk would read as
 /// the last one.
 pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {

@@ -14,6 +14,7 @@ pub mod http1;
 mod pool;
 mod refusal;
 mod slow;
+pub mod target;
 mod tls_conn;
 
 use std::future::poll_fn;
@@ -32,17 +33,17 @@ pub use connection::RequestBody;
 pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 
-use crate::activesync::EasRequest;
+use crate::activesync::{EasRequest, QueryForm};
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
 use crate::online::Verdict;
-use crate::policy::{check_device, rules_for, user_matches, LongPolls};
+use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
 use crate::resolver::{Decision, Resolver};
 use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
-use caps::{address_key, CapFull, ConnectionCaps};
+use caps::{address_key, CapFull, ConnectionCaps, HeadCharge};
 use connection::{ConnectionError, DeviceConn};
 use slow::{BodyPace, PacedBody};
 use tls_conn::{DeviceTls, IoWatch};
@@ -66,6 +67,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Digest of the directory's files, to notice a rotated bind password on reload.
     pub directory_files: Vec<u8>,
+    /// The wall clock for certificate validity and session age.
+    pub clock: crate::clock::Clock,
 }
 
 /// What the gateway decided for one request (`Gateway::decide`). Only ever a return value,
@@ -106,13 +109,16 @@ impl Live {
     }
 }
 
-/// What a request is, by path and method.
+/// What a request is, by its canonical path and method.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     /// `POST /Microsoft-Server-ActiveSync`: a command, with Cmd, DeviceId, DeviceType.
     Command,
-    /// `OPTIONS /Microsoft-Server-ActiveSync` or Autodiscover: no command query.
-    Discovery,
+    /// `OPTIONS /Microsoft-Server-ActiveSync`: the protocol versions and commands; its query,
+    /// if any, may name only the user and the device, and is checked like a command's.
+    Options,
+    /// `POST /autodiscover/autodiscover.xml`: no query at all.
+    Autodiscover,
 }
 
 /// What seg knows about one device connection after its handshake.
@@ -173,6 +179,7 @@ pub async fn serve(
         Arc::new(ConnectionCaps::new(
             listen.max_connections_per_address,
             listen.max_connections_per_device,
+            listen.max_pending_head_bytes,
         ))
     };
     loop {
@@ -306,8 +313,14 @@ impl Gateway {
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
         // Each request's upstream exchange (client.rs) runs within this connection's task.
-        let keep_alive = device_slot.is_some();
-        let mut connection = DeviceConn::new(Arc::clone(&self), device, tls, received, keep_alive);
+        let head_charge = HeadCharge::new(&caps.heads);
+        let mut connection = DeviceConn::new(Arc::clone(&self), device, tls, received, head_charge);
+        if device_slot.is_none() {
+            // The cap holds from the end of the handshake: such a connection is answered at
+            // once and reads no request, so a certificate cannot park unfinished heads on
+            // connections past its cap.
+            connection.refuse_at_once();
+        }
         let plan = tokio::select! {
             result = poll_fn(|cx| connection.poll_run(cx)) => {
                 if let Err(e) = result {
@@ -390,6 +403,11 @@ impl Gateway {
             }
         };
         record.subject = AuditSubject::Admitted(Arc::clone(&identity));
+        // A resumed session or a long-lived connection never shows the certificate to the
+        // verifier again: its validity is checked here, on every request, by the same clock.
+        if let Err(reason) = identity.validity_at(self.clock.now_unix()) {
+            return Handled::Answered(closing(refuse(Refusal::Denied(reason), record)));
+        }
         // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
         let (issuer, serial) = &identity.revocation_key;
         // Then OCSP and distribution-point CRLs, when configured: cached, so a known device
@@ -429,11 +447,25 @@ impl Gateway {
             let refusal = Refusal::BadRequest("upgrade-refused");
             return Handled::Answered(closing(self.refuse_policy(refusal, record)));
         }
+        // A query where none belongs is refused as such, before whatever it says is read.
+        let query = request.uri().query();
+        if route == Route::Autodiscover && query.is_some()
+            || query_error.is_none() && !query_allowed(route, &record.eas)
+        {
+            let refusal = Refusal::BadRequest("query-not-allowed");
+            return Handled::Answered(self.refuse_policy(refusal, record));
+        }
         if let Some(e) = query_error {
             let refusal = Refusal::BadRequest(e.code());
             return Handled::Answered(self.refuse_policy(refusal, record));
         }
-        if route == Route::Command {
+        if self.headers.check(request.headers()).is_err() {
+            let refusal = Refusal::BadRequest("duplicate-header");
+            return Handled::Answered(self.refuse_policy(refusal, record));
+        }
+        // Every route passes the same checks; a request without a device (OPTIONS,
+        // Autodiscover) is held only to the block rules, as it has nothing to allow.
+        {
             let account = &identity.account;
             let activesync = &self.config.activesync;
             let netbios_domain = self.config.identity.netbios_domain.as_deref();
@@ -442,8 +474,12 @@ impl Gateway {
                 let code = crate::policy::PolicyDenial::UserMismatch.code();
                 return Handled::Answered(self.refuse_policy(Refusal::PolicyDenied(code), record));
             }
+            let deviceless = eas.device_id.is_none() && eas.device_type.is_none();
             let decision = match check_device(rules_for(activesync, account), eas) {
                 Ok(decision) => decision,
+                Err(PolicyDenial::DeviceNotAllowed) if route != Route::Command && deviceless => {
+                    "no-device"
+                }
                 Err(denial) => {
                     let refusal = Refusal::PolicyDenied(denial.code());
                     return Handled::Answered(self.refuse_policy(refusal, record));
@@ -572,25 +608,35 @@ impl Gateway {
     }
 }
 
-/// Which requests seg forwards: ActiveSync and Autodiscover, by POST or OPTIONS.
+/// Which requests seg forwards: ActiveSync by POST or OPTIONS and Autodiscover by POST, on
+/// a canonical path (`target`).
 fn route<B>(request: &Request<B>) -> Result<Route, Refusal> {
-    let path = request.uri().path();
-    let activesync = path
-        .get(..28)
-        .is_some_and(|p| p.eq_ignore_ascii_case("/Microsoft-Server-ActiveSync"))
-        && matches!(path.as_bytes().get(28), None | Some(b'/'));
-    let autodiscover = path.eq_ignore_ascii_case("/autodiscover/autodiscover.xml");
-    if !activesync && !autodiscover {
-        return Err(Refusal::NotFound);
+    let endpoint = target::endpoint(request.uri()).map_err(|e| match e {
+        target::TargetError::NotCanonical(rule) => {
+            tracing::debug!(target: "seg::listener", rule, "request target refused: not canonical");
+            Refusal::BadRequest(e.code())
+        }
+        target::TargetError::NotServed => Refusal::NotFound,
+    })?;
+    match (endpoint, request.method()) {
+        (target::Endpoint::ActiveSync, &Method::POST) => Ok(Route::Command),
+        (target::Endpoint::ActiveSync, &Method::OPTIONS) => Ok(Route::Options),
+        (target::Endpoint::Autodiscover, &Method::POST) => Ok(Route::Autodiscover),
+        (target::Endpoint::ActiveSync, _) => Err(Refusal::MethodNotAllowed("OPTIONS, POST")),
+        (target::Endpoint::Autodiscover, _) => Err(Refusal::MethodNotAllowed("POST")),
     }
-    if request.method() != Method::POST && request.method() != Method::OPTIONS {
-        return Err(Refusal::MethodNotAllowed);
+}
+
+/// Whether a query carries only what the route's checks read: nothing for Autodiscover;
+/// for OPTIONS the user and the device (plain form), never a command or its parameters.
+fn query_allowed(route: Route, eas: &EasRequest) -> bool {
+    match route {
+        Route::Command => true,
+        Route::Options => {
+            eas.form != QueryForm::Base64 && eas.command.is_none() && eas.parameters.is_empty()
+        }
+        Route::Autodiscover => eas.form == QueryForm::None,
     }
-    Ok(if activesync && request.method() == Method::POST {
-        Route::Command
-    } else {
-        Route::Discovery
-    })
 }
 
 impl Gateway {

@@ -31,7 +31,8 @@ pub enum Refusal {
     UpstreamTimeout,
     UpstreamFailed,
     NotFound,
-    MethodNotAllowed,
+    /// The path is served, not by this method; the methods it is served by.
+    MethodNotAllowed(&'static str),
     /// A malformed request (ActiveSync query, Upgrade); the code says what.
     BadRequest(&'static str),
     /// A policy denial after mapping (User= binding, device rules).
@@ -63,7 +64,7 @@ impl Refusal {
             Refusal::UpstreamUnreachable | Refusal::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::NotFound => StatusCode::NOT_FOUND,
-            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::PolicyDenied(_) => StatusCode::FORBIDDEN,
             Refusal::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,7 +81,7 @@ impl Refusal {
             Refusal::UpstreamTimeout => "upstream-timeout",
             Refusal::UpstreamFailed => "upstream-failed",
             Refusal::NotFound => "path-not-served",
-            Refusal::MethodNotAllowed => "method-not-allowed",
+            Refusal::MethodNotAllowed(_) => "method-not-allowed",
             Refusal::BodyTooSlow => "request-body-too-slow",
             Refusal::BadRequest(code) | Refusal::PolicyDenied(code) | Refusal::Busy(code) => code,
         }
@@ -90,7 +91,7 @@ impl Refusal {
         match self {
             Refusal::Denied(_)
             | Refusal::NotFound
-            | Refusal::MethodNotAllowed
+            | Refusal::MethodNotAllowed(_)
             | Refusal::BadRequest(_)
             | Refusal::PolicyDenied(_)
             | Refusal::Busy(_)
@@ -137,8 +138,8 @@ impl Refusal {
             Refusal::DependencyDown(_) | Refusal::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after()));
             }
-            Refusal::MethodNotAllowed => {
-                headers.insert(header::ALLOW, HeaderValue::from_static("OPTIONS, POST"));
+            Refusal::MethodNotAllowed(allowed) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
             }
             Refusal::BodyTooSlow => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

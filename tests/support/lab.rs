@@ -218,6 +218,8 @@ enforcement = "compatibility"
 
 [upstream]
 url = "http://{upstream}"
+# The echo upstream's test controls (src/echo.rs); no ActiveSync header, so listed here.
+{echo_controls}
 
 [admin]
 address = "127.0.0.1:0"
@@ -231,8 +233,12 @@ probe_interval = "200ms"
         base = directory.base_dn,
         bind = directory.bind_dn,
         password = password.display(),
+        echo_controls = ECHO_CONTROLS,
     )
 }
+
+/// The `forward_headers` line naming the echo upstream's control headers.
+pub const ECHO_CONTROLS: &str = r#"forward_headers = ["x-echo-status", "x-echo-response-header", "x-echo-response-bytes", "x-echo-response-chunked", "x-echo-delay-ms", "x-seq"]"#;
 
 /// Everything one test needs, running.
 pub struct Lab {
@@ -392,6 +398,14 @@ impl Client {
     }
 
     fn tls(&self, device: Option<&Device>, version: TlsVersion) -> TlsConnector {
+        TlsConnector::from(self.tls_config(device, version))
+    }
+
+    fn tls_config(
+        &self,
+        device: Option<&Device>,
+        version: TlsVersion,
+    ) -> Arc<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let versions: &[&rustls::SupportedProtocolVersion] = match version {
             TlsVersion::Any => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -411,7 +425,7 @@ impl Client {
             }
             None => builder.with_no_client_auth(),
         };
-        TlsConnector::from(Arc::new(config))
+        Arc::new(config)
     }
 
     /// Opens a TLS connection presenting `device` over a TCP connection the caller opened
@@ -625,6 +639,17 @@ pub struct ResumingClient {
     connector: TlsConnector,
 }
 
+/// How a device resumes its sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resumption {
+    /// TLS 1.3, by ticket.
+    Tls13Ticket,
+    /// TLS 1.2, by ticket (RFC 5077).
+    Tls12Ticket,
+    /// TLS 1.2, by session ID (the server's session cache).
+    Tls12SessionId,
+}
+
 impl ResumingClient {
     pub fn new(addr: SocketAddr, ca: &Path, device: &Device) -> ResumingClient {
         let client = Client::new(addr, ca);
@@ -632,6 +657,38 @@ impl ResumingClient {
             addr,
             connector: client.tls(Some(device), TlsVersion::Any),
         }
+    }
+
+    /// A device that resumes only in the given way.
+    pub fn resuming_by(
+        addr: SocketAddr,
+        ca: &Path,
+        device: &Device,
+        how: Resumption,
+    ) -> ResumingClient {
+        let client = Client::new(addr, ca);
+        let version = match how {
+            Resumption::Tls13Ticket => TlsVersion::Any,
+            Resumption::Tls12Ticket | Resumption::Tls12SessionId => TlsVersion::Tls12,
+        };
+        let mut config = (*client.tls_config(Some(device), version)).clone();
+        if how == Resumption::Tls12SessionId {
+            config.resumption = rustls::client::Resumption::in_memory_sessions(32)
+                .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+        }
+        ResumingClient {
+            addr,
+            connector: TlsConnector::from(Arc::new(config)),
+        }
+    }
+
+    /// A new connection, resumed when the server allows it, and whether it was.
+    pub async fn connect(&self) -> std::io::Result<(Connection, bool)> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let stream = self.connector.connect(name, tcp).await?;
+        let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        Ok((Connection { stream }, resumed))
     }
 
     /// One request on a new connection (resumed when the server allows it).
@@ -686,8 +743,13 @@ pub async fn wait_for_readyz(
 
 /// seg built from a configuration file and started.
 pub async fn start_seg(config_path: &Path) -> Running {
+    start_seg_with_clock(config_path, seg::clock::Clock::system()).await
+}
+
+/// seg deciding certificate validity and session age by `clock`, which the test moves.
+pub async fn start_seg_with_clock(config_path: &Path, clock: seg::clock::Clock) -> Running {
     let config = Config::load(config_path).unwrap_or_else(|e| panic!("config: {e}"));
-    App::build(config)
+    App::build_with_clock(config, clock)
         .unwrap_or_else(|e| panic!("build: {e}"))
         .start()
         .await

@@ -5,6 +5,7 @@ pub mod chaos;
 pub mod lab;
 pub mod ldif;
 pub mod mapping_table;
+pub mod nginx;
 pub mod openssl_ca;
 pub mod samba;
 pub mod slapd;

@@ -1,0 +1,82 @@
+//! Wall-clock time as seg reads it for decisions: a certificate's validity (at the handshake
+//! and again on every request) and a resumed session's age. One `Clock` is handed down from
+//! `App`, so a test can move time for exactly one gateway without touching the process.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::UnixTime;
+
+/// The system's wall clock, optionally moved by an offset its holder controls.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    /// Seconds added to the system time; `None` for the plain system clock.
+    offset: Option<Arc<AtomicI64>>,
+}
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// The system clock, plus an offset moved by `advance` (tests).
+    pub fn adjustable() -> Clock {
+        Clock {
+            offset: Some(Arc::new(AtomicI64::new(0))),
+        }
+    }
+
+    /// Moves an adjustable clock forward; a system clock does not move.
+    pub fn advance(&self, by: Duration) {
+        if let Some(offset) = &self.offset {
+            let secs = i64::try_from(by.as_secs()).unwrap_or(i64::MAX);
+            offset.fetch_add(secs, Ordering::AcqRel);
+        }
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn now_unix(&self) -> i64 {
+        let system = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let offset = self
+            .offset
+            .as_ref()
+            .map_or(0, |o| o.load(Ordering::Acquire));
+        system.saturating_add(offset)
+    }
+}
+
+impl rustls::time_provider::TimeProvider for Clock {
+    fn current_time(&self) -> Option<UnixTime> {
+        let secs = u64::try_from(self.now_unix()).ok()?;
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(secs)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::time_provider::TimeProvider;
+
+    #[test]
+    fn an_adjustable_clock_moves_and_the_system_clock_does_not() {
+        let system = Clock::system();
+        let moved = Clock::adjustable();
+        let before = system.now_unix();
+        moved.advance(Duration::from_secs(7 * 3600));
+        system.advance(Duration::from_secs(7 * 3600));
+        assert!(moved.now_unix() >= before + 7 * 3600);
+        assert!(system.now_unix() < before + 3600);
+        let shared = moved.clone();
+        shared.advance(Duration::from_secs(3600));
+        assert!(
+            moved.now_unix() >= before + 8 * 3600,
+            "clones share the offset"
+        );
+        let time = moved.current_time().unwrap();
+        assert!(time.as_secs() >= (before + 8 * 3600) as u64);
+    }
+}
