@@ -375,6 +375,9 @@ fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
         return Err(QueryError::BadSeparator);
     }
     let mut request = EasRequest::empty(QueryForm::Plain);
+    // The keys seg decides on, seen: a second one is refused even after an empty first
+    // (`User=&User=bob`: ASP.NET reads `,bob`, a first-value parser an empty name).
+    let mut seen = [false; 3];
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -386,7 +389,7 @@ fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
         }
         // Keys are matched case-insensitively, as ASP.NET (and so Exchange) reads them: a
         // `user=` next to `User=` must not slip past the mailbox binding.
-        let slot = match key.to_ascii_lowercase().as_str() {
+        let (slot, index) = match key.to_ascii_lowercase().as_str() {
             "cmd" => {
                 if request.command.is_some() {
                     return Err(QueryError::DuplicateParameter);
@@ -397,16 +400,16 @@ fn parse_plain(query: &str) -> Result<EasRequest, QueryError> {
                 request.command = Some(Command::from_name(raw_value));
                 continue;
             }
-            "user" => &mut request.user,
-            "deviceid" => &mut request.device_id,
-            "devicetype" => &mut request.device_type,
+            "user" => (&mut request.user, 0),
+            "deviceid" => (&mut request.device_id, 1),
+            "devicetype" => (&mut request.device_type, 2),
             _ => {
                 request.parameters.push((key.to_string(), value));
                 continue;
             }
         };
         // Two values for one identity-bearing key would let a proxy and a server disagree.
-        if slot.is_some() {
+        if std::mem::replace(&mut seen[index], true) {
             return Err(QueryError::DuplicateParameter);
         }
         *slot = Some(value).filter(|v| !v.is_empty());
@@ -437,17 +440,20 @@ fn parse_base64(query: &str) -> Result<EasRequest, QueryError> {
         _ => return Err(QueryError::BadPolicyKey),
     };
     request.device_type = Some(input.text()?).filter(|d| !d.is_empty());
+    let mut user_seen = false;
     while !input.0.is_empty() {
         let tag = input.byte()?;
-        let value = input.text_or_hex(tag)?;
         if tag == 8 {
-            if request.user.is_some() {
+            // The mailbox is text: no hex fallback another parser would read otherwise.
+            let value = input.text()?;
+            if std::mem::replace(&mut user_seen, true) {
                 return Err(QueryError::DuplicateParameter);
             }
             request.user = Some(value).filter(|v| !v.is_empty());
-        } else {
-            request.parameters.push((tag_name(tag), value));
+            continue;
         }
+        let value = input.text_or_hex(tag)?;
+        request.parameters.push((tag_name(tag), value));
     }
     Ok(request)
 }
@@ -635,6 +641,14 @@ mod tests {
                 QueryError::DuplicateParameter,
             ),
             (
+                "Cmd=Sync&User=&User=bob&DeviceId=a&DeviceType=x",
+                QueryError::DuplicateParameter,
+            ),
+            (
+                "Cmd=Sync&DeviceId=&DeviceId=a&DeviceType=x",
+                QueryError::DuplicateParameter,
+            ),
+            (
                 "User=alice&DeviceId=a&DeviceType=x",
                 QueryError::MissingCommand,
             ),
@@ -713,6 +727,15 @@ mod tests {
                 QueryError::BadText,
             ),
             (&[140, 0, 9, 4, 1, b'\n', 0, 1, b'x'], QueryError::BadText),
+            // A User that is not UTF-8 is refused, never read as hex.
+            (
+                &[140, 0, 9, 4, 0, 0, 1, b'x', 8, 2, 0xc3, 0x28],
+                QueryError::BadText,
+            ),
+            (
+                &[140, 0, 9, 4, 0, 0, 1, b'x', 8, 0, 8, 1, b'b'],
+                QueryError::DuplicateParameter,
+            ),
         ];
         for (bytes, expected) in cases {
             assert_eq!(parse(&base64_query(bytes)), Err(*expected), "{bytes:?}");

@@ -389,8 +389,12 @@ const NOT_FORWARDABLE: [&str; 16] = [
 ];
 
 /// Cookies Exchange's front end takes a back-end server or a token from: never forwarded.
-const EXCHANGE_ROUTING_COOKIES: [&str; 3] =
-    ["X-BEResource", "X-AnonResource-Backend", "X-AnonResource"];
+const EXCHANGE_ROUTING_COOKIES: [&str; 4] = [
+    "X-BEResource",
+    "X-AnonResource-Backend",
+    "X-AnonResource",
+    "X-BackEndCookie",
+];
 
 /// Shortest timeout allowed on an ActiveSync request in flight: a Ping may be held 3540 s.
 pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -1053,10 +1057,22 @@ fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
         }
     });
     let path_prefix = s.string("path_prefix", "", p);
-    if !path_prefix.is_empty() && (!path_prefix.starts_with('/') || path_prefix.ends_with('/')) {
+    // The prefix goes in front of every canonical path seg forwards, so it is canonical too:
+    // segments of letters, digits, '-', '.', '_', '~', none empty, '.' or '..'.
+    let canonical_segment = |segment: &str| {
+        !matches!(segment, "" | "." | "..")
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    };
+    if !path_prefix.is_empty()
+        && !path_prefix
+            .strip_prefix('/')
+            .is_some_and(|rest| rest.split('/').all(canonical_segment))
+    {
         p.push(
             &s.key("path_prefix"),
-            "must start with '/' and not end with '/' (for example \"/SOGo\")",
+            "must be '/' then segments of letters, digits, '-', '.', '_', '~', none empty, '.' or '..', and not end with '/' (for example \"/SOGo\")",
         );
     }
     let ca_file = s.optional_file("ca_file", p);
@@ -1091,6 +1107,13 @@ fn read_upstream(s: &mut Section, p: &mut Problems) -> Option<UpstreamConfig> {
                 match http::HeaderName::from_bytes(lower.as_bytes()) {
                     Err(_) => {
                         p.push(&format!("{key}[{i}]"), &format!("\"{name}\" is not a valid header name"));
+                        None
+                    }
+                    Ok(_) if lower.contains('_') => {
+                        p.push(
+                            &format!("{key}[{i}]"),
+                            &format!("\"{name}\" has a '_', which servers read as '-' or drop: name the header as the upstream reads it"),
+                        );
                         None
                     }
                     Ok(_) if NOT_FORWARDABLE.contains(&lower.as_str()) || lower.starts_with("x-forwarded-") => {
@@ -1532,8 +1555,9 @@ mod tests {
             session_lifetime = "200h"
             [upstream]
             url = "http://eas.example"
-            forward_headers = ["X-Device-Note", "Authorization", "cookie", "X-Forwarded-Host", "bad header"]
-            forward_cookies = ["lb", "x-beresource", "a;b"]
+            path_prefix = "/SOGo/../owa"
+            forward_headers = ["X-Device-Note", "Authorization", "cookie", "X-Forwarded-Host", "bad header", "content_length"]
+            forward_cookies = ["lb", "x-beresource", "a;b", "X-BackEndCookie"]
         "#;
         let err = Config::parse(text, Path::new("/"), "test.toml").unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
@@ -1543,8 +1567,11 @@ mod tests {
             "upstream.forward_headers[2]",
             "upstream.forward_headers[3]",
             "upstream.forward_headers[4]",
+            "upstream.forward_headers[5]",
             "upstream.forward_cookies[1]",
             "upstream.forward_cookies[2]",
+            "upstream.forward_cookies[3]",
+            "upstream.path_prefix",
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }

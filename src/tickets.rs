@@ -19,6 +19,7 @@
 //! can never resume the sessions of the old one. Revocation needs no such separation: every
 //! request is checked against the CRLs in force.
 
+use std::cell::Cell;
 use std::fmt;
 use std::path::Path;
 
@@ -43,6 +44,27 @@ const TICKET_AAD: &[u8] = b"seg session ticket v2";
 /// use them.
 const SESSION_CACHE_SIZE: usize = 256;
 
+thread_local! {
+    /// Within `with_session_origin` only (`Some`): the first time of the session that the
+    /// handshake being processed on this thread resumed, if it resumed one.
+    static ORIGIN: Cell<Option<Option<i64>>> = const { Cell::new(None) };
+}
+
+/// Runs `process` (rustls processing one flight of a handshake) so that the tickets it
+/// issues carry the time of the session's first full handshake, not the time of this
+/// resumption: a TLS 1.3 resumption (and a TLS 1.2 one) issues new tickets, which would
+/// otherwise start the lifetime afresh and let a device that keeps resuming never show its
+/// certificate chain again. `origin` is the connection's own, kept across its flights: the
+/// oldest time a ticket of this handshake decrypted to, reset by the caller when the
+/// handshake turns out to be a full one. rustls calls the ticketer synchronously within
+/// `process`, on this thread, so the value cannot cross to another connection.
+pub fn with_session_origin<R>(origin: &mut Option<i64>, process: impl FnOnce() -> R) -> R {
+    ORIGIN.with(|o| o.set(Some(*origin)));
+    let result = process();
+    *origin = ORIGIN.with(|o| o.replace(None)).flatten();
+    result
+}
+
 /// When a session was first established, and for how long it may be resumed.
 #[derive(Debug, Clone)]
 struct SessionAge {
@@ -58,21 +80,24 @@ impl SessionAge {
         }
     }
 
-    /// `value` behind the time it was established, as 8 big-endian bytes.
-    fn stamp(&self, value: &[u8]) -> Vec<u8> {
+    /// `value` behind the time it was established (`established`, else now), as 8
+    /// big-endian bytes.
+    fn stamp(&self, value: &[u8], established: Option<i64>) -> Vec<u8> {
+        let time = established.unwrap_or_else(|| self.clock.now_unix());
         let mut stamped = Vec::with_capacity(8 + value.len());
-        stamped.extend_from_slice(&self.clock.now_unix().to_be_bytes());
+        stamped.extend_from_slice(&time.to_be_bytes());
         stamped.extend_from_slice(value);
         stamped
     }
 
-    /// The value of a stamped session still within its lifetime.
-    fn fresh(&self, stamped: &[u8]) -> Option<Vec<u8>> {
-        let (issued, value) = stamped.split_first_chunk::<8>()?;
-        let age = self.clock.now_unix() - i64::from_be_bytes(*issued);
+    /// The value of a stamped session still within its lifetime, and when it was established.
+    fn fresh(&self, stamped: &[u8]) -> Option<(Vec<u8>, i64)> {
+        let (established, value) = stamped.split_first_chunk::<8>()?;
+        let established = i64::from_be_bytes(*established);
+        let age = self.clock.now_unix().checked_sub(established)?;
         (-MAX_CLOCK_SKEW_SECS..=self.lifetime_secs)
             .contains(&age)
-            .then(|| value.to_vec())
+            .then(|| (value.to_vec(), established))
     }
 }
 
@@ -175,16 +200,21 @@ impl BoundedSessionCache {
 }
 
 impl StoresServerSessions for BoundedSessionCache {
+    /// rustls caches a session only after a full handshake: stamped now.
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
-        self.sessions.put(key, self.age.stamp(&value))
+        self.sessions.put(key, self.age.stamp(&value, None))
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.age.fresh(&self.sessions.get(key)?)
+        self.age
+            .fresh(&self.sessions.get(key)?)
+            .map(|(value, _)| value)
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.age.fresh(&self.sessions.take(key)?)
+        self.age
+            .fresh(&self.sessions.take(key)?)
+            .map(|(value, _)| value)
     }
 
     fn can_cache(&self) -> bool {
@@ -227,14 +257,13 @@ impl rustls::server::ProducesTickets for SharedTicketer {
         u32::try_from(self.age.lifetime_secs).unwrap_or(u32::MAX)
     }
 
-    /// Seals `plain` behind the time it is sealed. rustls issues tickets only after a full
-    /// handshake (a resumed TLS 1.3 session gets new tickets too: those carry the new time,
-    /// so a device that keeps resuming is asked for its certificate again at the latest
-    /// when the certificate's own validity, checked per request, ends).
+    /// Seals `plain` behind the time of its session's full handshake: now, or on a
+    /// resumption the time the resuming ticket carried (`with_session_origin`).
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.random.fill(&mut nonce).ok()?;
-        let mut sealed = self.age.stamp(plain);
+        let origin = ORIGIN.with(Cell::get).flatten();
+        let mut sealed = self.age.stamp(plain, origin);
         self.keys
             .first()?
             .seal_in_place_append_tag(
@@ -265,7 +294,16 @@ impl rustls::server::ProducesTickets for SharedTicketer {
                 .ok()?;
             Some(plain.to_vec())
         })?;
-        self.age.fresh(&stamped)
+        let (plain, established) = self.age.fresh(&stamped)?;
+        // The oldest, should rustls try several tickets of one handshake.
+        ORIGIN.with(|o| {
+            if let Some(origin) = o.get() {
+                o.set(Some(Some(
+                    origin.map_or(established, |t| t.min(established)),
+                )));
+            }
+        });
+        Some(plain)
     }
 }
 
@@ -375,6 +413,30 @@ mod tests {
         assert!(local.decrypt(&local_ticket).is_none());
         assert!(cache.get(b"id").is_none());
         assert!(cache.take(b"id").is_none());
+        // A ticket issued on a resumption keeps its session's first time.
+        let clock = Clock::adjustable();
+        let shared = SharedTicketer::from_config(&keys, &config, &clock).unwrap();
+        let first = shared.encrypt(b"full").unwrap();
+        clock.advance(Duration::from_secs(3000));
+        let mut origin = None;
+        let renewed = with_session_origin(&mut origin, || {
+            assert!(shared.decrypt(&first).is_some());
+            shared.encrypt(b"renewed").unwrap()
+        });
+        assert!(
+            origin.is_some(),
+            "the connection keeps the resumed ticket's time"
+        );
+        let fresh_after_full = with_session_origin(&mut None, || shared.encrypt(b"x").unwrap());
+        clock.advance(Duration::from_secs(700));
+        assert!(
+            shared.decrypt(&renewed).is_none(),
+            "renewed, still 3700 s old"
+        );
+        assert!(
+            shared.decrypt(&fresh_after_full).is_some(),
+            "a full handshake's: 700 s"
+        );
         // A ticket sealed with a far-future time (a replica's clock gone wrong) is refused.
         let skewed = Clock::adjustable();
         skewed.advance(Duration::from_secs(3 * 3600));

@@ -161,6 +161,30 @@ async fn a_session_is_not_resumed_past_its_lifetime() {
 }
 
 #[tokio::test]
+async fn a_device_that_keeps_resuming_still_makes_a_full_handshake_each_lifetime() {
+    let lab = ClockLab::start().await;
+    for how in ROWS {
+        let device_id = format!("ROLLING{how:?}");
+        let client = lab.device(alice_until(lab.now() + YEAR), how);
+        let (status, resumed, _) = post(&client, &device_id).await;
+        assert_eq!((status, resumed), (200, false));
+        // Each resumption gets new tickets; they keep the first handshake's time.
+        for hour in 1..=5 {
+            lab.clock.advance(HOUR);
+            let (status, resumed, _) = post(&client, &device_id).await;
+            assert_eq!((status, resumed), (200, true), "{how:?}: hour {hour}");
+        }
+        lab.clock.advance(HOUR + Duration::from_secs(60));
+        let (status, resumed, _) = post(&client, &device_id).await;
+        assert!(
+            !resumed,
+            "{how:?}: resumed 6 h 1 min after its full handshake"
+        );
+        assert_eq!(status, 200);
+    }
+}
+
+#[tokio::test]
 async fn a_kept_alive_connection_is_refused_once_its_certificate_expires() {
     let lab = ClockLab::start().await;
     let client = lab.device(alice_until(lab.now() + HOUR), Resumption::Tls13Ticket);

@@ -307,6 +307,7 @@ impl DeviceConn {
     fn refuse_head(&mut self, error: &HeadError) -> Result<State, ConnectionError> {
         tracing::debug!(target: "seg::listener", peer = %self.device.peer, %error, "request head refused");
         self.buf = BytesMut::new();
+        self.head_charge.set(0);
         if let Some(status) = error.status() {
             self.tls.send(&http1::error_response(status, &date()))?;
             self.linger = true;
@@ -618,6 +619,11 @@ impl DeviceConn {
             self.buf = BytesMut::new();
         }
         if !done.close && !self.draining {
+            // Bytes read ahead during the exchange are the next head: charged as one. Past
+            // the budget, that head is not read on.
+            if !self.head_charge.set(self.buf.len()) {
+                return self.refuse_head_memory().unwrap_or(State::Closing);
+            }
             State::Idle
         } else {
             State::Closing

@@ -195,8 +195,13 @@ impl HeaderPolicy {
             if pair.is_empty() {
                 continue;
             }
-            let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-            if self.cookies.iter().any(|c| c.as_bytes() == name) {
+            let (name, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &b""[..]),
+            };
+            // Only a plain cookie value (RFC 6265 §4.1.1): a `,` or a space in it would let an
+            // upstream that also splits on `,` read a second cookie seg never listed.
+            if self.cookies.iter().any(|c| c.as_bytes() == name) && is_cookie_value(value) {
                 if !out.is_empty() {
                     out.extend_from_slice(b"; ");
                 }
@@ -224,6 +229,17 @@ impl HeaderPolicy {
             // SOGo trusts every `x-webobjects-*` header (the user, its server name and URL).
             || name.len() >= 13 && name[..13].replace('_', "-") == "x-webobjects-"
     }
+}
+
+/// RFC 6265 §4.1.1 `cookie-value`: cookie-octets, optionally in double quotes.
+fn is_cookie_value(value: &[u8]) -> bool {
+    let inner = value
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(value);
+    inner
+        .iter()
+        .all(|&b| matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c..=0x5b | 0x5d..=0x7e))
 }
 
 /// The header names a `Connection` header lists, lowercase, except framing and routing.
@@ -626,6 +642,8 @@ mod tests {
                 "X-BEResource=localhost~1942062522; lb=7; msExchEcpCanary=x",
             ),
             ("cookie", "ASP.NET_SessionId=abc;lbx=1"),
+            // A comma would read as a second cookie at a parser that splits on it.
+            ("cookie", "lb=7, X-BEResource=localhost~1"),
         ]);
         apply(&policy, &mut h);
         assert_eq!(h["x-device-note"], "kept");
@@ -634,7 +652,7 @@ mod tests {
             h.get_all("cookie").iter().collect::<Vec<_>>(),
             ["lb=7; ASP.NET_SessionId=abc"]
         );
-        assert_eq!(policy.dropped.cookie.get(), 2);
+        assert_eq!(policy.dropped.cookie.get(), 3);
         assert_eq!(policy.dropped.not_allowed.get(), 1);
         // Without forward_cookies no cookie passes.
         let mut h = headers(&[("cookie", "lb=7")]);

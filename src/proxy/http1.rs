@@ -130,6 +130,11 @@ pub fn parse_request_head(
     };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| HeadError::Malformed("invalid method"))?;
+    // A request target never carries a fragment (RFC 9112 §3.2); `Uri` would drop it
+    // silently, so what seg routes on would not be the target the device sent.
+    if target.contains('#') {
+        return Err(HeadError::Malformed("fragment in target"));
+    }
     let uri =
         Uri::try_from(target.as_bytes()).map_err(|_| HeadError::Malformed("invalid target"))?;
     let version = if minor == 1 {

@@ -205,9 +205,17 @@ impl<C: Side> TlsConn<C> {
     /// Drives the handshake to its end, from whichever side speaks first.
     async fn handshake(mut self) -> io::Result<(TlsConn<C>, BytesMut)> {
         let mut plaintext = BytesMut::new();
+        // A resumed session's first time, for the tickets this handshake issues (`tickets`).
+        let mut origin = None;
         loop {
             let mut pending = std::mem::take(&mut self.incoming);
-            let (consumed, stop) = self.process(&mut pending, &mut plaintext)?;
+            let (consumed, stop) = crate::tickets::with_session_origin(&mut origin, || {
+                self.process(&mut pending, &mut plaintext)
+            })?;
+            if self.conn.handshake_kind() == Some(HandshakeKind::Full) {
+                // A ticket decrypted but not resumed (refused for its SNI or suite, say).
+                origin = None;
+            }
             pending.drain(..consumed);
             self.incoming = pending;
             poll_fn(|cx| self.poll_flush(cx)).await?;
