@@ -78,6 +78,9 @@ url = "http://127.0.0.1:9"
 
 [admin]
 address = "127.0.0.1:0"
+
+[ntauth]
+file = "ca.pem"
 "#;
 
 /// Alice's device certificate, the configuration the gateway would run with and the
@@ -86,6 +89,8 @@ struct Fixture {
     leaf_der: Vec<u8>,
     config: Config,
     resolver: Arc<Resolver>,
+    /// The NTAuth store of the configuration (`ntauth.file`, the fixture's CA).
+    ntauth: Arc<seg::ntauth::NtAuthStore>,
 }
 
 impl Fixture {
@@ -120,12 +125,16 @@ impl Fixture {
             &config.cache,
             Arc::new(Metrics::new()),
         ));
+        let ntauth = seg::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)
+            .expect("the NTAuth store")
+            .expect("ntauth.file is set");
         // Everything has been read.
         let _ = std::fs::remove_dir_all(&dir);
         Fixture {
             leaf_der: leaf.der,
             config,
             resolver,
+            ntauth,
         }
     }
 }
@@ -261,8 +270,28 @@ fn request_head(c: &mut Criterion) {
     });
 }
 
+/// The NTAuth check: a certificate's first sight (its signature verified under the store's
+/// CA key, once per certificate) and every later one (the remembered verdict).
+fn ntauth_check(c: &mut Criterion, fixture: &Fixture) {
+    let store = &fixture.ntauth;
+    let fingerprint = seg::identity::CertFingerprint::of(&fixture.leaf_der);
+    assert!(matches!(
+        store.check(fingerprint, &fixture.leaf_der),
+        seg::ntauth::NtAuthVerdict::Issued(_)
+    ));
+    let mut group = c.benchmark_group("ntauth_check");
+    group.bench_function("first_sight", |b| {
+        b.iter(|| store.judge(black_box(&fixture.leaf_der)))
+    });
+    group.bench_function("remembered", |b| {
+        b.iter(|| store.check(fingerprint, black_box(&fixture.leaf_der)))
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let fixture = Fixture::new();
+    ntauth_check(c, &fixture);
     cache_hit_identity(c, &fixture);
     cold_mapping(c, &fixture);
     header_hygiene(c, &fixture);

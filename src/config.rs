@@ -29,6 +29,22 @@ pub struct Config {
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
     pub revocation: RevocationConfig,
+    pub ntauth: NtAuthConfig,
+}
+
+/// Which CAs may issue logon certificates (`[ntauth]`), as the forest's NTAuth store says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NtAuthConfig {
+    /// CA certificates (PEM) trusted to issue logon certificates.
+    pub file: Option<PathBuf>,
+    /// Read the NTAuth object's `cACertificate` values from the directory.
+    pub directory: bool,
+    /// The NTAuth object's DN; by default under the RootDSE's configurationNamingContext.
+    pub dn: Option<String>,
+    /// How often the directory's NTAuth object is read again.
+    pub refresh: Duration,
+    /// Any CA that chains to `tls.client_ca` may issue logon certificates.
+    pub danger_any_client_ca: bool,
 }
 
 /// The device-facing listener.
@@ -755,6 +771,25 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let revocation = read_revocation(&mut s, p);
     s.finish(p);
 
+    let mut s = root.section("ntauth", p);
+    let ntauth = NtAuthConfig {
+        file: s.optional_file("file", p),
+        directory: s.boolean("directory", false, p),
+        dn: s.optional_string("dn", p),
+        refresh: s.duration("refresh", "15m", p),
+        danger_any_client_ca: s.boolean("danger_any_client_ca", false, p),
+    };
+    if ntauth.directory && matches!(directory, Some(DirectoryConfig::Ldif { .. })) {
+        p.push(
+            "ntauth.directory",
+            "the LDIF directory holds no NTAuth object: use ntauth.file",
+        );
+    }
+    if ntauth.dn.is_some() && !ntauth.directory {
+        p.push("ntauth.dn", "only read with ntauth.directory = true");
+    }
+    s.finish(p);
+
     let mut s = root.section("admin", p);
     let admin = AdminConfig {
         address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
@@ -790,6 +825,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         admin,
         reload,
         revocation,
+        ntauth,
     })
 }
 

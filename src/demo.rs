@@ -170,6 +170,11 @@ url = "http://{upstream}"
 
 [admin]
 address = "{admin}"
+
+# The demo CA issues the devices itself: it is the NTAuth store (in AD, read it from the
+# directory with directory = true).
+[ntauth]
+file = "ca.pem"
 "#
     )
 }

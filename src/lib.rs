@@ -21,6 +21,8 @@
 //! - [`clock`]: the wall clock decisions read (certificate validity, session age); tests
 //!   move it.
 //! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
+//! - [`ntauth`]: the NTAuth store: which CAs may issue logon certificates, from a file and
+//!   the directory, as a domain controller decides.
 //! - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
 //! - [`revocation`]: CRLs, for the verifier and the per-request check.
 //! - [`online`]: revocation checked online on each request (OCSP, distribution-point
@@ -57,6 +59,7 @@ pub mod kerberos;
 pub mod limiter;
 pub mod mapcheck;
 pub mod metrics;
+pub mod ntauth;
 pub mod ocsp;
 pub mod online;
 pub mod pki;
@@ -153,6 +156,14 @@ fn build_gateway(
         fetching,
     )?);
     let tls = tls::server_config(&config.tls, Arc::clone(&verifier), clock)?;
+    // The NTAuth store read from the directory survives a reload that keeps its settings and
+    // trust anchors, so a DC outage during a reload does not empty it.
+    let ntauth = match previous.filter(|p| {
+        p.config.ntauth == config.ntauth && p.config.tls.client_ca == config.tls.client_ca
+    }) {
+        Some(p) if p.ntauth.is_some() => p.ntauth.clone(),
+        _ => ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)?,
+    };
     if let DirectoryConfig::Ldap(l) = &config.directory {
         if l.danger_allow_plaintext {
             tracing::warn!(target: "seg::config", "directory.danger_allow_plaintext is set: the bind password may cross the network in clear");
@@ -253,6 +264,7 @@ fn build_gateway(
         metrics: Arc::clone(metrics),
         directory_files,
         clock: clock.clone(),
+        ntauth,
         config,
     })
 }
@@ -291,6 +303,38 @@ impl App {
         &self.gateway.resolver
     }
 
+    /// `seg map`: the listener's validation, mapping and NTAuth check for one certificate.
+    /// A store kept in the directory is read first.
+    pub async fn map(
+        &self,
+        cert: &std::path::Path,
+        chain: Option<&std::path::Path>,
+    ) -> Result<mapcheck::MapReport, tls::TlsError> {
+        let gateway = &self.gateway;
+        if let Some(store) = gateway.ntauth.as_ref().filter(|s| s.reads_directory()) {
+            match gateway
+                .directory
+                .read_ntauth(gateway.config.ntauth.dn.as_deref())
+                .await
+            {
+                Ok(values) => {
+                    store.install_directory(&values);
+                }
+                Err(e) => {
+                    tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read")
+                }
+            }
+        }
+        mapcheck::map_certificate(
+            &gateway.config,
+            &gateway.resolver,
+            gateway.ntauth.as_deref(),
+            cert,
+            chain,
+        )
+        .await
+    }
+
     /// Validates and maps `tls.self_test_certificate`, if configured, as the listener would.
     /// A chain the configured CAs refuse is a configuration error; a mapping refused or not
     /// possible now (directory down) is only logged.
@@ -299,9 +343,7 @@ impl App {
         let Some(path) = &config.tls.self_test_certificate else {
             return Ok(());
         };
-        let report = mapcheck::map_certificate(config, &self.gateway.resolver, path, None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let report = self.map(path, None).await.map_err(|e| e.to_string())?;
         let file = path.display().to_string();
         if let Some(error) = &report.chain_error {
             return Err(format!(
@@ -354,8 +396,9 @@ impl App {
             tokio::spawn(probe_dependencies(
                 Arc::clone(&live),
                 Arc::clone(&health),
-                shutdown_rx,
+                shutdown_rx.clone(),
             )),
+            tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx)),
         ];
         tracing::info!(target: "seg::listener", %listen_addr, %admin_addr, "seg serving");
         Ok(Running {
@@ -600,6 +643,33 @@ async fn probe_dependencies(
         let interval = gateway.config.admin.probe_interval;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Keeps the NTAuth store read from the directory current: read at start, then every
+/// `ntauth.refresh`; a failed read keeps the last good store (retried sooner).
+async fn refresh_ntauth(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let gateway = live.load();
+        let config = &gateway.config.ntauth;
+        let mut wait = config.refresh;
+        if let Some(store) = gateway.ntauth.as_ref().filter(|s| s.reads_directory()) {
+            match gateway.directory.read_ntauth(config.dn.as_deref()).await {
+                Ok(values) => {
+                    if store.install_directory(&values) == 0 {
+                        tracing::warn!(target: "seg::ntauth", "the directory's NTAuth store holds no CA: every device is refused (certutil -dspublish -f ca.cer NTAuthCA adds one)");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read; the last one read stays in force");
+                    wait = wait.min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
     }

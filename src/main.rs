@@ -216,11 +216,11 @@ async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explai
         Ok(c) => c,
         Err(code) => return code,
     };
-    let app = match build(config.clone()) {
+    let app = match build(config) {
         Ok(app) => app,
         Err(code) => return code,
     };
-    match seg::mapcheck::map_certificate(&config, app.resolver(), &cert, chain.as_deref()).await {
+    match app.map(&cert, chain.as_deref()).await {
         Ok(report) => {
             if explain {
                 print!("{}", report.explain());

@@ -11,12 +11,18 @@ use std::path::Path;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::Config;
+use crate::identity::DenyReason;
+use crate::ntauth::{NtAuthStore, NtAuthVerdict};
 use crate::resolver::{Decision, Resolver, Trace};
 use crate::tls::{read_certs, ClientCertPolicy};
 
 /// The decision for one certificate and how it was reached.
 pub struct MapReport {
     pub chain_error: Option<String>,
+    /// The refused handshake's reason code, as the listener's log record gives it.
+    pub chain_reason: Option<&'static str>,
+    /// What the NTAuth store says of the leaf; `None` when no store is checked.
+    pub ntauth: Option<String>,
     pub trace: Trace,
     pub outcome: MapOutcome,
 }
@@ -51,6 +57,7 @@ impl MapOutcome {
 pub async fn map_certificate(
     config: &Config,
     resolver: &Resolver,
+    ntauth: Option<&NtAuthStore>,
     cert_file: &Path,
     chain_file: Option<&Path>,
 ) -> Result<MapReport, crate::tls::TlsError> {
@@ -64,6 +71,8 @@ pub async fn map_certificate(
     if let Err(e) = policy.verify_chain(&leaf, &intermediates) {
         return Ok(MapReport {
             chain_error: Some(e.to_string()),
+            chain_reason: Some(crate::tls::refusal_code(&e)),
+            ntauth: None,
             trace: Trace::default(),
             outcome: MapOutcome::Deny {
                 reason: "certificate-invalid",
@@ -72,6 +81,49 @@ pub async fn map_certificate(
         });
     }
     let (result, trace) = resolver.explain(leaf.as_ref()).await;
+    // The gateway's order: the mapping's own denial first, then the NTAuth store.
+    let verdict = ntauth.map(|store| (store.judge(leaf.as_ref()), store.names()));
+    let ntauth_line = verdict.as_ref().map(|(verdict, names)| match verdict {
+        NtAuthVerdict::Issued(ca) => format!("issued by {ca}, a CA of the NTAuth store"),
+        NtAuthVerdict::NotIssued => format!(
+            "NOT issued by a CA of the NTAuth store (it holds: {})",
+            if names.is_empty() {
+                "no CA".to_string()
+            } else {
+                names.join("; ")
+            }
+        ),
+        NtAuthVerdict::Unknown => {
+            "not known: the directory's NTAuth store could not be read".into()
+        }
+    });
+    let result = match (result, verdict.map(|(v, _)| v)) {
+        (Ok(Decision::Admit(_)), Some(NtAuthVerdict::NotIssued)) => {
+            return Ok(MapReport {
+                chain_error: None,
+                chain_reason: None,
+                ntauth: ntauth_line,
+                trace,
+                outcome: MapOutcome::Deny {
+                    reason: DenyReason::CaNotInNtauth.code(),
+                    kdc_event: DenyReason::CaNotInNtauth.kdc_event(),
+                },
+            });
+        }
+        (Ok(Decision::Admit(_)), Some(NtAuthVerdict::Unknown)) => {
+            return Ok(MapReport {
+                chain_error: None,
+                chain_reason: None,
+                ntauth: ntauth_line,
+                trace,
+                outcome: MapOutcome::Unavailable {
+                    reason: "ntauth-unavailable",
+                    error: "the directory's NTAuth store could not be read".into(),
+                },
+            });
+        }
+        (result, _) => result,
+    };
     let outcome = match result {
         Ok(Decision::Admit(identity)) => MapOutcome::Admit {
             identity: String::from_utf8_lossy(identity.header_value.as_bytes()).into_owned(),
@@ -87,6 +139,8 @@ pub async fn map_certificate(
     };
     Ok(MapReport {
         chain_error: None,
+        chain_reason: None,
+        ntauth: ntauth_line,
         trace,
         outcome,
     })
@@ -104,7 +158,8 @@ impl MapReport {
             }
         };
         serde_json::json!({
-            "chain": { "valid": self.chain_error.is_none(), "error": self.chain_error },
+            "chain": { "valid": self.chain_error.is_none(), "error": self.chain_error, "reason": self.chain_reason },
+            "ntauth": self.ntauth,
             "certificate": self.trace.facts,
             "enforcement": self.trace.enforcement,
             "filter": self.trace.filter,
@@ -127,12 +182,16 @@ impl MapReport {
             None => out
                 .push_str("chain        valid (enterprise CA bundle, clientAuth EKU, validity)\n"),
             Some(e) => {
-                let _ = writeln!(out, "chain        INVALID: {e}");
+                let reason = self.chain_reason.unwrap_or("certificate-invalid");
+                let _ = writeln!(out, "chain        INVALID ({reason}): {e}");
                 let _ = writeln!(
                     out,
                     "             the TLS handshake would be refused; no mapping is attempted"
                 );
             }
+        }
+        if let Some(line) = &self.ntauth {
+            let _ = writeln!(out, "NTAuth       {line}");
         }
         if let Some(f) = &self.trace.facts {
             let none = || "-".to_string();

@@ -90,7 +90,7 @@ impl Metrics {
         let identity_decisions = IntCounterVec::new(
             Opts::new(
                 "identity_decisions_total",
-                "Identity resolutions made against the directory, by decision and reason code.",
+                "Identity resolutions made against the directory, by decision and reason code; also each request refused because no CA of the NTAuth store issued its certificate (ca-not-in-ntauth).",
             ),
             &["decision", "reason"],
         )

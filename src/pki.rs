@@ -176,6 +176,27 @@ impl CertAuthority {
         Ok(CertAuthority { key, cert })
     }
 
+    /// A subordinate CA signed by this one (an issuing CA, or a sibling of one).
+    pub fn subordinate(
+        &self,
+        organization: &str,
+        common_name: &str,
+    ) -> Result<CertAuthority, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, organization);
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        // As AD CS issues them: no path length constraint.
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(CertAuthority { key, cert })
+    }
+
     pub fn cert_pem(&self) -> String {
         self.cert.pem()
     }

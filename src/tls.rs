@@ -277,13 +277,20 @@ impl ClientCertVerifier for ClientCertPolicy {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
             .inner()
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if !has_client_auth_eku(end_entity) {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::InvalidPurpose,
-            ));
+            .verify_client_cert(end_entity, intermediates, now)
+            .and_then(|verified| {
+                if has_client_auth_eku(end_entity) {
+                    Ok(verified)
+                } else {
+                    Err(rustls::Error::InvalidCertificate(
+                        CertificateError::InvalidPurpose,
+                    ))
+                }
+            });
+        if verified.is_err() {
+            note_refused_certificate(end_entity);
         }
-        Ok(verified)
+        verified
     }
 
     fn verify_tls12_signature(
@@ -292,7 +299,11 @@ impl ClientCertVerifier for ClientCertPolicy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner().verify_tls12_signature(message, cert, dss)
+        let valid = self.inner().verify_tls12_signature(message, cert, dss);
+        if valid.is_err() {
+            note_refused_certificate(cert);
+        }
+        valid
     }
 
     fn verify_tls13_signature(
@@ -301,7 +312,12 @@ impl ClientCertVerifier for ClientCertPolicy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner().verify_tls13_signature(message, cert, dss)
+        // A key the verifier refuses to use (RSA-1024, say) fails here, after the chain.
+        let valid = self.inner().verify_tls13_signature(message, cert, dss);
+        if valid.is_err() {
+            note_refused_certificate(cert);
+        }
+        valid
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -310,6 +326,92 @@ impl ClientCertVerifier for ClientCertPolicy {
 }
 
 /// Label for `seg_tls_handshakes_total{result}` from a handshake error.
+/// A certificate the listener refused at the handshake, as the log record explaining the
+/// refusal names it.
+#[derive(Debug, Clone, Default)]
+pub struct RefusedCertificate {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_before: String,
+    pub not_after: String,
+    /// SHA-256 of the leaf: the rate limit of the refusal's log records is per certificate.
+    pub fingerprint: Option<crate::identity::CertFingerprint>,
+}
+
+thread_local! {
+    /// The certificate the verifier refused in the handshake step running on this thread.
+    static REFUSED: std::cell::RefCell<Option<RefusedCertificate>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Forgets any refused certificate noted on this thread: called before each handshake step,
+/// so what `take_refused_certificate` returns is that step's own.
+pub fn clear_refused_certificate() {
+    REFUSED.with(|r| r.borrow_mut().take());
+}
+
+/// The certificate the verifier refused in the handshake step that just failed on this
+/// thread (rustls calls the verifier synchronously within the step, and the failure reaches
+/// the listener within the same poll).
+pub fn take_refused_certificate() -> Option<RefusedCertificate> {
+    REFUSED.with(|r| r.borrow_mut().take())
+}
+
+fn note_refused_certificate(end_entity: &CertificateDer<'_>) {
+    let refused = match x509_parser::certificate::X509Certificate::from_der(end_entity.as_ref()) {
+        Ok((_, cert)) => RefusedCertificate {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: crate::identity::hex(cert.raw_serial()),
+            not_before: cert.validity().not_before.to_string(),
+            not_after: cert.validity().not_after.to_string(),
+            fingerprint: Some(crate::identity::CertFingerprint::of(end_entity.as_ref())),
+        },
+        Err(_) => RefusedCertificate {
+            subject: "(not a readable certificate)".into(),
+            fingerprint: Some(crate::identity::CertFingerprint::of(end_entity.as_ref())),
+            ..RefusedCertificate::default()
+        },
+    };
+    REFUSED.with(|r| *r.borrow_mut() = Some(refused));
+}
+
+/// The reason code of a refused handshake, as the log record and `seg map --explain` give it.
+pub fn refusal_code(error: &rustls::Error) -> &'static str {
+    use CertificateError as E;
+    match error {
+        rustls::Error::NoCertificatesPresented => "no-client-certificate",
+        rustls::Error::InvalidCertificate(e) => match e {
+            E::Expired | E::ExpiredContext { .. } => "certificate-expired",
+            E::NotValidYet | E::NotValidYetContext { .. } => "certificate-not-yet-valid",
+            E::InvalidPurpose | E::InvalidPurposeContext { .. } => "certificate-wrong-purpose",
+            E::UnknownIssuer => "unknown-issuer",
+            E::Revoked => "certificate-revoked",
+            E::ExpiredRevocationList | E::ExpiredRevocationListContext { .. } => {
+                "revocation-list-expired"
+            }
+            E::UnknownRevocationStatus => "revocation-status-unknown",
+            E::BadSignature | E::UnsupportedSignatureAlgorithmContext { .. } => {
+                "certificate-bad-signature"
+            }
+            E::BadEncoding | E::UnhandledCriticalExtension => "certificate-malformed",
+            _ => "certificate-invalid",
+        },
+        rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+            "tls-incompatible"
+        }
+        _ => "tls-protocol-error",
+    }
+}
+
+/// The rustls error inside an I/O error from the TLS driver, if any.
+pub fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+}
+
 pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
     let Some(inner) = error
         .get_ref()

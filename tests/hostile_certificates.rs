@@ -10,6 +10,7 @@ mod support;
 use std::process::{Command, Stdio};
 
 use seg::config::Config;
+use support::audit::{capture_audit, log_records};
 use support::lab::{config_text, eas_target, start_slapd, DirectoryRef, Pki};
 use support::openssl_ca::{IssuedDevice, OpensslCa};
 use support::slapd::UserSpec;
@@ -218,6 +219,7 @@ fn present(addr: std::net::SocketAddr, ca: &std::path::Path, issued: &IssuedDevi
 
 #[tokio::test]
 async fn hostile_certificates_never_carry_an_identity_in() {
+    capture_audit();
     let pki = Pki::new();
     let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
     let mut alice = UserSpec::new("alice");
@@ -236,9 +238,10 @@ async fn hostile_certificates_never_carry_an_identity_in() {
     let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
     // Trust the OpenSSL CA only; map by UPN (compatibility enforcement admits weak mappings,
     // so the table tests the names themselves, not the strong-mapping rule).
-    let text = config_text(&pki, &directory, upstream.addr, "").replace(
-        &format!("client_ca = \"{}\"", pki.ca_path.display()),
-        &format!("client_ca = \"{}\"", ca.cert.display()),
+    let text = support::lab::trusting(
+        &config_text(&pki, &directory, upstream.addr, ""),
+        &pki,
+        &ca.cert,
     );
     let config_path = pki.dir.write("seg.toml", &text);
     let seg = seg::App::build(Config::load(&config_path).unwrap())
@@ -252,6 +255,7 @@ async fn hostile_certificates_never_carry_an_identity_in() {
     for row in table() {
         let issued = ca.issue_custom(row.name, &row.subject, row.key, row.digest, &row.extensions);
         let before = upstream.requests().len();
+        let records_before = log_records("handshake refused").len();
         let status = present_blocking(seg.listen_addr, &pki.ca_path, issued).await;
         let forwarded = &upstream.requests()[before..];
         let seen: Vec<String> = forwarded
@@ -288,6 +292,24 @@ async fn hostile_certificates_never_carry_an_identity_in() {
                 "{}: expected {:?}, got {got:?}",
                 row.name, row.outcome
             ));
+        }
+        // Every refused handshake is explained: one record naming the certificate and why.
+        if got == Outcome::Refused {
+            let records = log_records("handshake refused");
+            let explained = records[records_before.min(records.len())..]
+                .iter()
+                .any(|r| {
+                    let subject = r["subject"].as_str().unwrap_or("");
+                    let reason = r["reason"].as_str().unwrap_or("");
+                    !subject.is_empty() && !reason.is_empty() && reason != "io-error"
+                });
+            if !explained {
+                failures.push(format!(
+                    "{}: no \"handshake refused\" record naming the certificate: {:?}",
+                    row.name,
+                    &records[records_before.min(records.len())..]
+                ));
+            }
         }
     }
     // A sibling CA with the same name, not the one trusted.

@@ -6,6 +6,8 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
+use base64::Engine as _;
+
 use seg::pki::LeafSpec;
 use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
 use support::mapping_table::{rows, run_table, EmailForm, Second, State};
@@ -114,6 +116,78 @@ async fn mapping_against_samba_ad() {
     run_table(&pki, &directory, &table, &devices).await;
 
     group_policy(&pki, &samba, &directory).await;
+    ntauth_store(&pki, &samba, &directory).await;
+}
+
+/// The forest's NTAuth store, published as `certutil -dspublish -f ca.cer NTAuthCA` does
+/// (an AD `certificationAuthority` with placeholder revocation lists), found by seg under the
+/// RootDSE's configurationNamingContext, and a change to it taking effect without a restart.
+async fn ntauth_store(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
+    samba.create_user("ntauser", "ntauser@corp.test");
+    let serial = [0x77, 0x01, 0x02];
+    let mut reversed = serial.to_vec();
+    reversed.reverse();
+    let value = format!("X509:<I>{CA_AD_NAME}<SR>{}", seg::identity::hex(&reversed));
+    samba.set_attribute(&samba.dn_of("ntauser"), "altSecurityIdentities", &[&value]);
+    let device = pki.device(LeafSpec::device("ntauser").serial(&serial));
+    let b64 = |der: &[u8]| base64::engine::general_purpose::STANDARD.encode(der);
+    let dn = format!(
+        "CN=NTAuthCertificates,CN=Public Key Services,CN=Services,CN=Configuration,{}",
+        samba.base_dn()
+    );
+    samba.modify(&format!(
+        "dn: {dn}\nchangetype: add\nobjectClass: certificationAuthority\ncn: NTAuthCertificates\ncACertificate:: {}\ncertificateRevocationList:: AA==\nauthorityRevocationList:: AA==\n",
+        b64(&pki.ca.der())
+    ));
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let text = support::lab::replace_ntauth(
+        &config_text(pki, directory, upstream.addr, ""),
+        "[ntauth]\ndirectory = true\nrefresh = \"1s\"\n",
+    );
+    let path = pki.dir.write("ad-ntauth.toml", &text);
+    let seg = support::lab::start_seg(&path).await;
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let status = |expected: u16| {
+        let client = &client;
+        let device = &device;
+        async move {
+            let mut status = 0;
+            for _ in 0..50 {
+                status = client
+                    .post(Some(device), &eas_target("Sync", "ntauser"), &[])
+                    .await
+                    .unwrap()
+                    .status;
+                if status == expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            status
+        }
+    };
+    assert_eq!(
+        status(200).await,
+        200,
+        "the device's CA is in the forest's NTAuth store"
+    );
+    // Another CA replaces it in the store: the device is refused within a refresh.
+    let other = seg::pki::CertAuthority::new("Elsewhere", "Elsewhere CA").unwrap();
+    samba.modify(&format!(
+        "dn: {dn}\nchangetype: modify\nreplace: cACertificate\ncACertificate:: {}\n-\n",
+        b64(&other.der())
+    ));
+    assert_eq!(status(403).await, 403, "its CA left the NTAuth store");
+    let m = seg.metrics.render();
+    assert!(
+        metric_value(
+            &m,
+            "seg_identity_decisions_total{decision=\"deny\",reason=\"ca-not-in-ntauth\"}"
+        ) >= 1.0
+    );
+    seg.stop().await;
 }
 
 /// Nested groups through the in-chain rule and tokenGroups, as only AD evaluates them.

@@ -59,8 +59,13 @@ impl RevocationLab {
         let crl = pki.dir.path().join("corp.crl");
         ca.write_crl(&crl, crl_seconds);
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
-        let text = config_text(&pki, &directory, upstream.addr, "").replace(
-            &format!("client_ca = \"{}\"", pki.ca_path.display()),
+        let text = support::lab::trusting(
+            &config_text(&pki, &directory, upstream.addr, ""),
+            &pki,
+            &ca.cert,
+        )
+        .replace(
+            &format!("client_ca = \"{}\"", ca.cert.display()),
             &format!(
                 "client_ca = \"{}\"\ncrl_files = [\"{}\"]",
                 ca.cert.display(),
@@ -471,11 +476,8 @@ impl OnlineLab {
             &directory,
             upstream.addr,
             &format!("\n[revocation]\n{revocation}\n"),
-        )
-        .replace(
-            &format!("client_ca = \"{}\"", pki.ca_path.display()),
-            &format!("client_ca = \"{}\"", ca.cert.display()),
         );
+        let text = support::lab::trusting(&text, &pki, &ca.cert);
         let config_path = pki.dir.write("seg.toml", &text);
         let seg = support::lab::start_seg(&config_path).await;
         OnlineLab {

@@ -17,6 +17,7 @@ const MATCHING_RULE_IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
 const ACTIVE_DIRECTORY_CAPABILITY: &str = "1.2.840.113556.1.4.800";
 
 /// LDAP result codes handled by name.
+const RC_NO_SUCH_OBJECT: u32 = 32;
 const RC_SUCCESS: u32 = 0;
 const RC_SIZE_LIMIT_EXCEEDED: u32 = 4;
 const RC_REFERRAL: u32 = 10;
@@ -215,6 +216,80 @@ impl LdapDirectory {
                     .map(SearchEntry::construct)
                     .collect())
             }
+        })
+        .await
+    }
+
+    /// The `cACertificate` values of the NTAuth object (`CN=NTAuthCertificates,CN=Public Key
+    /// Services,CN=Services,<configurationNamingContext>` unless `dn` names it). An object
+    /// that does not exist is an empty store, not an error: nobody may issue logons.
+    pub async fn read_ntauth(&self, dn: Option<&str>) -> Result<Vec<Vec<u8>>, DirectoryError> {
+        let dn = match dn {
+            Some(dn) => dn.to_string(),
+            None => format!(
+                "CN=NTAuthCertificates,CN=Public Key Services,CN=Services,{}",
+                self.configuration_context().await?
+            ),
+        };
+        self.with_retry(|mut ldap| {
+            let dn = dn.clone();
+            async move {
+                let ldap3::SearchResult(entries, status) = ldap
+                    .with_timeout(self.operation_timeout)
+                    .search(&dn, Scope::Base, "(objectClass=*)", vec!["cACertificate"])
+                    .await
+                    .map_err(|e| self.error(e))?;
+                match status.rc {
+                    RC_SUCCESS => {}
+                    RC_NO_SUCH_OBJECT => return Ok(Vec::new()),
+                    rc => return Err(result_error(rc, &status.text)),
+                }
+                Ok(entries
+                    .into_iter()
+                    .filter(|e| !e.is_ref() && !e.is_intermediate())
+                    .map(SearchEntry::construct)
+                    .flat_map(|e| {
+                        e.bin_attrs
+                            .into_iter()
+                            .chain(
+                                e.attrs.into_iter().map(|(k, v)| {
+                                    (k, v.into_iter().map(String::into_bytes).collect())
+                                }),
+                            )
+                            .filter(|(k, _)| {
+                                k.split(';')
+                                    .next()
+                                    .is_some_and(|name| name.eq_ignore_ascii_case("cACertificate"))
+                            })
+                            .flat_map(|(_, values)| values)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect())
+            }
+        })
+        .await
+    }
+
+    /// The RootDSE's configurationNamingContext (AD's `CN=Configuration,<forest root>`).
+    async fn configuration_context(&self) -> Result<String, DirectoryError> {
+        self.with_retry(|mut ldap| async move {
+            let ldap3::SearchResult(entries, status) = ldap
+                .with_timeout(self.operation_timeout)
+                .search("", Scope::Base, "(objectClass=*)", vec!["configurationNamingContext"])
+                .await
+                .map_err(|e| self.error(e))?;
+            if status.rc != RC_SUCCESS {
+                return Err(result_error(status.rc, &status.text));
+            }
+            entries
+                .into_iter()
+                .map(SearchEntry::construct)
+                .find_map(|e| e.attrs.get("configurationNamingContext")?.first().cloned())
+                .ok_or_else(|| {
+                    DirectoryError::Setup(
+                        "the directory's RootDSE names no configurationNamingContext (not Active Directory): set ntauth.dn".into(),
+                    )
+                })
         })
         .await
     }

@@ -280,6 +280,17 @@ impl Directory {
         }
     }
 
+    /// The `cACertificate` values of the forest's NTAuth object: at `dn`, or under the
+    /// RootDSE's configurationNamingContext.
+    pub async fn read_ntauth(&self, dn: Option<&str>) -> Result<Vec<Vec<u8>>, DirectoryError> {
+        match self {
+            Directory::Ldap(l) => l.read_ntauth(dn).await,
+            Directory::Memory(_) => Err(DirectoryError::Setup(
+                "the LDIF directory holds no NTAuth object".into(),
+            )),
+        }
+    }
+
     /// Checks that a directory server answers, for `/readyz`.
     pub async fn probe(&self) -> Result<(), DirectoryError> {
         match self {

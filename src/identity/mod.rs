@@ -87,6 +87,9 @@ pub enum DenyReason {
     CertificateRevoked,
     /// The certificate's notAfter has passed (caught on a resumed or long-lived connection).
     CertificateExpired,
+    /// No CA of the NTAuth store issued the certificate (KDC event 21): a sibling of the
+    /// issuing CA under the same root, say.
+    CaNotInNtauth,
     /// The certificate's notBefore is still ahead.
     CertificateNotYetValid,
     /// Kerberos delegation (`identity.mode = "kerberos"`), the KDC's refusals by error code:
@@ -127,6 +130,7 @@ impl DenyReason {
             DenyReason::CertificateUnreadable => "certificate-unreadable",
             DenyReason::CertificateRevoked => "certificate-revoked",
             DenyReason::CertificateExpired => "certificate-expired",
+            DenyReason::CaNotInNtauth => "ca-not-in-ntauth",
             DenyReason::CertificateNotYetValid => "certificate-not-yet-valid",
             DenyReason::KdcAccountDisabled => "kdc-account-disabled",
             DenyReason::KdcAccountExpired => "kdc-account-expired",
@@ -159,6 +163,8 @@ impl DenyReason {
             DenyReason::NoStrongMapping => Some(39),
             DenyReason::CertificatePredatesAccount => Some(40),
             DenyReason::SidMismatch => Some(41),
+            // KDCEVENT_INVALID_CLIENT_CERTIFICATE: the chain is not valid for NT logon.
+            DenyReason::CaNotInNtauth => Some(21),
             _ => None,
         }
     }

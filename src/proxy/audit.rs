@@ -40,6 +40,8 @@ pub struct AuditRecord {
     /// `abandoned`.
     pub decision: &'static str,
     pub reason: &'static str,
+    /// The KDC event a domain controller would log for the same refusal (39, 40, 41, 21).
+    pub kdc_event: Option<u32>,
     pub bytes_in: Arc<AtomicU64>,
     pub metrics: Arc<Metrics>,
     /// The device-policy decision (`allowed-by-rule`, `allowed-by-default`, or empty).
@@ -135,6 +137,7 @@ impl AuditRecord {
             completed,
             decision = self.decision,
             reason = self.reason,
+            kdc_event = self.kdc_event,
             "request"
         );
     }

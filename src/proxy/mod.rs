@@ -10,6 +10,7 @@ mod caps;
 mod client;
 mod connection;
 mod forward;
+mod handshake_log;
 pub mod http1;
 mod pool;
 mod refusal;
@@ -38,6 +39,7 @@ use crate::config::Config;
 use crate::directory::Directory;
 use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
+use crate::ntauth::NtAuthVerdict;
 use crate::online::Verdict;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
 use crate::resolver::{Decision, Resolver};
@@ -69,6 +71,9 @@ pub struct Gateway {
     pub directory_files: Vec<u8>,
     /// The wall clock for certificate validity and session age.
     pub clock: crate::clock::Clock,
+    /// Which CAs may issue logon certificates; `None` when the client CAs issue leaves only
+    /// (or `ntauth.danger_any_client_ca`).
+    pub ntauth: Option<Arc<crate::ntauth::NtAuthStore>>,
 }
 
 /// What the gateway decided for one request (`Gateway::decide`). Only ever a return value,
@@ -135,6 +140,9 @@ struct DeviceConnection {
     /// What the socket saw: a response write cut by `listen.write_timeout` is audited so.
     io: Arc<IoWatch>,
 }
+
+/// The `DependencyDown` code while the NTAuth store has not been read from the directory.
+const NTAUTH_UNAVAILABLE: &str = "ntauth-unavailable";
 
 /// The most bytes a request line and header block may take; more is 431 and a closed
 /// connection. ActiveSync heads are a few hundred bytes and IIS refuses heads past 16 kB by
@@ -270,7 +278,12 @@ impl Gateway {
             Ok(Err(e)) => {
                 let label = crate::tls::handshake_failure_label(&e);
                 self.count_handshake(label);
-                tracing::debug!(target: "seg::tls", %peer, error = %e, result = label, "handshake failed");
+                // Taken at once: the failing step ran in this very poll, on this thread.
+                let certificate = crate::tls::take_refused_certificate();
+                let reason =
+                    crate::tls::rustls_error(&e).map_or("io-error", crate::tls::refusal_code);
+                caps.refused_handshakes
+                    .refused(peer, reason, &e, certificate);
                 return;
             }
             Err(_) => {
@@ -379,6 +392,7 @@ impl Gateway {
             status: 0,
             decision: "forwarded",
             reason: "",
+            kdc_event: None,
             bytes_in: Arc::new(AtomicU64::new(0)),
             metrics: Arc::clone(&self.metrics),
             policy: "",
@@ -407,6 +421,24 @@ impl Gateway {
         // verifier again: its validity is checked here, on every request, by the same clock.
         if let Err(reason) = identity.validity_at(self.clock.now_unix()) {
             return Handled::Answered(closing(refuse(Refusal::Denied(reason), record)));
+        }
+        // As a DC: the CA that issued the leaf must be in the NTAuth store.
+        if let Some(ntauth) = &self.ntauth {
+            match ntauth.check(device.fingerprint, &device.leaf) {
+                NtAuthVerdict::Issued(_) => {}
+                NtAuthVerdict::NotIssued => {
+                    let reason = DenyReason::CaNotInNtauth;
+                    self.metrics
+                        .identity_decisions
+                        .with_label_values(&["deny", reason.code()])
+                        .inc();
+                    return Handled::Answered(closing(refuse(Refusal::Denied(reason), record)));
+                }
+                NtAuthVerdict::Unknown => {
+                    let refusal = Refusal::DependencyDown(NTAUTH_UNAVAILABLE);
+                    return Handled::Answered(refuse(refusal, record));
+                }
+            }
         }
         // Resumed sessions and long-lived connections never re-run the handshake's CRL check.
         let (issuer, serial) = &identity.revocation_key;
@@ -702,6 +734,9 @@ fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
     let (parts, body) = refusal.response().into_parts();
     record.status = parts.status.as_u16();
     record.reason = refusal.code();
+    if let Refusal::Denied(reason) = refusal {
+        record.kdc_event = reason.kdc_event();
+    }
     record.decision = match refusal {
         Refusal::Denied(_) | Refusal::PolicyDenied(_) => "denied",
         Refusal::Busy(_) => "throttled",

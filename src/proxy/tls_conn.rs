@@ -209,6 +209,7 @@ impl<C: Side> TlsConn<C> {
         let mut origin = None;
         loop {
             let mut pending = std::mem::take(&mut self.incoming);
+            crate::tls::clear_refused_certificate();
             let (consumed, stop) = crate::tickets::with_session_origin(&mut origin, || {
                 self.process(&mut pending, &mut plaintext)
             })?;

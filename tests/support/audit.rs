@@ -1,5 +1,5 @@
-//! Audit capture for tests that run seg in process: every `seg::audit` record of the test
-//! process, as JSON lines, and the records of one device id.
+//! Audit capture for tests that run seg in process: every `seg::audit` and `seg::tls` record
+//! of the test process, as JSON lines; the records of one device id, or of one message.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -17,13 +17,24 @@ impl std::io::Write for AuditWriter {
     }
 }
 
+/// The fields of every captured record whose message is `message` (`seg::tls` records:
+/// `"handshake refused"`), oldest first.
+pub fn log_records(message: &str) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone())
+        .filter(|f| f["message"] == message)
+        .collect()
+}
+
 /// Installs the capture (once per process; later calls do nothing).
 pub fn capture_audit() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
         let _ = tracing_subscriber::fmt()
             .json()
-            .with_env_filter("seg::audit=info")
+            .with_env_filter("seg::audit=info,seg::tls=info")
             .with_writer(|| AuditWriter)
             .try_init();
     });

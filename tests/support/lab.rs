@@ -224,6 +224,10 @@ url = "http://{upstream}"
 [admin]
 address = "127.0.0.1:0"
 probe_interval = "200ms"
+
+# The test CA issues the devices itself: it is the NTAuth store.
+[ntauth]
+file = "{ca}"
 {extra}
 "#,
         cert = pki.server_cert.display(),
@@ -235,6 +239,29 @@ probe_interval = "200ms"
         password = password.display(),
         echo_controls = ECHO_CONTROLS,
     )
+}
+
+/// `text` (a `config_text`) with `ca` trusted for devices in place of the lab's CA: as client
+/// CA bundle and as the NTAuth store.
+pub fn trusting(text: &str, pki: &Pki, ca: &Path) -> String {
+    text.replace(
+        &format!("client_ca = \"{}\"", pki.ca_path.display()),
+        &format!("client_ca = \"{}\"", ca.display()),
+    )
+    .replace(
+        &format!("[ntauth]\nfile = \"{}\"", pki.ca_path.display()),
+        &format!("[ntauth]\nfile = \"{}\"", ca.display()),
+    )
+}
+
+/// `text` (a `config_text`) with its `[ntauth]` section replaced by `ntauth` (a whole
+/// section, or nothing).
+pub fn replace_ntauth(text: &str, ntauth: &str) -> String {
+    let start = text.find("\n[ntauth]").expect("the lab's [ntauth] section");
+    let end = text[start + 1..]
+        .find("\n\n")
+        .map_or(text.len(), |e| start + 1 + e);
+    format!("{}\n{ntauth}\n{}", &text[..start], &text[end..])
 }
 
 /// The `forward_headers` line naming the echo upstream's control headers.
