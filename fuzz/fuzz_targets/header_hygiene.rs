@@ -31,17 +31,21 @@ fuzz_target!(|data: &[u8]| {
         }
         headers.append(name, value);
     }
-    let config = IdentityConfig {
-        header: HeaderName::from_static("x-remote-user"),
-        value: IdentityValue::Upn,
-        netbios_domain: None,
-        strip_headers: vec![],
-    };
+    // Built once: a policy's metrics registry costs far more than one input.
+    static POLICY: std::sync::OnceLock<HeaderPolicy> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| {
+        let config = IdentityConfig {
+            header: HeaderName::from_static("x-remote-user"),
+            value: IdentityValue::Upn,
+            netbios_domain: None,
+            strip_headers: vec![],
+        };
+        let upstream = UpstreamConfig::with_defaults(http::Uri::from_static("http://127.0.0.1"));
+        HeaderPolicy::new(&config, &upstream, &seg::metrics::Metrics::new())
+    });
     let identity = HeaderValue::from_static("alice@corp.test");
     let peer = HeaderValue::from_static("203.0.113.7");
-    let upstream = UpstreamConfig::with_defaults(http::Uri::from_static("http://127.0.0.1"));
-    let metrics = seg::metrics::Metrics::new();
-    HeaderPolicy::new(&config, &upstream, &metrics).apply(&mut headers, &identity, &peer);
+    policy.apply(&mut headers, &identity, &peer);
 
     let own: Vec<_> = headers.get_all("x-remote-user").iter().collect();
     assert_eq!(own, [&identity], "the identity header is seg's, once");
