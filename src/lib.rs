@@ -298,6 +298,48 @@ impl App {
         Ok(App { gateway, metrics })
     }
 
+    /// What `seg check-config` and `seg run` warn about, each with its key path: a CRL file
+    /// past its nextUpdate (every device of its CA is refused until a fresh one is in place)
+    /// and a server certificate that has expired or expires within 30 days.
+    pub fn warnings(&self) -> Vec<String> {
+        let config = &self.gateway.config;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut warnings = Vec::new();
+        if let Ok(crls) = revocation::RevocationList::load(&config.tls.crl_files) {
+            for crl in crls.stale(now) {
+                let revocation::CrlSource::File(path) = &crl.source else {
+                    continue;
+                };
+                let index = config.tls.crl_files.iter().position(|f| f == path);
+                let since = crl.next_update_unix.map_or(0, |n| now - n);
+                warnings.push(format!(
+                    "tls.crl_files[{}]: {} ({}) is past its nextUpdate by {since} s: every device of that CA is refused until a fresh CRL is in place",
+                    index.unwrap_or(0),
+                    path.display(),
+                    crl.issuer
+                ));
+            }
+        }
+        let expiry = self.metrics.server_certificate_expiry.get() as i64;
+        if expiry > 0 && expiry - now < 30 * 86_400 {
+            let days = (expiry - now) / 86_400;
+            warnings.push(if expiry <= now {
+                format!(
+                    "tls.certificate: {} has expired: devices refuse the handshake",
+                    config.tls.certificate.display()
+                )
+            } else {
+                format!(
+                    "tls.certificate: {} expires in {days} day(s)",
+                    config.tls.certificate.display()
+                )
+            });
+        }
+        warnings
+    }
+
     /// The resolver `seg map` uses: the same one the listener would.
     pub fn resolver(&self) -> &Arc<Resolver> {
         &self.gateway.resolver

@@ -148,6 +148,9 @@ async fn run(path: PathBuf) -> i32 {
         eprintln!("seg: {e}");
         return EXIT_CONFIG;
     }
+    for warning in app.warnings() {
+        tracing::warn!(target: "seg::config", "{warning}");
+    }
     let running = match app.start().await {
         Ok(r) => r,
         Err(e) => {
@@ -201,10 +204,13 @@ async fn serve_until_stopped(running: &seg::Running, path: &std::path::Path) {
 fn check_config(path: PathBuf) -> i32 {
     match load(&path).and_then(|config| {
         let summary = config.summary();
-        build(config).map(|_| summary)
+        build(config).map(|app| (summary, app.warnings()))
     }) {
-        Ok(summary) => {
+        Ok((summary, warnings)) => {
             print!("{}: configuration is valid\n{summary}", path.display());
+            for warning in warnings {
+                println!("warning: {warning}");
+            }
             0
         }
         Err(code) => code,

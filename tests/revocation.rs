@@ -217,6 +217,15 @@ async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
         "stale CRL",
     );
     assert!(lab.metric("seg_tls_handshakes_total{result=\"revocation_list_expired\"}") >= 1.0);
+    // `seg check-config` names the stale CRL by its key, before a restart meets it.
+    let app = seg::App::build(Config::load(&lab.config_path).unwrap()).unwrap();
+    let warnings = app.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("tls.crl_files[0]: ") && w.contains("past its nextUpdate")),
+        "{warnings:?}"
+    );
     support::lab::wait_for_readyz(
         lab.seg.admin_addr,
         "HTTP/1.1 503",
