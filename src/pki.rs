@@ -163,16 +163,8 @@ const UPN_OID: [u64; 9] = [1, 3, 6, 1, 4, 1, 311, 20, 2];
 impl CertAuthority {
     /// A self-signed root with the given organisation and common name.
     pub fn new(organization: &str, common_name: &str) -> Result<CertAuthority, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, organization);
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
+        let cert = ca_params(organization, common_name).self_signed(&key)?;
         Ok(CertAuthority { key, cert })
     }
 
@@ -182,16 +174,9 @@ impl CertAuthority {
         organization: &str,
         common_name: &str,
     ) -> Result<CertAuthority, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, organization);
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
         // As AD CS issues them: no path length constraint.
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut params = ca_params(organization, common_name);
         params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(CertAuthority { key, cert })
@@ -294,6 +279,20 @@ impl CertAuthority {
             der: cert.der().to_vec(),
         })
     }
+}
+
+/// A CA certificate's parameters: the name, cA without a path length constraint, the
+/// certificate- and CRL-signing key usages, a random serial.
+fn ca_params(organization: &str, common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, organization);
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    params
 }
 
 /// DER of the SID extension as AD CS writes it: GeneralNames { otherName

@@ -20,12 +20,18 @@ impl std::io::Write for AuditWriter {
 /// The fields of every captured record whose message is `message` (`seg::tls` records:
 /// `"handshake refused"`), oldest first.
 pub fn log_records(message: &str) -> Vec<serde_json::Value> {
+    fields().filter(|f| f["message"] == message).collect()
+}
+
+/// The fields of every captured record, oldest first.
+fn fields() -> impl Iterator<Item = serde_json::Value> {
     let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
-    text.lines()
+    let records: Vec<serde_json::Value> = text
+        .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .map(|v| v["fields"].clone())
-        .filter(|f| f["message"] == message)
-        .collect()
+        .collect();
+    records.into_iter()
 }
 
 /// Installs the capture (once per process; later calls do nothing).
@@ -42,10 +48,5 @@ pub fn capture_audit() {
 
 /// The audit records' fields for one device id, oldest first.
 pub fn audit(device_id: &str) -> Vec<serde_json::Value> {
-    let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| v["fields"].clone())
-        .filter(|f| f["device_id"] == device_id)
-        .collect()
+    fields().filter(|f| f["device_id"] == device_id).collect()
 }
