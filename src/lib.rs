@@ -354,17 +354,9 @@ impl App {
     ) -> Result<mapcheck::MapReport, tls::TlsError> {
         let gateway = &self.gateway;
         if let Some(store) = gateway.ntauth.as_ref().filter(|s| s.reads_directory()) {
-            match gateway
-                .directory
-                .read_ntauth(gateway.config.ntauth.dn.as_deref())
-                .await
-            {
-                Ok(values) => {
-                    store.install_directory(&values);
-                }
-                Err(e) => {
-                    tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read")
-                }
+            let dn = gateway.config.ntauth.dn.as_deref();
+            if let Err(e) = store.read_from(&gateway.directory, dn).await {
+                tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read");
             }
         }
         mapcheck::map_certificate(
@@ -698,9 +690,12 @@ async fn refresh_ntauth(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
         let config = &gateway.config.ntauth;
         let mut wait = config.refresh;
         if let Some(store) = gateway.ntauth.as_ref().filter(|s| s.reads_directory()) {
-            match gateway.directory.read_ntauth(config.dn.as_deref()).await {
-                Ok(values) => {
-                    if store.install_directory(&values) == 0 {
+            match store
+                .read_from(&gateway.directory, config.dn.as_deref())
+                .await
+            {
+                Ok(count) => {
+                    if count == 0 {
                         tracing::warn!(target: "seg::ntauth", "the directory's NTAuth store holds no CA: every device is refused (certutil -dspublish -f ca.cer NTAuthCA adds one)");
                     }
                 }

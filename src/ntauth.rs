@@ -136,6 +136,18 @@ impl NtAuthStore {
         count
     }
 
+    /// Reads the directory's NTAuth object (at `dn`, or under configurationNamingContext)
+    /// and installs it; a failed read leaves the last store in force. Returns how many CAs
+    /// the directory's store holds.
+    pub async fn read_from(
+        &self,
+        directory: &crate::directory::Directory,
+        dn: Option<&str>,
+    ) -> Result<usize, crate::directory::DirectoryError> {
+        let values = directory.read_ntauth(dn).await?;
+        Ok(self.install_directory(&values))
+    }
+
     /// Whether a CA of the store issued `leaf_der` (the leaf's signature verifies under its
     /// key and its subject is the leaf's issuer), remembered per certificate.
     pub fn check(&self, fingerprint: CertFingerprint, leaf_der: &[u8]) -> NtAuthVerdict {

@@ -325,7 +325,6 @@ impl ClientCertVerifier for ClientCertPolicy {
     }
 }
 
-/// Label for `seg_tls_handshakes_total{result}` from a handshake error.
 /// A certificate the listener refused at the handshake, as the log record explaining the
 /// refusal names it.
 #[derive(Debug, Clone, Default)]
@@ -412,34 +411,22 @@ pub fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
         .and_then(|e| e.downcast_ref::<rustls::Error>())
 }
 
+/// Label for `seg_tls_handshakes_total{result}` from a handshake error.
 pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
-    let Some(inner) = error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
+    let Some(error) = rustls_error(error) else {
         return "io_error";
     };
-    match inner {
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::InvalidCertificate(CertificateError::Expired)
-        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
-            "certificate_expired"
-        }
-        rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose)
-        | rustls::Error::InvalidCertificate(CertificateError::InvalidPurposeContext { .. }) => {
-            "certificate_wrong_purpose"
-        }
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
-        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "certificate_revoked",
-        rustls::Error::InvalidCertificate(CertificateError::ExpiredRevocationList)
-        | rustls::Error::InvalidCertificate(CertificateError::ExpiredRevocationListContext {
-            ..
-        }) => "revocation_list_expired",
-        rustls::Error::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
-            "revocation_status_unknown"
-        }
-        rustls::Error::InvalidCertificate(_) => "certificate_invalid",
-        _ => "protocol_error",
+    // The metric's labels are coarser than the log's reason codes: one rule, two spellings.
+    match refusal_code(error) {
+        "no-client-certificate" => "no_client_certificate",
+        "certificate-expired" => "certificate_expired",
+        "certificate-wrong-purpose" => "certificate_wrong_purpose",
+        "unknown-issuer" => "unknown_issuer",
+        "certificate-revoked" => "certificate_revoked",
+        "revocation-list-expired" => "revocation_list_expired",
+        "revocation-status-unknown" => "revocation_status_unknown",
+        "tls-incompatible" | "tls-protocol-error" => "protocol_error",
+        _ => "certificate_invalid",
     }
 }
 

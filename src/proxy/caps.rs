@@ -20,8 +20,6 @@ pub struct ConnectionCaps {
     pub per_device: Arc<KeyedCap<CertFingerprint>>,
     /// `listen.max_pending_head_bytes`: what unfinished request heads hold in all.
     pub heads: Arc<HeadBudget>,
-    /// The rate limit of the refused-handshake log records (per certificate or address).
-    pub refused_handshakes: super::handshake_log::HandshakeLog,
 }
 
 impl ConnectionCaps {
@@ -33,7 +31,6 @@ impl ConnectionCaps {
                 max: head_bytes,
                 held: AtomicUsize::new(0),
             }),
-            refused_handshakes: Default::default(),
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct HeaderPolicy {
     sets_identity_header: bool,
     /// `upstream.forward_headers`, lowercase.
     extra: Vec<HeaderName>,
+    /// The headers read as one value (`SINGLE_VALUED_HEADERS` and `extra`): twice is refused.
+    single_valued: Vec<HeaderName>,
     /// `upstream.forward_cookies`: the cookie names kept; empty drops every cookie.
     cookies: Vec<String>,
     /// `identity.strip_headers` and the identity header, lowercase with `-`: counted as
@@ -108,6 +110,11 @@ impl HeaderPolicy {
             identity_header: identity.header.clone(),
             sets_identity_header: true,
             extra: upstream.forward_headers.clone(),
+            single_valued: SINGLE_VALUED_HEADERS
+                .iter()
+                .map(|name| HeaderName::from_static(name))
+                .chain(upstream.forward_headers.iter().cloned())
+                .collect(),
             cookies: upstream.forward_cookies.clone(),
             identity_names,
             dropped: DroppedCounters {
@@ -133,11 +140,7 @@ impl HeaderPolicy {
             let mut values = headers.get_all(name).iter();
             values.next().is_some() && values.next().is_some()
         };
-        if SINGLE_VALUED_HEADERS
-            .iter()
-            .any(|name| twice(&HeaderName::from_static(name)))
-            || self.extra.iter().any(twice)
-        {
+        if self.single_valued.iter().any(twice) {
             return Err(DuplicateHeader);
         }
         Ok(())
@@ -164,12 +167,11 @@ impl HeaderPolicy {
                 self.dropped.hop_by_hop.inc();
             } else if name == header::COOKIE {
                 self.keep_cookies(&value, &mut cookies);
-            } else if (REQUEST_HEADERS.contains(&lower) || self.extra.contains(name))
-                && !self.is_identity(lower)
-            {
-                kept.append(name.clone(), value);
             } else if self.is_identity(lower) {
+                // Never forwarded, whatever the lists say.
                 self.dropped.identity.inc();
+            } else if REQUEST_HEADERS.contains(&lower) || self.extra.contains(name) {
+                kept.append(name.clone(), value);
             } else {
                 self.dropped.not_allowed.inc();
             }

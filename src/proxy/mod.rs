@@ -47,6 +47,7 @@ use crate::revocation::CurrentRevocation;
 use audit::{AuditRecord, AuditSubject, CountingBody};
 use caps::{address_key, CapFull, ConnectionCaps, HeadCharge};
 use connection::{ConnectionError, DeviceConn};
+use handshake_log::HandshakeLog;
 use slow::{BodyPace, PacedBody};
 use tls_conn::{DeviceTls, IoWatch};
 
@@ -190,6 +191,8 @@ pub async fn serve(
             listen.max_pending_head_bytes,
         ))
     };
+    // The rate limit of the refused-handshake log records, for the process.
+    let refusals = Arc::new(HandshakeLog::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -211,8 +214,9 @@ pub async fn serve(
         };
         let drain = drain.clone();
         let caps = Arc::clone(&caps);
+        let refusals = Arc::clone(&refusals);
         tokio::spawn(async move {
-            gateway.connection(tcp, peer, drain, &caps).await;
+            gateway.connection(tcp, peer, drain, &caps, &refusals).await;
             drop(slot);
         });
     }
@@ -229,6 +233,7 @@ impl Gateway {
         mut peer: SocketAddr,
         mut drain: watch::Receiver<Option<DrainPlan>>,
         caps: &ConnectionCaps,
+        refusals: &HandshakeLog,
     ) {
         self.metrics.open_connections.inc();
         let _open = OpenConnection(Arc::clone(&self.metrics));
@@ -282,8 +287,7 @@ impl Gateway {
                 let certificate = crate::tls::take_refused_certificate();
                 let reason =
                     crate::tls::rustls_error(&e).map_or("io-error", crate::tls::refusal_code);
-                caps.refused_handshakes
-                    .refused(peer, reason, &e, certificate);
+                refusals.refused(peer, reason, &e, certificate);
                 return;
             }
             Err(_) => {
