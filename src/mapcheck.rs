@@ -68,10 +68,10 @@ pub async fn map_certificate(
     };
     let revocation = crate::revocation::RevocationList::load(&config.tls.crl_files)?;
     let policy = ClientCertPolicy::new(&config.tls, &revocation)?;
-    if let Err(e) = policy.verify_chain(&leaf, &intermediates) {
+    if let Err((reason, e)) = policy.verify_chain(&leaf, &intermediates) {
         return Ok(MapReport {
             chain_error: Some(e.to_string()),
-            chain_reason: Some(crate::tls::refusal_code(&e)),
+            chain_reason: Some(reason),
             ntauth: None,
             trace: Trace::default(),
             outcome: MapOutcome::Deny {

@@ -16,8 +16,11 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use x509_parser::prelude::FromDer;
 
 use crate::config::TlsConfig;
@@ -58,6 +61,12 @@ pub fn server_config(
             format!("{}: {e}", config.private_key.display()),
         )
     })?;
+    let certified = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
+        tls_error(
+            "tls.private_key",
+            format!("does not match tls.certificate or is unsupported: {e}"),
+        )
+    })?;
     // The clock decides certificate validity at the handshake and a session's age, the same
     // clock the per-request validity check reads.
     let mut server =
@@ -65,13 +74,7 @@ pub fn server_config(
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| tls_error("tls", e))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .map_err(|e| {
-                tls_error(
-                    "tls.private_key",
-                    format!("does not match tls.certificate or is unsupported: {e}"),
-                )
-            })?;
+            .with_cert_resolver(Arc::new(NotingSni(Arc::new(certified))));
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Stateless tickets always: a fleet of thousands of devices resumes whatever the number
     // of sessions (rustls's default stateful cache holds 256).
@@ -175,14 +178,35 @@ impl ClientCertPolicy {
         Ok(())
     }
 
-    /// The same verdict the listener reaches, outside a handshake (`seg map`).
+    /// The same verdict the listener reaches, outside a handshake (`seg map`): the reason
+    /// code and the error as the verifier found it.
     pub fn verify_chain(
         &self,
         leaf: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-    ) -> Result<(), rustls::Error> {
-        self.verify_client_cert(leaf, intermediates, UnixTime::now())
+    ) -> Result<(), (&'static str, rustls::Error)> {
+        self.check(leaf, intermediates, UnixTime::now())
             .map(|_| ())
+            .map_err(|e| (refusal_code(&e), e))
+    }
+
+    /// The chain to a trust anchor, revocation, and the clientAuth purpose.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner()
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if has_client_auth_eku(end_entity) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose,
+            ))
+        }
     }
 
     fn inner(&self) -> Arc<dyn ClientCertVerifier> {
@@ -275,22 +299,8 @@ impl ClientCertVerifier for ClientCertPolicy {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner()
-            .verify_client_cert(end_entity, intermediates, now)
-            .and_then(|verified| {
-                if has_client_auth_eku(end_entity) {
-                    Ok(verified)
-                } else {
-                    Err(rustls::Error::InvalidCertificate(
-                        CertificateError::InvalidPurpose,
-                    ))
-                }
-            });
-        if verified.is_err() {
-            note_refused_certificate(end_entity);
-        }
-        verified
+        self.check(end_entity, intermediates, now)
+            .map_err(|e| refused(end_entity, refusal_code(&e), e))
     }
 
     fn verify_tls12_signature(
@@ -299,11 +309,9 @@ impl ClientCertVerifier for ClientCertPolicy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let valid = self.inner().verify_tls12_signature(message, cert, dss);
-        if valid.is_err() {
-            note_refused_certificate(cert);
-        }
-        valid
+        self.inner()
+            .verify_tls12_signature(message, cert, dss)
+            .map_err(|e| refused(cert, signature_refusal_code(cert, &e), e))
     }
 
     fn verify_tls13_signature(
@@ -313,15 +321,25 @@ impl ClientCertVerifier for ClientCertPolicy {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // A key the verifier refuses to use (RSA-1024, say) fails here, after the chain.
-        let valid = self.inner().verify_tls13_signature(message, cert, dss);
-        if valid.is_err() {
-            note_refused_certificate(cert);
-        }
-        valid
+        self.inner()
+            .verify_tls13_signature(message, cert, dss)
+            .map_err(|e| refused(cert, signature_refusal_code(cert, &e), e))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner().supported_verify_schemes()
+    }
+}
+
+/// Serves the one server certificate, noting the name the device asked for (SNI), so the
+/// record of a refused handshake can give it.
+#[derive(Debug)]
+struct NotingSni(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for NotingSni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        NOTES.with(|n| n.borrow_mut().sni = hello.server_name().map(str::to_owned));
+        Some(Arc::clone(&self.0))
     }
 }
 
@@ -338,27 +356,100 @@ pub struct RefusedCertificate {
     pub fingerprint: Option<crate::identity::CertFingerprint>,
 }
 
+/// A device's handshake that failed: why, in seg's reason code, and what the handshake had
+/// revealed by then. Carried inside the `io::Error` the handshake returns.
+#[derive(Debug)]
+pub struct RefusedHandshake {
+    /// The reason code, as `seg map --explain` gives it for the same certificate.
+    pub reason: &'static str,
+    /// The verifier's own error (not the one chosen for its alert).
+    pub detail: String,
+    /// The name the device asked for, if it sent one.
+    pub sni: Option<String>,
+    pub certificate: Option<RefusedCertificate>,
+}
+
+impl std::fmt::Display for RefusedHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl std::error::Error for RefusedHandshake {}
+
+impl RefusedHandshake {
+    /// The refusal inside an error of the device handshake, if it is one.
+    pub fn of(error: &std::io::Error) -> Option<&RefusedHandshake> {
+        error.get_ref().and_then(|e| e.downcast_ref())
+    }
+
+    /// The reason code of a failed device handshake: the refusal's, or `io-error`.
+    pub fn reason_of(error: &std::io::Error) -> &'static str {
+        RefusedHandshake::of(error).map_or("io-error", |r| r.reason)
+    }
+}
+
+/// What the handshake step running on this thread revealed (rustls calls the certificate
+/// resolver and the verifier synchronously within the step).
+#[derive(Default)]
+struct Notes {
+    sni: Option<String>,
+    /// The refused certificate, its reason code and the verifier's own error.
+    refused: Option<(RefusedCertificate, &'static str, String)>,
+}
+
 thread_local! {
-    /// The certificate the verifier refused in the handshake step running on this thread.
-    static REFUSED: std::cell::RefCell<Option<RefusedCertificate>> =
-        const { std::cell::RefCell::new(None) };
+    static NOTES: std::cell::RefCell<Notes> = std::cell::RefCell::new(Notes::default());
 }
 
-/// Forgets any refused certificate noted on this thread: called before each handshake step,
-/// so what `take_refused_certificate` returns is that step's own.
-pub fn clear_refused_certificate() {
-    REFUSED.with(|r| r.borrow_mut().take());
+/// Forgets what an earlier handshake step noted on this thread: called before each step,
+/// so what `take_sni` and `explain_handshake_failure` find is that step's own.
+pub fn clear_handshake_notes() {
+    NOTES.with(|n| *n.borrow_mut() = Notes::default());
 }
 
-/// The certificate the verifier refused in the handshake step that just failed on this
-/// thread (rustls calls the verifier synchronously within the step, and the failure reaches
-/// the listener within the same poll).
-pub fn take_refused_certificate() -> Option<RefusedCertificate> {
-    REFUSED.with(|r| r.borrow_mut().take())
+/// The name the device asked for, if the step that just ran on this thread read it.
+pub fn take_sni() -> Option<String> {
+    NOTES.with(|n| n.borrow_mut().sni.take())
 }
 
-fn note_refused_certificate(end_entity: &CertificateDer<'_>) {
-    let refused = match x509_parser::certificate::X509Certificate::from_der(end_entity.as_ref()) {
+/// The `io::Error` of a failed handshake step, with the refusal it carries: the reason code,
+/// the refused certificate (noted by the verifier in the step that just failed on this
+/// thread) and `sni`.
+pub fn explain_handshake_failure(error: std::io::Error, sni: Option<String>) -> std::io::Error {
+    let Some(rustls_error) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return error;
+    };
+    let noted = NOTES.with(|n| n.borrow_mut().refused.take());
+    let refusal = match noted {
+        Some((certificate, reason, detail)) => RefusedHandshake {
+            reason,
+            detail,
+            sni,
+            certificate: Some(certificate),
+        },
+        None => RefusedHandshake {
+            reason: refusal_code(rustls_error),
+            detail: rustls_error.to_string(),
+            sni,
+            certificate: None,
+        },
+    };
+    std::io::Error::new(error.kind(), refusal)
+}
+
+/// Notes the refused certificate for the handshake's log record and returns the error whose
+/// alert tells the device the real cause.
+fn refused(
+    end_entity: &CertificateDer<'_>,
+    reason: &'static str,
+    error: rustls::Error,
+) -> rustls::Error {
+    let certificate = match x509_parser::certificate::X509Certificate::from_der(end_entity.as_ref())
+    {
         Ok((_, cert)) => RefusedCertificate {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
@@ -373,7 +464,61 @@ fn note_refused_certificate(end_entity: &CertificateDer<'_>) {
             ..RefusedCertificate::default()
         },
     };
-    REFUSED.with(|r| *r.borrow_mut() = Some(refused));
+    let detail = error.to_string();
+    NOTES.with(|n| n.borrow_mut().refused = Some((certificate, reason, detail)));
+    with_alert(reason, error)
+}
+
+/// The error rustls is given for a refusal with `reason`. rustls chooses the TLS alert from
+/// the error's variant (RFC 8446 §6.2): the variant is picked for the alert that names the
+/// cause, while the reason code and the verifier's own error travel in the log record.
+fn with_alert(reason: &'static str, error: rustls::Error) -> rustls::Error {
+    use CertificateError as E;
+    let carrier = match reason {
+        // certificate_expired: only for a certificate past its notAfter.
+        "certificate-expired" => E::Expired,
+        // certificate_revoked
+        "certificate-revoked" => E::Revoked,
+        // unknown_ca: no trusted CA issued it; one that names a trusted CA as its issuer
+        // but is not signed by its key (a sibling CA of the same name) included.
+        "unknown-issuer" | "certificate-bad-signature" => E::UnknownIssuer,
+        // unsupported_certificate: a certificate not for this use, or made with an algorithm
+        // or key size seg does not accept.
+        "certificate-wrong-purpose"
+        | "certificate-unsupported-algorithm"
+        | "certificate-key-too-small" => E::InvalidPurpose,
+        // certificate_unknown: the certificate may be fine, its revocation status is not
+        // known (a stale CRL, no CRL of its issuer).
+        "revocation-list-expired" | "revocation-status-unknown" => {
+            E::Other(OtherError(Arc::new(error)))
+        }
+        // decrypt_error: the device failed to prove it holds the certificate's key.
+        "handshake-signature-invalid" => return error,
+        // bad_certificate: not yet valid, badly signed, malformed, or otherwise unusable.
+        _ => E::BadEncoding,
+    };
+    rustls::Error::InvalidCertificate(carrier)
+}
+
+/// The reason code of a failed handshake signature check: the key refused for its size or
+/// algorithm, or a signature that does not verify (the device does not hold the key).
+fn signature_refusal_code(cert: &CertificateDer<'_>, error: &rustls::Error) -> &'static str {
+    use x509_parser::public_key::PublicKey;
+    let rsa_bits = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
+        .ok()
+        .and_then(|(_, cert)| match cert.public_key().parsed() {
+            Ok(PublicKey::RSA(rsa)) => Some(rsa.key_size()),
+            _ => None,
+        });
+    if rsa_bits.is_some_and(|bits| bits < 2048) {
+        return "certificate-key-too-small";
+    }
+    match error {
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            "handshake-signature-invalid"
+        }
+        other => refusal_code(other),
+    }
 }
 
 /// The reason code of a refused handshake, as the log record and `seg map --explain` give it.
@@ -391,10 +536,18 @@ pub fn refusal_code(error: &rustls::Error) -> &'static str {
                 "revocation-list-expired"
             }
             E::UnknownRevocationStatus => "revocation-status-unknown",
-            E::BadSignature | E::UnsupportedSignatureAlgorithmContext { .. } => {
-                "certificate-bad-signature"
+            E::BadSignature => "certificate-bad-signature",
+            #[allow(deprecated)]
+            E::UnsupportedSignatureAlgorithm
+            | E::UnsupportedSignatureAlgorithmContext { .. }
+            | E::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                "certificate-unsupported-algorithm"
             }
             E::BadEncoding | E::UnhandledCriticalExtension => "certificate-malformed",
+            E::Other(other) => other
+                .0
+                .downcast_ref::<webpki::Error>()
+                .map_or("certificate-invalid", webpki_refusal_code),
             _ => "certificate-invalid",
         },
         rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
@@ -404,20 +557,30 @@ pub fn refusal_code(error: &rustls::Error) -> &'static str {
     }
 }
 
-/// The rustls error inside an I/O error from the TLS driver, if any.
-pub fn rustls_error(error: &std::io::Error) -> Option<&rustls::Error> {
-    error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
+/// The reason code of what the certificate verifier reports without a rustls name for it.
+fn webpki_refusal_code(error: &webpki::Error) -> &'static str {
+    use webpki::Error as W;
+    match error {
+        W::UnsupportedCriticalExtension
+        | W::MalformedExtensions
+        | W::ExtensionValueInvalid
+        | W::UnsupportedCertVersion
+        | W::InvalidSerialNumber
+        | W::TrailingData(_) => "certificate-malformed",
+        W::CaUsedAsEndEntity => "certificate-is-a-ca",
+        W::EndEntityUsedAsCa | W::PathLenConstraintViolated => "chain-invalid",
+        W::NameConstraintViolation | W::MalformedNameConstraint => {
+            "certificate-outside-name-constraints"
+        }
+        _ => "certificate-invalid",
+    }
 }
 
-/// Label for `seg_tls_handshakes_total{result}` from a handshake error.
-pub fn handshake_failure_label(error: &std::io::Error) -> &'static str {
-    let Some(error) = rustls_error(error) else {
-        return "io_error";
-    };
-    // The metric's labels are coarser than the log's reason codes: one rule, two spellings.
-    match refusal_code(error) {
+/// Label for `seg_tls_handshakes_total{result}` from a handshake's reason code: the metric's
+/// labels are coarser than the log's reason codes, one rule, two spellings.
+pub fn failure_label(reason: &str) -> &'static str {
+    match reason {
+        "io-error" => "io_error",
         "no-client-certificate" => "no_client_certificate",
         "certificate-expired" => "certificate_expired",
         "certificate-wrong-purpose" => "certificate_wrong_purpose",

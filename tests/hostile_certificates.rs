@@ -18,8 +18,12 @@ use support::slapd::UserSpec;
 /// What a row must lead to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Outcome {
-    /// The TLS handshake (or the first read after it) fails.
-    Refused,
+    /// The TLS handshake (or the first read after it) fails: the reason code of seg's
+    /// "handshake refused" record and the TLS alert the device receives (RFC 8446 §6.2).
+    Refused {
+        reason: &'static str,
+        alert: &'static str,
+    },
     /// A response with this status and nothing forwarded.
     Denied(u16),
     /// Forwarded, the upstream seeing exactly this identity.
@@ -44,6 +48,8 @@ struct Row {
     key: &'static str,
     digest: &'static str,
     extensions: String,
+    /// `openssl ca -startdate/-enddate`, when not the CA's default validity.
+    dates: Option<(&'static str, &'static str)>,
     outcome: Outcome,
 }
 
@@ -54,7 +60,30 @@ fn row(name: &'static str, subject: &str, extensions: String, outcome: Outcome) 
         key: "ec",
         digest: "sha256",
         extensions,
+        dates: None,
         outcome,
+    }
+}
+
+const fn refused(reason: &'static str, alert: &'static str) -> Outcome {
+    Outcome::Refused { reason, alert }
+}
+
+/// The alert's name from OpenSSL's "SSL alert number N".
+fn alert_name(number: u8) -> &'static str {
+    match number {
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        48 => "unknown_ca",
+        49 => "access_denied",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        116 => "certificate_required",
+        _ => "other",
     }
 }
 
@@ -111,37 +140,37 @@ fn table() -> Vec<Row> {
             "ca-as-leaf",
             "/CN=alice",
             "basicConstraints = critical,CA:TRUE\nkeyUsage = critical,digitalSignature,keyCertSign\nextendedKeyUsage = clientAuth\nsubjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.test\n".into(),
-            Outcome::Refused,
+            refused("certificate-is-a-ca", "bad_certificate"),
         ),
         row(
             "no-eku",
             "/CN=alice",
             format!("{DEVICE}subjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.test\n"),
-            Outcome::Refused,
+            refused("certificate-wrong-purpose", "unsupported_certificate"),
         ),
         row(
             "server-auth-only",
             "/CN=alice",
             format!("{DEVICE}extendedKeyUsage = serverAuth\nsubjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.test\n"),
-            Outcome::Refused,
+            refused("certificate-wrong-purpose", "unsupported_certificate"),
         ),
         row(
             "email-protection-only",
             "/CN=alice",
             format!("{DEVICE}extendedKeyUsage = emailProtection\nsubjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.test\n"),
-            Outcome::Refused,
+            refused("certificate-wrong-purpose", "unsupported_certificate"),
         ),
         row(
             "any-eku-only",
             "/CN=alice",
             format!("{DEVICE}extendedKeyUsage = anyExtendedKeyUsage\nsubjectAltName = otherName:1.3.6.1.4.1.311.20.2.3;UTF8:alice@corp.test\n"),
-            Outcome::Refused,
+            refused("certificate-wrong-purpose", "unsupported_certificate"),
         ),
         row(
             "critical-unknown-extension",
             "/CN=alice",
             format!("{}1.3.6.1.4.1.55555.1 = critical,ASN1:UTF8String:x\n", upn_san("alice@corp.test")),
-            Outcome::Refused,
+            refused("certificate-malformed", "bad_certificate"),
         ),
         Row {
             name: "sha1-signature",
@@ -149,7 +178,8 @@ fn table() -> Vec<Row> {
             key: "ec",
             digest: "sha1",
             extensions: upn_san("alice@corp.test"),
-            outcome: Outcome::Refused,
+            dates: None,
+            outcome: refused("certificate-unsupported-algorithm", "unsupported_certificate"),
         },
         Row {
             name: "rsa-1024",
@@ -157,27 +187,53 @@ fn table() -> Vec<Row> {
             key: "rsa:1024",
             digest: "sha256",
             extensions: upn_san("alice@corp.test"),
-            outcome: Outcome::Refused,
+            dates: None,
+            outcome: refused("certificate-key-too-small", "unsupported_certificate"),
+        },
+        // Outside its validity: only a certificate past its notAfter is "expired".
+        Row {
+            dates: Some(("20200101000000Z", "20210101000000Z")),
+            ..row(
+                "expired",
+                "/CN=alice",
+                upn_san("alice@corp.test"),
+                refused("certificate-expired", "certificate_expired"),
+            )
+        },
+        Row {
+            dates: Some(("20990101000000Z", "20991231000000Z")),
+            ..row(
+                "not-yet-valid",
+                "/CN=alice",
+                upn_san("alice@corp.test"),
+                refused("certificate-not-yet-valid", "bad_certificate"),
+            )
         },
     ]
 }
 
+/// What OpenSSL saw: the response's status, if one came, and the alert seg sent, if any.
+struct Presented {
+    status: Option<u16>,
+    alert: Option<&'static str>,
+}
+
 /// One request over a fresh connection with the row's certificate, presented by OpenSSL
 /// (`s_client`, its security level lowered so every refusal is seg's: rustls would not even
-/// load some of these certificates and keys); `None` when the handshake or exchange fails.
+/// load some of these certificates and keys).
 /// `present` off the runtime seg runs on (the test's single thread).
 async fn present_blocking(
     addr: std::net::SocketAddr,
     ca: &std::path::Path,
     issued: IssuedDevice,
-) -> Option<u16> {
+) -> Presented {
     let ca = ca.to_path_buf();
     tokio::task::spawn_blocking(move || present(addr, &ca, &issued))
         .await
         .expect("openssl client")
 }
 
-fn present(addr: std::net::SocketAddr, ca: &std::path::Path, issued: &IssuedDevice) -> Option<u16> {
+fn present(addr: std::net::SocketAddr, ca: &std::path::Path, issued: &IssuedDevice) -> Presented {
     let mut child = Command::new("openssl")
         .args([
             "s_client",
@@ -185,19 +241,19 @@ fn present(addr: std::net::SocketAddr, ca: &std::path::Path, issued: &IssuedDevi
             "-connect",
             &addr.to_string(),
             "-servername",
-            "localhost",
+            "mail.corp.test",
             "-CAfile",
-            ca.to_str()?,
+            ca.to_str().unwrap(),
             "-cert",
-            issued.cert.to_str()?,
+            issued.cert.to_str().unwrap(),
             "-key",
-            issued.key.to_str()?,
+            issued.key.to_str().unwrap(),
             "-cipher",
             "DEFAULT@SECLEVEL=0",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("openssl is needed: apt-get install openssl (./tests/run.sh installs it)");
     let request = format!(
@@ -209,12 +265,25 @@ fn present(addr: std::net::SocketAddr, ca: &std::path::Path, issued: &IssuedDevi
     if let Some(stdin) = child.stdin.as_mut() {
         let _ = stdin.write_all(request.as_bytes());
     }
-    let out = child.wait_with_output().ok()?;
+    let out = child.wait_with_output().expect("openssl s_client");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let status = text
+        .lines()
         .find(|l| l.starts_with("HTTP/1.1 "))
         .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
+        .and_then(|s| s.parse().ok());
+    let errors = String::from_utf8_lossy(&out.stderr);
+    let alert = errors
+        .split("SSL alert number ")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .map(alert_name);
+    Presented { status, alert }
 }
 
 #[tokio::test]
@@ -253,10 +322,15 @@ async fn hostile_certificates_never_carry_an_identity_in() {
     let mut failures = Vec::new();
     let mut forwarded_expected = 0;
     for row in table() {
-        let issued = ca.issue_custom(row.name, &row.subject, row.key, row.digest, &row.extensions);
+        let issued = match row.dates {
+            Some((start, end)) => {
+                ca.issue_dated(row.name, &row.subject, start, end, &row.extensions)
+            }
+            None => ca.issue_custom(row.name, &row.subject, row.key, row.digest, &row.extensions),
+        };
         let before = upstream.requests().len();
         let records_before = log_records("handshake refused").len();
-        let status = present_blocking(seg.listen_addr, &pki.ca_path, issued).await;
+        let presented = present_blocking(seg.listen_addr, &pki.ca_path, issued).await;
         let forwarded = &upstream.requests()[before..];
         let seen: Vec<String> = forwarded
             .iter()
@@ -266,8 +340,41 @@ async fn hostile_certificates_never_carry_an_identity_in() {
                     .map(str::to_string)
             })
             .collect();
-        let got = match (status, forwarded.len()) {
-            (None, 0) => Outcome::Refused,
+        // Every refused handshake is explained: one record naming the certificate, the
+        // name the device asked for, and why.
+        let records = log_records("handshake refused");
+        let record = records[records_before.min(records.len())..]
+            .iter()
+            .find(|r| !r["subject"].as_str().unwrap_or("").is_empty());
+        let got = match (presented.status, forwarded.len()) {
+            (None, 0) => {
+                let Some(record) = record else {
+                    failures.push(format!(
+                        "{}: refused without a \"handshake refused\" record naming the certificate: {:?}",
+                        row.name,
+                        &records[records_before.min(records.len())..]
+                    ));
+                    continue;
+                };
+                if record["sni"] != "mail.corp.test" {
+                    failures.push(format!("{}: the record lacks the SNI: {record}", row.name));
+                }
+                let reason = match row.outcome {
+                    Outcome::Refused { reason, .. } if record["reason"] == reason => reason,
+                    _ => "(another reason)",
+                };
+                if reason == "(another reason)" {
+                    failures.push(format!("{}: record {record}", row.name));
+                }
+                let alert = match (row.outcome, presented.alert) {
+                    (Outcome::Refused { alert, .. }, Some(sent)) if sent == alert => alert,
+                    (_, sent) => {
+                        failures.push(format!("{}: the device got alert {sent:?}", row.name));
+                        "(another alert)"
+                    }
+                };
+                Outcome::Refused { reason, alert }
+            }
             (Some(200), 1) if seen.len() == 1 => match row.outcome {
                 Outcome::Forwarded(who) if seen[0] == who => Outcome::Forwarded(who),
                 _ => {
@@ -293,24 +400,6 @@ async fn hostile_certificates_never_carry_an_identity_in() {
                 row.name, row.outcome
             ));
         }
-        // Every refused handshake is explained: one record naming the certificate and why.
-        if got == Outcome::Refused {
-            let records = log_records("handshake refused");
-            let explained = records[records_before.min(records.len())..]
-                .iter()
-                .any(|r| {
-                    let subject = r["subject"].as_str().unwrap_or("");
-                    let reason = r["reason"].as_str().unwrap_or("");
-                    !subject.is_empty() && !reason.is_empty() && reason != "io-error"
-                });
-            if !explained {
-                failures.push(format!(
-                    "{}: no \"handshake refused\" record naming the certificate: {:?}",
-                    row.name,
-                    &records[records_before.min(records.len())..]
-                ));
-            }
-        }
     }
     // A sibling CA with the same name, not the one trusted.
     let sibling = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
@@ -322,11 +411,12 @@ async fn hostile_certificates_never_carry_an_identity_in() {
         &upn_san("alice@corp.test"),
     );
     let before = upstream.requests().len();
-    if present_blocking(seg.listen_addr, &pki.ca_path, issued)
-        .await
-        .is_some()
-    {
+    let presented = present_blocking(seg.listen_addr, &pki.ca_path, issued).await;
+    if presented.status.is_some() {
         failures.push("sibling-ca: the handshake succeeded".into());
+    }
+    if presented.alert != Some("unknown_ca") {
+        failures.push(format!("sibling-ca: alert {:?}", presented.alert));
     }
     assert_eq!(upstream.requests().len(), before, "sibling-ca: forwarded");
     let decisions: Vec<String> = seg

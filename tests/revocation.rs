@@ -210,10 +210,12 @@ async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
         .unwrap();
     assert_eq!(r.status, 200);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    support::lab::assert_refused(
+    // Not "unknown CA" (the device's CA is known): its revocation status is not.
+    support::lab::assert_alert(
         client
             .post(Some(&bob), &eas_target("Sync", "bob"), &[])
             .await,
+        "CertificateUnknown",
         "stale CRL",
     );
     assert!(lab.metric("seg_tls_handshakes_total{result=\"revocation_list_expired\"}") >= 1.0);
@@ -660,10 +662,11 @@ async fn crls_from_a_distribution_point_are_fetched_refreshed_and_enforced() {
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(lab.metric("seg_crl_fetches_total{result=\"ok\"}"), 1.0);
     // The verifier has it now: a new handshake is refused.
-    support::lab::assert_refused(
+    support::lab::assert_alert(
         client
             .post(Some(&alice), &eas_target("Sync", "alice"), &[])
             .await,
+        "CertificateRevoked",
         "revoked by the fetched CRL",
     );
     assert!(lab.metric("seg_tls_handshakes_total{result=\"certificate_revoked\"}") >= 1.0);

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::identity::CertFingerprint;
-use crate::tls::RefusedCertificate;
+use crate::tls::RefusedHandshake;
 
 /// One record per key at most this often.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -30,25 +30,22 @@ pub struct HandshakeLog {
 
 impl HandshakeLog {
     /// Logs one refused handshake, unless its key had a record within `WINDOW`.
-    pub fn refused(
-        &self,
-        peer: SocketAddr,
-        reason: &str,
-        error: &std::io::Error,
-        certificate: Option<RefusedCertificate>,
-    ) {
-        let key = match certificate.as_ref().and_then(|c| c.fingerprint) {
+    pub fn refused(&self, peer: SocketAddr, error: &std::io::Error) {
+        let refusal = RefusedHandshake::of(error);
+        let certificate = refusal.and_then(|r| r.certificate.as_ref());
+        let key = match certificate.and_then(|c| c.fingerprint) {
             Some(fingerprint) => Key::Certificate(fingerprint),
             None => Key::Source(super::caps::address_key(peer.ip())),
         };
         let Some(suppressed) = self.admit(key, Instant::now()) else {
             return;
         };
-        let c = certificate.unwrap_or_default();
+        let c = certificate.cloned().unwrap_or_default();
         tracing::info!(
             target: "seg::tls",
             %peer,
-            reason,
+            reason = RefusedHandshake::reason_of(error),
+            sni = refusal.and_then(|r| r.sni.as_deref()).unwrap_or(""),
             error = %error,
             subject = c.subject,
             issuer = c.issuer,

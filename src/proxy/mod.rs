@@ -281,13 +281,9 @@ impl Gateway {
         {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(e)) => {
-                let label = crate::tls::handshake_failure_label(&e);
-                self.count_handshake(label);
-                // Taken at once: the failing step ran in this very poll, on this thread.
-                let certificate = crate::tls::take_refused_certificate();
-                let reason =
-                    crate::tls::rustls_error(&e).map_or("io-error", crate::tls::refusal_code);
-                refusals.refused(peer, reason, &e, certificate);
+                let reason = crate::tls::RefusedHandshake::reason_of(&e);
+                self.count_handshake(crate::tls::failure_label(reason));
+                refusals.refused(peer, &e);
                 return;
             }
             Err(_) => {

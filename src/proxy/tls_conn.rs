@@ -152,8 +152,8 @@ pub struct TlsConn<C> {
 impl DeviceTls {
     /// Runs the TLS handshake on a device's `tcp`. Application data the device sent right
     /// behind its last handshake message (a request in the same packet) is returned with
-    /// the connection. A handshake rustls refuses sends its alert, then fails with the
-    /// rustls error inside the `io::Error` (for `crate::tls::handshake_failure_label`).
+    /// the connection. A handshake rustls refuses sends its alert, then fails with a
+    /// `crate::tls::RefusedHandshake` inside the `io::Error`.
     pub async fn accept(
         tcp: TcpStream,
         config: Arc<rustls::ServerConfig>,
@@ -207,12 +207,17 @@ impl<C: Side> TlsConn<C> {
         let mut plaintext = BytesMut::new();
         // A resumed session's first time, for the tickets this handshake issues (`tickets`).
         let mut origin = None;
+        // The name a device asked for, for the record of a refused handshake.
+        let mut sni = None;
         loop {
             let mut pending = std::mem::take(&mut self.incoming);
-            crate::tls::clear_refused_certificate();
-            let (consumed, stop) = crate::tickets::with_session_origin(&mut origin, || {
+            crate::tls::clear_handshake_notes();
+            let step = crate::tickets::with_session_origin(&mut origin, || {
                 self.process(&mut pending, &mut plaintext)
-            })?;
+            });
+            sni = crate::tls::take_sni().or(sni);
+            let (consumed, stop) =
+                step.map_err(|e| crate::tls::explain_handshake_failure(e, sni.take()))?;
             if self.conn.handshake_kind() == Some(HandshakeKind::Full) {
                 // A ticket decrypted but not resumed (refused for its SNI or suite, say).
                 origin = None;
@@ -880,8 +885,8 @@ mod tests {
         );
         let refused = accepted.await.unwrap().err().expect("refused");
         assert_eq!(
-            crate::tls::handshake_failure_label(&refused),
-            "no_client_certificate"
+            crate::tls::RefusedHandshake::reason_of(&refused),
+            "no-client-certificate"
         );
     }
 

@@ -659,6 +659,24 @@ pub fn assert_refused(result: std::io::Result<HttpResponse>, why: &str) {
     }
 }
 
+/// Asserts a device's handshake was refused with this TLS alert (rustls's name for it, as in
+/// "received fatal alert: CertificateRevoked").
+pub fn assert_alert(result: std::io::Result<HttpResponse>, alert: &str, why: &str) {
+    match result {
+        Ok(response) => panic!(
+            "{why}: expected alert {alert}, got HTTP {}",
+            response.status
+        ),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("alert: {alert}")),
+                "{why}: expected alert {alert}, got {text}"
+            );
+        }
+    }
+}
+
 /// A device whose connections share one TLS client configuration, so the second and later
 /// handshakes resume the first session (rustls's in-memory session cache).
 pub struct ResumingClient {

@@ -137,7 +137,27 @@ distinguished_name = dn
         digest: &str,
         extensions: &str,
     ) -> IssuedDevice {
-        self.issue_full(name, subject, key, digest, "custom", extensions)
+        self.issue_full(name, subject, (key, digest), "custom", extensions, &[])
+    }
+
+    /// Issues a P-256 certificate valid from `start` to `end` (`YYYYMMDDHHMMSSZ`), whatever
+    /// the clock says: expired or not yet valid.
+    pub fn issue_dated(
+        &self,
+        name: &str,
+        subject: &str,
+        start: &str,
+        end: &str,
+        extensions: &str,
+    ) -> IssuedDevice {
+        self.issue_full(
+            name,
+            subject,
+            ("ec", "sha256"),
+            "custom",
+            extensions,
+            &["-startdate", start, "-enddate", end],
+        )
     }
 
     fn issue_with(&self, name: &str, section: &str, extra: &str) -> IssuedDevice {
@@ -145,10 +165,10 @@ distinguished_name = dn
         self.issue_full(
             name,
             &format!("/CN={name}"),
-            "ec",
-            "sha256",
+            ("ec", "sha256"),
             section,
             &lines,
+            &[],
         )
     }
 
@@ -156,10 +176,10 @@ distinguished_name = dn
         &self,
         name: &str,
         subject: &str,
-        key_kind: &str,
-        digest: &str,
+        (key_kind, digest): (&str, &str),
         section: &str,
         lines: &str,
+        ca_args: &[&str],
     ) -> IssuedDevice {
         let path = self.dir.path();
         let serial_hex = std::fs::read_to_string(path.join("serial")).unwrap();
@@ -180,27 +200,26 @@ distinguished_name = dn
         let extensions = self
             .dir
             .write(&format!("{name}.ext"), &format!("[{section}]\n{lines}\n"));
-        openssl(
-            &[
-                "ca",
-                "-batch",
-                "-utf8",
-                "-md",
-                digest,
-                "-config",
-                config,
-                "-extfile",
-                extensions.to_str().unwrap(),
-                "-extensions",
-                section,
-                "-in",
-                &csr,
-                "-out",
-                &cert,
-                "-notext",
-            ],
-            path,
-        );
+        let mut args = vec![
+            "ca",
+            "-batch",
+            "-utf8",
+            "-md",
+            digest,
+            "-config",
+            config,
+            "-extfile",
+            extensions.to_str().unwrap(),
+            "-extensions",
+            section,
+            "-in",
+            &csr,
+            "-out",
+            &cert,
+            "-notext",
+        ];
+        args.extend_from_slice(ca_args);
+        openssl(&args, path);
         // `openssl req` writes the key as PKCS#8, which rustls reads.
         IssuedDevice {
             cert: path.join(cert),
