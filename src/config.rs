@@ -117,7 +117,8 @@ pub struct RevocationConfig {
     /// Fetch the CRLs named by the CRL distribution points of the client CAs and devices.
     pub crl_distribution_points: bool,
     /// CRLs fetched over HTTP besides the distribution points.
-    pub crl_urls: Vec<http::Uri>,
+    /// http:// URLs, or ldap:// ones read from the directory (`ldap_url`).
+    pub crl_urls: Vec<String>,
     pub crl_fetch_timeout: Duration,
     /// Admit a device whose distribution-point CRL was never fetched (logged and counted).
     pub danger_crl_fetch_soft_fail: bool,
@@ -162,6 +163,18 @@ pub struct LdapConfig {
     pub pool_size: usize,
     /// Simple binds over plain ldap:// allowed (the bind password crosses the network in clear).
     pub danger_allow_plaintext: bool,
+}
+
+impl LdapConfig {
+    /// Whether `host` (a name, no port) is the host of one of `urls`, case aside.
+    pub fn names_host(&self, host: &str) -> bool {
+        self.urls.iter().any(|url| {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+            let hostport = rest.split('/').next().unwrap_or("");
+            let name = hostport.rsplit_once(':').map_or(hostport, |(n, _)| n);
+            name.eq_ignore_ascii_case(host)
+        })
+    }
 }
 
 /// The identity cache in front of the directory.
@@ -768,7 +781,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     s.finish(p);
 
     let mut s = root.section("revocation", p);
-    let revocation = read_revocation(&mut s, p);
+    let revocation = read_revocation(&mut s, directory.as_ref(), p);
     s.finish(p);
 
     let mut s = root.section("ntauth", p);
@@ -831,14 +844,6 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
 
 /// An http:// URL for revocation data; anything else is a problem at `key`.
 fn http_url(text: &str, key: &str, p: &mut Problems) -> Option<http::Uri> {
-    let lower = text.to_ascii_lowercase();
-    if lower.starts_with("ldap://") || lower.starts_with("ldaps://") {
-        p.push(
-            key,
-            &format!("\"{text}\": LDAP distribution points are not supported; publish the CRL over http://"),
-        );
-        return None;
-    }
     match text.parse::<http::Uri>() {
         Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Some(uri),
         _ => {
@@ -851,7 +856,11 @@ fn http_url(text: &str, key: &str, p: &mut Problems) -> Option<http::Uri> {
     }
 }
 
-fn read_revocation(s: &mut Section, p: &mut Problems) -> RevocationConfig {
+fn read_revocation(
+    s: &mut Section,
+    directory: Option<&DirectoryConfig>,
+    p: &mut Problems,
+) -> RevocationConfig {
     let responder_key = s.key("ocsp_responder");
     let ocsp_responder = s
         .optional_string("ocsp_responder", p)
@@ -859,9 +868,36 @@ fn read_revocation(s: &mut Section, p: &mut Problems) -> RevocationConfig {
     let urls_key = s.key("crl_urls");
     let crl_urls = s
         .string_list("crl_urls", &[], p)
-        .iter()
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, text)| http_url(text, &format!("{urls_key}[{i}]"), p))
+        .filter(|(i, text)| {
+            let key = format!("{urls_key}[{i}]");
+            if !crate::ldap_url::is_ldap(text) {
+                return http_url(text, &key, p).is_some();
+            }
+            let url = match crate::ldap_url::LdapUrl::parse(text) {
+                Ok(url) => url,
+                Err(e) => {
+                    p.push(&key, &format!("\"{text}\": {e}"));
+                    return false;
+                }
+            };
+            let ldap = match directory {
+                Some(DirectoryConfig::Ldap(ldap)) => ldap,
+                _ => {
+                    p.push(&key, "an ldap:// URL is read from the LDAP directory: configure directory.urls");
+                    return false;
+                }
+            };
+            match url.host_name() {
+                Some(host) if !ldap.names_host(host) => {
+                    p.push(&key, &format!("\"{text}\": host {host} is not one of directory.urls (leave it empty, ldap:///…, for the configured directory)"));
+                    false
+                }
+                _ => true,
+            }
+        })
+        .map(|(_, text)| text)
         .collect();
     RevocationConfig {
         ocsp: s.boolean("ocsp", false, p),

@@ -1,5 +1,6 @@
-//! CRLs fetched over HTTP: from the CRL distribution points of the client CAs and of the
-//! device certificates as they arrive, and from `revocation.crl_urls`.
+//! CRLs fetched from distribution points: those of the client CAs and of the device
+//! certificates as they arrive (their CRL distribution points and Freshest CRL, where the
+//! delta CRLs are), those the base CRLs name for their deltas, and `revocation.crl_urls`.
 //!
 //! Each URL has one background task: fetch, verify the signature with the issuing CA from
 //! `tls.client_ca` (only a verified CRL reaches the per-request lookup or the handshake
@@ -9,10 +10,16 @@
 //! staleness keeps refusing new handshakes and failing `/readyz` rather than silently
 //! dropping the check. An older CRL than the one held is refused (no rollback).
 //!
-//! A device whose distribution points never yielded a CRL is refused with 503 (its first
-//! request waits for the first fetch, up to the fetch timeout). seg fetches over http://
-//! only: an ldap:// (or https://) distribution point is logged as unsupported and counted in
+//! A point is an http:// URL, or an `ldap://` URL read over the directory's own connections
+//! (`ldap_url`): with no host (`ldap:///…`, as AD CS writes them) it names the configured
+//! directory; a named host must be one of `directory.urls`, since seg binds nowhere else.
+//! Any other point (https://, an LDAP URL of another host or form, LDAP without an LDAP
+//! directory) is logged as unsupported and counted in
 //! `seg_crl_fetches_total{result="unsupported"}`, once per URL.
+//!
+//! A device whose distribution points never yielded a CRL is refused with 503 (its first
+//! request waits for the first fetch, up to the fetch timeout); so is one whose Freshest CRL
+//! points never yielded its delta.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,9 +32,11 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::config::RevocationConfig;
+use crate::config::{LdapConfig, RevocationConfig};
+use crate::directory::Directory;
+use crate::ldap_url::{is_ldap, LdapUrl};
 use crate::metrics::Metrics;
-use crate::online::{distribution_points, fetchable, Issuers, PlainHttp};
+use crate::online::{distribution_points, fetchable, freshest_points, Issuers, PlainHttp};
 use crate::revocation::{crls_from_bytes, CrlSource, CurrentRevocation, ParsedCrl};
 
 /// Largest CRL accepted: enterprise CRLs reach tens of MB.
@@ -74,11 +83,23 @@ struct Settings {
     timeout: Duration,
     issuers: Arc<Issuers>,
     leaf_points: bool,
+    /// The LDAP directory and its settings, for `ldap://` points.
+    directory: Option<(Arc<Directory>, LdapConfig)>,
+}
+
+/// The directory seg reads `ldap://` points from, with its settings (`directory.urls` say
+/// which hosts a point may name).
+pub type PointDirectory = Option<(Arc<Directory>, LdapConfig)>;
+
+/// Where a point's CRL is read.
+enum Location {
+    Http(Uri),
+    Ldap(LdapUrl),
 }
 
 /// One URL and its task.
 struct Point {
-    uri: Uri,
+    location: Location,
     /// From the configuration (removed when it no longer names it) or from a device.
     configured: bool,
     /// The outcome of the latest attempt; `None` until the first one ends.
@@ -86,9 +107,11 @@ struct Point {
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
-/// A leaf's distribution points: the ones seg fetches and the ones it cannot.
+/// A leaf's distribution points: the ones seg fetches (for its base CRL, and for its delta
+/// from the Freshest CRL extension) and the ones it cannot.
 struct LeafPoints {
-    http: Vec<String>,
+    bases: Vec<String>,
+    deltas: Vec<String>,
     unsupported: Vec<String>,
 }
 
@@ -113,31 +136,41 @@ impl CrlFetcher {
         })
     }
 
-    /// Applies a configuration: the timeout, the CAs, the configured URLs. URLs the new
-    /// configuration no longer names stop being fetched and their CRLs leave the list.
-    pub fn configure(&self, config: &RevocationConfig, issuers: Arc<Issuers>) {
-        let mut configured: Vec<String> = config.crl_urls.iter().map(|u| u.to_string()).collect();
+    /// Applies a configuration: the timeout, the CAs, the directory, the configured URLs.
+    /// URLs the new configuration no longer names stop being fetched and their CRLs leave
+    /// the list.
+    pub fn configure(
+        &self,
+        config: &RevocationConfig,
+        issuers: Arc<Issuers>,
+        directory: PointDirectory,
+    ) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Settings {
+            timeout: config.crl_fetch_timeout,
+            issuers: Arc::clone(&issuers),
+            leaf_points: config.crl_distribution_points,
+            directory,
+        };
+        let mut configured: Vec<String> = config.crl_urls.clone();
         if config.crl_distribution_points {
             for ca in &issuers.certs {
                 let Ok((_, cert)) = X509Certificate::from_der(ca.as_ref()) else {
                     continue;
                 };
                 for url in distribution_points(&cert) {
-                    if fetchable(&url).is_some() {
-                        configured.push(url);
-                    } else {
-                        self.report_unsupported(&url, &format!("CA \"{}\"", cert.subject()));
+                    match self.locate(&url) {
+                        Ok(_) => configured.push(url),
+                        Err(why) => self.report_unsupported(
+                            &url,
+                            &format!("CA \"{}\"", cert.subject()),
+                            &why,
+                        ),
                     }
                 }
             }
         }
         configured.sort();
         configured.dedup();
-        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Settings {
-            timeout: config.crl_fetch_timeout,
-            issuers,
-            leaf_points: config.crl_distribution_points,
-        };
         let dropped: Vec<String> = {
             let mut points = self.lock_points();
             let dropped: Vec<String> = points
@@ -211,84 +244,120 @@ impl CrlFetcher {
                 self.read_leaf(leaf)
             })
             .await;
-        if leaf_points.http.is_empty() {
+        if leaf_points.bases.is_empty() {
             let list = self.current.load();
             if !leaf_points.unsupported.is_empty() && !list.covers(issuer) {
                 return Err(CrlFetchError::OnlyUnsupported(
                     leaf_points.unsupported.join(", "),
                 ));
             }
-            return Ok(list.is_revoked(issuer, serial));
+        } else {
+            self.first_fetch(&leaf_points.bases, timeout).await?;
         }
-        let points: Vec<Arc<Point>> = leaf_points
-            .http
-            .iter()
-            .filter_map(|url| self.point(url, false))
-            .collect();
-        let fetched = |this: &Self| {
-            leaf_points
-                .http
-                .iter()
-                .any(|url| this.current.fetched(url).is_some())
-        };
-        if !fetched(self) {
-            // The first attempt of each point, if still running; later failures answer at once.
-            let first_attempts = points.iter().map(|p| {
-                let mut outcome = p.outcome.subscribe();
-                async move {
-                    let _ = outcome.wait_for(|o| o.is_some()).await;
-                }
-            });
-            let _ = tokio::time::timeout(
-                timeout + Duration::from_secs(1),
-                futures_join_all(first_attempts),
-            )
-            .await;
-            if !fetched(self) {
-                let reason = points
-                    .iter()
-                    .filter_map(|p| match &*p.outcome.borrow() {
-                        Some(Err(e)) => Some(e.clone()),
-                        Some(Ok(())) => None,
-                        None => Some("still fetching".into()),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return Err(CrlFetchError::NeverFetched {
-                    urls: leaf_points.http.join(", "),
-                    reason,
-                });
-            }
+        if !leaf_points.deltas.is_empty() {
+            self.first_fetch(&leaf_points.deltas, timeout).await?;
         }
         Ok(self.current.load().is_revoked(issuer, serial))
     }
 
+    /// Waits until one of `urls` has yielded a CRL, or each has failed once (up to the fetch
+    /// timeout); an error says why none did.
+    async fn first_fetch(&self, urls: &[String], timeout: Duration) -> Result<(), CrlFetchError> {
+        let points: Vec<Arc<Point>> = urls
+            .iter()
+            .filter_map(|url| self.point(url, false))
+            .collect();
+        let fetched = |this: &Self| urls.iter().any(|url| this.current.fetched(url).is_some());
+        if fetched(self) {
+            return Ok(());
+        }
+        // The first attempt of each point, if still running; later failures answer at once.
+        let first_attempts = points.iter().map(|p| {
+            let mut outcome = p.outcome.subscribe();
+            async move {
+                let _ = outcome.wait_for(|o| o.is_some()).await;
+            }
+        });
+        let _ = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            futures_join_all(first_attempts),
+        )
+        .await;
+        if fetched(self) {
+            return Ok(());
+        }
+        let reason = points
+            .iter()
+            .filter_map(|p| match &*p.outcome.borrow() {
+                Some(Err(e)) => Some(e.clone()),
+                Some(Ok(())) => None,
+                None => Some("still fetching".into()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(CrlFetchError::NeverFetched {
+            urls: urls.join(", "),
+            reason,
+        })
+    }
+
     fn read_leaf(&self, leaf: &[u8]) -> Arc<LeafPoints> {
         let mut points = LeafPoints {
-            http: Vec::new(),
+            bases: Vec::new(),
+            deltas: Vec::new(),
             unsupported: Vec::new(),
         };
         if let Ok((_, cert)) = X509Certificate::from_der(leaf) {
+            let whose = || format!("devices of \"{}\"", cert.issuer());
             for url in distribution_points(&cert) {
-                if fetchable(&url).is_some() {
-                    points.http.push(url);
-                } else {
-                    self.report_unsupported(&url, &format!("devices of \"{}\"", cert.issuer()));
-                    points.unsupported.push(url);
+                match self.locate(&url) {
+                    Ok(_) => points.bases.push(url),
+                    Err(why) => {
+                        self.report_unsupported(&url, &whose(), &why);
+                        points.unsupported.push(url);
+                    }
+                }
+            }
+            for url in freshest_points(&cert) {
+                match self.locate(&url) {
+                    Ok(_) => points.deltas.push(url),
+                    Err(why) => self.report_unsupported(&url, &whose(), &why),
                 }
             }
         }
         Arc::new(points)
     }
 
-    fn report_unsupported(&self, url: &str, whose: &str) {
+    /// Where seg reads the CRL of `url`, or why it cannot.
+    fn locate(&self, url: &str) -> Result<Location, String> {
+        if !is_ldap(url) {
+            return fetchable(url)
+                .map(Location::Http)
+                .ok_or_else(|| "seg fetches CRLs over http:// and ldap:// only".to_string());
+        }
+        let ldap = LdapUrl::parse(url).map_err(|e| e.to_string())?;
+        let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
+        let Some((_, config)) = &settings.directory else {
+            return Err("an ldap:// point needs an LDAP directory ([directory] urls)".into());
+        };
+        if let Some(host) = ldap.host_name() {
+            if !config.names_host(host) {
+                return Err(format!(
+                    "host {host} is not one of directory.urls (seg reads ldap:// points only from the directory it binds to)"
+                ));
+            }
+        }
+        Ok(Location::Ldap(ldap))
+    }
+
+    fn report_unsupported(&self, url: &str, whose: &str, why: &str) {
         let first = self
             .reported
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(url.to_string());
         if first {
-            tracing::warn!(target: "seg::revocation", %url, %whose, "CRL distribution point not supported: seg fetches CRLs over http:// only (LDAP is not supported); publish the CRL over HTTP or list it in revocation.crl_urls or tls.crl_files");
+            tracing::warn!(target: "seg::revocation", %url, %whose, reason = %why, "CRL distribution point not supported; publish the CRL where seg reads it, or list it in revocation.crl_urls or tls.crl_files");
             self.metrics
                 .crl_fetches
                 .with_label_values(&["unsupported"])
@@ -298,14 +367,14 @@ impl CrlFetcher {
 
     /// The point for `url`, registered (and fetching, once started) if new.
     fn point(&self, url: &str, configured: bool) -> Option<Arc<Point>> {
-        let uri = fetchable(url)?;
+        let location = self.locate(url).ok()?;
         let (point, new) = {
             let mut points = self.lock_points();
             match points.get(url) {
                 Some(p) => (Arc::clone(p), false),
                 None => {
                     let point = Arc::new(Point {
-                        uri,
+                        location,
                         configured,
                         outcome: watch::Sender::new(None),
                         task: Mutex::new(None),
@@ -331,7 +400,7 @@ impl CrlFetcher {
                 let Some(fetcher) = me.upgrade() else {
                     return;
                 };
-                let wait = match fetcher.fetch(&url, &task_point.uri).await {
+                let wait = match fetcher.fetch(&url, &task_point.location).await {
                     Ok(wait) => {
                         failures = 0;
                         task_point.outcome.send_replace(Some(Ok(())));
@@ -352,13 +421,25 @@ impl CrlFetcher {
     }
 
     /// One fetch of `url`: on success, how long until the next one.
-    async fn fetch(&self, url: &str, uri: &Uri) -> Result<Duration, String> {
-        let (timeout, issuers) = {
+    async fn fetch(&self, url: &str, location: &Location) -> Result<Duration, String> {
+        let (timeout, issuers, directory) = {
             let settings = self.settings.read().unwrap_or_else(|e| e.into_inner());
-            (settings.timeout, Arc::clone(&settings.issuers))
+            (
+                settings.timeout,
+                Arc::clone(&settings.issuers),
+                settings.directory.as_ref().map(|(d, _)| Arc::clone(d)),
+            )
         };
         let count = |result: &str| self.metrics.crl_fetches.with_label_values(&[result]).inc();
-        let body = match self.http.get(uri, timeout, MAX_CRL_BYTES).await {
+        let read = match location {
+            Location::Http(uri) => self
+                .http
+                .get(uri, timeout, MAX_CRL_BYTES)
+                .await
+                .map(|b| b.to_vec()),
+            Location::Ldap(ldap) => read_ldap(directory, ldap, timeout).await,
+        };
+        let body = match read {
             Ok(body) => body,
             Err(e) => {
                 count("unavailable");
@@ -368,12 +449,11 @@ impl CrlFetcher {
         let current = Arc::clone(&self.current);
         let url_owned = url.to_string();
         // Verifying and parsing a large CRL, and rebuilding the verifier, take a while.
-        let installed = tokio::task::spawn_blocking(move || {
-            install(&current, &url_owned, body.to_vec(), &issuers)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        let installed =
+            tokio::task::spawn_blocking(move || install(&current, &url_owned, body, &issuers))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
         match installed {
             Ok(crl) => {
                 count("ok");
@@ -381,8 +461,16 @@ impl CrlFetcher {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
-                self.metrics.record_crls(&self.current.load(), now);
-                tracing::info!(target: "seg::revocation", %url, issuer = %crl.issuer, entries = crl.entries, "CRL fetched");
+                let list = self.current.load();
+                self.metrics.record_crls(&list, now);
+                tracing::info!(target: "seg::revocation", %url, issuer = %crl.issuer, entries = crl.entries, delta = crl.delta, "CRL fetched");
+                // The deltas the base CRLs name (their Freshest CRL) are fetched beside them.
+                let deltas: Vec<String> = list.freshest_urls().map(str::to_string).collect();
+                for delta in deltas {
+                    if self.locate(&delta).is_ok() {
+                        self.point(&delta, false);
+                    }
+                }
                 Ok(refresh_delay(crl.this_update_unix, crl.next_update_unix))
             }
             Err(e) => {
@@ -411,6 +499,27 @@ impl Point {
             task.abort();
         }
     }
+}
+
+/// The CRL at an `ldap://` point, read over the directory's connections within `timeout`.
+async fn read_ldap(
+    directory: Option<Arc<Directory>>,
+    url: &LdapUrl,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let directory = directory.ok_or("no LDAP directory is configured")?;
+    let values = tokio::time::timeout(
+        timeout,
+        directory.read_binary(&url.dn, &url.filter, url.attribute),
+    )
+    .await
+    .map_err(|_| format!("no answer from the directory within {timeout:?}"))?
+    .map_err(|e| e.to_string())?;
+    // AD keeps a one-byte placeholder where no list was published.
+    values
+        .into_iter()
+        .find(|v| v.len() > 1)
+        .ok_or_else(|| format!("{} holds no {}", url.dn, url.attribute))
 }
 
 /// Verifies, parses and installs a fetched CRL; returns what it says of itself.

@@ -24,12 +24,13 @@
 //! - [`ntauth`]: the NTAuth store: which CAs may issue logon certificates, from a file and
 //!   the directory, as a domain controller decides.
 //! - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
-//! - [`revocation`]: CRLs, for the verifier and the per-request check.
+//! - [`revocation`]: CRLs (base and delta), for the verifier and the per-request check.
 //! - [`online`]: revocation checked online on each request (OCSP, distribution-point
 //!   CRLs), hard-fail unless a `danger_` key opts out; the plain-HTTP client they share.
 //! - [`ocsp`]: OCSP requests built, responses verified, answers cached until nextUpdate.
-//! - [`crl_fetch`]: CRLs fetched from distribution points and URLs, verified, refreshed
-//!   ahead of their nextUpdate in the background.
+//! - [`crl_fetch`]: CRLs fetched from distribution points and URLs (http://, and ldap://
+//!   over the directory's connections), verified, refreshed ahead of their nextUpdate.
+//! - [`ldap_url`]: the `ldap:///…?certificateRevocationList` URLs AD CS writes.
 //! - [`snapshot`]: the identity cache written at shutdown and read at start (warm restart).
 //! - [`tickets`]: session resumption with a bound: tickets shared by replicas, bound to the
 //!   trust policy, and the TLS 1.2 session cache, each resumed only within
@@ -56,6 +57,7 @@ pub mod directory;
 pub mod echo;
 pub mod identity;
 pub mod kerberos;
+pub mod ldap_url;
 pub mod limiter;
 pub mod mapcheck;
 pub mod metrics;
@@ -218,10 +220,15 @@ fn build_gateway(
     if let Some(kerberos) = &config.kerberos {
         upstream = upstream.pooled_per_account(kerberos.max_credentials);
     }
+    let point_directory = match &config.directory {
+        DirectoryConfig::Ldap(ldap) => Some((Arc::clone(&directory), ldap.clone())),
+        DirectoryConfig::Ldif { .. } => None,
+    };
     let online = Arc::new(online::OnlineRevocation::build(
         &config,
         previous.map(|p| p.online.as_ref()),
         &current_revocation,
+        point_directory,
         metrics,
     )?);
     // Nothing below can fail. The CRLs in force change for every connection at once.

@@ -23,7 +23,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
+use x509_parser::extensions::{
+    CRLDistributionPoints, DistributionPointName, GeneralName, ParsedExtension,
+};
 use x509_parser::prelude::FromDer;
 
 use crate::config::Config;
@@ -60,6 +62,7 @@ impl OnlineRevocation {
         config: &Config,
         previous: Option<&OnlineRevocation>,
         current: &Arc<CurrentRevocation>,
+        directory: crate::crl_fetch::PointDirectory,
         metrics: &Arc<Metrics>,
     ) -> Result<OnlineRevocation, TlsError> {
         let settings = &config.revocation;
@@ -92,7 +95,7 @@ impl OnlineRevocation {
             }
         });
         if let Some(fetcher) = &distribution_points {
-            fetcher.configure(settings, Arc::clone(&issuers));
+            fetcher.configure(settings, Arc::clone(&issuers), directory);
         }
         if settings.danger_ocsp_soft_fail && settings.ocsp {
             tracing::warn!(target: "seg::config", "revocation.danger_ocsp_soft_fail is set: a device is admitted when the OCSP responder cannot answer");
@@ -235,22 +238,46 @@ pub fn distribution_points(cert: &X509Certificate<'_>) -> Vec<String> {
     let mut points = Vec::new();
     for extension in cert.extensions() {
         if let ParsedExtension::CRLDistributionPoints(cdp) = extension.parsed_extension() {
-            for point in cdp.iter() {
-                match &point.distribution_point {
-                    Some(DistributionPointName::FullName(names)) => {
-                        for name in names {
-                            match name {
-                                GeneralName::URI(uri) => points.push(uri.to_string()),
-                                other => points.push(format!("(non-URI name {other})")),
-                            }
-                        }
+            points.extend(point_names(cdp));
+        }
+    }
+    points
+}
+
+/// The points of a certificate's Freshest CRL extension (RFC 5280 §4.2.1.15): where the
+/// delta CRLs of its issuer are published.
+pub fn freshest_points(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut points = Vec::new();
+    for extension in cert.extensions() {
+        if extension
+            .oid
+            .iter()
+            .is_some_and(|o| o.eq([2u64, 5, 29, 46]))
+        {
+            if let Ok((_, cdp)) = CRLDistributionPoints::from_der(extension.value) {
+                points.extend(point_names(&cdp));
+            }
+        }
+    }
+    points
+}
+
+fn point_names(cdp: &CRLDistributionPoints<'_>) -> Vec<String> {
+    let mut points = Vec::new();
+    for point in cdp.iter() {
+        match &point.distribution_point {
+            Some(DistributionPointName::FullName(names)) => {
+                for name in names {
+                    match name {
+                        GeneralName::URI(uri) => points.push(uri.to_string()),
+                        other => points.push(format!("(non-URI name {other})")),
                     }
-                    Some(DistributionPointName::NameRelativeToCRLIssuer(_)) => {
-                        points.push("(name relative to the CRL issuer)".into())
-                    }
-                    None => {}
                 }
             }
+            Some(DistributionPointName::NameRelativeToCRLIssuer(_)) => {
+                points.push("(name relative to the CRL issuer)".into())
+            }
+            None => {}
         }
     }
     points

@@ -7,9 +7,18 @@
 //! for hours: after a reload brings a new CRL, a revoked device's next request is refused.
 //!
 //! Each CRL is parsed once into a set of serials (`ParsedCrl`); a `RevocationList` only
-//! indexes parsed CRLs by issuer, so composing the CRL files with the CRLs fetched over HTTP
-//! (`crl_fetch`) after either changes costs no parsing, and two CRLs of one issuer (a file
-//! and a fetched one) are both consulted.
+//! indexes parsed CRLs by issuer, so composing the CRL files with the CRLs fetched from
+//! distribution points (`crl_fetch`) after either changes costs no parsing, and two CRLs of
+//! one issuer (a file and a fetched one) are both consulted.
+//!
+//! Delta CRLs (RFC 5280 §5.2.4, what AD CS publishes between base CRLs) are honoured as AD
+//! does: a delta applies while a base CRL of its issuer is in force whose CRL number is at
+//! least the delta's BaseCRLNumber and below the delta's own number (a newer base supersedes
+//! it). The certificate is revoked if the base or an applying delta lists it; an entry with
+//! reason removeFromCRL revokes nothing (a hold released), and a certificate the base lists
+//! stays refused until the next base. rustls's verifier knows no delta CRLs, so it gets the
+//! bases and `ClientCertPolicy` consults the deltas after it (`delta_verdict`); a delta past
+//! its nextUpdate refuses its issuer's devices as a stale base does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -18,6 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateRevocationListDer;
+use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -27,8 +37,17 @@ use crate::tls::{ClientCertPolicy, TlsError};
 #[derive(Default, Clone)]
 pub struct RevocationList {
     parsed: Vec<Arc<ParsedCrl>>,
-    /// Issuer DN (DER) → indexes into `parsed` of its CRLs (a file and a fetched one, say).
+    /// Issuer DN (DER) → indexes into `parsed` of its CRLs in force (a file and a fetched
+    /// one, say, and the deltas that apply).
     by_issuer: HashMap<Vec<u8>, Vec<usize>>,
+    /// How many deltas apply.
+    deltas: usize,
+}
+
+impl fmt::Debug for RevocationList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.crls()).finish()
+    }
 }
 
 /// One CRL, parsed once: its revoked serials as a set, its DER for the TLS verifier.
@@ -37,8 +56,29 @@ pub struct ParsedCrl {
     issuer_der: Vec<u8>,
     /// Serials (without sign byte) of the revoked certificates.
     serials: HashSet<Box<[u8]>>,
+    /// The cRLNumber extension, big-endian without leading zeros.
+    number: Option<Vec<u8>>,
+    /// For a delta CRL, its BaseCRLNumber (big-endian without leading zeros).
+    base_number: Option<Vec<u8>>,
+    /// The Freshest CRL extension's URIs: where the deltas of this base are published.
+    pub freshest: Vec<String>,
     pub der: CertificateRevocationListDer<'static>,
 }
+
+/// What the delta CRLs in force say of one certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaVerdict {
+    /// No applying delta lists it (or there is none).
+    NotListed,
+    Revoked,
+    /// An applying delta of its issuer is past its nextUpdate.
+    Stale,
+}
+
+/// id-ce-deltaCRLIndicator (RFC 5280 §5.2.4).
+const OID_DELTA_CRL_INDICATOR: &[u64] = &[2, 5, 29, 27];
+/// id-ce-freshestCRL (RFC 5280 §5.2.6).
+const OID_FRESHEST_CRL: &[u64] = &[2, 5, 29, 46];
 
 /// Where a CRL came from, for logs and the metrics' `source` label.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,6 +106,8 @@ pub struct CrlInfo {
     /// `None` when the CRL has no nextUpdate (treated as never stale).
     pub next_update_unix: Option<i64>,
     pub entries: usize,
+    /// A delta CRL (it carries a BaseCRLNumber).
+    pub delta: bool,
 }
 
 impl ParsedCrl {
@@ -75,25 +117,81 @@ impl ParsedCrl {
         source: CrlSource,
         der: CertificateRevocationListDer<'static>,
     ) -> Result<ParsedCrl, String> {
+        use x509_parser::x509::ReasonCode;
         let (_, crl) =
             CertificateRevocationList::from_der(der.as_ref()).map_err(|e| e.to_string())?;
+        let mut base_number = None;
+        let mut freshest = Vec::new();
+        for extension in crl.extensions() {
+            if extension
+                .oid
+                .iter()
+                .is_some_and(|o| o.eq(OID_DELTA_CRL_INDICATOR.iter().copied()))
+            {
+                base_number = Some(
+                    der_unsigned(extension.value)
+                        .ok_or("the delta CRL indicator is not an INTEGER")?,
+                );
+            } else if extension
+                .oid
+                .iter()
+                .is_some_and(|o| o.eq(OID_FRESHEST_CRL.iter().copied()))
+            {
+                freshest = freshest_urls(extension.value);
+            } else if extension.critical
+                && !matches!(
+                    extension.parsed_extension(),
+                    ParsedExtension::CRLNumber(_) | ParsedExtension::IssuingDistributionPoint(_)
+                )
+            {
+                return Err(format!("unknown critical extension {}", extension.oid));
+            }
+        }
+        let delta = base_number.is_some();
         let serials: HashSet<Box<[u8]>> = crl
             .iter_revoked_certificates()
+            // In a delta, removeFromCRL releases a hold: it revokes nothing.
+            .filter(|revoked| {
+                !(delta
+                    && revoked
+                        .reason_code()
+                        .is_some_and(|(_, reason)| reason == ReasonCode::RemoveFromCRL))
+            })
             .map(|revoked| strip_sign_byte(revoked.raw_serial()).into())
             .collect();
+        if delta && crl.crl_number().is_none() {
+            return Err("a delta CRL without a CRL number".into());
+        }
         let info = CrlInfo {
             source,
             issuer: crl.issuer().to_string(),
             this_update_unix: crl.last_update().timestamp(),
             next_update_unix: crl.next_update().map(|t| t.timestamp()),
             entries: serials.len(),
+            delta,
         };
         Ok(ParsedCrl {
             info,
             issuer_der: crl.issuer().as_raw().to_vec(),
             serials,
+            number: crl.crl_number().map(|n| n.to_bytes_be()),
+            base_number,
+            freshest,
             der,
         })
+    }
+
+    /// Whether this delta applies to `base`: same issuer, the base at least as new as the
+    /// delta's BaseCRLNumber and older than the delta itself.
+    fn applies_to(&self, base: &ParsedCrl) -> bool {
+        let (Some(base_needed), Some(delta_number), Some(base_number)) =
+            (&self.base_number, &self.number, &base.number)
+        else {
+            return false;
+        };
+        base.base_number.is_none()
+            && base.issuer_der == self.issuer_der
+            && delta_applies(base_number, base_needed, delta_number)
     }
 
     /// The issuer's distinguished name, DER.
@@ -119,13 +217,51 @@ impl RevocationList {
         Ok(RevocationList::from_parsed(parsed))
     }
 
-    /// A list of CRLs parsed before (no parsing again: composing is cheap).
+    /// A list of CRLs parsed before (no parsing again: composing is cheap). A delta is
+    /// indexed only while a base it applies to is in the list.
     pub fn from_parsed(parsed: Vec<Arc<ParsedCrl>>) -> RevocationList {
         let mut by_issuer: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
+        let mut deltas = 0;
         for (i, crl) in parsed.iter().enumerate() {
-            by_issuer.entry(crl.issuer_der.clone()).or_default().push(i);
+            let applies =
+                crl.base_number.is_none() || parsed.iter().any(|base| crl.applies_to(base));
+            if applies {
+                by_issuer.entry(crl.issuer_der.clone()).or_default().push(i);
+                deltas += usize::from(crl.base_number.is_some());
+            }
         }
-        RevocationList { parsed, by_issuer }
+        RevocationList {
+            parsed,
+            by_issuer,
+            deltas,
+        }
+    }
+
+    /// Whether a delta CRL applies to some certificate (the handshake then consults them).
+    pub fn has_deltas(&self) -> bool {
+        self.deltas > 0
+    }
+
+    /// What the applying delta CRLs say of the certificate with this issuer (DER) and serial
+    /// (as encoded, sign byte included) at `now_unix`.
+    pub fn delta_verdict(&self, issuer_der: &[u8], serial: &[u8], now_unix: i64) -> DeltaVerdict {
+        let Some(crls) = self.by_issuer.get(issuer_der) else {
+            return DeltaVerdict::NotListed;
+        };
+        let serial = strip_sign_byte(serial);
+        let mut verdict = DeltaVerdict::NotListed;
+        for crl in crls.iter().map(|&i| &self.parsed[i]) {
+            if crl.base_number.is_none() {
+                continue;
+            }
+            if crl.serials.contains(serial) {
+                return DeltaVerdict::Revoked;
+            }
+            if crl.info.next_update_unix.is_some_and(|n| n <= now_unix) {
+                verdict = DeltaVerdict::Stale;
+            }
+        }
+        verdict
     }
 
     pub fn is_empty(&self) -> bool {
@@ -137,14 +273,24 @@ impl RevocationList {
         self.parsed.iter().map(|c| &c.info)
     }
 
-    /// The CRLs as DER, for the TLS verifier.
+    /// The base CRLs as DER, for the TLS verifier (which knows no deltas).
     pub fn der(&self) -> impl Iterator<Item = CertificateRevocationListDer<'static>> + '_ {
-        self.parsed.iter().map(|c| c.der.clone())
+        self.parsed
+            .iter()
+            .filter(|c| c.base_number.is_none())
+            .map(|c| c.der.clone())
     }
 
     /// Whether some CRL of this issuer (DER) is in force.
     pub fn covers(&self, issuer_der: &[u8]) -> bool {
         self.by_issuer.contains_key(issuer_der)
+    }
+
+    /// Where the deltas of the base CRLs in force are published (their Freshest CRL).
+    pub fn freshest_urls(&self) -> impl Iterator<Item = &str> {
+        self.parsed
+            .iter()
+            .flat_map(|c| c.freshest.iter().map(String::as_str))
     }
 
     /// Whether the certificate with this issuer (DER) and serial is revoked.
@@ -155,9 +301,13 @@ impl RevocationList {
         })
     }
 
-    /// The CRLs past their nextUpdate at `now_unix`.
+    /// The CRLs in force past their nextUpdate at `now_unix` (a delta that no longer
+    /// applies is not in force).
     pub fn stale(&self, now_unix: i64) -> Vec<&CrlInfo> {
-        self.crls()
+        self.by_issuer
+            .values()
+            .flatten()
+            .map(|&i| &self.parsed[i].info)
             .filter(|c| c.next_update_unix.is_some_and(|n| n <= now_unix))
             .collect()
     }
@@ -315,9 +465,99 @@ pub fn crls_from_bytes(
     Ok(vec![CertificateRevocationListDer::from(bytes)])
 }
 
+/// An unsigned DER INTEGER's value, big-endian without leading zeros.
+fn der_unsigned(der: &[u8]) -> Option<Vec<u8>> {
+    let (rest, value) = x509_parser::der_parser::der::parse_der_integer(der).ok()?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let bytes = value.as_slice().ok()?;
+    if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+        return None;
+    }
+    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+    Some(bytes[start..].to_vec())
+}
+
+/// Whether a delta with BaseCRLNumber `base_needed` and number `delta_number` applies to a
+/// base numbered `base_number` (RFC 5280 §5.2.4): the base at least as new as the one the
+/// delta was made against, and the delta newer than the base (else the base supersedes it).
+/// Numbers are big-endian, unsigned.
+fn delta_applies(base_number: &[u8], base_needed: &[u8], delta_number: &[u8]) -> bool {
+    compare_unsigned(base_number, base_needed).is_ge()
+        && compare_unsigned(delta_number, base_number).is_gt()
+}
+
+/// Orders two big-endian unsigned numbers.
+fn compare_unsigned(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let trim = |x: &[u8]| -> Vec<u8> { x.iter().copied().skip_while(|&b| b == 0).collect() };
+    let (a, b) = (trim(a), trim(b));
+    a.len().cmp(&b.len()).then_with(|| a.cmp(&b))
+}
+
+/// The URIs of a Freshest CRL extension's value (the CRL distribution points syntax).
+fn freshest_urls(value: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::{CRLDistributionPoints, DistributionPointName, GeneralName};
+    let Ok((_, points)) = CRLDistributionPoints::from_der(value) else {
+        return Vec::new();
+    };
+    points
+        .iter()
+        .filter_map(|p| match &p.distribution_point {
+            Some(DistributionPointName::FullName(names)) => Some(names),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn strip_sign_byte(serial: &[u8]) -> &[u8] {
     match serial {
         [0, rest @ ..] if !rest.is_empty() => rest,
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delta_applies_to_the_bases_from_its_own_up_to_before_itself() {
+        // Delta 7 made against base 5.
+        assert!(delta_applies(&[5], &[5], &[7]));
+        assert!(
+            delta_applies(&[6], &[5], &[7]),
+            "a newer base, still older than the delta"
+        );
+        assert!(
+            !delta_applies(&[4], &[5], &[7]),
+            "the base is older than the delta needs"
+        );
+        assert!(
+            !delta_applies(&[7], &[5], &[7]),
+            "the base superseded the delta"
+        );
+        assert!(!delta_applies(&[8], &[5], &[7]));
+        // Numbers of different lengths, leading zeros aside.
+        assert!(delta_applies(&[0x01, 0x00], &[0xff], &[0x01, 0x01]));
+        assert!(delta_applies(&[0, 5], &[5], &[0, 0, 7]));
+    }
+
+    #[test]
+    fn the_delta_indicator_is_an_unsigned_integer() {
+        assert_eq!(der_unsigned(&[0x02, 0x01, 0x05]), Some(vec![5]));
+        assert_eq!(der_unsigned(&[0x02, 0x02, 0x00, 0x80]), Some(vec![0x80]));
+        assert_eq!(der_unsigned(&[0x02, 0x01, 0x80]), None, "negative");
+        assert_eq!(
+            der_unsigned(&[0x02, 0x01, 0x05, 0x00]),
+            None,
+            "trailing data"
+        );
+        assert_eq!(der_unsigned(&[0x04, 0x01, 0x05]), None, "not an INTEGER");
     }
 }

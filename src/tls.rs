@@ -21,10 +21,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
+use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 use crate::config::TlsConfig;
-use crate::revocation::RevocationList;
+use crate::revocation::{DeltaVerdict, RevocationList};
 
 /// A TLS setup problem, named by the configuration key it comes from.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +125,16 @@ pub struct ClientCertPolicy {
     allow_unknown_status: bool,
     /// The CA names offered to devices; they depend on the roots only.
     hints: Vec<DistinguishedName>,
-    /// webpki's verifier with the CRLs in force; replaced whole when they change.
-    inner: RwLock<Arc<dyn ClientCertVerifier>>,
+    /// The verifiers of the CRLs in force; replaced whole when they change.
+    inner: RwLock<Arc<Verifiers>>,
+}
+
+/// webpki's verifier with the base CRLs, and the delta CRLs it cannot read.
+#[derive(Debug)]
+struct Verifiers {
+    webpki: Arc<dyn ClientCertVerifier>,
+    /// The CRLs in force when some delta applies (`RevocationList::delta_verdict`).
+    deltas: Option<RevocationList>,
 }
 
 impl ClientCertPolicy {
@@ -156,9 +165,9 @@ impl ClientCertPolicy {
         let roots = Arc::new(roots);
         let check_chain = config.crl_check_chain;
         let allow_unknown_status = config.danger_allow_unknown_revocation_status || crls_fetched;
-        let inner = webpki_verifier(&roots, check_chain, allow_unknown_status, revocation)?;
+        let inner = verifiers(&roots, check_chain, allow_unknown_status, revocation)?;
         Ok(ClientCertPolicy {
-            hints: inner.root_hint_subjects().to_vec(),
+            hints: inner.webpki.root_hint_subjects().to_vec(),
             roots,
             check_chain,
             allow_unknown_status,
@@ -168,7 +177,7 @@ impl ClientCertPolicy {
 
     /// Checks revocation against these CRLs from now on; trust anchors and settings stay.
     pub fn set_crls(&self, revocation: &RevocationList) -> Result<(), TlsError> {
-        let inner = webpki_verifier(
+        let inner = verifiers(
             &self.roots,
             self.check_chain,
             self.allow_unknown_status,
@@ -197,9 +206,27 @@ impl ClientCertPolicy {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner()
+        let inner = self.inner();
+        let verified = inner
+            .webpki
             .verify_client_cert(end_entity, intermediates, now)?;
+        if let Some(deltas) = &inner.deltas {
+            let now = now.as_secs() as i64;
+            let checked = std::iter::once(end_entity)
+                .chain(intermediates.iter().filter(|_| self.check_chain));
+            for cert in checked {
+                let Ok((_, cert)) = X509Certificate::from_der(cert.as_ref()) else {
+                    continue;
+                };
+                let error =
+                    match deltas.delta_verdict(cert.issuer().as_raw(), cert.raw_serial(), now) {
+                        DeltaVerdict::NotListed => continue,
+                        DeltaVerdict::Revoked => CertificateError::Revoked,
+                        DeltaVerdict::Stale => CertificateError::ExpiredRevocationList,
+                    };
+                return Err(rustls::Error::InvalidCertificate(error));
+            }
+        }
         if has_client_auth_eku(end_entity) {
             Ok(verified)
         } else {
@@ -209,22 +236,21 @@ impl ClientCertPolicy {
         }
     }
 
-    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+    fn inner(&self) -> Arc<Verifiers> {
         Arc::clone(&self.inner.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
-fn webpki_verifier(
+fn verifiers(
     roots: &Arc<rustls::RootCertStore>,
     check_chain: bool,
     allow_unknown_status: bool,
     revocation: &RevocationList,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+) -> Result<Arc<Verifiers>, TlsError> {
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), provider());
-    if !revocation.is_empty() {
-        builder = builder
-            .with_crls(revocation.der())
-            .enforce_revocation_expiration();
+    let bases: Vec<_> = revocation.der().collect();
+    if !bases.is_empty() {
+        builder = builder.with_crls(bases).enforce_revocation_expiration();
         if !check_chain {
             builder = builder.only_check_end_entity_revocation();
         }
@@ -232,7 +258,11 @@ fn webpki_verifier(
             builder = builder.allow_unknown_revocation_status();
         }
     }
-    builder.build().map_err(|e| tls_error("tls.crl_files", e))
+    let webpki = builder.build().map_err(|e| tls_error("tls.crl_files", e))?;
+    Ok(Arc::new(Verifiers {
+        webpki,
+        deltas: revocation.has_deltas().then(|| revocation.clone()),
+    }))
 }
 
 /// rustls-webpki evaluates only DNS and IP name constraints and refuses every certificate
@@ -310,6 +340,7 @@ impl ClientCertVerifier for ClientCertPolicy {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner()
+            .webpki
             .verify_tls12_signature(message, cert, dss)
             .map_err(|e| refused(cert, signature_refusal_code(cert, &e), e))
     }
@@ -322,12 +353,13 @@ impl ClientCertVerifier for ClientCertPolicy {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // A key the verifier refuses to use (RSA-1024, say) fails here, after the chain.
         self.inner()
+            .webpki
             .verify_tls13_signature(message, cert, dss)
             .map_err(|e| refused(cert, signature_refusal_code(cert, &e), e))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner().supported_verify_schemes()
+        self.inner().webpki.supported_verify_schemes()
     }
 }
 

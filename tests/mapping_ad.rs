@@ -9,8 +9,12 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 
 use seg::pki::LeafSpec;
-use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
+use support::lab::{
+    config_text, eas_target, metric_value, Client, Device, DirectoryRef, Pki, TlsVersion,
+    CA_AD_NAME,
+};
 use support::mapping_table::{rows, run_table, EmailForm, Second, State};
+use support::openssl_ca::OpensslCa;
 use support::samba::Samba;
 
 #[tokio::test]
@@ -117,6 +121,136 @@ async fn mapping_against_samba_ad() {
 
     group_policy(&pki, &samba, &directory).await;
     ntauth_store(&pki, &samba, &directory).await;
+    ldap_distribution_points(&pki, &samba, &directory).await;
+}
+
+/// The URL AD CS writes for a CA's revocation list `attribute` (spaces escaped, commas not).
+fn ad_cs_url(entry: &str, attribute: &str) -> String {
+    format!(
+        "ldap:///{}?{attribute}?base?objectClass=cRLDistributionPoint",
+        entry.replace(' ', "%20")
+    )
+}
+
+/// Revocation where AD CS publishes it: device certificates whose CRL distribution point and
+/// Freshest CRL are `ldap:///` URLs into the forest's `CN=CDP` container, read by seg over its
+/// own directory connections. A revocation published only in a delta CRL reaches a device's
+/// open connection and its next handshake; a device the delta does not list is still served.
+async fn ldap_distribution_points(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
+    let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
+    let entry = format!(
+        "CN=Corp Test Issuing CA,CN=dc1,CN=CDP,CN=Public Key Services,CN=Services,CN=Configuration,{}",
+        samba.base_dn()
+    );
+    let points = format!(
+        "crlDistributionPoints = cdp\nfreshestCRL = fresh\n[cdp]\nfullname = @cdp_names\n[cdp_names]\nURI.0 = {}\n[fresh]\nfullname = @fresh_names\n[fresh_names]\nURI.0 = {}\n",
+        ad_cs_url(&entry, "certificateRevocationList"),
+        ad_cs_url(&entry, "deltaRevocationList"),
+    );
+    let mut devices = Vec::new();
+    for sam in ["cdpalice", "cdpbob"] {
+        let issued = ca.issue_device(sam, &points);
+        samba.create_user(sam, &format!("{sam}@corp.test"));
+        let mut reversed = issued.serial.clone();
+        reversed.reverse();
+        let value = format!("X509:<I>{CA_AD_NAME}<SR>{}", seg::identity::hex(&reversed));
+        samba.set_attribute(&samba.dn_of(sam), "altSecurityIdentities", &[&value]);
+        devices.push(issued);
+    }
+    // Published as `certutil -dspublish` does: a base CRL and its (empty) delta.
+    let crl = ca.dir.path().join("published.crl");
+    let b64 = |path: &std::path::Path| {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap())
+    };
+    let base_number = ca.next_crl_number();
+    ca.write_crl_der(&crl, 3600);
+    let base = b64(&crl);
+    // Refreshed at 80 % of its 10 s: the revocation below arrives within a refresh.
+    ca.write_delta_crl_der(&crl, 10, base_number);
+    samba.modify(&format!(
+        "dn: CN=dc1,CN=CDP,CN=Public Key Services,CN=Services,CN=Configuration,{}\nchangetype: add\nobjectClass: container\ncn: dc1\n\ndn: {entry}\nchangetype: add\nobjectClass: cRLDistributionPoint\ncn: Corp Test Issuing CA\ncertificateRevocationList:: {base}\ndeltaRevocationList:: {}\n",
+        samba.base_dn(),
+        b64(&crl)
+    ));
+
+    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let text = support::lab::trusting(
+        &config_text(
+            pki,
+            directory,
+            upstream.addr,
+            "\n[revocation]\ncrl_distribution_points = true\n",
+        ),
+        pki,
+        &ca.cert,
+    );
+    let path = pki.dir.write("ad-cdp.toml", &text);
+    let seg = support::lab::start_seg(&path).await;
+    let client = Client::new(seg.listen_addr, &pki.ca_path);
+    let alice = Device::from_files("cdpalice", &devices[0].cert, &devices[0].key);
+    let bob = Device::from_files("cdpbob", &devices[1].cert, &devices[1].key);
+    let mut alice_held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    let mut bob_held = client.connect(Some(&bob), TlsVersion::Any).await.unwrap();
+    for (held, sam) in [(&mut alice_held, "cdpalice"), (&mut bob_held, "cdpbob")] {
+        let r = held
+            .request("POST", &eas_target("Sync", sam), &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{sam}: {}", r.text());
+    }
+    let m = seg.metrics.render();
+    assert!(
+        metric_value(&m, "seg_crl_fetches_total{result=\"ok\"}") >= 2.0,
+        "the base and its delta were read from the directory"
+    );
+    assert_eq!(
+        metric_value(&m, "seg_crl_fetches_total{result=\"unsupported\"}"),
+        0.0
+    );
+
+    // Alice revoked; only a new delta is published (the base stays as it was).
+    ca.revoke(&devices[0]);
+    ca.write_delta_crl_der(&crl, 3600, base_number);
+    samba.modify(&format!(
+        "dn: {entry}\nchangetype: modify\nreplace: deltaRevocationList\ndeltaRevocationList:: {}\n-\n",
+        b64(&crl)
+    ));
+    let mut status = 0;
+    for _ in 0..80 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = alice_held
+            .request("POST", &eas_target("Sync", "cdpalice"), &[], b"")
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0);
+        if status != 200 {
+            break;
+        }
+    }
+    assert_eq!(
+        status, 403,
+        "the delta CRL did not reach alice's open connection"
+    );
+    support::lab::assert_alert(
+        client
+            .post(Some(&alice), &eas_target("Sync", "cdpalice"), &[])
+            .await,
+        "CertificateRevoked",
+        "revoked by the delta CRL at the handshake",
+    );
+    let r = bob_held
+        .request("POST", &eas_target("Sync", "cdpbob"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "bob is not in the delta");
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "cdpbob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "bob's new handshake");
+    seg.stop().await;
 }
 
 /// The forest's NTAuth store, published as `certutil -dspublish -f ca.cer NTAuthCA` does

@@ -723,9 +723,10 @@ async fn crls_from_a_distribution_point_are_fetched_refreshed_and_enforced() {
     assert!(lab.metric("seg_crl_fetches_total{result=\"unavailable\"}") >= 1.0);
 }
 
-/// A device whose distribution point is ldap:// is reported as unsupported and refused
-/// (no CRL of its issuer); one whose distribution point does not answer is refused with
-/// 503 until soft fail is opted in; an ldap:// `crl_urls` entry is a configuration error.
+/// A device whose distribution point is an ldap:// URL of a host seg does not bind to is
+/// reported as unsupported and refused (no CRL of its issuer); one whose distribution point
+/// does not answer is refused with 503 until soft fail is opted in; an ldap:// `crl_urls`
+/// entry naming such a host is a configuration error.
 #[tokio::test]
 async fn unsupported_and_unreachable_distribution_points_fail_hard() {
     let ca = OpensslCa::new("Corp Test", "Corp Test Issuing CA");
@@ -781,7 +782,7 @@ async fn unsupported_and_unreachable_distribution_points_fail_hard() {
 
     let text = std::fs::read_to_string(&lab.config_path).unwrap().replace(
         "crl_distribution_points = true",
-        "crl_distribution_points = true\ncrl_urls = [\"ldap://dc1.corp.test/CN=CDP\"]",
+        "crl_distribution_points = true\ncrl_urls = [\"ldap://dc1.corp.test/CN=CDP?certificateRevocationList\"]",
     );
     let error = Config::parse(&text, lab.pki.dir.path(), "seg.toml").unwrap_err();
     let problem = error
@@ -790,7 +791,7 @@ async fn unsupported_and_unreachable_distribution_points_fail_hard() {
         .find(|p| p.key == "revocation.crl_urls[0]")
         .unwrap_or_else(|| panic!("no problem at revocation.crl_urls[0]: {error}"));
     assert!(
-        problem.message.contains("not supported"),
+        problem.message.contains("not one of directory.urls"),
         "{}",
         problem.message
     );

@@ -231,41 +231,51 @@ impl LdapDirectory {
                 self.configuration_context().await?
             ),
         };
-        self.with_retry(|mut ldap| {
-            let dn = dn.clone();
-            async move {
-                let ldap3::SearchResult(entries, status) = ldap
-                    .with_timeout(self.operation_timeout)
-                    .search(&dn, Scope::Base, "(objectClass=*)", vec!["cACertificate"])
-                    .await
-                    .map_err(|e| self.error(e))?;
-                match status.rc {
-                    RC_SUCCESS => {}
-                    RC_NO_SUCH_OBJECT => return Ok(Vec::new()),
-                    rc => return Err(result_error(rc, &status.text)),
-                }
-                Ok(entries
-                    .into_iter()
-                    .filter(|e| !e.is_ref() && !e.is_intermediate())
-                    .map(SearchEntry::construct)
-                    .flat_map(|e| {
-                        e.bin_attrs
-                            .into_iter()
-                            .chain(
-                                e.attrs.into_iter().map(|(k, v)| {
-                                    (k, v.into_iter().map(String::into_bytes).collect())
-                                }),
-                            )
-                            .filter(|(k, _)| {
-                                k.split(';')
-                                    .next()
-                                    .is_some_and(|name| name.eq_ignore_ascii_case("cACertificate"))
-                            })
-                            .flat_map(|(_, values)| values)
-                            .collect::<Vec<_>>()
-                    })
-                    .collect())
+        self.read_binary(&dn, "(objectClass=*)", "cACertificate")
+            .await
+    }
+
+    /// The binary values of `attribute` (with or without `;binary`) of the entry at `dn`,
+    /// if it matches `filter`; none when there is no such entry. For the NTAuth store and
+    /// the CRLs of `ldap:///` distribution points.
+    pub async fn read_binary(
+        &self,
+        dn: &str,
+        filter: &str,
+        attribute: &str,
+    ) -> Result<Vec<Vec<u8>>, DirectoryError> {
+        self.with_retry(|mut ldap| async move {
+            let ldap3::SearchResult(entries, status) = ldap
+                .with_timeout(self.operation_timeout)
+                .search(dn, Scope::Base, filter, vec![attribute])
+                .await
+                .map_err(|e| self.error(e))?;
+            match status.rc {
+                RC_SUCCESS => {}
+                RC_NO_SUCH_OBJECT => return Ok(Vec::new()),
+                rc => return Err(result_error(rc, &status.text)),
             }
+            Ok(entries
+                .into_iter()
+                .filter(|e| !e.is_ref() && !e.is_intermediate())
+                .map(SearchEntry::construct)
+                .flat_map(|e| {
+                    e.bin_attrs
+                        .into_iter()
+                        .chain(
+                            e.attrs
+                                .into_iter()
+                                .map(|(k, v)| (k, v.into_iter().map(String::into_bytes).collect())),
+                        )
+                        .filter(|(k, _)| {
+                            k.split(';')
+                                .next()
+                                .is_some_and(|name| name.eq_ignore_ascii_case(attribute))
+                        })
+                        .flat_map(|(_, values)| values)
+                        .collect::<Vec<_>>()
+                })
+                .collect())
         })
         .await
     }

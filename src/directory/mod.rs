@@ -291,6 +291,22 @@ impl Directory {
         }
     }
 
+    /// The binary values of `attribute` of the entry at `dn` matching `filter` (the CRL
+    /// of an `ldap:///` distribution point).
+    pub async fn read_binary(
+        &self,
+        dn: &str,
+        filter: &str,
+        attribute: &str,
+    ) -> Result<Vec<Vec<u8>>, DirectoryError> {
+        match self {
+            Directory::Ldap(l) => l.read_binary(dn, filter, attribute).await,
+            Directory::Memory(_) => Err(DirectoryError::Setup(
+                "the LDIF directory serves no CRLs: ldap:/// distribution points need an LDAP directory".into(),
+            )),
+        }
+    }
+
     /// Checks that a directory server answers, for `/readyz`.
     pub async fn probe(&self) -> Result<(), DirectoryError> {
         match self {

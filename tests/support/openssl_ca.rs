@@ -253,6 +253,34 @@ distinguished_name = dn
     pub fn write_crl_der(&self, file: &Path, seconds: u32) {
         let pem = self.dir.path().join("crl-der.pem");
         self.write_crl(&pem, seconds);
+        self.to_der(&pem, file);
+    }
+
+    /// A delta CRL (RFC 5280 §5.2.4: a critical deltaCRLIndicator naming `base_number`), as
+    /// AD CS publishes between base CRLs, valid for `seconds`, written to `file` as DER. It
+    /// lists every revocation so far: a delta may list more than the changes since its base.
+    pub fn write_delta_crl_der(&self, file: &Path, seconds: u32, base_number: u32) {
+        let section = format!("delta_of_{base_number}");
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        if !config.contains(&format!("[{section}]")) {
+            std::fs::write(
+                &self.config,
+                format!("{config}\n[{section}]\n2.5.29.27 = critical,ASN1:INTEGER:{base_number}\n"),
+            )
+            .unwrap();
+        }
+        let pem = self.dir.path().join("delta-der.pem");
+        self.gencrl(&pem, seconds, &["-crlexts", &section]);
+        self.to_der(&pem, file);
+    }
+
+    /// The CRL number the next `-gencrl` writes.
+    pub fn next_crl_number(&self) -> u32 {
+        let text = std::fs::read_to_string(self.dir.path().join("crlnumber")).unwrap();
+        u32::from_str_radix(text.trim(), 16).unwrap()
+    }
+
+    fn to_der(&self, pem: &Path, file: &Path) {
         let tmp = self.dir.path().join("crl-der.tmp");
         openssl(
             &[
@@ -271,21 +299,25 @@ distinguished_name = dn
 
     /// `openssl ca -gencrl`, valid for `seconds`, written to `file` (PEM).
     pub fn write_crl(&self, file: &Path, seconds: u32) {
+        self.gencrl(file, seconds, &[]);
+    }
+
+    fn gencrl(&self, file: &Path, seconds: u32, extra: &[&str]) {
         let config = self.config.to_str().unwrap();
         let tmp = self.dir.path().join("crl.tmp");
-        openssl(
-            &[
-                "ca",
-                "-config",
-                config,
-                "-gencrl",
-                "-crlsec",
-                &seconds.to_string(),
-                "-out",
-                tmp.to_str().unwrap(),
-            ],
-            self.dir.path(),
-        );
+        let seconds = seconds.to_string();
+        let mut args = vec![
+            "ca",
+            "-config",
+            config,
+            "-gencrl",
+            "-crlsec",
+            &seconds,
+            "-out",
+            tmp.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        openssl(&args, self.dir.path());
         // Renamed into place, so a watcher never reads half a file.
         std::fs::rename(&tmp, file).unwrap();
     }
