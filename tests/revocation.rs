@@ -246,6 +246,65 @@ async fn an_expired_crl_refuses_new_handshakes_and_fails_readiness() {
     assert_eq!(r.status, 200);
 }
 
+/// A delta CRL in `tls.crl_files` beside its base (one PEM file holding both): the device
+/// it lists is refused at the handshake with `certificate_revoked` and on its open
+/// connection; once the delta is past its nextUpdate, its CA's devices are refused as with a
+/// stale base, and readiness fails.
+#[tokio::test]
+async fn a_delta_crl_revokes_beside_its_base_and_its_staleness_refuses() {
+    let lab = RevocationLab::start(3600).await;
+    let base_number = lab.ca.next_crl_number() - 1;
+    let (alice, bob) = (lab.device("alice", &lab.alice), lab.device("bob", &lab.bob));
+    let client = lab.client();
+    let mut held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    lab.ca.revoke(&lab.alice);
+    let delta = lab.pki.dir.path().join("delta.pem");
+    lab.ca.write_delta_crl(&delta, 3, base_number);
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(&lab.crl).unwrap(),
+        std::fs::read_to_string(&delta).unwrap()
+    );
+    std::fs::write(&lab.crl, both).unwrap();
+    lab.seg.reload_file(&lab.config_path).unwrap();
+    assert_refused_and_closed(&mut held).await;
+    support::lab::assert_alert(
+        client
+            .post(Some(&alice), &eas_target("Sync", "alice"), &[])
+            .await,
+        "CertificateRevoked",
+        "listed by the delta only",
+    );
+    let r = client
+        .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "bob is in neither");
+
+    // The delta lapses; the base is still fresh.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    support::lab::assert_alert(
+        client
+            .post(Some(&bob), &eas_target("Sync", "bob"), &[])
+            .await,
+        "CertificateUnknown",
+        "the delta is past its nextUpdate",
+    );
+    support::lab::wait_for_readyz(
+        lab.seg.admin_addr,
+        "HTTP/1.1 503",
+        "crl",
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_broken_reload_keeps_the_old_configuration_serving() {
     let lab = RevocationLab::start(3600).await;

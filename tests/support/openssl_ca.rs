@@ -260,6 +260,13 @@ distinguished_name = dn
     /// AD CS publishes between base CRLs, valid for `seconds`, written to `file` as DER. It
     /// lists every revocation so far: a delta may list more than the changes since its base.
     pub fn write_delta_crl_der(&self, file: &Path, seconds: u32, base_number: u32) {
+        let pem = self.dir.path().join("delta-der.pem");
+        self.write_delta_crl(&pem, seconds, base_number);
+        self.to_der(&pem, file);
+    }
+
+    /// As `write_delta_crl_der`, written as PEM.
+    pub fn write_delta_crl(&self, file: &Path, seconds: u32, base_number: u32) {
         let section = format!("delta_of_{base_number}");
         let config = std::fs::read_to_string(&self.config).unwrap();
         if !config.contains(&format!("[{section}]")) {
@@ -269,9 +276,7 @@ distinguished_name = dn
             )
             .unwrap();
         }
-        let pem = self.dir.path().join("delta-der.pem");
-        self.gencrl(&pem, seconds, &["-crlexts", &section]);
-        self.to_der(&pem, file);
+        self.gencrl(file, seconds, &["-crlexts", &section]);
     }
 
     /// The CRL number the next `-gencrl` writes.
