@@ -56,6 +56,14 @@ impl rustls::time_provider::TimeProvider for Clock {
     }
 }
 
+/// A uniformly random number in [0, 1]: to spread work (drained long polls, restored
+/// identities' refreshes) over a window.
+pub fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    u32::from_le_bytes(bytes) as f64 / u32::MAX as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -177,6 +177,97 @@ impl LdapConfig {
     }
 }
 
+/// One way of finding the account a certificate belongs to (MS-PKCA 3.1.5.2.1, KB5014754).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingRule {
+    /// `altSecurityIdentities` = `X509:<I>issuer<SR>serial`, both serial byte orders (strong).
+    IssuerSerial,
+    /// `X509:<SKI>subjectKeyIdentifier` (strong).
+    SubjectKeyId,
+    /// `X509:<SHA1-PUKEY>…`: SHA-1 of the public key, or the certificate thumbprint (strong).
+    Sha1PublicKey,
+    /// `X509:<I>issuer<SID>sid`, the SID from the certificate (strong).
+    IssuerSid,
+    /// `X509:<I>issuer<S>subject` (weak).
+    IssuerSubject,
+    /// `X509:<S>subject` (weak).
+    Subject,
+    /// `X509:<RFC822>email` (weak).
+    Rfc822,
+    /// UPN otherName in the subjectAltName → `userPrincipalName` (implicit, weak).
+    Upn,
+    /// rfc822Name in the subjectAltName → `mail` or `proxyAddresses` `smtp:` (weak).
+    Email,
+    /// dNSName in the subjectAltName → a computer's `dNSHostName` (weak; computers only).
+    Dns,
+    /// Issuer and subject patterns → one named account, configured on the gateway.
+    ManyToOne,
+}
+
+/// How much a mapping proves, in KB5014754's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MappingStrength {
+    Strong,
+    Weak,
+}
+
+impl MappingRule {
+    pub const ALL: [MappingRule; 11] = [
+        MappingRule::IssuerSerial,
+        MappingRule::SubjectKeyId,
+        MappingRule::Sha1PublicKey,
+        MappingRule::IssuerSid,
+        MappingRule::IssuerSubject,
+        MappingRule::Subject,
+        MappingRule::Rfc822,
+        MappingRule::Upn,
+        MappingRule::Email,
+        MappingRule::Dns,
+        MappingRule::ManyToOne,
+    ];
+
+    /// The name used in the configuration and the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            MappingRule::IssuerSerial => "issuer-serial",
+            MappingRule::SubjectKeyId => "subject-key-id",
+            MappingRule::Sha1PublicKey => "sha1-public-key",
+            MappingRule::IssuerSid => "issuer-sid",
+            MappingRule::IssuerSubject => "issuer-subject",
+            MappingRule::Subject => "subject",
+            MappingRule::Rfc822 => "rfc822",
+            MappingRule::Upn => "upn",
+            MappingRule::Email => "email",
+            MappingRule::Dns => "dns",
+            MappingRule::ManyToOne => "many-to-one",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<MappingRule> {
+        MappingRule::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    /// KB5014754's classification. A many-to-one rule is an explicit binding made by the
+    /// gateway's administrator, so it counts as strong.
+    pub fn strength(self) -> MappingStrength {
+        match self {
+            MappingRule::IssuerSerial
+            | MappingRule::SubjectKeyId
+            | MappingRule::Sha1PublicKey
+            | MappingRule::IssuerSid
+            | MappingRule::ManyToOne => MappingStrength::Strong,
+            MappingRule::IssuerSubject
+            | MappingRule::Subject
+            | MappingRule::Rfc822
+            | MappingRule::Upn
+            | MappingRule::Email
+            | MappingRule::Dns => MappingStrength::Weak,
+        }
+    }
+}
+
 /// The identity cache in front of the directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
@@ -199,7 +290,7 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MappingConfig {
     /// Rules in the order they are tried; a strong match always beats a weak one.
-    pub rules: Vec<crate::identity::MappingRule>,
+    pub rules: Vec<MappingRule>,
     pub enforcement: Enforcement,
     /// IIS-style many-to-one rules (the `many-to-one` rule), first match wins.
     pub many_to_one: Vec<ManyToOneRule>,
@@ -643,7 +734,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let names = s.string_list("rules", &default_rules, p);
     let mut rules = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        match crate::identity::MappingRule::from_name(name) {
+        match MappingRule::from_name(name) {
             Some(rule) if rules.contains(&rule) => p.push(
                 &format!("mapping.rules[{i}]"),
                 &format!("\"{name}\" is listed twice"),
@@ -653,7 +744,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
                 &format!("mapping.rules[{i}]"),
                 &format!(
                     "unknown rule \"{name}\"; known rules: {}",
-                    crate::identity::MappingRule::ALL
+                    MappingRule::ALL
                         .iter()
                         .map(|r| r.name())
                         .collect::<Vec<_>>()
@@ -708,7 +799,7 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         });
         t.finish(p);
     }
-    let uses_many_to_one = rules.contains(&crate::identity::MappingRule::ManyToOne);
+    let uses_many_to_one = rules.contains(&MappingRule::ManyToOne);
     if uses_many_to_one && many_to_one.is_empty() {
         p.push(
             "mapping.many_to_one",

@@ -45,7 +45,7 @@ pub enum DemoError {
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Build(#[from] crate::BuildError),
+    Build(#[from] crate::app::BuildError),
     #[error("cannot listen: {0}")]
     Listen(std::io::Error),
 }

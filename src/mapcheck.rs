@@ -10,11 +10,12 @@ use std::path::Path;
 
 use rustls::pki_types::CertificateDer;
 
+use crate::certs::read_certs;
 use crate::config::Config;
 use crate::identity::DenyReason;
 use crate::ntauth::{NtAuthStore, NtAuthVerdict};
 use crate::resolver::{Decision, Resolver, Trace};
-use crate::tls::{read_certs, ClientCertPolicy};
+use crate::tls::ClientCertPolicy;
 
 /// The decision for one certificate and how it was reached.
 pub struct MapReport {
@@ -60,7 +61,7 @@ pub async fn map_certificate(
     ntauth: Option<&NtAuthStore>,
     cert_file: &Path,
     chain_file: Option<&Path>,
-) -> Result<MapReport, crate::tls::TlsError> {
+) -> Result<MapReport, crate::certs::TlsError> {
     let leaf = read_certs(cert_file, "--cert")?.remove(0);
     let intermediates: Vec<CertificateDer<'static>> = match chain_file {
         Some(path) => read_certs(path, "--chain")?,

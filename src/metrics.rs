@@ -376,7 +376,7 @@ impl Metrics {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         self.record_crls(revocation, now);
-        let expiry = crate::tls::read_certs(&tls.certificate, "tls.certificate")
+        let expiry = crate::certs::read_certs(&tls.certificate, "tls.certificate")
             .ok()
             .and_then(|certs| certs.into_iter().next())
             .and_then(|leaf| {

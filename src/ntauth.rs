@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::certs::TlsError;
 use crate::config::NtAuthConfig;
 use crate::identity::CertFingerprint;
-use crate::tls::TlsError;
 
 /// One CA the store trusts to issue logon certificates.
 #[derive(Debug, Clone)]
@@ -73,14 +73,14 @@ impl NtAuthStore {
             return Ok(None);
         }
         let file = match &config.file {
-            Some(path) => crate::tls::read_certs(path, "ntauth.file")?
+            Some(path) => crate::certs::read_certs(path, "ntauth.file")?
                 .iter()
                 .map(|der| issuing_ca(der).map_err(|e| error("ntauth.file", e)))
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
         if config.file.is_none() && !config.directory {
-            let signers = crate::tls::read_certs(client_ca, "tls.client_ca")?
+            let signers = crate::certs::read_certs(client_ca, "tls.client_ca")?
                 .iter()
                 .filter_map(|der| may_sign_cas(der))
                 .collect::<Vec<_>>();

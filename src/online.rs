@@ -28,12 +28,12 @@ use x509_parser::extensions::{
 };
 use x509_parser::prelude::FromDer;
 
+use crate::certs::TlsError;
 use crate::config::Config;
 use crate::crl_fetch::CrlFetcher;
 use crate::metrics::Metrics;
 use crate::ocsp::{OcspChecker, OcspStatus};
 use crate::revocation::CurrentRevocation;
-use crate::tls::TlsError;
 
 /// The online checks of one configuration.
 pub struct OnlineRevocation {
@@ -186,7 +186,7 @@ pub struct Issuers {
 
 impl Issuers {
     pub fn load(path: &std::path::Path) -> Result<Issuers, TlsError> {
-        let certs = crate::tls::read_certs(path, "tls.client_ca")?;
+        let certs = crate::certs::read_certs(path, "tls.client_ca")?;
         let mut by_subject: HashMap<Vec<u8>, Vec<CertificateDer<'static>>> = HashMap::new();
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         for cert in &certs {

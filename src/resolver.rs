@@ -271,7 +271,7 @@ impl Resolver {
                 continue;
             };
             // Due for refresh at a random moment within the soft TTL from now.
-            let due_in = self.soft_ttl.mul_f64(crate::random_fraction());
+            let due_in = self.soft_ttl.mul_f64(crate::clock::random_fraction());
             cached.resolved_at = Instant::now()
                 .checked_sub(self.soft_ttl - due_in)
                 .unwrap_or_else(Instant::now);

@@ -31,7 +31,7 @@ use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::tls::{ClientCertPolicy, TlsError};
+use crate::certs::TlsError;
 
 /// The CRLs in force: each parsed once, looked up by issuer.
 #[derive(Default, Clone)]
@@ -323,6 +323,12 @@ impl RevocationList {
     }
 }
 
+/// What checks new handshakes against the CRLs in force (the client-certificate verifier,
+/// `tls::ClientCertPolicy`): given every new list, or refusing it with the key at fault.
+pub trait CrlSink: Send + Sync {
+    fn set_crls(&self, list: &RevocationList) -> Result<(), TlsError>;
+}
+
 /// The CRLs in force for every connection, old or new: shared by all configurations. The
 /// list is the CRL files of the configuration serving now plus the CRLs fetched over HTTP;
 /// either changing replaces it at once for the per-request check and rebuilds the verifier
@@ -339,7 +345,7 @@ struct Sources {
     files: Vec<Arc<ParsedCrl>>,
     fetched: BTreeMap<String, Arc<ParsedCrl>>,
     /// The verifier of the configuration serving now.
-    verifier: Option<Arc<ClientCertPolicy>>,
+    verifier: Option<Arc<dyn CrlSink>>,
 }
 
 impl Sources {
@@ -378,7 +384,7 @@ impl CurrentRevocation {
     pub fn install(
         &self,
         files: &RevocationList,
-        verifier: Arc<ClientCertPolicy>,
+        verifier: Arc<dyn CrlSink>,
         built_with: &RevocationList,
     ) {
         let mut sources = self.lock();

@@ -30,9 +30,9 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_L
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::server::StoresServerSessions;
 
+use crate::certs::TlsError;
 use crate::clock::Clock;
 use crate::config::TlsConfig;
-use crate::tls::TlsError;
 
 /// Shortest secret accepted.
 const MIN_SECRET: usize = 32;

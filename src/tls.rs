@@ -9,7 +9,6 @@
 //! other setting stay, so the session cache and the session tickets, which are bound to the
 //! trust policy (`tickets`), stay valid across a CRL refresh.
 
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -24,23 +23,9 @@ use rustls::{
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
+use crate::certs::{read_certs, tls_error, TlsError};
 use crate::config::TlsConfig;
 use crate::revocation::{DeltaVerdict, RevocationList};
-
-/// A TLS setup problem, named by the configuration key it comes from.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct TlsError {
-    pub key: &'static str,
-    pub message: String,
-}
-
-fn tls_error(key: &'static str, message: impl std::fmt::Display) -> TlsError {
-    TlsError {
-        key,
-        message: message.to_string(),
-    }
-}
 
 /// The crypto provider every TLS configuration of seg uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -96,24 +81,6 @@ pub fn upstream_verifier(
     rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| tls_error("upstream.ca_file", e))
-}
-
-/// Reads every certificate of a PEM file; an empty file is an error.
-pub fn read_certs(
-    path: &Path,
-    key: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(key, format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(tls_error(
-            key,
-            format!("{} holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(certs)
 }
 
 /// Client-certificate verification: webpki chain validation to the enterprise CAs, plus an
@@ -308,6 +275,12 @@ fn has_client_auth_eku(leaf: &[u8]) -> bool {
         return false;
     };
     matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth)
+}
+
+impl crate::revocation::CrlSink for ClientCertPolicy {
+    fn set_crls(&self, list: &RevocationList) -> Result<(), TlsError> {
+        ClientCertPolicy::set_crls(self, list)
+    }
 }
 
 impl ClientCertVerifier for ClientCertPolicy {

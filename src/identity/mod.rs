@@ -12,12 +12,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 
+pub use crate::config::{MappingRule, MappingStrength};
 pub use facts::{
     ad_dn, hex, oid_der, CertFacts, CertFingerprint, FactsError, SID_EXTENSION_OID, SID_URI_PREFIX,
 };
 pub use mapping::{
-    decide, generalized_time_unix, glob_match, unix_from_civil, Mapped, MappingPlan, MappingRule,
-    MappingStrength, MappingVerdict, RuleAttempt,
+    decide, generalized_time_unix, glob_match, unix_from_civil, Mapped, MappingPlan,
+    MappingVerdict, RuleAttempt,
 };
 pub use sid::{sid_from_text, sid_to_text};
 

@@ -304,7 +304,7 @@ impl Upstream {
     ) -> Result<Upstream, UpstreamSetupError> {
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &config.ca_file {
-            let certs = crate::tls::read_certs(ca, "upstream.ca_file")
+            let certs = crate::certs::read_certs(ca, "upstream.ca_file")
                 .map_err(|e| UpstreamSetupError(e.message))?;
             for cert in certs {
                 roots

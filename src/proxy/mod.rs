@@ -169,7 +169,7 @@ impl DrainPlan {
 
     /// A uniformly random moment within the window.
     fn spread(&self) -> Instant {
-        self.started + self.window.mul_f64(crate::random_fraction())
+        self.started + self.window.mul_f64(crate::clock::random_fraction())
     }
 }
 

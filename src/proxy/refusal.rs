@@ -111,7 +111,7 @@ impl Refusal {
         match self {
             Refusal::DependencyDown("directory-overloaded" | "directory-timeout") => {
                 STORM_RETRY_MIN_SECS
-                    + (crate::random_fraction()
+                    + (crate::clock::random_fraction()
                         * (STORM_RETRY_MAX_SECS - STORM_RETRY_MIN_SECS) as f64)
                         .round() as u64
             }
