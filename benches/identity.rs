@@ -24,13 +24,13 @@ use http::{HeaderMap, HeaderValue};
 
 use seg::activesync::{Command, EasRequest};
 use seg::config::Config;
+use seg::demo::pki::{CertAuthority, LeafSpec};
 use seg::directory::Directory;
+use seg::identity::resolver::{Decision, Resolver};
 use seg::identity::{CertFacts, CertFingerprint, MappingPlan, MappingRule};
 use seg::metrics::Metrics;
-use seg::pki::{CertAuthority, LeafSpec};
 use seg::proxy::http1::{parse_request_head, BodyFraming};
 use seg::proxy::HeaderPolicy;
-use seg::resolver::{Decision, Resolver};
 
 const LDIF: &str = "\
 dn: DC=corp,DC=test
@@ -90,7 +90,7 @@ struct Fixture {
     config: Config,
     resolver: Arc<Resolver>,
     /// The NTAuth store of the configuration (`ntauth.file`, the fixture's CA).
-    ntauth: Arc<seg::ntauth::NtAuthStore>,
+    ntauth: Arc<seg::tls::ntauth::NtAuthStore>,
 }
 
 impl Fixture {
@@ -125,7 +125,7 @@ impl Fixture {
             &config.cache,
             Arc::new(Metrics::new()),
         ));
-        let ntauth = seg::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)
+        let ntauth = seg::tls::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)
             .expect("the NTAuth store")
             .expect("ntauth.file is set");
         // Everything has been read.
@@ -277,7 +277,7 @@ fn ntauth_check(c: &mut Criterion, fixture: &Fixture) {
     let fingerprint = seg::identity::CertFingerprint::of(&fixture.leaf_der);
     assert!(matches!(
         store.check(fingerprint, &fixture.leaf_der),
-        seg::ntauth::NtAuthVerdict::Issued(_)
+        seg::tls::ntauth::NtAuthVerdict::Issued(_)
     ));
     let mut group = c.benchmark_group("ntauth_check");
     group.bench_function("first_sight", |b| {

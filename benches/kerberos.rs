@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use seg::config::KerberosConfig;
+use seg::demo::pki::LeafSpec;
 use seg::directory::AccountEntry;
 use seg::kerberos::Delegation;
 use seg::metrics::Metrics;
-use seg::pki::LeafSpec;
 use support::lab::{Pki, TempDir};
 use support::samba::{Samba, SambaTls};
 

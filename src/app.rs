@@ -14,9 +14,9 @@ use tokio::task::JoinHandle;
 use crate::admin::Health;
 use crate::config::{Config, DirectoryConfig};
 use crate::directory::{Directory, DirectoryError};
+use crate::identity::resolver::Resolver;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, HeaderPolicy, Live, Upstream, UpstreamSetupError};
-use crate::resolver::Resolver;
 
 /// Why a configuration could not be turned into a gateway.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ fn build_gateway(
         p.config.ntauth == config.ntauth && p.config.tls.client_ca == config.tls.client_ca
     }) {
         Some(p) if p.ntauth.is_some() => p.ntauth.clone(),
-        _ => crate::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)?,
+        _ => crate::tls::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)?,
     };
     if let DirectoryConfig::Ldap(l) = &config.directory {
         if l.danger_allow_plaintext {
@@ -158,7 +158,7 @@ fn build_gateway(
         DirectoryConfig::Ldap(ldap) => Some((Arc::clone(&directory), ldap.clone())),
         DirectoryConfig::Ldif { .. } => None,
     };
-    let online = Arc::new(crate::online::OnlineRevocation::build(
+    let online = Arc::new(crate::revocation::online::OnlineRevocation::build(
         &config,
         previous.map(|p| p.online.as_ref()),
         &current_revocation,
@@ -187,7 +187,7 @@ fn build_gateway(
             metrics.long_polls.clone(),
         )),
     };
-    metrics.record_pki(&config.tls, &revocation);
+    metrics.record_pki(&config.tls, revocation.gauges());
     Ok(Gateway {
         resolver,
         directory,
@@ -297,7 +297,7 @@ impl App {
         if let Some(store) = gateway.ntauth.as_ref().filter(|s| s.reads_directory()) {
             let dn = gateway.config.ntauth.dn.as_deref();
             if let Err(e) = store.read_from(&gateway.directory, dn).await {
-                tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read");
+                tracing::warn!(target: "seg::tls::ntauth", error = %e, "NTAuth store not read");
             }
         }
         crate::mapcheck::map_certificate(
@@ -507,7 +507,7 @@ impl Running {
 }
 
 async fn restore_snapshot(resolver: &Resolver, path: &std::path::Path) {
-    match crate::snapshot::Snapshot::read(path) {
+    match crate::identity::snapshot::Snapshot::read(path) {
         Ok(Some(snapshot)) => {
             let age = snapshot.written_unix;
             let (restored, dropped) = resolver.restore(snapshot).await;
@@ -602,7 +602,7 @@ async fn probe_dependencies(
         for crl in &stale {
             tracing::error!(target: "seg::tls", issuer = %crl.issuer, source = %crl.source, "CRL is past its nextUpdate: new handshakes of its certificates are refused");
         }
-        gateway.metrics.record_crls(&revocation, now);
+        gateway.metrics.record_crls(revocation.gauges(), now);
         health.directory_up.store(directory_up, Ordering::Release);
         health.upstream_up.store(upstream_up, Ordering::Release);
         health.crls_fresh.store(stale.is_empty(), Ordering::Release);
@@ -637,11 +637,11 @@ async fn refresh_ntauth(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
             {
                 Ok(count) => {
                     if count == 0 {
-                        tracing::warn!(target: "seg::ntauth", "the directory's NTAuth store holds no CA: every device is refused (certutil -dspublish -f ca.cer NTAuthCA adds one)");
+                        tracing::warn!(target: "seg::tls::ntauth", "the directory's NTAuth store holds no CA: every device is refused (certutil -dspublish -f ca.cer NTAuthCA adds one)");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(target: "seg::ntauth", error = %e, "NTAuth store not read; the last one read stays in force");
+                    tracing::warn!(target: "seg::tls::ntauth", error = %e, "NTAuth store not read; the last one read stays in force");
                     wait = wait.min(std::time::Duration::from_secs(30));
                 }
             }

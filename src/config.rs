@@ -72,7 +72,7 @@ pub struct ListenConfig {
     /// The listen socket's accept backlog: room for a fleet reconnecting at once.
     pub backlog: u32,
     /// Networks whose connections must start with a PROXY protocol header (v1 or v2).
-    pub proxy_protocol_from: Vec<crate::proxy_protocol::IpNetwork>,
+    pub proxy_protocol_from: Vec<crate::syntax::ip_network::IpNetwork>,
     /// On SIGTERM: how long short requests may finish and over which held long polls are
     /// closed, spread out so the devices do not all reconnect in the same second.
     pub drain_window: Duration,
@@ -651,15 +651,15 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
             s.string_list("proxy_protocol_from", &[], p)
                 .iter()
                 .enumerate()
-                .filter_map(
-                    |(i, text)| match text.parse::<crate::proxy_protocol::IpNetwork>() {
+                .filter_map(|(i, text)| {
+                    match text.parse::<crate::syntax::ip_network::IpNetwork>() {
                         Ok(net) => Some(net),
                         Err(e) => {
                             p.push(&format!("{key}[{i}]"), &e);
                             None
                         }
-                    },
-                )
+                    }
+                })
                 .collect()
         },
         drain_window: s.duration("drain_window", "60s", p),
@@ -963,10 +963,10 @@ fn read_revocation(
         .enumerate()
         .filter(|(i, text)| {
             let key = format!("{urls_key}[{i}]");
-            if !crate::ldap_url::is_ldap(text) {
+            if !crate::syntax::ldap_url::is_ldap(text) {
                 return http_url(text, &key, p).is_some();
             }
-            let url = match crate::ldap_url::LdapUrl::parse(text) {
+            let url = match crate::syntax::ldap_url::LdapUrl::parse(text) {
                 Ok(url) => url,
                 Err(e) => {
                     p.push(&key, &format!("\"{text}\": {e}"));

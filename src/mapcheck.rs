@@ -12,9 +12,9 @@ use rustls::pki_types::CertificateDer;
 
 use crate::certs::read_certs;
 use crate::config::Config;
+use crate::identity::resolver::{Decision, Resolver, Trace};
 use crate::identity::DenyReason;
-use crate::ntauth::{NtAuthStore, NtAuthVerdict};
-use crate::resolver::{Decision, Resolver, Trace};
+use crate::tls::ntauth::{NtAuthStore, NtAuthVerdict};
 use crate::tls::ClientCertPolicy;
 
 /// The decision for one certificate and how it was reached.

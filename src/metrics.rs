@@ -50,6 +50,15 @@ pub struct Metrics {
     pub kerberos: KerberosMetrics,
 }
 
+/// What the CRL gauges show of one CRL in force.
+pub struct CrlGauge<'a> {
+    pub issuer: &'a str,
+    /// The file or URL it came from.
+    pub source: String,
+    pub this_update_unix: i64,
+    pub next_update_unix: Option<i64>,
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new_custom(Some("seg".into()), None)
@@ -366,16 +375,16 @@ impl Metrics {
 
     /// Records the PKI facts of a configuration just built: CRL nextUpdates and the server
     /// certificate's expiry.
-    pub fn record_pki(
+    pub fn record_pki<'a>(
         &self,
         tls: &crate::config::TlsConfig,
-        revocation: &crate::revocation::RevocationList,
+        crls: impl Iterator<Item = CrlGauge<'a>>,
     ) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        self.record_crls(revocation, now);
+        self.record_crls(crls, now);
         let expiry = crate::certs::read_certs(&tls.certificate, "tls.certificate")
             .ok()
             .and_then(|certs| certs.into_iter().next())
@@ -392,13 +401,12 @@ impl Metrics {
 
     /// The CRL gauges for the CRLs in force at `now_unix`. Labelled by issuer *and* source,
     /// so a file and a fetched CRL of one issuer do not overwrite each other.
-    pub fn record_crls(&self, revocation: &crate::revocation::RevocationList, now_unix: i64) {
+    pub fn record_crls<'a>(&self, crls: impl Iterator<Item = CrlGauge<'a>>, now_unix: i64) {
         self.crl_next_update.reset();
         self.crl_age.reset();
         self.crl_seconds_to_next_update.reset();
-        for crl in revocation.crls() {
-            let source = crl.source.to_string();
-            let labels = [crl.issuer.as_str(), source.as_str()];
+        for crl in crls {
+            let labels = [crl.issuer, crl.source.as_str()];
             self.crl_age
                 .with_label_values(&labels)
                 .set((now_unix - crl.this_update_unix) as f64);

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use base64::Engine as _;
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{Lab, Pki, TlsVersion, CA_AD_NAME};
 use support::slapd::UserSpec;
 
@@ -238,7 +238,7 @@ async fn device_rules_block_and_allow() {
 
 #[tokio::test]
 async fn the_third_concurrent_ping_of_a_device_waits_and_a_gone_device_aborts_upstream() {
-    let upstream = seg::echo::EchoUpstream::start_holding(
+    let upstream = seg::demo::echo::EchoUpstream::start_holding(
         "127.0.0.1:0".parse().unwrap(),
         Duration::from_secs(30),
     )
@@ -391,7 +391,7 @@ async fn connect_is_refused() {
 async fn a_held_ping_outlives_the_idle_timeout() {
     let pki = Pki::new();
     let slapd = support::lab::start_slapd(&pki, accounts());
-    let upstream = seg::echo::EchoUpstream::start_holding(
+    let upstream = seg::demo::echo::EchoUpstream::start_holding(
         "127.0.0.1:0".parse().unwrap(),
         Duration::from_secs(3),
     )

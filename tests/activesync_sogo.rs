@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use seg::config::Config;
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use seg::App;
 use serde_json::Value;
 use support::lab::{

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{config_text, eas_target, start_slapd, Client, Device, Pki, TempDir};
 use support::slapd::UserSpec;
 

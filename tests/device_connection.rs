@@ -10,8 +10,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use seg::echo::{EchoUpstream, RecordedRequest};
-use seg::pki::LeafSpec;
+use seg::demo::echo::{EchoUpstream, RecordedRequest};
+use seg::demo::pki::LeafSpec;
 use support::audit::{audit, capture_audit};
 use support::lab::{socket_from, Device, Lab, Pki};
 use support::slapd::UserSpec;

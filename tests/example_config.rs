@@ -7,8 +7,8 @@ use std::time::Duration;
 use seg::config::{
     Config, DirectoryConfig, Enforcement, GroupMethod, IdentityValue, MIN_REQUEST_TIMEOUT,
 };
+use seg::demo::pki::{CertAuthority, LeafSpec};
 use seg::identity::{CertFacts, MappingRule};
-use seg::pki::{CertAuthority, LeafSpec};
 
 const EXAMPLE: &str = include_str!("../config/seg.example.toml");
 

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use seg::echo::EchoUpstream;
-use seg::pki::LeafSpec;
+use seg::demo::echo::EchoUpstream;
+use seg::demo::pki::LeafSpec;
 use seg::Running;
 use support::audit::{audit, capture_audit};
 use support::chaos::{Chaos, Mode};

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use seg::pki::{LeafSpec, Usage};
+use seg::demo::pki::{LeafSpec, Usage};
 use support::lab::{
     assert_refused, eas_target, metric_value, reversed_hex, Client, Lab, Pki, TlsVersion,
     CA_AD_NAME,
@@ -456,9 +456,10 @@ async fn a_stopped_directory_serves_cached_identities_and_503_for_unknown_device
 async fn a_directory_that_refuses_seg_is_a_503_not_a_denial() {
     let pki = Pki::new();
     let slapd = support::lab::start_slapd(&pki, mapping_users());
-    let upstream = seg::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let upstream =
+        seg::demo::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
     let alice = pki.device(LeafSpec::device("alice").upn("alice@corp.test"));
     let other_ca = Pki::new();
     // Built one at a time: config_text writes the bind password file afresh each time.
@@ -517,9 +518,10 @@ async fn an_answer_cut_by_the_directorys_size_limit_is_never_a_unique_match() {
         size_limit: Some(1),
         ..support::slapd::SlapdOptions::default()
     });
-    let upstream = seg::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
+    let upstream =
+        seg::demo::echo::EchoUpstream::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
     let text = support::lab::config_text(
         &pki,
         &support::lab::DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]),
@@ -696,7 +698,7 @@ async fn other_paths_and_methods_are_not_forwarded() {
 async fn the_second_directory_url_is_used_when_the_first_is_down() {
     let pki = Pki::new();
     let slapd = support::lab::start_slapd(&pki, mapping_users());
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     // A port nothing listens on: bind and drop.
@@ -762,7 +764,7 @@ async fn the_identity_header_value_follows_the_configuration() {
 async fn an_https_upstream_with_its_own_ca_and_a_path_prefix() {
     let pki = Pki::new();
     // The upstream's certificate comes from a CA of its own, trusted only through ca_file.
-    let upstream_ca = seg::pki::CertAuthority::new("Mail", "Mail Servers CA").unwrap();
+    let upstream_ca = seg::demo::pki::CertAuthority::new("Mail", "Mail Servers CA").unwrap();
     let upstream_cert = upstream_ca.issue(&LeafSpec::loopback_server()).unwrap();
     let upstream_ca_path = pki.dir.write("upstream-ca.pem", &upstream_ca.cert_pem());
     let server_tls = rustls::ServerConfig::builder_with_provider(seg::tls::provider())
@@ -781,7 +783,7 @@ async fn an_https_upstream_with_its_own_ca_and_a_path_prefix() {
             .unwrap(),
         )
         .unwrap();
-    let upstream = seg::echo::EchoUpstream::start_tls(
+    let upstream = seg::demo::echo::EchoUpstream::start_tls(
         "127.0.0.1:0".parse().unwrap(),
         std::sync::Arc::new(server_tls),
     )
@@ -1071,7 +1073,7 @@ async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_
 async fn starttls_on_plain_ldap_works() {
     let pki = Pki::new();
     let slapd = support::lab::start_slapd(&pki, mapping_users());
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let text = support::lab::config_text(

@@ -301,7 +301,7 @@ async fn hostile_certificates_never_carry_an_identity_in() {
     let mut mallory = UserSpec::new("mallory");
     mallory.upn = Some("mallory@corp.test".into());
     let slapd = start_slapd(&pki, vec![alice, ceo, mallory]);
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);

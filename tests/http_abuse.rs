@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{config_text, eas_target, start_seg, start_slapd, Client, DirectoryRef, Pki};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

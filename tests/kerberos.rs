@@ -11,7 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::apache::Apache;
 use support::lab::{
     config_text, eas_target, http_get, metric_value, start_seg, Client, Connection, Device,

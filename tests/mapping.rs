@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{config_text, eas_target, metric_value, Client, DirectoryRef, Pki, CA_AD_NAME};
 use support::mapping_table::{rows, run_table, EmailForm, State};
 use support::slapd::{Slapd, SlapdOptions, TlsFiles, UserSpec};
@@ -209,7 +209,7 @@ async fn group_policy_on_slapd() {
         }),
         ..SlapdOptions::default()
     });
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{
     config_text, eas_target, metric_value, Client, Device, DirectoryRef, Pki, TlsVersion,
     CA_AD_NAME,
@@ -173,7 +173,7 @@ async fn ldap_distribution_points(pki: &Pki, samba: &Samba, directory: &Director
         b64(&crl)
     ));
 
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let text = support::lab::trusting(
@@ -273,7 +273,7 @@ async fn ntauth_store(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
         "dn: {dn}\nchangetype: add\nobjectClass: certificationAuthority\ncn: NTAuthCertificates\ncACertificate:: {}\ncertificateRevocationList:: AA==\nauthorityRevocationList:: AA==\n",
         b64(&pki.ca.der())
     ));
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let text = support::lab::replace_ntauth(
@@ -308,7 +308,7 @@ async fn ntauth_store(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
         "the device's CA is in the forest's NTAuth store"
     );
     // Another CA replaces it in the store: the device is refused within a refresh.
-    let other = seg::pki::CertAuthority::new("Elsewhere", "Elsewhere CA").unwrap();
+    let other = seg::demo::pki::CertAuthority::new("Elsewhere", "Elsewhere CA").unwrap();
     samba.modify(&format!(
         "dn: {dn}\nchangetype: modify\nreplace: cACertificate\ncACertificate:: {}\n-\n",
         b64(&other.der())
@@ -360,7 +360,7 @@ async fn group_policy(pki: &Pki, samba: &Samba, directory: &DirectoryRef) {
         !direct.to_lowercase().contains("cn=eas users"),
         "nesting must not be direct:\n{direct}"
     );
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     for (method, expected) in [

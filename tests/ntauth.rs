@@ -16,7 +16,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use seg::pki::{CertAuthority, LeafSpec};
+use seg::demo::pki::{CertAuthority, LeafSpec};
 use support::audit::{audit, capture_audit};
 use support::lab::{config_text, replace_ntauth, start_seg, start_slapd, DirectoryRef, Pki};
 use support::slapd::{Slapd, UserSpec};
@@ -67,7 +67,7 @@ struct Phone {
 }
 
 impl Phone {
-    fn new(pki: &Pki, leaf: &seg::pki::IssuedCert, chain: &[&CertAuthority]) -> Phone {
+    fn new(pki: &Pki, leaf: &seg::demo::pki::IssuedCert, chain: &[&CertAuthority]) -> Phone {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&pki.ca_path).unwrap() {
             roots.add(cert.unwrap()).unwrap();
@@ -152,7 +152,7 @@ async fn a_sibling_cas_certificate_is_never_a_logon_certificate() {
     capture_audit();
     let enterprise = Enterprise::new();
     let slapd = start_slapd(&enterprise.pki, users());
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (alice, forged) = phones(&enterprise);
@@ -236,7 +236,7 @@ async fn the_directorys_ntauth_store_decides_and_its_changes_take_effect() {
     let enterprise = Enterprise::new();
     let slapd = start_slapd(&enterprise.pki, users());
     publish(&slapd, &[&enterprise.issuing], true);
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (alice, forged) = phones(&enterprise);

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::lab::{eas_target, Lab, Pki, TlsVersion, CA_AD_NAME};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,7 +106,7 @@ async fn the_front_hop_says_who_the_device_is() {
 
 #[tokio::test]
 async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
-    let upstream = seg::echo::EchoUpstream::start_holding(
+    let upstream = seg::demo::echo::EchoUpstream::start_holding(
         "127.0.0.1:0".parse().unwrap(),
         Duration::from_secs(60),
     )
@@ -249,7 +249,7 @@ async fn replicas_share_session_tickets_within_one_trust_policy() {
         .pki
         .dir
         .write("replica-b.toml", &with_keys(&text, &lab.pki.ca_path));
-    let other = seg::pki::CertAuthority::new("Other", "Other CA").unwrap();
+    let other = seg::demo::pki::CertAuthority::new("Other", "Other CA").unwrap();
     let bundle = lab.pki.dir.write(
         "bundle.pem",
         &(std::fs::read_to_string(&lab.pki.ca_path).unwrap() + &other.cert_pem()),

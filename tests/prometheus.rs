@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use seg::echo::EchoUpstream;
-use seg::pki::LeafSpec;
+use seg::demo::echo::EchoUpstream;
+use seg::demo::pki::LeafSpec;
 use support::lab::{assert_refused, eas_target, Lab, Pki, TempDir, TlsVersion};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,7 +11,7 @@
 //! admitted certificate, and names its expected status and audit reason; a table reports
 //! every failing row, not only the first.
 //!
-//! The header allow-list is checked against the echo upstream (`seg::echo`), which records
+//! The header allow-list is checked against the echo upstream (`seg::demo::echo`), which records
 //! every header line it received, where nginx's log holds only the headers named in it.
 
 mod support;
@@ -19,7 +19,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use seg::Running;
 use support::audit::{audit, capture_audit};
 use support::lab::{
@@ -962,7 +962,7 @@ async fn a_repeated_single_valued_header_is_refused() {
 #[tokio::test]
 async fn headers_and_cookies_the_operator_lists_are_forwarded() {
     capture_audit();
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .expect("echo upstream");
     let lab = Lab::start_edited(

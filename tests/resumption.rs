@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, SystemTime};
 
 use seg::clock::Clock;
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 use support::audit::{audit, capture_audit};
 use support::lab::{
     config_text, start_seg_with_clock, start_slapd, DirectoryRef, Pki, ResumingClient, Resumption,
@@ -56,7 +56,7 @@ impl ClockLab {
         alice.when_created = Some("20200101000000.0Z".into());
         let slapd = start_slapd(&pki, vec![alice]);
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
-        let upstream = seg::echo::EchoUpstream::start(([127, 0, 0, 1], 0).into())
+        let upstream = seg::demo::echo::EchoUpstream::start(([127, 0, 0, 1], 0).into())
             .await
             .expect("echo upstream");
         let text = config_text(&pki, &directory, upstream.addr, "");

@@ -22,7 +22,7 @@ struct RevocationLab {
     config_path: std::path::PathBuf,
     seg: seg::Running,
     _slapd: support::slapd::Slapd,
-    _upstream: seg::echo::EchoUpstream,
+    _upstream: seg::demo::echo::EchoUpstream,
     alice: IssuedDevice,
     bob: IssuedDevice,
 }
@@ -53,7 +53,7 @@ impl RevocationLab {
         let bob = ca.issue("bob");
         let users = mapped_users(&[("alice", &alice), ("bob", &bob)]);
         let slapd = start_slapd(&pki, users);
-        let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let crl = pki.dir.path().join("corp.crl");
@@ -472,10 +472,10 @@ async fn a_rotated_bind_password_is_used_after_reload_and_the_cache_is_kept() {
     let mut lab = support::lab::Lab::start(users, "").await;
     let alice = lab
         .pki
-        .device(seg::pki::LeafSpec::device("alice").upn("alice@corp.test"));
+        .device(seg::demo::pki::LeafSpec::device("alice").upn("alice@corp.test"));
     let bob = lab
         .pki
-        .device(seg::pki::LeafSpec::device("bob").upn("bob@corp.test"));
+        .device(seg::demo::pki::LeafSpec::device("bob").upn("bob@corp.test"));
     let client = lab.client();
     assert_eq!(
         client
@@ -525,7 +525,7 @@ struct OnlineLab {
     config_path: std::path::PathBuf,
     seg: seg::Running,
     _slapd: support::slapd::Slapd,
-    _upstream: seg::echo::EchoUpstream,
+    _upstream: seg::demo::echo::EchoUpstream,
 }
 
 impl OnlineLab {
@@ -537,7 +537,7 @@ impl OnlineLab {
         let pki = Pki::new();
         let users = mapped_users(devices);
         let slapd = start_slapd(&pki, users);
-        let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+        let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);

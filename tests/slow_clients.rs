@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seg::echo::EchoUpstream;
-use seg::pki::LeafSpec;
+use seg::demo::echo::EchoUpstream;
+use seg::demo::pki::LeafSpec;
 use support::lab::{eas_target, socket_from, Connection, Device, Lab, Pki};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

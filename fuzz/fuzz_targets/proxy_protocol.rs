@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use seg::proxy_protocol::{parse_v1, parse_v2, read_header};
+use seg::transport::proxy_protocol::{parse_v1, parse_v2, read_header};
 
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 

@@ -435,7 +435,7 @@ pub fn unix_from_civil(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CertAuthority, LeafSpec};
+    use crate::demo::pki::{CertAuthority, LeafSpec};
 
     fn facts(spec: LeafSpec) -> CertFacts {
         let ca = CertAuthority::new("Unit", "Unit CA").unwrap();

@@ -4,6 +4,9 @@
 //! Nothing here talks to the network: a rule turns `CertFacts` into a directory `Lookup`,
 //! and the checks judge the `AccountEntry` the directory returned.
 
+pub mod resolver;
+pub mod snapshot;
+
 mod facts;
 mod mapping;
 mod sid;

@@ -13,13 +13,13 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::client::{ClientError, UpstreamBody};
 use crate::activesync::EasRequest;
+use crate::identity::resolver::Denial;
 use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
-use crate::resolver::Denial;
 
 use super::connection::RequestBody;
 use super::slow::PacedBody;
-use super::tls_conn::IoWatch;
+use crate::transport::tls_conn::IoWatch;
 
 /// Who the device turned out to be; the record reads its fields when it is written.
 pub enum AuditSubject {

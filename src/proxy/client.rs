@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 
 use super::audit::CountingBody;
 use super::pool::{Pool, PoolKey};
-use super::tls_conn::UpstreamTls;
+use crate::transport::tls_conn::UpstreamTls;
 
 /// The most bytes a response's status line and headers may take (IIS and Exchange send
 /// well under 2 kB); more is a 502.

@@ -28,8 +28,8 @@ use tokio::time::Sleep;
 use super::audit::AuditBody;
 use super::caps::HeadCharge;
 use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
-use super::tls_conn::DeviceTls;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
+use crate::transport::tls_conn::DeviceTls;
 
 /// The most bytes of a next (pipelined) request read while the current one is with the
 /// gateway; past it the device is not read until the current response is written.

@@ -16,7 +16,6 @@ mod pool;
 mod refusal;
 mod slow;
 pub mod target;
-mod tls_conn;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -37,19 +36,19 @@ pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 use crate::activesync::{EasRequest, QueryForm};
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::identity::resolver::{Decision, Resolver};
 use crate::identity::{CertFingerprint, DenyReason};
 use crate::metrics::Metrics;
-use crate::ntauth::NtAuthVerdict;
-use crate::online::Verdict;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
-use crate::resolver::{Decision, Resolver};
+use crate::revocation::online::Verdict;
 use crate::revocation::CurrentRevocation;
+use crate::tls::ntauth::NtAuthVerdict;
+use crate::transport::tls_conn::{DeviceTls, IoWatch};
 use audit::{AuditRecord, AuditSubject, CountingBody};
 use caps::{address_key, CapFull, ConnectionCaps, HeadCharge};
 use connection::{ConnectionError, DeviceConn};
 use handshake_log::HandshakeLog;
 use slow::{BodyPace, PacedBody};
-use tls_conn::{DeviceTls, IoWatch};
 
 /// Everything built from one configuration. Each connection keeps the gateway it was
 /// accepted under; a reload swaps in a new one for the connections that follow.
@@ -64,7 +63,7 @@ pub struct Gateway {
     pub tls: Arc<rustls::ServerConfig>,
     pub revocation: Arc<CurrentRevocation>,
     /// OCSP and distribution-point CRLs, checked per request after the CRLs in force.
-    pub online: Arc<crate::online::OnlineRevocation>,
+    pub online: Arc<crate::revocation::online::OnlineRevocation>,
     /// Kerberos constrained delegation (`identity.mode = "kerberos"`); None in header mode.
     pub delegation: Option<Arc<crate::kerberos::Delegation>>,
     pub metrics: Arc<Metrics>,
@@ -74,7 +73,7 @@ pub struct Gateway {
     pub clock: crate::clock::Clock,
     /// Which CAs may issue logon certificates; `None` when the client CAs issue leaves only
     /// (or `ntauth.danger_any_client_ca`).
-    pub ntauth: Option<Arc<crate::ntauth::NtAuthStore>>,
+    pub ntauth: Option<Arc<crate::tls::ntauth::NtAuthStore>>,
 }
 
 /// What the gateway decided for one request (`Gateway::decide`). Only ever a return value,
@@ -244,7 +243,7 @@ impl Gateway {
             // The front must say who the device is; anything else is refused.
             match tokio::time::timeout(
                 handshake_timeout,
-                crate::proxy_protocol::read_header(&mut tcp),
+                crate::transport::proxy_protocol::read_header(&mut tcp),
             )
             .await
             {

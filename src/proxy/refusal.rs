@@ -5,8 +5,8 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use crate::identity::resolver::ResolveError;
 use crate::identity::DenyReason;
-use crate::resolver::ResolveError;
 
 /// Seconds a device is told to wait when a dependency is down.
 pub const RETRY_AFTER_SECS: u64 = 30;

@@ -5,7 +5,7 @@
 
 use std::time::SystemTime;
 
-use seg::pki::LeafSpec;
+use seg::demo::pki::LeafSpec;
 
 use super::lab::{
     config_text, eas_target, metric_value, Client, Device, DirectoryRef, Pki, CA_AD_NAME,
@@ -345,7 +345,7 @@ pub fn rows() -> Vec<Row> {
 /// Starts seg once per enforcement mode and checks every row in both; reports every
 /// failing row at once.
 pub async fn run_table(pki: &Pki, directory: &DirectoryRef, table: &[Row], devices: &[Device]) {
-    let upstream = seg::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
+    let upstream = seg::demo::echo::EchoUpstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut failures = Vec::new();

@@ -187,7 +187,7 @@ impl Samba {
     /// [`Samba::start`] with a DC certificate (`dc1.corp.test`, `localhost`) issued by the
     /// test's PKI, so seg trusts the DC's LDAPS through the test CA.
     pub fn start_with_pki(pki: &super::lab::Pki) -> Samba {
-        let mut spec = seg::pki::LeafSpec::loopback_server();
+        let mut spec = seg::demo::pki::LeafSpec::loopback_server();
         spec.dns_names.push("dc1.corp.test".into());
         let server = pki.ca.issue(&spec).expect("DC certificate");
         Samba::start(SambaTls {

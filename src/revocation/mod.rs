@@ -20,6 +20,11 @@
 //! bases and `ClientCertPolicy` consults the deltas after it (`delta_verdict`); a delta past
 //! its nextUpdate refuses its issuer's devices as a stale base does.
 
+pub mod crl_fetch;
+pub mod fetch;
+pub mod ocsp;
+pub mod online;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -271,6 +276,16 @@ impl RevocationList {
     /// Every CRL of the list, for readiness and metrics.
     pub fn crls(&self) -> impl Iterator<Item = &CrlInfo> {
         self.parsed.iter().map(|c| &c.info)
+    }
+
+    /// What the CRL gauges show of each CRL of the list.
+    pub fn gauges(&self) -> impl Iterator<Item = crate::metrics::CrlGauge<'_>> {
+        self.crls().map(|crl| crate::metrics::CrlGauge {
+            issuer: &crl.issuer,
+            source: crl.source.to_string(),
+            this_update_unix: crl.this_update_unix,
+            next_update_unix: crl.next_update_unix,
+        })
     }
 
     /// The base CRLs as DER, for the TLS verifier (which knows no deltas).

@@ -4,16 +4,19 @@
 //! directory holds their accounts; an echo upstream plays ActiveSync; seg serves in front
 //! and the exact `curl` commands to try are printed.
 
+pub mod echo;
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::echo::EchoUpstream;
-use crate::pki::{CertAuthority, IssuedCert, LeafSpec};
+use crate::demo::echo::EchoUpstream;
+use crate::demo::pki::{CertAuthority, IssuedCert, LeafSpec};
 use crate::{App, Running};
 
 /// The demo directory, shipped in `config/`.
-pub const DEMO_LDIF: &str = include_str!("../config/demo-directory.ldif");
+pub const DEMO_LDIF: &str = include_str!("../../config/demo-directory.ldif");
 
 /// Bob's certificate serial; `config/demo-directory.ldif` binds it byte-reversed.
 pub const BOB_SERIAL: [u8; 8] = [0x1a, 0x2b, 0x3c, 0x4d, 0x5e, 0x6f, 0x70, 0x81];
@@ -41,7 +44,7 @@ pub enum DemoError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Pki(#[from] crate::pki::PkiError),
+    Pki(#[from] crate::demo::pki::PkiError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]

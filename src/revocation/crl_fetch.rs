@@ -34,10 +34,12 @@ use x509_parser::revocation_list::CertificateRevocationList;
 
 use crate::config::{LdapConfig, RevocationConfig};
 use crate::directory::Directory;
-use crate::ldap_url::{is_ldap, LdapUrl};
 use crate::metrics::Metrics;
-use crate::online::{distribution_points, fetchable, freshest_points, Issuers, PlainHttp};
+use crate::revocation::fetch::{
+    distribution_points, fetchable, freshest_points, Issuers, PlainHttp,
+};
 use crate::revocation::{crls_from_bytes, CrlSource, CurrentRevocation, ParsedCrl};
+use crate::syntax::ldap_url::{is_ldap, LdapUrl};
 
 /// Largest CRL accepted: enterprise CRLs reach tens of MB.
 const MAX_CRL_BYTES: usize = 128 * 1024 * 1024;
@@ -462,7 +464,7 @@ impl CrlFetcher {
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
                 let list = self.current.load();
-                self.metrics.record_crls(&list, now);
+                self.metrics.record_crls(list.gauges(), now);
                 tracing::info!(target: "seg::revocation", %url, issuer = %crl.issuer, entries = crl.entries, delta = crl.delta, "CRL fetched");
                 // The deltas the base CRLs name (their Freshest CRL) are fetched beside them.
                 let deltas: Vec<String> = list.freshest_urls().map(str::to_string).collect();

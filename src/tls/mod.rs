@@ -9,6 +9,9 @@
 //! other setting stay, so the session cache and the session tickets, which are bound to the
 //! trust policy (`tickets`), stay valid across a CRL refresh.
 
+pub mod ntauth;
+pub mod tickets;
+
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -65,11 +68,11 @@ pub fn server_config(
     // Stateless tickets always: a fleet of thousands of devices resumes whatever the number
     // of sessions (rustls's default stateful cache holds 256).
     server.ticketer = Arc::new(match &config.session_ticket_key_file {
-        Some(keys) => crate::tickets::SharedTicketer::from_config(keys, config, clock)?,
-        None => crate::tickets::SharedTicketer::process_local(config, clock)?,
+        Some(keys) => crate::tls::tickets::SharedTicketer::from_config(keys, config, clock)?,
+        None => crate::tls::tickets::SharedTicketer::process_local(config, clock)?,
     });
     // TLS 1.2 clients without ticket support resume by session ID, within the same bound.
-    server.session_storage = Arc::new(crate::tickets::BoundedSessionCache::new(config, clock));
+    server.session_storage = Arc::new(crate::tls::tickets::BoundedSessionCache::new(config, clock));
     Ok(Arc::new(server))
 }
 

@@ -119,7 +119,7 @@ impl NtAuthStore {
             match issuing_ca(der) {
                 Ok(ca) => cas.push(ca),
                 Err(e) => {
-                    tracing::warn!(target: "seg::ntauth", error = %e, "a cACertificate value of the NTAuth object is skipped")
+                    tracing::warn!(target: "seg::tls::ntauth", error = %e, "a cACertificate value of the NTAuth object is skipped")
                 }
             }
         }
@@ -131,7 +131,7 @@ impl NtAuthStore {
         *current = Some(cas);
         if changed {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            tracing::info!(target: "seg::ntauth", cas = count, "NTAuth store read from the directory");
+            tracing::info!(target: "seg::tls::ntauth", cas = count, "NTAuth store read from the directory");
         }
         count
     }
@@ -233,7 +233,7 @@ fn may_sign_cas(der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CertAuthority, LeafSpec};
+    use crate::demo::pki::{CertAuthority, LeafSpec};
 
     fn store(file: &[&CertAuthority]) -> NtAuthStore {
         NtAuthStore {

@@ -25,7 +25,7 @@ use x509_parser::x509::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
 use crate::config::RevocationConfig;
 use crate::metrics::Metrics;
-use crate::online::{fetchable, ocsp_urls, Issuers, PlainHttp};
+use crate::revocation::fetch::{fetchable, ocsp_urls, Issuers, PlainHttp};
 
 /// How far the responder's clock may be from ours.
 const CLOCK_SKEW_SECS: i64 = 300;
@@ -569,7 +569,7 @@ mod tests {
 
     #[test]
     fn unsuccessful_and_garbage_responses_are_not_answers() {
-        let ca = crate::pki::CertAuthority::new("Test", "OCSP Test CA").unwrap();
+        let ca = crate::demo::pki::CertAuthority::new("Test", "OCSP Test CA").unwrap();
         let ca_der = ca.der();
         let (_, issuer) = X509Certificate::from_der(&ca_der).unwrap();
         let id = CertId {

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
+use crate::identity::snapshot::{Snapshot, SnapshotEntry};
 use crate::identity::{
     check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
     Identity, MappingPlan, MappingRule, MappingStrength, RuleAttempt,
 };
 use crate::limiter::WorkLimiter;
 use crate::metrics::Metrics;
-use crate::snapshot::{Snapshot, SnapshotEntry};
 
 /// What the gateway does with a device.
 #[derive(Debug, Clone)]

@@ -212,7 +212,7 @@ impl<C: Side> TlsConn<C> {
         loop {
             let mut pending = std::mem::take(&mut self.incoming);
             crate::tls::clear_handshake_notes();
-            let step = crate::tickets::with_session_origin(&mut origin, || {
+            let step = crate::tls::tickets::with_session_origin(&mut origin, || {
                 self.process(&mut pending, &mut plaintext)
             });
             sni = crate::tls::take_sni().or(sni);
@@ -658,7 +658,7 @@ fn tls_error(error: rustls::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CertAuthority, LeafSpec};
+    use crate::demo::pki::{CertAuthority, LeafSpec};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{PrivateKeyDer, ServerName};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
