@@ -66,5 +66,6 @@ pub mod revocation;
 pub mod syntax;
 pub mod tls;
 pub mod transport;
+pub mod upstream;
 
 pub use app::{files_signature, App, BuildError, ReloadError, Running};

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -11,14 +11,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::client::{ClientError, UpstreamBody};
 use crate::activesync::EasRequest;
 use crate::identity::resolver::Denial;
 use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
+use crate::upstream::exchange::{ClientError, UpstreamBody};
 
-use super::connection::RequestBody;
-use super::slow::PacedBody;
 use crate::transport::tls_conn::IoWatch;
 
 /// Who the device turned out to be; the record reads its fields when it is written.
@@ -249,62 +247,5 @@ impl Drop for AuditBody {
     fn drop(&mut self) {
         // Dropped before its end: the device went away or the connection failed.
         self.complete(false);
-    }
-}
-
-/// The request body toward the upstream, held to its pace; counts bytes for the audit record.
-pub struct CountingBody {
-    inner: PacedBody<RequestBody>,
-    count: Arc<AtomicU64>,
-    /// Set when reading the device's body fails (broken chunked framing, the device gone
-    /// mid-body): the upstream request then fails through no fault of the upstream's.
-    failed: Arc<AtomicBool>,
-}
-
-impl CountingBody {
-    pub fn new(inner: PacedBody<RequestBody>, count: Arc<AtomicU64>) -> CountingBody {
-        CountingBody {
-            inner,
-            count,
-            failed: Arc::default(),
-        }
-    }
-
-    /// A flag set once reading the device's body has failed.
-    pub fn failure(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.failed)
-    }
-}
-
-impl Body for CountingBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Release);
-        }
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            match frame.data_ref() {
-                Some(data) => {
-                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                // Request trailers are never forwarded: they could carry identity headers.
-                None => return Poll::Ready(None),
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

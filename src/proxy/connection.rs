@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -28,6 +29,7 @@ use tokio::time::Sleep;
 use super::audit::AuditBody;
 use super::caps::HeadCharge;
 use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
+use super::slow::PacedBody;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
 use crate::transport::tls_conn::DeviceTls;
 
@@ -56,7 +58,7 @@ pub enum ConnectionError {
     #[error("no request head within the idle timeout")]
     HeadTimeout { partial: bool },
     #[error("the upstream's response broke off: {0}")]
-    ResponseBody(super::client::ClientError),
+    ResponseBody(crate::upstream::exchange::ClientError),
 }
 
 /// The gateway's work on one request, in its two steps.
@@ -882,5 +884,62 @@ impl BodyChannel {
             Some(remaining) => SizeHint::with_exact(remaining + buffered),
             None => SizeHint::default(),
         }
+    }
+}
+
+/// The request body toward the upstream, held to its pace; counts bytes for the audit record.
+pub struct CountingBody {
+    inner: PacedBody<RequestBody>,
+    count: Arc<AtomicU64>,
+    /// Set when reading the device's body fails (broken chunked framing, the device gone
+    /// mid-body): the upstream request then fails through no fault of the upstream's.
+    failed: Arc<AtomicBool>,
+}
+
+impl CountingBody {
+    pub fn new(inner: PacedBody<RequestBody>, count: Arc<AtomicU64>) -> CountingBody {
+        CountingBody {
+            inner,
+            count,
+            failed: Arc::default(),
+        }
+    }
+
+    /// A flag set once reading the device's body has failed.
+    pub fn failure(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.failed)
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Release);
+        }
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            match frame.data_ref() {
+                Some(data) => {
+                    self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // Request trailers are never forwarded: they could carry identity headers.
+                None => return Poll::Ready(None),
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

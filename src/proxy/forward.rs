@@ -12,11 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::audit::CountingBody;
-use super::client::{
-    self, ClientError, Connector, Outgoing, SendError, UpstreamBody, UpstreamConn,
-};
-use super::pool::{Pool, PoolKey};
+use super::connection::CountingBody;
+use crate::upstream::conn::{Connector, PoolKey, UpstreamConn};
+use crate::upstream::exchange::{self, ClientError, SendError, UpstreamBody};
+use crate::upstream::pool::Pool;
+
+/// A request on its way to the upstream, its body the device's.
+pub type Outgoing = exchange::Outgoing<CountingBody>;
 use super::refusal::Refusal;
 use crate::activesync::{REQUEST_HEADERS, SINGLE_VALUED_HEADERS};
 use crate::config::{IdentityConfig, UpstreamConfig};
@@ -427,7 +429,7 @@ impl Upstream {
             };
             // The wait for the head is bounded in `send`; a silence within the body is
             // bounded alike.
-            match client::send(conn, outgoing, &self.pool, self.request_timeout).await {
+            match exchange::send(conn, outgoing, &self.pool, self.request_timeout).await {
                 Ok(response) => return Ok(response),
                 Err(SendError::Unsent(e, unsent)) if !fresh => {
                     tracing::debug!(target: "seg::upstream", error = %e, "idle upstream connection closed; sending on another");

@@ -7,12 +7,10 @@
 
 mod audit;
 mod caps;
-mod client;
 mod connection;
 mod forward;
 mod handshake_log;
 pub mod http1;
-mod pool;
 mod refusal;
 mod slow;
 pub mod target;
@@ -28,8 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 pub use audit::AuditBody;
-use client::Outgoing;
 pub use connection::RequestBody;
+use forward::Outgoing;
 pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 
@@ -44,8 +42,9 @@ use crate::revocation::online::Verdict;
 use crate::revocation::CurrentRevocation;
 use crate::tls::ntauth::NtAuthVerdict;
 use crate::transport::tls_conn::{DeviceTls, IoWatch};
-use audit::{AuditRecord, AuditSubject, CountingBody};
+use audit::{AuditRecord, AuditSubject};
 use caps::{address_key, CapFull, ConnectionCaps, HeadCharge};
+use connection::CountingBody;
 use connection::{ConnectionError, DeviceConn};
 use handshake_log::HandshakeLog;
 use slow::{BodyPace, PacedBody};

@@ -1,8 +1,8 @@
 //! Idle upstream connections, between the exchanges of any device connection.
 //!
-//! A connection waits here polled by nobody: it is its socket alone (see client.rs).
+//! A connection waits here polled by nobody: it is its socket alone (see exchange.rs).
 //! Taking one out polls it once to learn whether the upstream closed it meanwhile. A
-//! connection comes back when its response body has ended cleanly (client.rs decides), so a
+//! connection comes back when its response body has ended cleanly (exchange.rs decides), so a
 //! device that goes away during a held Ping closes that Ping's upstream connection at once.
 //! In Kerberos mode the pool is keyed by account, so a connection never carries two users.
 
@@ -11,11 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::client::UpstreamConn;
-
-/// Whose connections a pool entry holds: `None` in header mode (any request may use any
-/// connection), the account in Kerberos mode.
-pub type PoolKey = Option<Arc<str>>;
+use super::conn::{PoolKey, UpstreamConn};
 
 /// Idle upstream connections by key, newest last.
 pub struct Pool {

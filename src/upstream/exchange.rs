@@ -23,23 +23,19 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
-use super::audit::CountingBody;
-use super::pool::{Pool, PoolKey};
-use crate::transport::tls_conn::UpstreamTls;
+use super::conn::{Io, UpstreamConn, READ_CHUNK};
+use super::pool::Pool;
 
 /// The most bytes a response's status line and headers may take (IIS and Exchange send
 /// well under 2 kB); more is a 502.
@@ -52,147 +48,12 @@ const MAX_RESPONSE_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 
-/// One read's stack buffer: bytes reach the heap only once they have arrived.
-const READ_CHUNK: usize = 16 * 1024;
-
 /// Request body bytes gathered behind the head into one write before it goes out.
 const MAX_PREFIX: usize = 64 * 1024;
 
 /// After a write failed, how long a response the upstream may have sent first (a 413 before
 /// it read the body, then close) is waited for.
 const EARLY_RESPONSE_GRACE: Duration = Duration::from_millis(50);
-
-/// A connection to the upstream: plain TCP, or TLS for an `https://` upstream (through
-/// rustls's unbuffered API, so a waiting TLS connection keeps no buffer either).
-pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<UpstreamTls>),
-}
-
-impl Io {
-    /// Reads what is there onto the end of `buf`: through a stack buffer for plain TCP (at
-    /// most `limit` bytes), whole records for TLS. `Ok(0)` at the connection's end.
-    fn poll_read_into(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut BytesMut,
-        limit: usize,
-    ) -> Poll<io::Result<usize>> {
-        match self {
-            Io::Plain(tcp) => {
-                let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-                let mut read = ReadBuf::uninit(&mut stack[..limit.clamp(1, READ_CHUNK)]);
-                ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok(read.filled().len()))
-            }
-            // More than `limit` may come (a record is decrypted whole): the caller keeps
-            // what is past its response and then does not reuse the connection.
-            Io::Tls(tls) => tls.poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Io::Tls(tls) => {
-                ready!(tls.poll_flush(cx))?;
-                tls.send(buf)?;
-                Poll::Ready(Ok(buf.len()))
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Io::Tls(tls) => tls.poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Io::Tls(tls) => tls.poll_shutdown(cx),
-        }
-    }
-}
-
-/// Opens connections to the upstream's host and port, with TLS for an `https://` upstream.
-pub struct Connector {
-    host: String,
-    port: u16,
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    connect_timeout: Duration,
-}
-
-impl Connector {
-    pub fn new(
-        host: &str,
-        port: u16,
-        tls: Option<Arc<rustls::ClientConfig>>,
-        connect_timeout: Duration,
-    ) -> Result<Connector, String> {
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let tls = match tls {
-            None => None,
-            Some(config) => {
-                let name = ServerName::try_from(host.clone())
-                    .map_err(|e| format!("upstream.url host {host:?}: {e}"))?;
-                Some((config, name))
-            }
-        };
-        Ok(Connector {
-            host,
-            port,
-            tls,
-            connect_timeout,
-        })
-    }
-
-    /// Connects to the first of the host's addresses that answers, each within the connect
-    /// timeout.
-    pub async fn connect(&self) -> io::Result<Io> {
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
-        for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => {
-                    tcp.set_nodelay(true)?;
-                    return match &self.tls {
-                        None => Ok(Io::Plain(tcp)),
-                        Some((config, name)) => {
-                            let tls = UpstreamTls::connect(tcp, Arc::clone(config), name.clone());
-                            match tokio::time::timeout(self.connect_timeout, tls).await {
-                                Ok(tls) => Ok(Io::Tls(Box::new(tls?))),
-                                Err(_) => Err(io::Error::new(
-                                    io::ErrorKind::TimedOut,
-                                    "TLS handshake timed out",
-                                )),
-                            }
-                        }
-                    };
-                }
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    last = io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting to {addr} timed out"),
-                    )
-                }
-            }
-        }
-        Err(last)
-    }
-}
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -213,37 +74,23 @@ pub enum ClientError {
     Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The request body an exchange sends: the device's body as the gateway passes it on (held
+/// to its pace, counted for the audit record). Its error is the device's fault.
+pub trait OutgoingBody:
+    Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin
+{
+}
+
+impl<B> OutgoingBody for B where
+    B: Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin
+{
+}
+
 /// Whether a request went out (the upstream may have acted on it) when sending failed.
-pub enum SendError {
+pub enum SendError<B> {
     /// Not one byte written (the connection was closed): it may go out on another one.
-    Unsent(ClientError, Box<Outgoing>),
+    Unsent(ClientError, Box<Outgoing<B>>),
     Failed(ClientError),
-}
-
-/// One idle or working connection to the upstream.
-pub struct UpstreamConn {
-    io: Io,
-    pub(super) key: PoolKey,
-    pub(super) idle_since: Instant,
-}
-
-impl UpstreamConn {
-    pub fn new(io: Io, key: PoolKey) -> UpstreamConn {
-        UpstreamConn {
-            io,
-            key,
-            idle_since: Instant::now(),
-        }
-    }
-
-    /// Polls the socket once, outside any task: false when the upstream closed it while it
-    /// was idle, or sent something unasked.
-    pub(super) fn still_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        self.io
-            .poll_read_into(&mut cx, &mut BytesMut::new(), 1)
-            .is_pending()
-    }
 }
 
 /// How the request body is framed toward the upstream.
@@ -256,17 +103,17 @@ enum RequestFraming {
 
 /// A request on its way out: its encoded head (and whatever of the body was ready behind
 /// it), then the rest of the body.
-pub struct Outgoing {
+pub struct Outgoing<B> {
     prefix: Vec<u8>,
-    body: Option<CountingBody>,
+    body: Option<B>,
     framing: RequestFraming,
     head_request: bool,
 }
 
-impl Outgoing {
+impl<B: OutgoingBody> Outgoing<B> {
     /// Encodes the head. `Content-Length` is seg's to write: the device's value when it
     /// sent one (hyper read the body by it), else the body's known length, else chunked.
-    pub fn new(request: Request<CountingBody>) -> Result<Outgoing, ClientError> {
+    pub fn new(request: Request<B>) -> Result<Outgoing<B>, ClientError> {
         let (parts, body) = request.into_parts();
         let mut headers = parts.headers;
         let declared = content_length(&headers).map_err(ClientError::Malformed)?;
@@ -385,12 +232,12 @@ impl Outgoing {
 /// Sends `out` on `conn` and reads the response head; the body streams from the returned
 /// response, fails when the upstream falls silent within it for `silence`, and gives the
 /// connection back to `pool` when it has ended cleanly.
-pub async fn send(
+pub async fn send<B: OutgoingBody>(
     mut conn: UpstreamConn,
-    mut out: Box<Outgoing>,
+    mut out: Box<Outgoing<B>>,
     pool: &Arc<Pool>,
     silence: Duration,
-) -> Result<Response<UpstreamBody>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError<B>> {
     if let Err(e) = poll_fn(|cx| Poll::Ready(out.gather(cx))).await {
         return Err(SendError::Failed(e));
     }
@@ -429,7 +276,11 @@ pub async fn send(
 
 /// Writes what is left of the prefix, then the body as it comes: each write takes every
 /// frame ready by then, so a body sent in many small chunks does not cost a write each.
-async fn write_rest(io: &mut Io, out: &mut Outgoing, written: usize) -> Result<(), ClientError> {
+async fn write_rest<B: OutgoingBody>(
+    io: &mut Io,
+    out: &mut Outgoing<B>,
+    written: usize,
+) -> Result<(), ClientError> {
     io.write_all(&out.prefix[written..]).await?;
     out.prefix.clear();
     while out.body.is_some() {
@@ -936,6 +787,7 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     fn head(text: &str) -> Result<Option<(Option<Head>, usize)>, ClientError> {
         parse_head(text.as_bytes(), false)
