@@ -4,48 +4,50 @@
 //!
 //! # Layout
 //!
-//! Data flows top to bottom. The lower modules (`config` to `tls`) never use the proxy, the
-//! admin listener or the command line.
+//! Data flows top to bottom; each folder is one concern. The layers, lowest first (a module
+//! uses its own layer and the ones below, never a higher one; no two files import each other
+//! in a loop: `tests/architecture.rs` checks both):
 //!
-//! - [`config`]: the TOML file → typed `Config`; every problem reported with its key path.
-//! - [`directory`]: accounts by `Lookup` — AD over LDAP (pool, failover, RFC 4515 escaping)
-//!   or an in-process LDIF directory for the demo.
-//! - [`identity`]: `CertFacts` read once from a certificate, the mapping rules and their
-//!   strength, account checks, the `Identity` a request is forwarded as.
-//! - [`activesync`]: the ActiveSync request model (both query forms, `Command`).
-//! - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
-//! - [`metrics`]: every Prometheus metric, on one registry.
-//! - [`resolver`]: certificate → decision, cached by leaf SHA-256, coalesced, bounded.
-//! - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream: the
-//!   impersonated credential per account, cached and bounded; KDC answers → decisions.
-//! - [`clock`]: the wall clock decisions read (certificate validity, session age); tests
-//!   move it.
-//! - [`tls`]: the listener's rustls configuration and client-certificate policy (EKU).
-//! - [`ntauth`]: the NTAuth store: which CAs may issue logon certificates, from a file and
-//!   the directory, as a domain controller decides.
-//! - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
-//! - [`revocation`]: CRLs (base and delta), for the verifier and the per-request check.
-//! - [`online`]: revocation checked online on each request (OCSP, distribution-point
-//!   CRLs), hard-fail unless a `danger_` key opts out; the plain-HTTP client they share.
-//! - [`ocsp`]: OCSP requests built, responses verified, answers cached until nextUpdate.
-//! - [`crl_fetch`]: CRLs fetched from distribution points and URLs (http://, and ldap://
-//!   over the directory's connections), verified, refreshed ahead of their nextUpdate.
-//! - [`ldap_url`]: the `ldap:///…?certificateRevocationList` URLs AD CS writes.
-//! - [`snapshot`]: the identity cache written at shutdown and read at start (warm restart).
-//! - [`tickets`]: session resumption with a bound: tickets shared by replicas, bound to the
-//!   trust policy, and the TLS 1.2 session cache, each resumed only within
-//!   `tls.session_lifetime`.
-//! - [`pki`]: a throwaway CA and certificates for the demo and the tests.
-//! - [`proxy_protocol`]: the PROXY protocol header from the L4 front, and source networks.
-//! - [`proxy`]: accept, connection caps, handshake, slow-client limits, per-request decision,
-//!   header hygiene, forwarding on upstream connections driven in the device's task, audit.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`mapcheck`]: `seg map` — the listener's validation and mapping for one certificate,
-//!   explained.
-//! - [`echo`]: an ActiveSync stand-in that answers with what it received (demo, tests).
-//! - [`demo`]: `seg demo`, the whole job on one machine.
-//!
-//! [`App`] assembles a configuration into running listeners.
+//! 1. Foundations, using nothing of seg:
+//!    - [`clock`]: the wall clock decisions read (certificate validity, session age); tests
+//!      move it. Also the random fraction that spreads work over a window.
+//!    - [`limiter`]: a bound on concurrent work against a dependency, with a bounded queue.
+//!    - [`certs`]: PEM certificate bundles read whole; the error naming the key they come from.
+//!    - [`syntax`]: values named by the configuration and certificates: `ldap:///` URLs as AD
+//!      CS writes them, IP networks.
+//! 2. [`config`]: the TOML file → typed `Config`; every problem reported with its key path;
+//!    the mapping rules' vocabulary.
+//! 3. Sources:
+//!    - [`metrics`]: every Prometheus metric, on one registry.
+//!    - [`directory`]: accounts by `Lookup` — AD over LDAP (pool, failover, RFC 4515
+//!      escaping) or an in-process LDIF directory for the demo.
+//! 4. Decisions about a certificate and a request:
+//!    - [`identity`]: `CertFacts` read once from a certificate, the mapping rules and their
+//!      strength, account checks, the `Identity` a request is forwarded as; the resolver
+//!      (certificate → decision, cached by leaf SHA-256, coalesced, bounded) and its snapshot
+//!      (warm restart).
+//!    - [`activesync`]: the ActiveSync request model (both query forms, `Command`).
+//!    - [`revocation`]: the CRLs in force (base and delta) for the verifier and the
+//!      per-request check; the online checks (OCSP, distribution points over http:// and
+//!      ldap://), hard-fail unless a `danger_` key opts out.
+//! 5. [`tls`]: the listener's rustls configuration, the client-certificate policy (chain,
+//!    EKU, deltas, the alert that names a refusal), session tickets bound to the trust
+//!    policy and `tls.session_lifetime`, the NTAuth store.
+//! 6. Connections and what rides on them:
+//!    - [`transport`]: the TLS driver both sides run on (rustls's unbuffered API), the PROXY
+//!      protocol header from the L4 front.
+//!    - [`upstream`]: connections to the mail server, their pool, the HTTP/1.1 exchange run
+//!      in the device connection's task.
+//!    - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream.
+//!    - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
+//!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! 7. [`proxy`]: accept, connection caps, handshake, the device connection, slow-client
+//!    limits, the per-request decision, header hygiene, forwarding, refusals, audit.
+//! 8. The whole: [`app`] (a configuration built into a running gateway, reloads, drain) and
+//!    [`mapcheck`] (`seg map`: the listener's validation and mapping for one certificate,
+//!    explained).
+//! 9. [`demo`]: `seg demo`, the whole job on one machine, with its throwaway PKI and an
+//!    ActiveSync stand-in that answers with what it received (also used by the tests).
 
 pub mod activesync;
 pub mod admin;

@@ -1,5 +1,6 @@
 //! `config/seg.example.toml` stays true to `src/config.rs`: every key it sets is known and
 //! valid, every key the code reads is documented, and every value shown is the code's default.
+//! The README's minimal configuration parses as it is shown.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,15 +49,36 @@ fn etc_seg_paths(text: &str) -> Vec<String> {
 
 /// The example with `/etc/seg/` moved to `dir`, each referenced file created empty.
 fn example_with_placeholders(dir: &Path) -> String {
+    with_placeholders(EXAMPLE, dir)
+}
+
+/// `text` with `/etc/seg/` moved to `dir`, each referenced file created empty.
+fn with_placeholders(text: &str, dir: &Path) -> String {
     let root = dir.display().to_string();
-    for path in etc_seg_paths(EXAMPLE) {
+    for path in etc_seg_paths(text) {
         let placeholder = PathBuf::from(path.replacen("/etc/seg", &root, 1));
         if let Some(parent) = placeholder.parent() {
             std::fs::create_dir_all(parent).expect("create placeholder folder");
         }
         std::fs::write(&placeholder, "").expect("create placeholder file");
     }
-    EXAMPLE.replace("\"/etc/seg/", &format!("\"{root}/"))
+    text.replace("\"/etc/seg/", &format!("\"{root}/"))
+}
+
+#[test]
+fn the_readmes_minimal_configuration_parses() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("## A minimal configuration")
+        .expect("the README's minimal configuration");
+    let block = &readme[start..];
+    let toml_start = block.find("```toml\n").expect("a toml block") + 8;
+    let toml_end = toml_start + block[toml_start..].find("```").expect("its end");
+    let dir = TempDir::new("readme-config");
+    let text = with_placeholders(&block[toml_start..toml_end], &dir.0);
+    let config = Config::parse(&text, &dir.0, "README.md")
+        .unwrap_or_else(|e| panic!("the README's configuration: {e}"));
+    assert!(config.ntauth.directory);
 }
 
 #[test]
