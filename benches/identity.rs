@@ -26,10 +26,10 @@ use seg::activesync::{Command, EasRequest};
 use seg::config::Config;
 use seg::demo::pki::{CertAuthority, LeafSpec};
 use seg::directory::Directory;
+use seg::http1::{parse_request_head, BodyFraming};
 use seg::identity::resolver::{Decision, Resolver};
 use seg::identity::{CertFacts, CertFingerprint, MappingPlan, MappingRule};
 use seg::metrics::Metrics;
-use seg::proxy::http1::{parse_request_head, BodyFraming};
 use seg::proxy::HeaderPolicy;
 
 const LDIF: &str = "\

@@ -57,6 +57,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod directory;
+pub mod http1;
 pub mod identity;
 pub mod kerberos;
 pub mod limiter;

@@ -7,7 +7,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use seg::proxy::http1::{
+use seg::http1::{
     http_date, parse_request_head, BodyDecoder, BodyError, BodyEvent, BodyFraming,
 };
 

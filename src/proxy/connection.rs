@@ -28,9 +28,11 @@ use tokio::time::Sleep;
 
 use super::audit::AuditBody;
 use super::caps::HeadCharge;
-use super::http1::{self, BodyDecoder, BodyEvent, BodyFraming, HeadError, ResponseFraming};
 use super::slow::PacedBody;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
+use crate::http1::{
+    self, BodyDecoder, BodyEvent, BodyFraming, HeadError, HeadScan, ResponseFraming,
+};
 use crate::transport::tls_conn::DeviceTls;
 
 /// The most bytes of a next (pipelined) request read while the current one is with the
@@ -115,7 +117,7 @@ pub struct DeviceConn {
     /// Bytes of `buf` already looked at for a line end: a head is parsed again only when a
     /// read brought a line end, so a head sent a byte at a time costs one parse per line,
     /// not per byte.
-    scanned: usize,
+    head_scan: HeadScan,
     /// Close by lingering: the device may still be sending (a refused head, a body nobody
     /// read).
     linger: bool,
@@ -183,7 +185,7 @@ impl DeviceConn {
             draining: false,
             idle_timeout,
             head_timer: None,
-            scanned: 0,
+            head_scan: HeadScan::default(),
             linger: false,
         }
     }
@@ -246,11 +248,11 @@ impl DeviceConn {
             if self.draining {
                 return Poll::Ready(Ok(State::Closing));
             }
-            if self.head_may_be_complete() {
+            if self.head_scan.may_be_complete(&self.buf, MAX_REQUEST_HEAD) {
                 match http1::parse_request_head(&self.buf, MAX_REQUEST_HEAD) {
                     Ok(Some((head, used))) => {
                         self.buf.advance(used);
-                        self.scanned = 0;
+                        self.head_scan.restart();
                         self.head_timer = None;
                         self.head_charge.set(0);
                         return Poll::Ready(Ok(self.dispatch(head)));
@@ -277,16 +279,6 @@ impl DeviceConn {
                 partial: !self.buf.is_empty() || self.tls.has_partial_record(),
             }));
         }
-    }
-
-    /// Whether bytes that arrived since the last look end a line (every head ends with
-    /// one; a line end can also finish a head httparse refuses), or the head is past its
-    /// bound.
-    fn head_may_be_complete(&mut self) -> bool {
-        let fresh = &self.buf[self.scanned.min(self.buf.len())..];
-        let line_end = fresh.iter().any(|&b| b == b'\n' || b == b'\r');
-        self.scanned = self.buf.len();
-        line_end || self.buf.len() > MAX_REQUEST_HEAD
     }
 
     /// Drops what the device still sends after close_notify, until it closes its side,

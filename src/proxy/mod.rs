@@ -10,7 +10,6 @@ mod caps;
 mod connection;
 mod forward;
 mod handshake_log;
-pub mod http1;
 mod refusal;
 mod slow;
 pub mod target;

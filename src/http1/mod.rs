@@ -1,6 +1,9 @@
-//! The device side's HTTP/1.1 codec: request heads parsed, request bodies deframed, response
-//! heads and chunks encoded. Pure functions over byte buffers; the connection driver owns the
-//! socket, the buffers and the timing.
+//! HTTP/1.1 as seg speaks it on both hops, one set of rules: request heads parsed (here) and
+//! response heads parsed (`response`), one body decoder for request and response bodies
+//! alike, one `Content-Length` rule, one token reader, response heads and chunks encoded.
+//! Pure functions over byte buffers; the connection drivers (`proxy::connection` toward
+//! the device, `upstream::exchange` toward the mail server) own the sockets, the buffers
+//! and the timing.
 //!
 //! It makes the decisions hyper's `http1` server connection made before it, row for row of
 //! the HTTP abuse corpus (`tests/http_abuse.rs`). A head is read by `httparse` (bare LF line
@@ -11,6 +14,8 @@
 //! framings is read by its chunks, loses its `Content-Length` and ends its connection (RFC 9112
 //! §6.1), so nothing after the last chunk is ever read as a request. Chunk extensions and
 //! trailer fields are checked and dropped: trailers could carry identity headers.
+
+pub mod response;
 
 use std::mem::MaybeUninit;
 
@@ -490,7 +495,7 @@ pub fn response_framing(
     {
         return ResponseFraming::Empty;
     }
-    match content_length(headers).or(body_exact_len) {
+    match content_length(headers).ok().flatten().or(body_exact_len) {
         Some(n) => ResponseFraming::Length(n),
         None if request_version == Version::HTTP_11 => ResponseFraming::Chunked,
         None => ResponseFraming::UntilClose,
@@ -716,7 +721,7 @@ fn preface_or_malformed(
 
 /// A `Content-Length` field's value: digits only (surrounding spaces and tabs aside), no
 /// sign, no list, within 64 bits.
-fn content_length_value(value: &[u8]) -> Option<u64> {
+pub fn content_length_value(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
     if digits.is_empty() {
         return None;
@@ -729,22 +734,46 @@ fn content_length_value(value: &[u8]) -> Option<u64> {
     })
 }
 
-/// The `Content-Length` of a response's headers, if every field holds the same valid value.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+/// The one `Content-Length` rule, both hops: every field a valid value
+/// (`content_length_value`: no list, no sign) and all of them equal; `None` without one.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut found = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let n = content_length_value(value.as_bytes())?;
+        let n = content_length_value(value.as_bytes()).ok_or("invalid Content-Length")?;
         if found.is_some_and(|f| f != n) {
-            return None;
+            return Err("conflicting Content-Length values");
         }
         found = Some(n);
     }
-    found
+    Ok(found)
+}
+
+/// Whether a head can have ended since the last look: the bytes that arrived since hold a
+/// line end (every head ends with one; one can also finish a head the parser refuses), or
+/// the head is past its bound. So a head arriving a few bytes at a time is parsed once a
+/// line, not from its first byte on every read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadScan {
+    scanned: usize,
+}
+
+impl HeadScan {
+    pub fn may_be_complete(&mut self, buf: &[u8], max_head: usize) -> bool {
+        let fresh = &buf[self.scanned.min(buf.len())..];
+        let line_end = fresh.iter().any(|&b| b == b'\n' || b == b'\r');
+        self.scanned = buf.len();
+        line_end || buf.len() > max_head
+    }
+
+    /// The head was taken from the buffer: the next one starts at its front.
+    pub fn restart(&mut self) {
+        self.scanned = 0;
+    }
 }
 
 /// Whether a `Transfer-Encoding` field's last coding is `chunked` (ASCII only, as hyper read
 /// it: `chunked;q=1` or `"chunked"` are other codings).
-fn ends_in_chunked(value: &[u8]) -> bool {
+pub fn ends_in_chunked(value: &[u8]) -> bool {
     value.is_ascii()
         && value
             .rsplit(|&b| b == b',')
@@ -753,7 +782,7 @@ fn ends_in_chunked(value: &[u8]) -> bool {
 }
 
 /// Whether a comma-separated field value (ASCII only, as hyper read it) has `token`.
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
     value.is_ascii()
         && value
             .split(|&b| b == b',')

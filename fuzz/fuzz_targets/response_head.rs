@@ -1,0 +1,124 @@
+//! The upstream side of the HTTP/1.1 codec on any bytes: a response head, then its body, as
+//! `upstream::exchange` reads them. No panic; a head takes no more bytes than it was given,
+//! parses alike alone and is incomplete one byte short; no field value holds CR, LF or NUL;
+//! a chunked body has no `Content-Length` left beside it; a connection is kept only for an
+//! HTTP/1.1 response framed by length or chunks, with one framing and no `close`; the
+//! `Content-Length` rule is the one requests follow; and the body decodes alike whole or cut.
+#![no_main]
+
+use bytes::BytesMut;
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use libfuzzer_sys::fuzz_target;
+use seg::http1::response::parse_response_head;
+use seg::http1::{content_length, BodyDecoder, BodyError, BodyEvent, BodyFraming, ResponseFraming};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, data)) = data.split_first() else {
+        return;
+    };
+    let head_request = flags & 1 == 1;
+    let Ok(Some((head, used))) = parse_response_head(data, head_request) else {
+        return;
+    };
+    assert!(used <= data.len(), "used {used} of {}", data.len());
+    assert!(
+        matches!(parse_response_head(&data[..used], head_request), Ok(Some((_, again))) if again == used),
+        "the head alone does not parse alike"
+    );
+    assert!(
+        matches!(parse_response_head(&data[..used - 1], head_request), Ok(None)),
+        "the head one byte short is not incomplete"
+    );
+    // An interim response: the next head follows it.
+    let Some(head) = head else {
+        return;
+    };
+    for (name, value) in &head.parts.headers {
+        assert!(
+            !value.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)),
+            "{name} holds CR, LF or NUL"
+        );
+    }
+    let headers = &head.parts.headers;
+    match head.framing {
+        ResponseFraming::Chunked => assert!(!headers.contains_key(CONTENT_LENGTH)),
+        ResponseFraming::Length(n) => {
+            assert!(!headers.contains_key(TRANSFER_ENCODING));
+            assert_eq!(content_length(headers), Ok(Some(n)), "one Content-Length rule");
+        }
+        ResponseFraming::Empty | ResponseFraming::UntilClose => {}
+    }
+    if head.keep_alive {
+        assert_eq!(head.parts.version, http::Version::HTTP_11);
+        assert_ne!(head.framing, ResponseFraming::UntilClose);
+        assert!(
+            !headers
+                .get_all(CONNECTION)
+                .iter()
+                .any(|v| seg::http1::has_token(v.as_bytes(), b"close")),
+            "kept alive despite Connection: close"
+        );
+    }
+
+    let framing = match head.framing {
+        ResponseFraming::Length(n) => BodyFraming::Length(n),
+        ResponseFraming::Chunked => BodyFraming::Chunked,
+        ResponseFraming::Empty | ResponseFraming::UntilClose => return,
+    };
+    let rest = &data[used..];
+    let whole = decode(framing, std::iter::once(rest));
+    let mut seed = seed_of(data);
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < rest.len() {
+        seed = next(seed);
+        let len = if seed % 8 == 0 {
+            seed as usize % 512
+        } else {
+            seed as usize % 5
+        } + 1;
+        let end = (at + len).min(rest.len());
+        pieces.push(&rest[at..end]);
+        at = end;
+    }
+    assert_eq!(decode(framing, pieces), whole, "pieces and one piece disagree");
+});
+
+/// Feeds `pieces` to a decoder in turn: the body, and how it ended (`Ok(true)` complete,
+/// `Ok(false)` waiting for more).
+fn decode<'a>(
+    framing: BodyFraming,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<u8>, Result<bool, BodyError>) {
+    let mut decoder = BodyDecoder::new(framing);
+    let mut buf = BytesMut::new();
+    let mut body = Vec::new();
+    let mut pieces = pieces.into_iter();
+    let ended = loop {
+        match decoder.decode(&mut buf) {
+            Ok(Some(BodyEvent::Data(data))) => body.extend_from_slice(&data),
+            Ok(Some(BodyEvent::End)) => break Ok(true),
+            Ok(None) => match pieces.next() {
+                Some(piece) => buf.extend_from_slice(piece),
+                None => break Ok(false),
+            },
+            Err(e) => break Err(e),
+        }
+    };
+    (body, ended)
+}
+
+/// FNV-1a of the input: the cuts are a function of it, so a crash replays.
+fn seed_of(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1
+}
+
+/// xorshift64.
+fn next(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
