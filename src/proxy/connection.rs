@@ -935,3 +935,37 @@ impl Body for CountingBody {
         self.inner.size_hint()
     }
 }
+
+/// The memory design, guarded: what a connection keeps between requests and while a Ping is
+/// held is this module's types (and the upstream exchange's, see `upstream::exchange`), so
+/// their sizes are held to budgets. A change that grows one fails here, with the size it
+/// reached; raise a budget only with the fleet benchmark's memory per held Ping and per idle
+/// connection beside it (`docs/performance.md`).
+#[cfg(test)]
+mod size_budgets {
+    use super::*;
+
+    /// Fails naming every type over its budget (bytes), with its size.
+    fn assert_within(sizes: &[(&str, usize, usize)]) {
+        let over: Vec<String> = sizes
+            .iter()
+            .filter(|(_, size, budget)| size > budget)
+            .map(|(name, size, budget)| format!("{name}: {size} bytes, budget {budget}"))
+            .collect();
+        assert!(over.is_empty(), "over budget: {over:?}");
+    }
+
+    #[test]
+    fn a_connection_and_a_held_request_stay_within_their_budgets() {
+        let sizes = [
+            ("DeviceConn", std::mem::size_of::<DeviceConn>(), 264),
+            ("DeviceTls", std::mem::size_of::<DeviceTls>(), 136),
+            ("State", std::mem::size_of::<State>(), 24),
+            ("Handling", std::mem::size_of::<Handling>(), 80),
+            ("Responding", std::mem::size_of::<Responding>(), 264),
+            ("Exchange", std::mem::size_of::<Exchange>(), 56),
+            ("Feed", std::mem::size_of::<Feed>(), 48),
+        ];
+        assert_within(&sizes);
+    }
+}

@@ -650,4 +650,43 @@ mod tests {
         assert!(error.is_none(), "{error:?}");
         assert_eq!(got, b"hello worl");
     }
+
+    /// A request body for the size test: nothing to send.
+    struct NoBody;
+
+    impl Body for NoBody {
+        type Data = Bytes;
+        type Error = Box<dyn std::error::Error + Send + Sync>;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(None)
+        }
+    }
+
+    /// What a held Ping keeps on the upstream side, guarded (see `proxy::connection`'s
+    /// budgets): the exchange's future while it waits for the response head, the connection,
+    /// and the response body while it streams.
+    #[tokio::test]
+    async fn a_waiting_exchange_stays_within_its_budget() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let conn = UpstreamConn::new(Io::Plain(tcp), None);
+        let outgoing = Box::new(Outgoing::new(Request::new(NoBody)).unwrap());
+        let pool = Pool::new(1, 1, Duration::from_secs(60));
+        let waiting = send(conn, outgoing, &pool, Duration::from_secs(1));
+        // The future's size is the optimised build's (`cargo test --release`, as CI runs).
+        let sizes = [
+            ("send future", std::mem::size_of_val(&waiting), 456),
+            ("UpstreamConn", std::mem::size_of::<UpstreamConn>(), 64),
+            ("UpstreamBody", std::mem::size_of::<UpstreamBody>(), 184),
+        ];
+        for (name, size, budget) in sizes {
+            assert!(size <= budget, "{name}: {size} bytes, budget {budget}");
+        }
+    }
 }
