@@ -977,3 +977,52 @@ async fn key_updates_from_the_device_keep_the_connection_working() {
     assert_eq!(bodies.len(), 6);
     assert_eq!(bodies[3], b"0123456789");
 }
+
+/// A head seg refuses is counted and audited like any request: a malformed one (400), one
+/// over the head limit (431) and the HTTP/2 preface (closed unanswered) each leave one record
+/// with decision `refused` and the reason, and count in `seg_requests_total{command="none"}`.
+#[tokio::test]
+async fn refused_heads_are_counted_and_audited() {
+    let lab = lab("", echo().await).await;
+    let device = alice(&lab);
+    let before = lab.metric("seg_requests_total{command=\"none\",status_class=\"4xx\"}");
+    let records_before = support::audit::log_records("request").len();
+    let huge = format!(
+        "POST /Microsoft-Server-ActiveSync HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let cases: [(&[u8], u64, &str); 3] = [
+        (
+            b"POST /x HTTP/1.1\r\nBad Header\r\n\r\n",
+            400,
+            "head-malformed",
+        ),
+        (huge.as_bytes(), 431, "head-too-large"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "http2-preface"),
+    ];
+    for (bytes, status, reason) in cases {
+        let mut wire = Wire::open(&lab, &device).await;
+        wire.send(bytes).await;
+        if reason != "http2-preface" {
+            assert_eq!(u64::from(wire.response().await.status), status, "{reason}");
+        }
+        assert!(wire.closed_within(Duration::from_secs(5)).await, "{reason}");
+        wait_until(&format!("the record of {reason}"), || {
+            support::audit::log_records("request")[records_before..]
+                .iter()
+                .any(|r| r["reason"] == reason)
+        })
+        .await;
+        let records = support::audit::log_records("request");
+        let record = records[records_before..]
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .unwrap();
+        assert_eq!(record["decision"], "refused", "{record}");
+        assert_eq!(record["status"], status, "{record}");
+    }
+    assert_eq!(
+        lab.metric("seg_requests_total{command=\"none\",status_class=\"4xx\"}"),
+        before + 3.0
+    );
+}

@@ -66,6 +66,41 @@ impl Drop for AuditRecord {
 }
 
 impl AuditRecord {
+    /// A request's record, before anything is decided: forwarded unless it says otherwise.
+    pub fn new(
+        peer: SocketAddr,
+        eas: EasRequest,
+        metrics: &Arc<Metrics>,
+        device_io: &Arc<IoWatch>,
+    ) -> AuditRecord {
+        AuditRecord {
+            started: Instant::now(),
+            peer,
+            subject: AuditSubject::Unknown,
+            eas,
+            status: 0,
+            decision: "forwarded",
+            reason: "",
+            kdc_event: None,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            metrics: Arc::clone(metrics),
+            policy: "",
+            long_poll: None,
+            device_io: Arc::clone(device_io),
+            written: false,
+        }
+    }
+
+    /// Writes the record of a request refused at its head (nothing of it read but the
+    /// connection it came on): `status` answered, or `None` when the connection closed
+    /// without an answer.
+    pub fn refused_head(mut self, status: Option<u16>, reason: &'static str) {
+        self.decision = "refused";
+        self.reason = reason;
+        self.status = status.unwrap_or(400);
+        self.finish(0, status.is_some());
+    }
+
     fn finish(&mut self, bytes_out: u64, completed: bool) {
         self.written = true;
         if !completed && self.reason.is_empty() && self.device_io.write_timed_out() {

@@ -26,7 +26,7 @@ use http::{header, HeaderMap, Method, Request, Response, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use super::audit::AuditBody;
+use super::audit::{AuditBody, AuditRecord};
 use super::caps::HeadCharge;
 use super::slow::PacedBody;
 use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
@@ -300,6 +300,12 @@ impl DeviceConn {
     /// A head seg cannot take: 400 or 431 and close; the HTTP/2 preface gets no answer.
     fn refuse_head(&mut self, error: &HeadError) -> Result<State, ConnectionError> {
         tracing::debug!(target: "seg::listener", peer = %self.device.peer, %error, "request head refused");
+        let reason = match error {
+            HeadError::TooLarge => "head-too-large",
+            HeadError::Malformed(_) => "head-malformed",
+            HeadError::Http2Preface => "http2-preface",
+        };
+        self.audit_refused_head(error.status().map(|s| s.as_u16()), reason);
         self.buf = BytesMut::new();
         self.head_charge.set(0);
         if let Some(status) = error.status() {
@@ -307,6 +313,18 @@ impl DeviceConn {
             self.linger = true;
         }
         Ok(State::Closing)
+    }
+
+    /// Counts and audits a request refused at its head, like any other request.
+    fn audit_refused_head(&self, status: Option<u16>, reason: &'static str) {
+        let eas = crate::activesync::EasRequest::headers_only(&HeaderMap::new());
+        AuditRecord::new(
+            self.device.peer,
+            eas,
+            &self.gateway.metrics,
+            &self.device.io,
+        )
+        .refused_head(status, reason);
     }
 
     /// Unfinished heads hold all of `listen.max_pending_head_bytes`: this one is refused
@@ -318,6 +336,7 @@ impl DeviceConn {
             .connections_refused
             .with_label_values(&["max_pending_head_bytes"])
             .inc();
+        self.audit_refused_head(Some(503), "pending-head-bytes");
         self.buf = BytesMut::new();
         self.head_charge.set(0);
         let retry_after = super::RETRY_AFTER_SECS;

@@ -16,7 +16,7 @@ pub mod target;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -381,22 +381,7 @@ impl Gateway {
             Ok(eas) => (eas, None),
             Err(e) => (EasRequest::headers_only(request.headers()), Some(e)),
         };
-        let mut record = AuditRecord {
-            started: Instant::now(),
-            peer: device.peer,
-            subject: AuditSubject::Unknown,
-            eas,
-            status: 0,
-            decision: "forwarded",
-            reason: "",
-            kdc_event: None,
-            bytes_in: Arc::new(AtomicU64::new(0)),
-            metrics: Arc::clone(&self.metrics),
-            policy: "",
-            long_poll: None,
-            device_io: Arc::clone(&device.io),
-            written: false,
-        };
+        let mut record = AuditRecord::new(device.peer, eas, &self.metrics, &device.io);
         let identity = match self
             .resolver
             .resolve(device.fingerprint, &device.leaf)
