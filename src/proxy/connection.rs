@@ -16,24 +16,25 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, Method, Request, Response, Version};
+use http::{HeaderMap, Method, Request, Response, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::audit::{AuditBody, AuditRecord};
 use super::caps::HeadCharge;
 use super::slow::PacedBody;
-use super::{DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
+use super::{CloseAfter, DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
 use crate::http1::{
     self, BodyDecoder, BodyEvent, BodyFraming, HeadError, HeadScan, ResponseFraming,
 };
 use crate::transport::tls_conn::DeviceTls;
+use crate::upstream::exchange::BodyFault;
 
 /// The most bytes of a next (pipelined) request read while the current one is with the
 /// gateway; past it the device is not read until the current response is written.
@@ -392,7 +393,7 @@ impl DeviceConn {
                 Err(e) => {
                     // Where the message ends is unknown: nothing after it can be read.
                     exchange.close = true;
-                    return RequestBody::failed(BodyFailure::Framing(e));
+                    return RequestBody::failed(BodyFault::Framing(e));
                 }
             }
         }
@@ -457,8 +458,7 @@ impl DeviceConn {
                             continue;
                         }
                         Err(e) => {
-                            feed.channel
-                                .finish(Some(BodyFailure::Framing(e)), cx.waker());
+                            feed.channel.finish(Some(BodyFault::Framing(e)), cx.waker());
                             exchange.feed = None;
                             exchange.close = true;
                             continue;
@@ -467,7 +467,7 @@ impl DeviceConn {
                     }
                     match self.tls.poll_read(cx, &mut self.buf) {
                         Poll::Ready(Ok(0)) => {
-                            feed.channel.finish(Some(BodyFailure::Closed), cx.waker());
+                            feed.channel.finish(Some(BodyFault::Gone), cx.waker());
                             exchange.feed = None;
                             exchange.close = true;
                             exchange.closed_mid_body = true;
@@ -503,8 +503,7 @@ impl DeviceConn {
         // starts cannot be known without waiting for the body, and the answer says close.
         let mut body_unread = false;
         if let Some(mut feed) = exchange.feed.take() {
-            feed.channel
-                .finish(Some(BodyFailure::Closed), Waker::noop());
+            feed.channel.finish(Some(BodyFault::Gone), Waker::noop());
             body_unread = !drain_arrived(&mut feed.decoder, &mut self.buf);
             self.linger |= body_unread;
         }
@@ -525,7 +524,7 @@ impl DeviceConn {
             || !self.keep_alive
             || self.draining
             || framing == ResponseFraming::UntilClose
-            || asks_close(&parts.headers);
+            || parts.extensions.get::<CloseAfter>().is_some();
         let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
         http1::encode_response_head(
             &mut out,
@@ -663,16 +662,6 @@ fn wake_other(waiting: Option<Waker>, connection: &Waker) {
     }
 }
 
-/// Whether a response's `Connection` header says close (set by seg's own refusals).
-fn asks_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
-}
-
 /// The `Date` of responses, formatted once a second per thread.
 fn date() -> [u8; 29] {
     use std::cell::Cell;
@@ -730,15 +719,6 @@ impl Arrived {
     }
 }
 
-/// Why a request body could not be read to its end.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyFailure {
-    #[error("request body framing: {0}")]
-    Framing(http1::BodyError),
-    #[error("the device closed the connection before the request body ended")]
-    Closed,
-}
-
 /// A request body on its way from the device to the upstream.
 pub struct RequestBody(Source);
 
@@ -746,7 +726,7 @@ enum Source {
     /// All of it: empty, or arrived with the head.
     Complete(Option<Bytes>),
     /// Its framing broke before the request was handed on.
-    Failed(Option<BodyFailure>),
+    Failed(Option<BodyFault>),
     /// Still arriving; the connection feeds it as it is read.
     Streaming(Arc<BodyChannel>),
 }
@@ -756,19 +736,19 @@ impl RequestBody {
         RequestBody(Source::Complete(data.filter(|d| !d.is_empty())))
     }
 
-    fn failed(failure: BodyFailure) -> RequestBody {
+    fn failed(failure: BodyFault) -> RequestBody {
         RequestBody(Source::Failed(Some(failure)))
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = BodyFailure;
+    type Error = BodyFault;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyFault>>> {
         match &mut self.0 {
             Source::Complete(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Source::Failed(failure) => Poll::Ready(failure.take().map(Err)),
@@ -820,7 +800,7 @@ struct BodyChannel(Mutex<Slot>);
 struct Slot {
     data: Option<Bytes>,
     /// The body ended: cleanly (None) or not.
-    end: Option<Option<BodyFailure>>,
+    end: Option<Option<BodyFault>>,
     /// The reader found nothing and waits.
     waiting: Option<Waker>,
     /// The reader dropped the body.
@@ -857,7 +837,7 @@ impl BodyChannel {
         wake_other(slot.waiting.take(), connection);
     }
 
-    fn finish(&self, failure: Option<BodyFailure>, connection: &Waker) {
+    fn finish(&self, failure: Option<BodyFault>, connection: &Waker) {
         let mut slot = self.slot();
         if slot.end.is_none() {
             slot.end = Some(failure);
@@ -869,7 +849,7 @@ impl BodyChannel {
         self.slot().abandoned = true;
     }
 
-    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFailure>>> {
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyFault>>> {
         let mut slot = self.slot();
         if let Some(data) = slot.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -902,38 +882,23 @@ impl BodyChannel {
 pub struct CountingBody {
     inner: PacedBody<RequestBody>,
     count: Arc<AtomicU64>,
-    /// Set when reading the device's body fails (broken chunked framing, the device gone
-    /// mid-body): the upstream request then fails through no fault of the upstream's.
-    failed: Arc<AtomicBool>,
 }
 
 impl CountingBody {
     pub fn new(inner: PacedBody<RequestBody>, count: Arc<AtomicU64>) -> CountingBody {
-        CountingBody {
-            inner,
-            count,
-            failed: Arc::default(),
-        }
-    }
-
-    /// A flag set once reading the device's body has failed.
-    pub fn failure(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.failed)
+        CountingBody { inner, count }
     }
 }
 
 impl Body for CountingBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BodyFault;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Release);
-        }
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             match frame.data_ref() {
                 Some(data) => {

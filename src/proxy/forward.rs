@@ -14,11 +14,25 @@ use std::time::Duration;
 
 use super::connection::CountingBody;
 use crate::upstream::conn::{Connector, PoolKey, UpstreamConn};
-use crate::upstream::exchange::{self, ClientError, SendError, UpstreamBody};
+use crate::upstream::exchange::{self, BodyFault, ClientError, SendError, UpstreamBody};
 use crate::upstream::pool::Pool;
 
 /// A request on its way to the upstream, its body the device's.
 pub type Outgoing = exchange::Outgoing<CountingBody>;
+
+/// Why an exchange with the upstream failed, and whose fault it was: the gateway maps it to
+/// the device's answer in one place (`Gateway::exchange_failed`).
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The device's request body failed: too slow, broken framing, the device gone.
+    Device(BodyFault),
+    /// No connection to the upstream: no slot free, or the connect failed.
+    Unreachable,
+    /// No response head within `upstream.request_timeout`.
+    Timeout,
+    /// The upstream broke the exchange: closed, or answered what seg refuses to relay.
+    Failed,
+}
 use super::refusal::Refusal;
 use crate::activesync::{REQUEST_HEADERS, SINGLE_VALUED_HEADERS};
 use crate::config::{IdentityConfig, UpstreamConfig};
@@ -388,13 +402,16 @@ impl Upstream {
 
     /// Encodes a request for the upstream: its head as seg writes it, with the upstream's
     /// own `Host`. Boxed, so the futures that carry it stay small.
-    pub fn prepare(&self, mut request: Request<CountingBody>) -> Result<Box<Outgoing>, Refusal> {
+    pub fn prepare(
+        &self,
+        mut request: Request<CountingBody>,
+    ) -> Result<Box<Outgoing>, ExchangeError> {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
         Outgoing::new(request).map(Box::new).map_err(|e| {
             tracing::debug!(target: "seg::upstream", error = %e, "request not sendable");
-            Refusal::UpstreamFailed
+            ExchangeError::Failed
         })
     }
 
@@ -405,10 +422,10 @@ impl Upstream {
         &self,
         account: Option<&Arc<str>>,
         outgoing: Box<Outgoing>,
-    ) -> Result<Response<UpstreamBody>, Refusal> {
+    ) -> Result<Response<UpstreamBody>, ExchangeError> {
         let key = account.cloned();
         match tokio::time::timeout(self.request_timeout, self.exchange(key, outgoing)).await {
-            Err(_) => Err(Refusal::UpstreamTimeout),
+            Err(_) => Err(ExchangeError::Timeout),
             Ok(result) => result,
         }
     }
@@ -417,7 +434,7 @@ impl Upstream {
         &self,
         key: PoolKey,
         mut outgoing: Box<Outgoing>,
-    ) -> Result<Response<UpstreamBody>, Refusal> {
+    ) -> Result<Response<UpstreamBody>, ExchangeError> {
         // An idle connection may have been closed by the upstream a moment ago; then the
         // request is unsent and goes out on another one. A new connection is the last try.
         loop {
@@ -437,17 +454,17 @@ impl Upstream {
                 }
                 Err(SendError::Unsent(e, _)) => {
                     tracing::warn!(target: "seg::upstream", error = %e, "new upstream connection closed at once");
-                    return Err(Refusal::UpstreamFailed);
+                    return Err(ExchangeError::Failed);
                 }
-                // Reading the device's body failed (broken framing, too slow): the caller
-                // answers the device; the upstream did nothing wrong.
-                Err(SendError::Failed(e @ ClientError::Body(_))) => {
-                    tracing::debug!(target: "seg::upstream", error = %e, "request body failed");
-                    return Err(Refusal::UpstreamFailed);
+                // Reading the device's body failed (broken framing, too slow, the device
+                // gone): the device is answered for it; the upstream did nothing wrong.
+                Err(SendError::Failed(ClientError::Body(fault))) => {
+                    tracing::debug!(target: "seg::upstream", error = %fault, "request body failed");
+                    return Err(ExchangeError::Device(*fault));
                 }
                 Err(SendError::Failed(e)) => {
                     tracing::warn!(target: "seg::upstream", error = %e, "upstream request failed");
-                    return Err(Refusal::UpstreamFailed);
+                    return Err(ExchangeError::Failed);
                 }
             }
         }
@@ -457,7 +474,7 @@ impl Upstream {
     /// `upstream.max_connecting` slots is free, or an idle one given back to the pool during
     /// the wait. The wait is bounded by `upstream.connect_timeout`, as a connect is: slots
     /// that stay taken mean connects that are not completing.
-    async fn open(&self, key: &PoolKey) -> Result<(UpstreamConn, bool), Refusal> {
+    async fn open(&self, key: &PoolKey) -> Result<(UpstreamConn, bool), ExchangeError> {
         if self.connecting.available_permits() == 0 {
             self.connect_waits.inc();
         }
@@ -466,7 +483,7 @@ impl Upstream {
             Ok(Ok(slot)) => slot,
             _ => {
                 tracing::warn!(target: "seg::upstream", max_connecting = self.max_connecting, connect_timeout = ?self.connect_timeout, "no upstream connection slot free within the connect timeout");
-                return Err(Refusal::UpstreamUnreachable);
+                return Err(ExchangeError::Unreachable);
             }
         };
         if let Some(conn) = self.pool.take(key) {
@@ -477,12 +494,12 @@ impl Upstream {
         Ok((conn?, true))
     }
 
-    async fn connect(&self, key: PoolKey) -> Result<UpstreamConn, Refusal> {
+    async fn connect(&self, key: PoolKey) -> Result<UpstreamConn, ExchangeError> {
         match self.connector.connect().await {
             Ok(io) => Ok(UpstreamConn::new(io, key)),
             Err(e) => {
                 tracing::warn!(target: "seg::upstream", error = %e, "upstream connect failed");
-                Err(Refusal::UpstreamUnreachable)
+                Err(ExchangeError::Unreachable)
             }
         }
     }

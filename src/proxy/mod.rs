@@ -16,7 +16,7 @@ pub mod target;
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,10 +24,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::upstream::exchange::BodyFault;
 pub use audit::AuditBody;
 pub use connection::RequestBody;
 use forward::Outgoing;
-pub use forward::{HeaderPolicy, Upstream, UpstreamSetupError};
+pub use forward::{ExchangeError, HeaderPolicy, Upstream, UpstreamSetupError};
 pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 
 use crate::activesync::{EasRequest, QueryForm};
@@ -90,9 +91,6 @@ struct Forward {
     outgoing: Box<Outgoing>,
     /// Kerberos mode: the account whose own upstream connections carry the request.
     principal: Option<Arc<str>>,
-    /// Set when the device's body came too slowly, or broke its framing.
-    body_too_slow: Arc<AtomicBool>,
-    body_failed: Arc<AtomicBool>,
 }
 
 /// The gateway serving new connections now.
@@ -547,9 +545,7 @@ impl Gateway {
                 min_rate: listen.body_min_rate,
             },
         );
-        let body_too_slow = body.too_slow();
         let body = CountingBody::new(body, Arc::clone(&record.bytes_in));
-        let body_failed = body.failure();
         if let Some(authorization) = &delegated {
             parts
                 .headers
@@ -557,15 +553,13 @@ impl Gateway {
         }
         let outgoing = match self.upstream.prepare(Request::from_parts(parts, body)) {
             Ok(outgoing) => outgoing,
-            Err(refusal) => return Handled::Answered(self.upstream_failed(refusal, record)),
+            Err(error) => return Handled::Answered(self.exchange_failed(error, record)),
         };
         Handled::Forward(Box::new(Forward {
             record,
             outgoing,
             // Kerberos mode: on the account's own upstream connections.
             principal: delegated.map(|a| a.principal),
-            body_too_slow,
-            body_failed,
         }))
     }
 
@@ -579,8 +573,6 @@ impl Gateway {
             .await;
         let mut record = forward.record;
         let principal = forward.principal;
-        let (body_too_slow, body_failed) = (forward.body_too_slow, forward.body_failed);
-        let listen = &self.config.listen;
         match sent {
             Ok(response)
                 if principal.is_some() && response.status() == StatusCode::UNAUTHORIZED =>
@@ -605,19 +597,7 @@ impl Gateway {
                 record.status = parts.status.as_u16();
                 Response::from_parts(parts, AuditBody::upstream(body, record))
             }
-            Err(_) if body_too_slow.load(Ordering::Acquire) => {
-                // The upstream request failed because the device's body stalled: its fault.
-                self.count_timed_out("request_body");
-                tracing::info!(target: "seg::listener", peer = %record.peer, body_timeout = ?listen.body_timeout, body_min_rate = listen.body_min_rate, "request cut: its body came too slowly");
-                refuse(Refusal::BodyTooSlow, record)
-            }
-            // A device body that breaks its framing (a bad chunk size) or breaks off fails the
-            // upstream request: the device's fault, so 400, not 502.
-            Err(_) if body_failed.load(Ordering::Acquire) => {
-                let refusal = Refusal::BadRequest("request-body-invalid");
-                closing(self.refuse_policy(refusal, record))
-            }
-            Err(refusal) => self.upstream_failed(refusal, record),
+            Err(error) => self.exchange_failed(error, record),
         }
     }
 }
@@ -694,6 +674,27 @@ impl Gateway {
     }
 
     /// The upstream could not be asked or did not answer, counted by why.
+    /// The answer to a failed exchange, by whose fault it was: the device's body (too slow:
+    /// 408; broken framing or gone: 400, closing) or the upstream (502, 503, 504).
+    fn exchange_failed(&self, error: ExchangeError, record: AuditRecord) -> Response<AuditBody> {
+        let refusal = match error {
+            ExchangeError::Device(BodyFault::TooSlow { .. }) => {
+                self.count_timed_out("request_body");
+                let listen = &self.config.listen;
+                tracing::info!(target: "seg::listener", peer = %record.peer, body_timeout = ?listen.body_timeout, body_min_rate = listen.body_min_rate, "request cut: its body came too slowly");
+                return refuse(Refusal::BodyTooSlow, record);
+            }
+            ExchangeError::Device(_) => {
+                let refusal = Refusal::BadRequest("request-body-invalid");
+                return closing(self.refuse_policy(refusal, record));
+            }
+            ExchangeError::Unreachable => Refusal::UpstreamUnreachable,
+            ExchangeError::Timeout => Refusal::UpstreamTimeout,
+            ExchangeError::Failed => Refusal::UpstreamFailed,
+        };
+        self.upstream_failed(refusal, record)
+    }
+
     fn upstream_failed(&self, refusal: Refusal, record: AuditRecord) -> Response<AuditBody> {
         self.metrics
             .upstream_errors
@@ -732,10 +733,13 @@ fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
 }
 
 /// Ends the connection after this response.
+/// Marks a response after which the device's connection closes (a refusal that ends it):
+/// a field of the response the connection reads, not a header it would parse back.
+#[derive(Debug, Clone, Copy)]
+struct CloseAfter;
+
 fn closing(mut response: Response<AuditBody>) -> Response<AuditBody> {
-    response
-        .headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response.extensions_mut().insert(CloseAfter);
     response
 }
 

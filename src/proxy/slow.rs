@@ -8,8 +8,6 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::exchange::BodyFault;
 
 /// The pace a request body must keep: `min_rate` bytes per second averaged over each window
 /// of `window`, and never less than one byte per window.
@@ -35,19 +33,10 @@ impl BodyPace {
     }
 }
 
-/// The request body was slower than its `BodyPace`.
-#[derive(Debug, thiserror::Error)]
-#[error("request body brought {received} bytes in {window:?}, less than the {required} required")]
-pub struct BodyTooSlow {
-    pub received: u64,
-    pub required: u64,
-    pub window: Duration,
-}
-
 /// A request body held to a `BodyPace`. Time counts only while the body is waiting for the
 /// device: a window that ran out while nobody polled (the upstream not reading) starts over
-/// rather than blaming the device. When the pace is missed it yields `BodyTooSlow` and sets
-/// the flag from `too_slow()`, so the request can be answered as the device's fault.
+/// rather than blaming the device. When the pace is missed it fails with
+/// `BodyFault::TooSlow`, which the exchange hands back as the device's fault.
 pub struct PacedBody<B> {
     inner: B,
     pace: BodyPace,
@@ -56,7 +45,6 @@ pub struct PacedBody<B> {
     timer: Option<Pin<Box<Sleep>>>,
     /// The last poll found nothing: the body is waiting for the device.
     waiting: bool,
-    too_slow: Arc<AtomicBool>,
 }
 
 impl<B> PacedBody<B> {
@@ -68,13 +56,7 @@ impl<B> PacedBody<B> {
             window_bytes: 0,
             timer: None,
             waiting: false,
-            too_slow: Arc::new(AtomicBool::new(false)),
         }
-    }
-
-    /// Set once the body was cut for its pace.
-    pub fn too_slow(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.too_slow)
     }
 
     fn next_window(&mut self, now: Instant) {
@@ -82,23 +64,22 @@ impl<B> PacedBody<B> {
         self.window_bytes = 0;
     }
 
-    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.too_slow.store(true, Ordering::Release);
-        Poll::Ready(Some(Err(Box::new(BodyTooSlow {
+    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyFault>>> {
+        Poll::Ready(Some(Err(BodyFault::TooSlow {
             received: self.window_bytes,
             required: self.pace.required(),
             window: self.pace.window,
-        }))))
+        })))
     }
 }
 
 impl<B> Body for PacedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
+    B::Error: Into<BodyFault>,
 {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = BodyFault;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -175,7 +156,7 @@ mod tests {
 
     impl Body for Fed {
         type Data = Bytes;
-        type Error = std::convert::Infallible;
+        type Error = BodyFault;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
@@ -215,7 +196,6 @@ mod tests {
     async fn a_trickle_below_the_rate_is_cut_at_the_end_of_its_window() {
         // One byte a second; 10 bytes/s required over 10 s windows.
         let (tx, body) = paced(10, 10);
-        let too_slow = body.too_slow();
         let _feeder = tokio::spawn(async move {
             loop {
                 if tx.send(Bytes::from_static(b"x")).await.is_err() {
@@ -226,8 +206,7 @@ mod tests {
         });
         let started = Instant::now();
         let error = body.collect().await.expect_err("cut");
-        assert!(error.is::<BodyTooSlow>(), "{error}");
-        assert!(too_slow.load(Ordering::Acquire));
+        assert!(matches!(error, BodyFault::TooSlow { .. }), "{error}");
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
@@ -237,7 +216,7 @@ mod tests {
         tx.send(Bytes::from_static(b"head")).await.unwrap();
         let started = Instant::now();
         let error = body.collect().await.expect_err("cut");
-        assert!(error.is::<BodyTooSlow>(), "{error}");
+        assert!(matches!(error, BodyFault::TooSlow { .. }), "{error}");
         // The first window brought 4 bytes (enough at rate 0); the second brought none.
         assert_eq!(started.elapsed(), Duration::from_secs(60));
         drop(tx);

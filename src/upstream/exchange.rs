@@ -63,20 +63,37 @@ pub enum ClientError {
     #[error("the upstream fell silent in the middle of its response body")]
     BodySilent,
     /// Reading the device's request body failed: the device's fault, not the upstream's.
-    #[error("request body: {0}")]
-    Body(Box<dyn std::error::Error + Send + Sync>),
+    /// Boxed: every waiting exchange's future has room for its error.
+    #[error(transparent)]
+    Body(Box<BodyFault>),
 }
 
 /// The request body an exchange sends: the device's body as the gateway passes it on (held
 /// to its pace, counted for the audit record). Its error is the device's fault.
-pub trait OutgoingBody:
-    Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin
-{
-}
+pub trait OutgoingBody: Body<Data = Bytes, Error = BodyFault> + Unpin {}
 
-impl<B> OutgoingBody for B where
-    B: Body<Data = Bytes, Error = Box<dyn std::error::Error + Send + Sync>> + Unpin
-{
+impl<B> OutgoingBody for B where B: Body<Data = Bytes, Error = BodyFault> + Unpin {}
+
+/// Why the request body failed on its way to the upstream: the device's doing, never the
+/// upstream's, so the device is answered for it (408 or 400), not with a 502.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyFault {
+    /// Slower than `listen.body_min_rate` over a `listen.body_timeout` window.
+    #[error(
+        "request body brought {received} bytes in {window:?}, less than the {required} required"
+    )]
+    TooSlow {
+        received: u64,
+        required: u64,
+        window: Duration,
+    },
+    #[error("request body framing: {0}")]
+    Framing(#[from] BodyError),
+    #[error("the device closed the connection before the request body ended")]
+    Gone,
+    /// The body's bytes and its declared length disagree.
+    #[error("{0}")]
+    Length(&'static str),
 }
 
 /// Whether a request went out (the upstream may have acted on it) when sending failed.
@@ -163,7 +180,7 @@ impl<B: OutgoingBody> Outgoing<B> {
             };
             match Pin::new(body).poll_frame(cx) {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(Some(Err(e))) => return Err(ClientError::Body(e)),
+                Poll::Ready(Some(Err(e))) => return Err(ClientError::Body(Box::new(e))),
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         let mut framed = std::mem::take(&mut self.prefix);
@@ -190,9 +207,9 @@ impl<B: OutgoingBody> Outgoing<B> {
             RequestFraming::Length(left) => {
                 let n = data.len() as u64;
                 if n > *left {
-                    return Err(ClientError::Body(
-                        "the body is longer than its Content-Length".into(),
-                    ));
+                    return Err(ClientError::Body(Box::new(BodyFault::Length(
+                        "the body is longer than its Content-Length",
+                    ))));
                 }
                 *left -= n;
                 out.extend_from_slice(data);
@@ -207,9 +224,9 @@ impl<B: OutgoingBody> Outgoing<B> {
         self.body = None;
         match self.framing {
             RequestFraming::Length(0) => Ok(()),
-            RequestFraming::Length(_) => Err(ClientError::Body(
-                "the body ended before its Content-Length".into(),
-            )),
+            RequestFraming::Length(_) => Err(ClientError::Body(Box::new(BodyFault::Length(
+                "the body ended before its Content-Length",
+            )))),
             RequestFraming::Chunked => {
                 out.extend_from_slice(http1::LAST_CHUNK);
                 Ok(())
@@ -656,7 +673,7 @@ mod tests {
 
     impl Body for NoBody {
         type Data = Bytes;
-        type Error = Box<dyn std::error::Error + Send + Sync>;
+        type Error = BodyFault;
 
         fn poll_frame(
             self: Pin<&mut Self>,
