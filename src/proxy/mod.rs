@@ -35,7 +35,7 @@ use crate::activesync::{EasRequest, QueryForm};
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::identity::resolver::{Decision, Resolver};
-use crate::identity::{CertFingerprint, DenyReason};
+use crate::identity::{CertFingerprint, DenyReason, Identity};
 use crate::metrics::Metrics;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
 use crate::revocation::online::Verdict;
@@ -364,6 +364,11 @@ impl Gateway {
     /// the upstream request ready to go. It is kept apart from `forward` so that a held Ping
     /// keeps only the forwarding step's state while it waits (`connection`). The request
     /// comes boxed: a future keeps its arguments' room for its whole life.
+    ///
+    /// Three stages, each ending the request with a `Stop` when it must: `admit` (who the
+    /// certificate is, and whether it still counts), `police` (what the request asks, and
+    /// whether this account and device may ask it), `prepare` (the upstream request as that
+    /// account). The first stop answers; its record says why.
     async fn decide(
         self: Arc<Self>,
         request: Box<Request<RequestBody>>,
@@ -380,6 +385,37 @@ impl Gateway {
             Err(e) => (EasRequest::headers_only(request.headers()), Some(e)),
         };
         let mut record = AuditRecord::new(device.peer, eas, &self.metrics, &device.io);
+        let identity = match self.admit(&device, &mut record).await {
+            Ok(identity) => identity,
+            Err(stop) => return Handled::Answered(self.stop(stop, record)),
+        };
+        if let Err(stop) = self.police(
+            &request,
+            route,
+            query_error,
+            &identity,
+            &device,
+            &mut record,
+        ) {
+            return Handled::Answered(self.stop(stop, record));
+        }
+        match self.prepare(request, &identity, &device, &record).await {
+            Ok((outgoing, principal)) => Handled::Forward(Box::new(Forward {
+                record,
+                outgoing,
+                principal,
+            })),
+            Err(stop) => Handled::Answered(self.stop(stop, record)),
+        }
+    }
+
+    /// Who the certificate is, and whether it still counts: the identity decision, the
+    /// certificate's validity now, the NTAuth store, revocation, the per-device cap.
+    async fn admit(
+        &self,
+        device: &DeviceConnection,
+        record: &mut AuditRecord,
+    ) -> Result<Arc<Identity>, Stop> {
         let identity = match self
             .resolver
             .resolve(device.fingerprint, &device.leaf)
@@ -389,18 +425,18 @@ impl Gateway {
             Ok(Decision::Deny(denial)) => {
                 let reason = denial.reason;
                 record.subject = AuditSubject::Denied(denial);
-                return Handled::Answered(refuse(Refusal::Denied(reason), record));
+                return Err(Stop::refuse(Refusal::Denied(reason)));
             }
             Err(e) => {
                 tracing::warn!(target: "seg::identity", peer = %device.peer, error = %e, "identity unavailable");
-                return Handled::Answered(refuse(Refusal::from_resolve_error(&e), record));
+                return Err(Stop::refuse(Refusal::from_resolve_error(&e)));
             }
         };
         record.subject = AuditSubject::Admitted(Arc::clone(&identity));
         // A resumed session or a long-lived connection never shows the certificate to the
         // verifier again: its validity is checked here, on every request, by the same clock.
         if let Err(reason) = identity.validity_at(self.clock.now_unix()) {
-            return Handled::Answered(closing(refuse(Refusal::Denied(reason), record)));
+            return Err(Stop::closing(Refusal::Denied(reason)));
         }
         // As a DC: the CA that issued the leaf must be in the NTAuth store.
         if let Some(ntauth) = &self.ntauth {
@@ -412,11 +448,10 @@ impl Gateway {
                         .identity_decisions
                         .with_label_values(&["deny", reason.code()])
                         .inc();
-                    return Handled::Answered(closing(refuse(Refusal::Denied(reason), record)));
+                    return Err(Stop::closing(Refusal::Denied(reason)));
                 }
                 NtAuthVerdict::Unknown => {
-                    let refusal = Refusal::DependencyDown(NTAUTH_UNAVAILABLE);
-                    return Handled::Answered(refuse(refusal, record));
+                    return Err(Stop::refuse(Refusal::DependencyDown(NTAUTH_UNAVAILABLE)));
                 }
             }
         }
@@ -434,106 +469,118 @@ impl Gateway {
                     Verdict::Revoked => true,
                     Verdict::Unavailable => {
                         let refusal = Refusal::DependencyDown(REVOCATION_UNAVAILABLE);
-                        return Handled::Answered(refuse(refusal, record));
+                        return Err(Stop::refuse(refusal));
                     }
                 };
         if revoked {
-            let refusal = Refusal::Denied(DenyReason::CertificateRevoked);
-            return Handled::Answered(closing(refuse(refusal, record)));
+            return Err(Stop::closing(Refusal::Denied(
+                DenyReason::CertificateRevoked,
+            )));
         }
         if device.over_device_cap {
             // Counted at the handshake; answered here so the audit record names the account.
-            let refusal = Refusal::Busy("connection-cap-device");
-            return Handled::Answered(closing(refuse(refusal, record)));
+            return Err(Stop::closing(Refusal::Busy("connection-cap-device")));
         }
+        Ok(identity)
+    }
+
+    /// What the request asks, and whether this account and device may ask it: the route,
+    /// the query, the headers, the `User=` binding, the device rules, the long-poll caps.
+    /// Every route passes the same checks.
+    fn police(
+        &self,
+        request: &Request<RequestBody>,
+        route: Result<Route, Refusal>,
+        query_error: Option<crate::activesync::QueryError>,
+        identity: &Identity,
+        device: &DeviceConnection,
+        record: &mut AuditRecord,
+    ) -> Result<(), Stop> {
         // The bytes after a CONNECT or Upgrade head may be another protocol's (tunnel data,
         // an HTTP/2 preface): refused, the connection closes rather than read them as requests.
         let route = match route {
             Ok(route) => route,
             Err(refusal) if request.method() == Method::CONNECT => {
-                return Handled::Answered(closing(refuse(refusal, record)));
+                return Err(Stop::closing(refusal));
             }
-            Err(refusal) => return Handled::Answered(refuse(refusal, record)),
+            Err(refusal) => return Err(Stop::refuse(refusal)),
         };
         if request.headers().contains_key(http::header::UPGRADE) {
-            let refusal = Refusal::BadRequest("upgrade-refused");
-            return Handled::Answered(closing(self.refuse_policy(refusal, record)));
+            return Err(Stop::policy_closing(Refusal::BadRequest("upgrade-refused")));
         }
         // A query where none belongs is refused as such, before whatever it says is read.
         let query = request.uri().query();
         if route == Route::Autodiscover && query.is_some()
             || query_error.is_none() && !query_allowed(route, &record.eas)
         {
-            let refusal = Refusal::BadRequest("query-not-allowed");
-            return Handled::Answered(self.refuse_policy(refusal, record));
+            return Err(Stop::policy(Refusal::BadRequest("query-not-allowed")));
         }
         if let Some(e) = query_error {
-            let refusal = Refusal::BadRequest(e.code());
-            return Handled::Answered(self.refuse_policy(refusal, record));
+            return Err(Stop::policy(Refusal::BadRequest(e.code())));
         }
         if self.headers.check(request.headers()).is_err() {
-            let refusal = Refusal::BadRequest("duplicate-header");
-            return Handled::Answered(self.refuse_policy(refusal, record));
+            return Err(Stop::policy(Refusal::BadRequest("duplicate-header")));
         }
-        // Every route passes the same checks; a request without a device (OPTIONS,
-        // Autodiscover) is held only to the block rules, as it has nothing to allow.
-        {
-            let account = &identity.account;
-            let activesync = &self.config.activesync;
-            let netbios_domain = self.config.identity.netbios_domain.as_deref();
-            let eas = &record.eas;
-            if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
-                let code = crate::policy::PolicyDenial::UserMismatch.code();
-                return Handled::Answered(self.refuse_policy(Refusal::PolicyDenied(code), record));
+        // A request without a device (OPTIONS, Autodiscover) is held only to the block
+        // rules, as it has nothing to allow.
+        let account = &identity.account;
+        let activesync = &self.config.activesync;
+        let netbios_domain = self.config.identity.netbios_domain.as_deref();
+        let eas = &record.eas;
+        if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
+            let code = crate::policy::PolicyDenial::UserMismatch.code();
+            return Err(Stop::policy(Refusal::PolicyDenied(code)));
+        }
+        let deviceless = eas.device_id.is_none() && eas.device_type.is_none();
+        let decision = match check_device(rules_for(activesync, account), eas) {
+            Ok(decision) => decision,
+            Err(PolicyDenial::DeviceNotAllowed) if route != Route::Command && deviceless => {
+                "no-device"
             }
-            let deviceless = eas.device_id.is_none() && eas.device_type.is_none();
-            let decision = match check_device(rules_for(activesync, account), eas) {
-                Ok(decision) => decision,
-                Err(PolicyDenial::DeviceNotAllowed) if route != Route::Command && deviceless => {
-                    "no-device"
-                }
-                Err(denial) => {
-                    let refusal = Refusal::PolicyDenied(denial.code());
-                    return Handled::Answered(self.refuse_policy(refusal, record));
-                }
-            };
-            let long_poll = if eas.is_long_poll() {
-                let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
-                let device_id = eas.device_id.as_deref().unwrap_or("");
-                match self.long_polls.acquire(sam, device_id, &device.long_polls) {
-                    Ok(guard) => Some(guard),
-                    Err(cap) => {
-                        let refusal = Refusal::Busy(cap.code());
-                        return Handled::Answered(self.refuse_policy(refusal, record));
-                    }
-                }
-            } else {
-                None
-            };
-            record.policy = decision;
-            record.long_poll = long_poll;
-        }
-        // Kerberos mode: the user's own token, and later the user's own connections. A
-        // delegation that cannot be made refuses the request; there is no header fallback.
+            Err(denial) => return Err(Stop::policy(Refusal::PolicyDenied(denial.code()))),
+        };
+        let long_poll = if eas.is_long_poll() {
+            let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
+            let device_id = eas.device_id.as_deref().unwrap_or("");
+            match self.long_polls.acquire(sam, device_id, &device.long_polls) {
+                Ok(guard) => Some(guard),
+                Err(cap) => return Err(Stop::policy(Refusal::Busy(cap.code()))),
+            }
+        } else {
+            None
+        };
+        record.policy = decision;
+        record.long_poll = long_poll;
+        Ok(())
+    }
+
+    /// The upstream request as the account: in Kerberos mode the user's own token (and
+    /// later the user's own connections; a delegation that cannot be made refuses the
+    /// request, there is no header fallback), else the identity header; the target, the
+    /// headers hygiene leaves, and the device's body held to its pace and counted.
+    async fn prepare(
+        &self,
+        request: Request<RequestBody>,
+        identity: &Identity,
+        device: &DeviceConnection,
+        record: &AuditRecord,
+    ) -> Result<(Box<Outgoing>, Option<Arc<str>>), Stop> {
         // Both Kerberos steps are boxed, like the identity miss path: their state would
         // otherwise enlarge every connection's request future in header mode too.
         let delegated = match &self.delegation {
             Some(delegation) => match Box::pin(delegation.authorize(&identity.account)).await {
                 Ok(authorization) => Some(authorization),
                 Err(crate::kerberos::DelegationError::Denied(reason)) => {
-                    return Handled::Answered(refuse(Refusal::Denied(reason), record));
+                    return Err(Stop::refuse(Refusal::Denied(reason)));
                 }
                 Err(crate::kerberos::DelegationError::Unavailable(code)) => {
-                    return Handled::Answered(refuse(Refusal::DependencyDown(code), record));
+                    return Err(Stop::refuse(Refusal::DependencyDown(code)));
                 }
             },
             None => None,
         };
         let (mut parts, body) = request.into_parts();
-        parts.uri = match self.upstream.uri_for(&parts.uri) {
-            Ok(uri) => uri,
-            Err(refusal) => return Handled::Answered(refuse(refusal, record)),
-        };
+        parts.uri = self.upstream.uri_for(&parts.uri).map_err(Stop::refuse)?;
         parts.version = Version::HTTP_11;
         self.headers
             .apply(&mut parts.headers, &identity.header_value, &device.peer_ip);
@@ -551,16 +598,35 @@ impl Gateway {
                 .headers
                 .insert(http::header::AUTHORIZATION, authorization.header.clone());
         }
-        let outgoing = match self.upstream.prepare(Request::from_parts(parts, body)) {
-            Ok(outgoing) => outgoing,
-            Err(error) => return Handled::Answered(self.exchange_failed(error, record)),
-        };
-        Handled::Forward(Box::new(Forward {
-            record,
-            outgoing,
-            // Kerberos mode: on the account's own upstream connections.
-            principal: delegated.map(|a| a.principal),
-        }))
+        let outgoing = self
+            .upstream
+            .prepare(Request::from_parts(parts, body))
+            .map_err(Stop::Exchange)?;
+        // Kerberos mode: on the account's own upstream connections.
+        Ok((outgoing, delegated.map(|a| a.principal)))
+    }
+
+    /// The answer a stage's stop calls for.
+    fn stop(&self, stop: Stop, record: AuditRecord) -> Response<AuditBody> {
+        match stop {
+            Stop::Refused { refusal, close } => {
+                let response = refuse(refusal, record);
+                if close {
+                    closing(response)
+                } else {
+                    response
+                }
+            }
+            Stop::Policy { refusal, close } => {
+                let response = self.refuse_policy(refusal, record);
+                if close {
+                    closing(response)
+                } else {
+                    response
+                }
+            }
+            Stop::Exchange(error) => self.exchange_failed(error, record),
+        }
     }
 
     /// A device request's second step: the upstream exchange, and its answer toward the
@@ -733,6 +799,46 @@ fn refuse(refusal: Refusal, mut record: AuditRecord) -> Response<AuditBody> {
 }
 
 /// Ends the connection after this response.
+/// How a stage of `decide` ends a request.
+enum Stop {
+    /// Refused; `close` ends the connection after the answer.
+    Refused { refusal: Refusal, close: bool },
+    /// Refused by the ActiveSync policy (counted in `seg_policy_refusals_total`).
+    Policy { refusal: Refusal, close: bool },
+    /// The upstream request could not be prepared.
+    Exchange(ExchangeError),
+}
+
+impl Stop {
+    fn refuse(refusal: Refusal) -> Stop {
+        Stop::Refused {
+            refusal,
+            close: false,
+        }
+    }
+
+    fn closing(refusal: Refusal) -> Stop {
+        Stop::Refused {
+            refusal,
+            close: true,
+        }
+    }
+
+    fn policy(refusal: Refusal) -> Stop {
+        Stop::Policy {
+            refusal,
+            close: false,
+        }
+    }
+
+    fn policy_closing(refusal: Refusal) -> Stop {
+        Stop::Policy {
+            refusal,
+            close: true,
+        }
+    }
+}
+
 /// Marks a response after which the device's connection closes (a refusal that ends it):
 /// a field of the response the connection reads, not a header it would parse back.
 #[derive(Debug, Clone, Copy)]
