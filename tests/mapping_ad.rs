@@ -217,18 +217,9 @@ async fn ldap_distribution_points(pki: &Pki, samba: &Samba, directory: &Director
         "dn: {entry}\nchangetype: modify\nreplace: deltaRevocationList\ndeltaRevocationList:: {}\n-\n",
         b64(&crl)
     ));
-    let mut status = 0;
-    for _ in 0..80 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        status = alice_held
-            .request("POST", &eas_target("Sync", "cdpalice"), &[], b"")
-            .await
-            .map(|r| r.status)
-            .unwrap_or(0);
-        if status != 200 {
-            break;
-        }
-    }
+    let status = alice_held
+        .post_while(&eas_target("Sync", "cdpalice"), 200, 80)
+        .await;
     assert_eq!(
         status, 403,
         "the delta CRL did not reach alice's open connection"

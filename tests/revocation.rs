@@ -745,18 +745,9 @@ async fn crls_from_a_distribution_point_are_fetched_refreshed_and_enforced() {
     // it to bob's open connection without any reload.
     ca.revoke(&issued_bob);
     ca.write_crl_der(&crl, 6);
-    let mut status = 0;
-    for _ in 0..60 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        status = bob_held
-            .request("POST", &eas_target("Sync", "bob"), &[], b"")
-            .await
-            .map(|r| r.status)
-            .unwrap_or(0);
-        if status != 200 {
-            break;
-        }
-    }
+    let status = bob_held
+        .post_while(&eas_target("Sync", "bob"), 200, 60)
+        .await;
     assert_eq!(
         status, 403,
         "the refreshed CRL did not reach the open connection"

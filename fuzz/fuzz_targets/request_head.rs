@@ -5,11 +5,12 @@
 //! piece or in pieces of arbitrary sizes.
 #![no_main]
 
+#[path = "cuts.rs"]
+mod cuts;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use seg::http1::{
-    http_date, parse_request_head, BodyDecoder, BodyError, BodyEvent, BodyFraming,
-};
+use seg::http1::{http_date, parse_request_head, BodyDecoder, BodyError, BodyEvent, BodyFraming};
 
 /// Small, so inputs of a few kilobytes reach the size cap too.
 const MAX_HEAD: usize = 2048;
@@ -49,22 +50,8 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let rest = &data[used..];
-    let mut seed = seed_of(data);
     let whole = decode(head.body, std::iter::once(rest));
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    while at < rest.len() {
-        seed = next(seed);
-        // Mostly tiny pieces, where framing lines get cut, and now and then a large one.
-        let len = if seed % 8 == 0 {
-            seed as usize % 512
-        } else {
-            seed as usize % 5
-        } + 1;
-        let end = (at + len).min(rest.len());
-        pieces.push(&rest[at..end]);
-        at = end;
-    }
+    let pieces = cuts::pieces(data, rest);
     assert_eq!(
         decode(head.body, pieces),
         whole,
@@ -74,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(whole.0.len() as u64, n);
     }
 
-    let date = http_date(seed);
+    let date = http_date(cuts::seed_of(data));
     assert!(date.is_ascii() && date.ends_with(b" GMT"));
 });
 
@@ -114,19 +101,4 @@ fn decode<'a>(
         }
     }
     (body, ended, left)
-}
-
-/// FNV-1a of the input: the cuts are a function of it, so a crash replays.
-fn seed_of(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1
-}
-
-/// xorshift64.
-fn next(mut x: u64) -> u64 {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }

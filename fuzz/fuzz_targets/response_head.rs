@@ -6,6 +6,9 @@
 //! `Content-Length` rule is the one requests follow; and the body decodes alike whole or cut.
 #![no_main]
 
+#[path = "cuts.rs"]
+mod cuts;
+
 use bytes::BytesMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use libfuzzer_sys::fuzz_target;
@@ -26,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
         "the head alone does not parse alike"
     );
     assert!(
-        matches!(parse_response_head(&data[..used - 1], head_request), Ok(None)),
+        matches!(
+            parse_response_head(&data[..used - 1], head_request),
+            Ok(None)
+        ),
         "the head one byte short is not incomplete"
     );
     // An interim response: the next head follows it.
@@ -35,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
     };
     for (name, value) in &head.parts.headers {
         assert!(
-            !value.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)),
+            !value
+                .as_bytes()
+                .iter()
+                .any(|b| matches!(b, b'\r' | b'\n' | 0)),
             "{name} holds CR, LF or NUL"
         );
     }
@@ -44,7 +53,11 @@ fuzz_target!(|data: &[u8]| {
         ResponseFraming::Chunked => assert!(!headers.contains_key(CONTENT_LENGTH)),
         ResponseFraming::Length(n) => {
             assert!(!headers.contains_key(TRANSFER_ENCODING));
-            assert_eq!(content_length(headers), Ok(Some(n)), "one Content-Length rule");
+            assert_eq!(
+                content_length(headers),
+                Ok(Some(n)),
+                "one Content-Length rule"
+            );
         }
         ResponseFraming::Empty | ResponseFraming::UntilClose => {}
     }
@@ -67,21 +80,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let rest = &data[used..];
     let whole = decode(framing, std::iter::once(rest));
-    let mut seed = seed_of(data);
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    while at < rest.len() {
-        seed = next(seed);
-        let len = if seed % 8 == 0 {
-            seed as usize % 512
-        } else {
-            seed as usize % 5
-        } + 1;
-        let end = (at + len).min(rest.len());
-        pieces.push(&rest[at..end]);
-        at = end;
-    }
-    assert_eq!(decode(framing, pieces), whole, "pieces and one piece disagree");
+    let pieces = cuts::pieces(data, rest);
+    assert_eq!(
+        decode(framing, pieces),
+        whole,
+        "pieces and one piece disagree"
+    );
 });
 
 /// Feeds `pieces` to a decoder in turn: the body, and how it ended (`Ok(true)` complete,
@@ -106,19 +110,4 @@ fn decode<'a>(
         }
     };
     (body, ended)
-}
-
-/// FNV-1a of the input: the cuts are a function of it, so a crash replays.
-fn seed_of(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) | 1
-}
-
-/// xorshift64.
-fn next(mut x: u64) -> u64 {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }

@@ -497,6 +497,25 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Posts to `target` on this connection every 200 ms, at most `tries` times, while the
+    /// answer is `while_status`: the last status (0 once the connection failed). For a
+    /// change that reaches open connections in the background (a fetched CRL, say).
+    pub async fn post_while(&mut self, target: &str, while_status: u16, tries: usize) -> u16 {
+        let mut status = 0;
+        for _ in 0..tries {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            status = self
+                .request("POST", target, &[], b"")
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0);
+            if status != while_status {
+                break;
+            }
+        }
+        status
+    }
+
     pub async fn request(
         &mut self,
         method: &str,
