@@ -1,4 +1,6 @@
-//! Certificate revocation lists: read once, looked up in constant time.
+//! Revocation: the CRLs in force (here: read once, looked up in constant time), the online
+//! checks run on each request (`online`: OCSP in `ocsp`, distribution-point CRLs in
+//! `crl_fetch`) and the plumbing they share (`fetch`).
 //!
 //! The CRLs serve twice. The TLS verifier gets them (with `nextUpdate` enforced, which
 //! rustls skips unless told) so a revoked certificate fails its handshake; and every request

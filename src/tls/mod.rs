@@ -1,11 +1,13 @@
-//! The device-facing TLS configuration and the client-certificate policy.
+//! Trust toward devices: the listener's TLS configuration, the client-certificate policy
+//! (here), the session tickets and cache that bound resumption (`tickets`), and the NTAuth
+//! store that says which CAs may issue logon certificates (`ntauth`).
 //!
 //! A client certificate is mandatory and must chain to the configured enterprise CA bundle
 //! (never the system roots). rustls-webpki accepts a leaf with no extended key usage at all,
 //! so `ClientCertPolicy` also requires the leaf to name clientAuth explicitly.
 //!
 //! The CRLs the verifier checks can be replaced without building a new TLS configuration
-//! (`ClientCertPolicy::set_crls`, for CRLs fetched over HTTP): the trust anchors and every
+//! (`ClientCertPolicy::set_crls`, for CRLs fetched from distribution points): the trust anchors and every
 //! other setting stay, so the session cache and the session tickets, which are bound to the
 //! trust policy (`tickets`), stay valid across a CRL refresh.
 
