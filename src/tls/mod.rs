@@ -7,9 +7,9 @@
 //! so `ClientCertPolicy` also requires the leaf to name clientAuth explicitly.
 //!
 //! The CRLs the verifier checks can be replaced without building a new TLS configuration
-//! (`ClientCertPolicy::set_crls`, for CRLs fetched from distribution points): the trust anchors and every
-//! other setting stay, so the session cache and the session tickets, which are bound to the
-//! trust policy (`tickets`), stay valid across a CRL refresh.
+//! (`ClientCertPolicy::set_crls`, for CRLs fetched from distribution points): the trust
+//! anchors and every other setting stay, so the session cache and the session tickets, which
+//! are bound to the trust policy (`tickets`), stay valid across a CRL refresh.
 
 pub mod ntauth;
 pub mod tickets;
