@@ -5,12 +5,11 @@
 //! piece or in pieces of arbitrary sizes.
 #![no_main]
 
-#[path = "cuts.rs"]
-mod cuts;
+#[path = "bodies.rs"]
+mod bodies;
 
-use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use seg::http1::{http_date, parse_request_head, BodyDecoder, BodyError, BodyEvent, BodyFraming};
+use seg::http1::{http_date, parse_request_head, BodyFraming};
 
 /// Small, so inputs of a few kilobytes reach the size cap too.
 const MAX_HEAD: usize = 2048;
@@ -50,10 +49,10 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let rest = &data[used..];
-    let whole = decode(head.body, std::iter::once(rest));
-    let pieces = cuts::pieces(data, rest);
+    let whole = bodies::decode(head.body, std::iter::once(rest));
+    let pieces = bodies::pieces(data, rest);
     assert_eq!(
-        decode(head.body, pieces),
+        bodies::decode(head.body, pieces),
         whole,
         "pieces and one piece disagree"
     );
@@ -61,44 +60,6 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(whole.0.len() as u64, n);
     }
 
-    let date = http_date(cuts::seed_of(data));
+    let date = http_date(bodies::seed_of(data));
     assert!(date.is_ascii() && date.ends_with(b" GMT"));
 });
-
-/// Feeds `pieces` to a decoder in turn: the body, how it ended (`Ok(true)` complete,
-/// `Ok(false)` waiting for more) and the bytes left after a complete body.
-fn decode<'a>(
-    framing: BodyFraming,
-    pieces: impl IntoIterator<Item = &'a [u8]>,
-) -> (Vec<u8>, Result<bool, BodyError>, Vec<u8>) {
-    let mut decoder = BodyDecoder::new(framing);
-    let mut buf = BytesMut::new();
-    let mut body = Vec::new();
-    let mut pieces = pieces.into_iter();
-    let ended = loop {
-        match decoder.decode(&mut buf) {
-            Ok(Some(BodyEvent::Data(data))) => {
-                assert!(!data.is_empty(), "an empty data event");
-                body.extend_from_slice(&data);
-            }
-            Ok(Some(BodyEvent::End)) => {
-                assert!(decoder.is_done());
-                assert_eq!(decoder.exact_remaining(), Some(0));
-                break Ok(true);
-            }
-            Ok(None) => match pieces.next() {
-                Some(piece) => buf.extend_from_slice(piece),
-                None => break Ok(false),
-            },
-            Err(e) => break Err(e),
-        }
-    };
-    let mut left = Vec::new();
-    if ended == Ok(true) {
-        left.extend_from_slice(&buf);
-        for piece in pieces {
-            left.extend_from_slice(piece);
-        }
-    }
-    (body, ended, left)
-}

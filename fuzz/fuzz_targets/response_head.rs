@@ -3,17 +3,16 @@
 //! parses alike alone and is incomplete one byte short; no field value holds CR, LF or NUL;
 //! a chunked body has no `Content-Length` left beside it; a connection is kept only for an
 //! HTTP/1.1 response framed by length or chunks, with one framing and no `close`; the
-//! `Content-Length` rule is the one requests follow; and the body decodes alike whole or cut.
+//! `Content-Length` rule is the one requests follow; and the body decodes alike whole or cut (`bodies`).
 #![no_main]
 
-#[path = "cuts.rs"]
-mod cuts;
+#[path = "bodies.rs"]
+mod bodies;
 
-use bytes::BytesMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use libfuzzer_sys::fuzz_target;
 use seg::http1::response::parse_response_head;
-use seg::http1::{content_length, BodyDecoder, BodyError, BodyEvent, BodyFraming, ResponseFraming};
+use seg::http1::{content_length, BodyFraming, ResponseFraming};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, data)) = data.split_first() else {
@@ -79,35 +78,11 @@ fuzz_target!(|data: &[u8]| {
         ResponseFraming::Empty | ResponseFraming::UntilClose => return,
     };
     let rest = &data[used..];
-    let whole = decode(framing, std::iter::once(rest));
-    let pieces = cuts::pieces(data, rest);
+    let whole = bodies::decode(framing, std::iter::once(rest));
+    let pieces = bodies::pieces(data, rest);
     assert_eq!(
-        decode(framing, pieces),
+        bodies::decode(framing, pieces),
         whole,
         "pieces and one piece disagree"
     );
 });
-
-/// Feeds `pieces` to a decoder in turn: the body, and how it ended (`Ok(true)` complete,
-/// `Ok(false)` waiting for more).
-fn decode<'a>(
-    framing: BodyFraming,
-    pieces: impl IntoIterator<Item = &'a [u8]>,
-) -> (Vec<u8>, Result<bool, BodyError>) {
-    let mut decoder = BodyDecoder::new(framing);
-    let mut buf = BytesMut::new();
-    let mut body = Vec::new();
-    let mut pieces = pieces.into_iter();
-    let ended = loop {
-        match decoder.decode(&mut buf) {
-            Ok(Some(BodyEvent::Data(data))) => body.extend_from_slice(&data),
-            Ok(Some(BodyEvent::End)) => break Ok(true),
-            Ok(None) => match pieces.next() {
-                Some(piece) => buf.extend_from_slice(piece),
-                None => break Ok(false),
-            },
-            Err(e) => break Err(e),
-        }
-    };
-    (body, ended)
-}

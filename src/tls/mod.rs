@@ -182,24 +182,38 @@ impl ClientCertPolicy {
         let verified = inner
             .webpki
             .verify_client_cert(end_entity, intermediates, now)?;
+        // The leaf is read once, for the delta CRLs and the purpose alike.
+        let leaf = X509Certificate::from_der(end_entity.as_ref())
+            .ok()
+            .map(|(_, leaf)| leaf);
         if let Some(deltas) = &inner.deltas {
             let now = now.as_secs() as i64;
-            let checked = std::iter::once(end_entity)
-                .chain(intermediates.iter().filter(|_| self.check_chain));
-            for cert in checked {
-                let Ok((_, cert)) = X509Certificate::from_der(cert.as_ref()) else {
-                    continue;
-                };
-                let error =
-                    match deltas.delta_verdict(cert.issuer().as_raw(), cert.raw_serial(), now) {
-                        DeltaVerdict::NotListed => continue,
-                        DeltaVerdict::Revoked => CertificateError::Revoked,
-                        DeltaVerdict::Stale => CertificateError::ExpiredRevocationList,
-                    };
+            let listed = |cert: &X509Certificate<'_>| match deltas.delta_verdict(
+                cert.issuer().as_raw(),
+                cert.raw_serial(),
+                now,
+            ) {
+                DeltaVerdict::NotListed => None,
+                DeltaVerdict::Revoked => Some(CertificateError::Revoked),
+                DeltaVerdict::Stale => Some(CertificateError::ExpiredRevocationList),
+            };
+            let chain = intermediates
+                .iter()
+                .filter(|_| self.check_chain)
+                .filter_map(|der| X509Certificate::from_der(der.as_ref()).ok());
+            let error = leaf
+                .as_ref()
+                .and_then(listed)
+                .or_else(|| chain.into_iter().find_map(|(_, cert)| listed(&cert)));
+            if let Some(error) = error {
                 return Err(rustls::Error::InvalidCertificate(error));
             }
         }
-        if has_client_auth_eku(end_entity) {
+        // rustls-webpki accepts a leaf without any EKU: clientAuth must be named.
+        let client_auth = leaf.is_some_and(
+            |leaf| matches!(leaf.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth),
+        );
+        if client_auth {
             Ok(verified)
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -272,14 +286,6 @@ fn refuse_unenforceable_name_constraints(ca: &CertificateDer<'_>) -> Result<(), 
         ));
     }
     Ok(())
-}
-
-/// OID 1.3.6.1.5.5.7.3.2, id-kp-clientAuth, is read through x509-parser's EKU flags.
-fn has_client_auth_eku(leaf: &[u8]) -> bool {
-    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf) else {
-        return false;
-    };
-    matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth)
 }
 
 impl crate::revocation::CrlSink for ClientCertPolicy {
