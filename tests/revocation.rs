@@ -105,6 +105,17 @@ impl RevocationLab {
     }
 }
 
+/// Alice's connection, held after one Sync served on it.
+async fn served_alice(client: &Client, alice: &Device) -> support::lab::Connection {
+    let mut held = client.connect(Some(alice), TlsVersion::Any).await.unwrap();
+    let r = held
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    held
+}
+
 /// Alice's next Sync on her open connection: 403 with `Connection: close`, and the
 /// connection then closed.
 async fn assert_refused_and_closed(held: &mut support::lab::Connection) {
@@ -124,12 +135,7 @@ async fn a_device_revoked_while_connected_is_refused_on_its_next_request() {
     let alice = lab.device("alice", &lab.alice);
     let bob = lab.device("bob", &lab.bob);
     let client = lab.client();
-    let mut held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
-    let r = held
-        .request("POST", &eas_target("Sync", "alice"), &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
+    let mut held = served_alice(&client, &alice).await;
 
     lab.ca.revoke(&lab.alice);
     lab.ca.write_crl(&lab.crl, 3600);
@@ -256,12 +262,7 @@ async fn a_delta_crl_revokes_beside_its_base_and_its_staleness_refuses() {
     let base_number = lab.ca.next_crl_number() - 1;
     let (alice, bob) = (lab.device("alice", &lab.alice), lab.device("bob", &lab.bob));
     let client = lab.client();
-    let mut held = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
-    let r = held
-        .request("POST", &eas_target("Sync", "alice"), &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
+    let mut held = served_alice(&client, &alice).await;
 
     lab.ca.revoke(&lab.alice);
     let delta = lab.pki.dir.path().join("delta.pem");
