@@ -5,16 +5,17 @@
 //! Every row must end in one of two ways: a 4xx and a closed connection with not one byte
 //! of the message at the upstream, or exactly the requests the client honestly meant, each
 //! well framed, each carrying exactly one identity header with seg's mapped identity and no
-//! client-supplied identity, forwarding, hop-by-hop or trailer-borne header. Each row names
-//! its expected outcome (`Expect`), so a change in behaviour fails the row, and the report
-//! names every failing row. Two narrower outcomes are allowed where the strict one cannot
+//! client-supplied identity, forwarding, hop-by-hop or trailer-borne header. The rows are
+//! `tests/corpus/http_abuse.rs`, shared with the codec's unit test: each says what the codec
+//! reads, from which its outcome here follows unless the row says seg refuses it after the
+//! codec, so a change in behaviour fails the row, and the report names every failing row. Two narrower outcomes are allowed where the strict one cannot
 //! apply, each said in its row: a well-framed request seg refuses itself (route, method,
 //! query) keeps its connection open, because where it ended is certain; and a body that
 //! breaks its chunked framing after the head may have had its head and first chunks streamed
 //! upstream, never a complete request, on an upstream connection seg then closes.
 //!
 //! The upstream is a raw TCP recorder written here rather than the hyper-based echo of
-//! `src/echo.rs`: hyper would itself decide where one request ends, so an echo counting
+//! `src/demo/echo.rs`: hyper would itself decide where one request ends, so an echo counting
 //! "requests" would share seg's own parser's view of the bytes. The recorder keeps every
 //! byte of every connection and frames requests itself, strictly (one Content-Length of
 //! digits, or exactly `Transfer-Encoding: chunked`, CRLF only, no obs-fold, no chunk
@@ -24,13 +25,18 @@
 
 mod support;
 
+#[path = "corpus/http_abuse.rs"]
+mod corpus;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use corpus::{Expect, Row, Step, IDENTITY_HEADER, SPOOF};
 use rustls::pki_types::ServerName;
 use seg::demo::pki::LeafSpec;
-use support::lab::{config_text, eas_target, start_seg, start_slapd, Client, DirectoryRef, Pki};
+use seg::http1::{BodyError, BodyFraming};
+use support::lab::{config_text, start_seg, start_slapd, Client, DirectoryRef, Pki};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,14 +44,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-/// The identity header seg is configured to set; `X-Remote-User` stays in the built-in
-/// strip list, so both names are spoofed below.
-const IDENTITY_HEADER: &str = "x-seg-user";
+/// seg is configured to set the corpus' `IDENTITY_HEADER`; `X-Remote-User` stays in the
+/// built-in strip list, so both names are spoofed. The corpus' `SPOOF` must never appear in
+/// a head or trailer the upstream receives.
 const STRIP_EXTRA: &str = "X-Mailbox-Owner";
 const ALICE: &str = "alice@corp.test";
-/// Every spoofed identity in the corpus names this account; it must never appear in a head
-/// or trailer the upstream receives.
-const SPOOF: &str = "ceo@corp.test";
 
 /// How long a kept-alive connection must stay quiet after its last expected response.
 const QUIET: Duration = Duration::from_millis(400);
@@ -458,76 +461,8 @@ fn device_responses(buf: &[u8], ended: bool) -> Vec<DeviceResponse> {
     out
 }
 
-/// One thing the device does.
-enum Step {
-    Send(Vec<u8>),
-    Pause(Duration),
-    /// Waits for an interim (1xx) response before the next step.
-    AwaitContinue,
-}
-
-/// What a row must lead to.
-#[derive(Debug, Clone)]
-enum Expect {
-    /// This 4xx, then the connection closes; nothing of the message reaches the upstream.
-    Rejected(u16),
-    /// A message whose head is well formed but whose body breaks its framing: this 4xx, then
-    /// the connection closes. seg streams bodies, so the head and the valid start of the body
-    /// may already be upstream, but never a complete request: seg closes that upstream
-    /// connection too.
-    RejectedMidBody(u16),
-    /// A well-framed request seg refuses itself (route, method, query): this 4xx, nothing
-    /// forwarded, and the connection stays open, since where the message ended is certain
-    /// (the pipelined rows show the next bytes are read as the next request).
-    Refused(u16),
-    /// The connection closes without a response, nothing forwarded.
-    Dropped,
-    /// This many requests forwarded, each answered 200; the connection stays open.
-    Forwarded(usize),
-    /// This many forwarded, then seg closes the connection (the framing or the client said so).
-    ForwardedThenClosed(usize),
-    /// These final statuses in order, this many forwarded, then closed or not.
-    Sequence {
-        statuses: Vec<u16>,
-        forwarded: usize,
-        closes: bool,
-    },
-}
-
+/// How a row's outcome is named in the report.
 impl Expect {
-    fn statuses(&self) -> Vec<u16> {
-        match self {
-            Expect::Rejected(status)
-            | Expect::RejectedMidBody(status)
-            | Expect::Refused(status) => vec![*status],
-            Expect::Dropped => Vec::new(),
-            Expect::Forwarded(n) | Expect::ForwardedThenClosed(n) => vec![200; *n],
-            Expect::Sequence { statuses, .. } => statuses.clone(),
-        }
-    }
-
-    fn forwarded(&self) -> usize {
-        match self {
-            Expect::Rejected(_)
-            | Expect::RejectedMidBody(_)
-            | Expect::Refused(_)
-            | Expect::Dropped => 0,
-            Expect::Forwarded(n) | Expect::ForwardedThenClosed(n) => *n,
-            Expect::Sequence { forwarded, .. } => *forwarded,
-        }
-    }
-
-    fn closes(&self) -> bool {
-        match self {
-            Expect::Rejected(_)
-            | Expect::RejectedMidBody(_)
-            | Expect::Dropped
-            | Expect::ForwardedThenClosed(_) => true,
-            Expect::Forwarded(_) | Expect::Refused(_) => false,
-            Expect::Sequence { closes, .. } => *closes,
-        }
-    }
-
     fn label(&self) -> String {
         match self {
             Expect::Rejected(status) => format!("rejected {status}"),
@@ -548,873 +483,12 @@ impl Expect {
     }
 }
 
-struct Row {
-    name: String,
-    steps: Vec<Step>,
-    expect: Expect,
-    /// The bodies the upstream must receive, in order (when the row says).
-    bodies: Option<Vec<Vec<u8>>>,
-}
-
-impl Row {
-    fn new(name: &str, bytes: Vec<u8>, expect: Expect) -> Row {
-        Row {
-            name: name.to_string(),
-            steps: vec![Step::Send(bytes)],
-            expect,
-            bodies: None,
-        }
-    }
-
-    fn stepped(name: &str, steps: Vec<Step>, expect: Expect) -> Row {
-        Row {
-            name: name.to_string(),
-            steps,
-            expect,
-            bodies: None,
-        }
-    }
-
-    fn bodies(mut self, bodies: &[&str]) -> Row {
-        self.bodies = Some(bodies.iter().map(|b| b.as_bytes().to_vec()).collect());
-        self
-    }
-}
-
 /// What one row did, for the report.
 struct RowResult {
     statuses: Vec<u16>,
     forwarded: usize,
     closed: bool,
     elapsed: Duration,
-}
-
-fn target() -> String {
-    eas_target("Sync", "alice")
-}
-
-/// `{T}` becomes the ActiveSync target.
-fn raw(text: &str) -> Vec<u8> {
-    text.replace("{T}", &target()).into_bytes()
-}
-
-/// An honest POST with extra header lines (each ending in CRLF) and a body.
-fn post(extra: &str, body: &str) -> String {
-    format!(
-        "POST {} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\n\r\n{body}",
-        target(),
-        body.len()
-    )
-}
-
-/// A POST whose framing headers are given whole, followed by `rest` verbatim.
-fn post_framed(framing: &str, rest: &str) -> Vec<u8> {
-    raw(&format!(
-        "POST {{T}} HTTP/1.1\r\nHost: localhost\r\n{framing}\r\n{rest}"
-    ))
-}
-
-/// A request a front end would not see, hidden where seg must treat it as body bytes.
-fn smuggled() -> String {
-    format!(
-        "POST {} HTTP/1.1\r\nHost: localhost\r\nX-Remote-User: {SPOOF}\r\n{IDENTITY_HEADER}: {SPOOF}\r\nContent-Length: 0\r\n\r\n",
-        eas_target("SendMail", "ceo")
-    )
-}
-
-fn table() -> Vec<Row> {
-    use Expect::*;
-    let hello_chunked = "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
-    let smuggle = smuggled();
-    let mut rows = vec![
-        // Controls: the table can tell forwarding from refusal.
-        Row::new(
-            "control: honest POST",
-            post("", "hello").into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "control: honest chunked POST",
-            post_framed("Transfer-Encoding: chunked\r\n", hello_chunked),
-            Forwarded(1),
-        )
-        .bodies(&["hello world"]),
-        Row::new(
-            "control: Connection: close",
-            post("Connection: close\r\n", "hi").into_bytes(),
-            ForwardedThenClosed(1),
-        ),
-        // Content-Length and Transfer-Encoding together: chunked wins and the connection
-        // closes after the answer (RFC 9112 §6.1), so what follows the last chunk is never
-        // read as a request.
-        Row::new(
-            "CL.TE: CL then TE, smuggled request after the last chunk",
-            post_framed(
-                "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
-                &format!("0\r\n\r\n{smuggle}"),
-            ),
-            ForwardedThenClosed(1),
-        )
-        .bodies(&[""]),
-        Row::new(
-            "TE.CL: TE then CL, smuggled request after the last chunk",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
-                &format!("0\r\n\r\n{smuggle}"),
-            ),
-            ForwardedThenClosed(1),
-        )
-        .bodies(&[""]),
-        Row::new(
-            "TE.CL: CL counting past the chunks",
-            post_framed(
-                &format!(
-                    "Transfer-Encoding: chunked\r\nContent-Length: {}\r\n",
-                    hello_chunked.len() + smuggle.len()
-                ),
-                &format!("{hello_chunked}{smuggle}"),
-            ),
-            ForwardedThenClosed(1),
-        )
-        .bodies(&["hello world"]),
-    ];
-    // Transfer-Encoding spellings, alone and beside a Content-Length.
-    let codings: [(&str, &str, Expect); 9] = [
-        ("chunked, identity", "TE: chunked, identity", Rejected(400)),
-        ("identity", "TE: identity", Rejected(400)),
-        ("  chunked", "TE: leading spaces (OWS)", Forwarded(1)),
-        (
-            "Chunked",
-            "TE: Chunked (codings are case-insensitive)",
-            Forwarded(1),
-        ),
-        ("xchunked", "TE: xchunked", Rejected(400)),
-        ("chunked\t", "TE: trailing tab (OWS)", Forwarded(1)),
-        ("chunked;q=1", "TE: chunked with a parameter", Rejected(400)),
-        ("\"chunked\"", "TE: quoted chunked", Rejected(400)),
-        ("gzip, chunked", "TE: gzip, chunked", Forwarded(1)),
-    ];
-    for (coding, name, expect) in codings {
-        rows.push(Row::new(
-            name,
-            post_framed(&format!("Transfer-Encoding: {coding}\r\n"), hello_chunked),
-            expect.clone(),
-        ));
-        let with_length = match expect {
-            Forwarded(n) => ForwardedThenClosed(n),
-            other => other,
-        };
-        rows.push(Row::new(
-            &format!("{name}, with Content-Length"),
-            post_framed(
-                &format!(
-                    "Content-Length: {}\r\nTransfer-Encoding: {coding}\r\n",
-                    hello_chunked.len()
-                ),
-                hello_chunked,
-            ),
-            with_length,
-        ));
-    }
-    rows.extend([
-        Row::new(
-            "TE: obs-fold continuation",
-            post_framed("Transfer-Encoding:\r\n chunked\r\n", hello_chunked),
-            Rejected(400),
-        ),
-        Row::new(
-            "TE: two lines, chunked then identity",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
-                hello_chunked,
-            ),
-            Rejected(400),
-        ),
-        Row::new(
-            "TE: two lines, identity then chunked",
-            post_framed(
-                "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
-                hello_chunked,
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello world"]),
-        Row::new(
-            "TE: chunked on HTTP/1.0",
-            raw(&format!(
-                "POST {{T}} HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n{hello_chunked}"
-            )),
-            Rejected(400),
-        ),
-        Row::new(
-            "TE: chunked on a GET, with a smuggled request in the chunk",
-            raw(&format!(
-                "GET {{T}} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggle}\r\n0\r\n\r\n",
-                smuggle.len()
-            )),
-            Refused(405),
-        ),
-    ]);
-    // Content-Length spellings.
-    for (value, name, expect) in [
-        (
-            "5\r\nContent-Length: 5",
-            "CL: duplicate, equal",
-            Forwarded(1),
-        ),
-        (
-            "5\r\nContent-Length: 6",
-            "CL: duplicate, different",
-            Rejected(400),
-        ),
-        ("5, 5", "CL: list in one line", Rejected(400)),
-        ("+5", "CL: plus sign", Rejected(400)),
-        ("-5", "CL: minus sign", Rejected(400)),
-        ("0x5", "CL: hex", Rejected(400)),
-        ("5.0", "CL: decimal point", Rejected(400)),
-        ("   5", "CL: leading spaces (OWS)", Forwarded(1)),
-        ("5 ", "CL: trailing space (OWS)", Forwarded(1)),
-        ("05", "CL: leading zero", Forwarded(1)),
-        ("", "CL: empty", Rejected(400)),
-        ("5 5", "CL: two numbers", Rejected(400)),
-        (
-            "99999999999999999999999",
-            "CL: overflowing u64",
-            Rejected(400),
-        ),
-    ] {
-        let mut row = Row::new(
-            name,
-            post_framed(&format!("Content-Length: {value}\r\n"), "hello"),
-            expect.clone(),
-        );
-        if matches!(expect, Forwarded(_)) {
-            row = row.bodies(&["hello"]);
-        }
-        rows.push(row);
-    }
-    rows.extend([
-        Row::new(
-            "CL: body longer than CL (the rest is a second, pipelined request)",
-            post_framed("Content-Length: 5\r\n", &format!("hello{smuggle}")),
-            Sequence {
-                statuses: vec![200, 403],
-                forwarded: 1,
-                closes: false,
-            },
-        ),
-        Row::new(
-            "CL: absent on a POST with a body (the body is read as a request)",
-            post_framed("", "hello\r\n\r\n"),
-            Sequence {
-                statuses: vec![200, 400],
-                forwarded: 1,
-                closes: true,
-            },
-        ),
-        Row::new(
-            "smuggled request inside a Content-Length body",
-            post("Content-Type: application/vnd.ms-sync.wbxml\r\n", &smuggle).into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&[&smuggle]),
-        Row::new(
-            "smuggled request inside a chunked body",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                &format!("{:x}\r\n{smuggle}\r\n0\r\n\r\n", smuggle.len()),
-            ),
-            Forwarded(1),
-        )
-        .bodies(&[&smuggle]),
-    ]);
-    // Chunked framing abuse; the head is already well formed, so these fail in the body.
-    for (body, name) in [
-        (
-            "10000000000000005\r\nhello\r\n0\r\n\r\n",
-            "chunk size: 17 hex digits (overflow)",
-        ),
-        (
-            "ffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
-            "chunk size: 18 f's (overflow)",
-        ),
-        ("0x5\r\nhello\r\n0\r\n\r\n", "chunk size: 0x prefix"),
-        ("-5\r\nhello\r\n0\r\n\r\n", "chunk size: negative"),
-        ("+5\r\nhello\r\n0\r\n\r\n", "chunk size: plus sign"),
-        ("\r\nhello\r\n0\r\n\r\n", "chunk size: empty"),
-        ("5\nhello\n0\n\n", "chunked: bare LF line endings"),
-        ("5\rhello\r0\r\r", "chunked: bare CR line endings"),
-        (
-            "5\r\nhelloXX\r\n0\r\n\r\n",
-            "chunked: data longer than its size",
-        ),
-        (
-            "5\r\nhel\r\n0\r\n\r\n",
-            "chunked: data shorter than its size",
-        ),
-    ] {
-        rows.push(Row::new(
-            name,
-            post_framed("Transfer-Encoding: chunked\r\n", body),
-            RejectedMidBody(400),
-        ));
-    }
-    let long_extension = format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(20_000));
-    rows.extend([
-        Row::new(
-            "chunk extensions: name and quoted value (dropped)",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                "5;name=\"v;a=l\"\r\nhello\r\n0;last\r\n\r\n",
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "chunk extensions: 20 kB of extension",
-            post_framed("Transfer-Encoding: chunked\r\n", &long_extension),
-            RejectedMidBody(400),
-        ),
-        Row::new(
-            "chunk extension carrying CRLF and a header",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                &format!("5;x\r\nX-Remote-User: {SPOOF}\r\nhello\r\n0\r\n\r\n"),
-            ),
-            RejectedMidBody(400),
-        ),
-    ]);
-    // Trailers: never forwarded, whatever they claim.
-    rows.extend([
-        Row::new(
-            "trailers: identity headers after a chunked body",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nTrailer: X-Remote-User, X-Seg-User\r\n",
-                &format!(
-                    "5\r\nhello\r\n0\r\nX-Remote-User: {SPOOF}\r\n{IDENTITY_HEADER}: {SPOOF}\r\nX_Remote_User: {SPOOF}\r\nAuthorization: Basic Y2VvOng=\r\nX-Forwarded-For: 10.6.6.6\r\nX-Forwarded-Client-Cert: By={SPOOF}\r\n\r\n"
-                ),
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "trailers: framing headers after a chunked body",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nTE: trailers\r\n",
-                "5\r\nhello\r\n0\r\nContent-Length: 999\r\nTransfer-Encoding: chunked\r\nHost: evil.example\r\n\r\n",
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-    ]);
-    // Line endings and field syntax in the head.
-    rows.extend([
-        Row::new(
-            "bare LF line endings in the head",
-            raw("POST {T} HTTP/1.1\nHost: localhost\nContent-Length: 5\n\nhello"),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "bare LF inside a value, hiding an identity header",
-            raw(&format!(
-                "POST {{T}} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\nX-Remote-User: {SPOOF}\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Forwarded(1),
-        ),
-        Row::new(
-            "bare CR line endings in the head",
-            raw("POST {T} HTTP/1.1\rHost: localhost\rContent-Length: 0\r\r"),
-            Rejected(400),
-        ),
-        Row::new(
-            "CR inside a value",
-            raw(&format!(
-                "POST {{T}} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\rX-Remote-User: {SPOOF}\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Rejected(400),
-        ),
-        Row::new(
-            "NUL inside a value",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\0b\r\nContent-Length: 0\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "obs-fold header continuation",
-            raw(&format!(
-                "POST {{T}} HTTP/1.1\r\nHost: localhost\r\nX-Note: a\r\n X-Remote-User: {SPOOF}\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Rejected(400),
-        ),
-        Row::new(
-            "empty header name",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\n: x\r\nContent-Length: 0\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "space before the colon of an identity header",
-            raw(&format!(
-                "POST {{T}} HTTP/1.1\r\nHost: localhost\r\nX-Remote-User : {SPOOF}\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Rejected(400),
-        ),
-        Row::new(
-            "space before the colon of Content-Length",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nContent-Length : 5\r\n\r\nhello"),
-            Rejected(400),
-        ),
-        Row::new(
-            "tab before the colon",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nContent-Length\t: 5\r\n\r\nhello"),
-            Rejected(400),
-        ),
-        Row::new(
-            "non-token byte in a header name",
-            raw(&format!(
-                "POST {{T}} HTTP/1.1\r\nHost: localhost\r\nX-Remote(User): {SPOOF}\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Rejected(400),
-        ),
-        Row::new(
-            "header line without a colon",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nX-Note\r\nContent-Length: 0\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "obs-text (high bytes) in a value",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nX-Note: caf\u{e9}\r\nContent-Length: 0\r\n\r\n"),
-            Forwarded(1),
-        ),
-    ]);
-    // Sizes.
-    let long_target = format!("{}&Pad={}", target(), "a".repeat(70_000));
-    let big_header = format!("X-Pad: {}\r\n", "a".repeat(450_000));
-    let many_headers: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
-    rows.extend([
-        Row::new(
-            "oversize request line (70 kB target)",
-            format!("POST {long_target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
-                .into_bytes(),
-            // Past seg's 64 kB head cap before hyper's URI check (414) is reached.
-            Rejected(431),
-        ),
-        Row::new(
-            "oversize header block (450 kB header)",
-            post(&big_header, "").into_bytes(),
-            Rejected(431),
-        ),
-        Row::new(
-            "too many headers (150)",
-            post(&many_headers, "").into_bytes(),
-            Rejected(431),
-        ),
-        Row::new(
-            "oversize query under the URI limit (seg's query cap)",
-            format!(
-                "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
-                &long_target[..6000]
-            )
-            .into_bytes(),
-            Refused(400),
-        ),
-        Row::new(
-            "head just over the 64 kB cap, in many headers",
-            post(
-                &(0..90)
-                    .map(|i| format!("X-H{i}: {}\r\n", "b".repeat(740)))
-                    .collect::<String>(),
-                "",
-            )
-            .into_bytes(),
-            Rejected(431),
-        ),
-        Row::new(
-            "head under the 64 kB cap (60 kB header)",
-            post(&format!("X-Pad: {}\r\n", "c".repeat(60_000)), "").into_bytes(),
-            Forwarded(1),
-        ),
-    ]);
-    // Hop-by-hop nominations and protocol switches.
-    rows.extend([
-        Row::new(
-            "Connection naming the identity header and X-Forwarded-For",
-            post(
-                "Connection: keep-alive, X-Seg-User, X-Remote-User, X-Forwarded-For, X-Forwarded-Proto\r\n",
-                "",
-            )
-            .into_bytes(),
-            Forwarded(1),
-        ),
-        Row::new(
-            "Connection naming Content-Length and Host",
-            post("Connection: Content-Length, Host\r\n", "hello").into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "Connection naming Transfer-Encoding on a chunked body",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nConnection: Transfer-Encoding\r\n",
-                hello_chunked,
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello world"]),
-        Row::new(
-            "Upgrade: h2c with HTTP2-Settings",
-            post(
-                "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
-                "",
-            )
-            .into_bytes(),
-            Rejected(400),
-        ),
-        Row::new(
-            "Upgrade: websocket",
-            post(
-                "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
-                "",
-            )
-            .into_bytes(),
-            Rejected(400),
-        ),
-        Row::new(
-            "Upgrade: h2c followed at once by the HTTP/2 preface",
-            [
-                post("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n", "")
-                    .into_bytes(),
-                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
-                post("", "after the preface").into_bytes(),
-            ]
-            .concat(),
-            Rejected(400),
-        ),
-        Row::new(
-            "HTTP/2 prior-knowledge preface",
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
-            // hyper drops a connection that opens with the HTTP/2 preface without answering.
-            Dropped,
-        ),
-        Row::new(
-            "CONNECT host:443",
-            b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n".to_vec(),
-            // Authority form is no canonical path (400), and the tunnel's bytes are never read.
-            Rejected(400),
-        ),
-        Row::new(
-            "CONNECT followed at once by tunnel bytes that look like a request",
-            [
-                b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n".to_vec(),
-                post("", "tunnel").into_bytes(),
-            ]
-            .concat(),
-            Rejected(400),
-        ),
-    ]);
-    // Targets, versions and methods.
-    rows.extend([
-        Row::new(
-            "absolute-form target naming another host",
-            raw(&format!(
-                "POST http://evil.example{} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n",
-                target()
-            )),
-            // An upstream (IIS) routes an absolute-form target by its host: not canonical.
-            Refused(400),
-        ),
-        Row::new(
-            "absolute-form target with userinfo",
-            raw(&format!(
-                "POST http://{SPOOF}@evil.example{} HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n",
-                target()
-            )),
-            // RFC 9110 §4.2.4 would have userinfo treated as an error; absolute form is not
-            // canonical, so nothing reaches the upstream.
-            Refused(400),
-        ),
-        Row::new(
-            "two Host headers",
-            raw("POST {T} HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nContent-Length: 0\r\n\r\n"),
-            // RFC 9112 §3.2 asks for 400 here and below; seg replaces Host with the upstream's,
-            // so the upstream sees exactly one, its own (checked for every forwarded request).
-            Forwarded(1),
-        ),
-        Row::new(
-            "HTTP/1.1 without Host",
-            raw("POST {T} HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
-            Forwarded(1),
-        ),
-        Row::new(
-            "HTTP/1.0 without Host",
-            raw("POST {T} HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello"),
-            ForwardedThenClosed(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "HTTP/1.0 keep-alive, pipelined twice",
-            raw("POST {T} HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhelloPOST {T} HTTP/1.0\r\nContent-Length: 5\r\n\r\nworld"),
-            ForwardedThenClosed(2),
-        )
-        .bodies(&["hello", "world"]),
-        Row::new(
-            "HTTP/0.9-style request line",
-            raw("GET {T}\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "HTTP/1.2",
-            raw("POST {T} HTTP/1.2\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "two spaces in the request line",
-            raw("POST  {T} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-            Rejected(400),
-        ),
-        Row::new(
-            "lower-case method",
-            raw("post {T} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-            Refused(405),
-        ),
-        Row::new(
-            "CRLF injected into the query, percent-encoded",
-            raw(&format!(
-                "POST {{T}}%0d%0aX-Remote-User:%20{SPOOF} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
-            )),
-            Refused(400),
-        ),
-        Row::new(
-            "asterisk-form target",
-            raw("OPTIONS * HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
-            Refused(400),
-        ),
-    ]);
-    // Pipelining.
-    let honest = post("", "hello");
-    let many: String = (0..10).map(|_| honest.clone()).collect();
-    rows.extend([
-        Row::new(
-            "pipelined: two requests in one write",
-            format!("{honest}{}", post("", "world")).into_bytes(),
-            Forwarded(2),
-        )
-        .bodies(&["hello", "world"]),
-        Row::new(
-            "pipelined: ten requests in one write",
-            many.into_bytes(),
-            Forwarded(10),
-        ),
-        Row::new(
-            "pipelined: refused GET, then an honest POST",
-            format!(
-                "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n{honest}",
-                target()
-            )
-            .into_bytes(),
-            Sequence {
-                statuses: vec![405, 200],
-                forwarded: 1,
-                closes: false,
-            },
-        ),
-        Row::new(
-            "pipelined: honest POST, then a malformed one",
-            format!(
-                "{honest}POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
-                target()
-            )
-            .into_bytes(),
-            Sequence {
-                statuses: vec![200, 400],
-                forwarded: 1,
-                closes: true,
-            },
-        ),
-        Row::new(
-            "pipelined: second request spoofing the identity",
-            format!(
-                "{honest}{}",
-                post(&format!("X-Remote-User: {SPOOF}\r\n"), "world")
-            )
-            .into_bytes(),
-            Forwarded(2),
-        ),
-    ]);
-    // Expect: 100-continue.
-    rows.extend([
-        Row::stepped(
-            "Expect: 100-continue, body after the interim response",
-            vec![
-                Step::Send(post_framed("Expect: 100-continue\r\nContent-Length: 5\r\n", "")),
-                Step::AwaitContinue,
-                Step::Send(b"hello".to_vec()),
-            ],
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "Expect: 100-continue, body sent at once",
-            post("Expect: 100-continue\r\n", "hello").into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::stepped(
-            "Expect: 100-continue on a refused request",
-            vec![
-                Step::Send(raw(
-                    "GET {T} HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
-                )),
-                Step::Pause(Duration::from_millis(200)),
-                Step::Send(b"hello".to_vec()),
-            ],
-            Sequence {
-                statuses: vec![405],
-                forwarded: 0,
-                closes: true,
-            },
-        ),
-        Row::new(
-            "Expect: an unknown expectation",
-            post("Expect: 200-ok\r\n", "hello").into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-    ]);
-    // Framing header names spelled with `_`: hyper rightly frames by the real header, and
-    // seg removes the look-alike: an upstream that folds `_` to `-` would otherwise frame
-    // the body differently from seg on a pooled connection other users share.
-    rows.extend([
-        Row::new(
-            "Transfer_Encoding: chunked beside Content-Length",
-            post("Transfer_Encoding: chunked\r\n", "0\r\n\r\n").into_bytes(),
-            Forwarded(1),
-        )
-        .bodies(&["0\r\n\r\n"]),
-        Row::new(
-            "Content_Length beside a chunked body",
-            post_framed(
-                "Transfer-Encoding: chunked\r\nContent_Length: 0\r\n",
-                hello_chunked,
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello world"]),
-    ]);
-    // Robustness: framing must not depend on how the bytes are cut.
-    let pair = format!("{honest}{}", post("", "world"));
-    rows.extend([
-        Row::stepped(
-            "pipelined pair written one byte per TLS record",
-            pair.bytes().map(|b| Step::Send(vec![b])).collect(),
-            Forwarded(2),
-        )
-        .bodies(&["hello", "world"]),
-        Row::new(
-            "pipelined after Connection: close (never read)",
-            format!("{}{honest}", post("Connection: close\r\n", "first")).into_bytes(),
-            ForwardedThenClosed(1),
-        )
-        .bodies(&["first"]),
-        Row::new(
-            "chunk size: leading zeros",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                "000000000000000000005\r\nhello\r\n0\r\n\r\n",
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "chunk size: trailing whitespace",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                "5 \t\r\nhello\r\n0\r\n\r\n",
-            ),
-            Forwarded(1),
-        )
-        .bodies(&["hello"]),
-        Row::new(
-            "trailer line without a colon",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                "5\r\nhello\r\n0\r\nX-Remote-User\r\n\r\n",
-            ),
-            RejectedMidBody(400),
-        ),
-        Row::new(
-            "trailer with obs-fold",
-            post_framed(
-                "Transfer-Encoding: chunked\r\n",
-                &format!("5\r\nhello\r\n0\r\nX-Note: a\r\n X-Remote-User: {SPOOF}\r\n\r\n"),
-            ),
-            RejectedMidBody(400),
-        ),
-    ]);
-    // Identity spoofing in every spelling.
-    let spoofs: String = [
-        "X-Remote-User",
-        "x-remote-user",
-        "X-REMOTE-USER",
-        "X_Remote_User",
-        "x_remote-user",
-        "X-Seg-User",
-        "x_seg_user",
-        "X-SEG-USER",
-        "X-Mailbox-Owner",
-        "x_mailbox_owner",
-        "Remote-User",
-        "Remote_User",
-        "X-Forwarded-User",
-        "X-Authenticated-User",
-        "X-Forwarded-Client-Cert",
-        "x_forwarded_client_cert",
-        "Client-Cert",
-        "Client-Cert-Chain",
-        "X-Client-Cert",
-        "X-SSL-Client-Cert",
-        "X-SSL-Client-S-DN",
-        "X-WebObjects-Remote-User",
-        "x_webobjects_remote_user",
-        "X-Forwarded-Host",
-        "X-Real-IP",
-        "Forwarded",
-    ]
-    .iter()
-    .map(|name| format!("{name}: {SPOOF}\r\n"))
-    .collect();
-    rows.extend([
-        Row::new(
-            "identity spoofed in every spelling",
-            post(&spoofs, "").into_bytes(),
-            Forwarded(1),
-        ),
-        Row::new(
-            "identity spoofed twice, before and after other headers",
-            post(
-                &format!("X-Seg-User: {SPOOF}\r\nUser-Agent: Apple-iPhone/1\r\nX-Seg-User: {SPOOF}\r\nX-Remote-User: {SPOOF}\r\n"),
-                "",
-            )
-            .into_bytes(),
-            Forwarded(1),
-        ),
-        Row::new(
-            "Authorization and forwarding headers",
-            post(
-                &format!("Authorization: Basic Y2VvOng=\r\nX-Forwarded-For: 10.6.6.6\r\nX-Forwarded-Proto: http\r\nForwarded: for=10.6.6.6;by={SPOOF}\r\nProxy-Authorization: Basic Y2VvOng=\r\n"),
-                "",
-            )
-            .into_bytes(),
-            Forwarded(1),
-        ),
-        Row::new(
-            "identity header with an empty value and with tabs",
-            post(&format!("X-Seg-User:\r\nX-Remote-User:\t{SPOOF}\t\r\n"), "")
-                .into_bytes(),
-            Forwarded(1),
-        ),
-    ]);
-    rows
 }
 
 /// Sends one row on a fresh connection and checks it; the error names what went wrong.
@@ -1437,6 +511,8 @@ async fn run_row(
     let (mut reader, mut writer) = tokio::io::split(tls);
     let interim = Arc::new(Notify::new());
     let seen_interim = Arc::clone(&interim);
+    let expect = row.expect();
+    let bodies = row.forwarded_bodies();
     let steps = row.steps;
     // The writer runs beside the reader: seg may answer (and close) before the last byte.
     let write = tokio::spawn(async move {
@@ -1460,7 +536,7 @@ async fn run_row(
         // Keep the write half (and so the connection) open until the row is read.
         Ok(writer)
     });
-    let wanted = row.expect.statuses();
+    let wanted = expect.statuses();
     let mut buffer = Vec::new();
     let mut closed = false;
     let mut read_error = None;
@@ -1474,7 +550,7 @@ async fn run_row(
         let finals = responses.iter().filter(|r| r.status >= 200).count();
         let now = Instant::now();
         let wait = if finals >= wanted.len() {
-            if row.expect.closes() {
+            if expect.closes() {
                 CLOSE_WAIT
             } else {
                 QUIET
@@ -1534,7 +610,7 @@ async fn run_row(
             String::from_utf8_lossy(&buffer[..buffer.len().min(600)])
         ));
     }
-    if closed != row.expect.closes() {
+    if closed != expect.closes() {
         problems.push(if closed {
             format!(
                 "connection closed, expected it to stay open{}",
@@ -1547,15 +623,15 @@ async fn run_row(
             "connection left open, expected seg to close it".to_string()
         });
     }
-    if delta.requests.len() != row.expect.forwarded() {
+    if delta.requests.len() != expect.forwarded() {
         problems.push(format!(
             "upstream framed {} requests, expected {}",
             delta.requests.len(),
-            row.expect.forwarded()
+            expect.forwarded()
         ));
     }
-    let mid_body = matches!(row.expect, Expect::RejectedMidBody(_));
-    if row.expect.forwarded() == 0 && delta.new_bytes > 0 && !mid_body {
+    let mid_body = matches!(expect, Expect::RejectedMidBody(_));
+    if expect.forwarded() == 0 && delta.new_bytes > 0 && !mid_body {
         problems.push(format!(
             "{} bytes of a refused message reached the upstream",
             delta.new_bytes
@@ -1580,28 +656,25 @@ async fn run_row(
     for request in &delta.requests {
         problems.extend(check_forwarded(request));
     }
-    if let Some(bodies) = &row.bodies {
-        let seen: Vec<&[u8]> = delta.requests.iter().map(|r| r.body.as_slice()).collect();
-        let wanted: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-        if seen != wanted {
-            problems.push(format!(
-                "upstream bodies {:?}, expected {:?}",
-                seen.iter()
-                    .map(|b| String::from_utf8_lossy(b))
-                    .collect::<Vec<_>>(),
-                wanted
-                    .iter()
-                    .map(|b| String::from_utf8_lossy(b))
-                    .collect::<Vec<_>>()
-            ));
-        }
+    let seen: Vec<&[u8]> = delta.requests.iter().map(|r| r.body.as_slice()).collect();
+    if seen != bodies {
+        problems.push(format!(
+            "upstream bodies {:?}, expected {:?}",
+            seen.iter()
+                .map(|b| String::from_utf8_lossy(b))
+                .collect::<Vec<_>>(),
+            bodies
+                .iter()
+                .map(|b| String::from_utf8_lossy(b))
+                .collect::<Vec<_>>()
+        ));
     }
     if problems.is_empty() {
         Ok(result)
     } else {
         Err(format!(
             "{} (saw statuses {:?}, {} forwarded, {}): {}",
-            row.expect.label(),
+            expect.label(),
             result.statuses,
             result.forwarded,
             if closed { "closed" } else { "open" },
@@ -1724,7 +797,7 @@ async fn hostile_http_reaches_the_upstream_only_as_the_requests_meant() {
     let connector = Client::new(seg.listen_addr, &pki.ca_path).connector_for(&device);
 
     let started = Instant::now();
-    let rows = table();
+    let rows = corpus::rows();
     let total = rows.len();
     let mut failures = Vec::new();
     let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
