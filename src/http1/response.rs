@@ -7,9 +7,9 @@
 //! that carries both framings, says `Connection: close`, or is HTTP/1.0 ends its connection.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 
-use super::{content_length, ends_in_chunked, has_token, ResponseFraming};
+use super::{content_length, ends_in_chunked, has_token};
 
 /// The most bytes a response's status line and headers may take (IIS and Exchange send
 /// well under 2 kB); more is a 502.
@@ -125,6 +125,44 @@ pub fn parse_response_head(
     )))
 }
 
+/// How a response body is delimited toward the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body: 1xx, 204, 304, or the answer to a HEAD request.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// The body ends when seg closes the connection (HTTP/1.0 peer, length unknown).
+    UntilClose,
+}
+
+/// Chooses how a response body is framed: none where the status or a HEAD request rules a
+/// body out, else the `Content-Length` the headers carry (every field valid and equal), else
+/// the body's known length, else chunks for HTTP/1.1 and the connection's close for HTTP/1.0
+/// (the caller then closes after the body).
+pub fn response_framing(
+    request_method: &Method,
+    request_version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body_exact_len: Option<u64>,
+) -> ResponseFraming {
+    if forbids_body(status) || status == StatusCode::NOT_MODIFIED || *request_method == Method::HEAD
+    {
+        return ResponseFraming::Empty;
+    }
+    match content_length(headers).ok().flatten().or(body_exact_len) {
+        Some(n) => ResponseFraming::Length(n),
+        None if request_version == Version::HTTP_11 => ResponseFraming::Chunked,
+        None => ResponseFraming::UntilClose,
+    }
+}
+
+/// 1xx and 204 responses have no body and must not announce a length (RFC 9110 §8.6).
+pub(super) fn forbids_body(status: StatusCode) -> bool {
+    status.is_informational() || status == StatusCode::NO_CONTENT
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +208,105 @@ mod tests {
                 Err(_) => None,
             };
             assert_eq!(request, response, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_status_method_and_length() {
+        use ResponseFraming::{Chunked, Empty, Length, UntilClose};
+        let with_length = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::CONTENT_LENGTH, HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let none = HeaderMap::new();
+        let table = [
+            (Method::POST, Version::HTTP_11, 200, &none, None, Chunked),
+            (Method::POST, Version::HTTP_10, 200, &none, None, UntilClose),
+            (
+                Method::POST,
+                Version::HTTP_11,
+                200,
+                &none,
+                Some(5),
+                Length(5),
+            ),
+            (
+                Method::POST,
+                Version::HTTP_10,
+                200,
+                &none,
+                Some(0),
+                Length(0),
+            ),
+            (
+                Method::POST,
+                Version::HTTP_11,
+                200,
+                &with_length(&["9"]),
+                None,
+                Length(9),
+            ),
+            (
+                Method::POST,
+                Version::HTTP_11,
+                200,
+                &with_length(&["9", "9"]),
+                None,
+                Length(9),
+            ),
+            (
+                Method::POST,
+                Version::HTTP_11,
+                200,
+                &with_length(&["9", "8"]),
+                None,
+                Chunked,
+            ),
+            (
+                Method::POST,
+                Version::HTTP_11,
+                200,
+                &with_length(&["x"]),
+                Some(3),
+                Length(3),
+            ),
+            (
+                Method::HEAD,
+                Version::HTTP_11,
+                200,
+                &with_length(&["9"]),
+                None,
+                Empty,
+            ),
+            (Method::GET, Version::HTTP_11, 204, &none, None, Empty),
+            (
+                Method::GET,
+                Version::HTTP_11,
+                304,
+                &with_length(&["9"]),
+                None,
+                Empty,
+            ),
+            (Method::GET, Version::HTTP_11, 100, &none, None, Empty),
+            (
+                Method::OPTIONS,
+                Version::HTTP_11,
+                403,
+                &none,
+                Some(0),
+                Length(0),
+            ),
+        ];
+        for (method, version, status, headers, exact, want) in table {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                response_framing(&method, version, status, headers, exact),
+                want,
+                "{method} {version:?} {status} {headers:?} {exact:?}"
+            );
         }
     }
 }
