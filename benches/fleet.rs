@@ -97,10 +97,11 @@ struct Opts {
 }
 
 /// The scenarios `--only` can pick.
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "handshakes",
     "keepalive",
     "latency",
+    "logged",
     "resumed",
     "outage",
     "budget",
@@ -356,13 +357,12 @@ fn main() {
         bind_dn: slapd.bind_dn(),
         password_file,
     };
-    let mut proxies: Vec<(Proxy, Proxy)> = kinds
+    let mut proxies: Vec<Proxies> = kinds
         .iter()
-        .map(|&k| {
-            (
-                Proxy::new(k, &setup, free_port(), free_port(), false),
-                Proxy::new(k, &setup, free_port(), free_port(), true),
-            )
+        .map(|&k| Proxies {
+            plain: Proxy::new(k, &setup, (free_port(), free_port()), false, false),
+            tls_upstream: Proxy::new(k, &setup, (free_port(), free_port()), true, false),
+            logged: Proxy::new(k, &setup, (free_port(), free_port()), false, true),
         })
         .collect();
 
@@ -380,9 +380,9 @@ fn main() {
                 opts.latency_rate, base.0, base.1
             );
             direct.push(base);
-            for (proxy, tls_upstream) in proxies.iter_mut() {
+            for proxies in proxies.iter_mut() {
                 run_proxy(
-                    (proxy, tls_upstream),
+                    proxies,
                     &fleet,
                     &opts,
                     &levels,
@@ -395,9 +395,10 @@ fn main() {
         }
     });
 
-    for (proxy, tls_upstream) in proxies.iter_mut() {
-        proxy.stop();
-        tls_upstream.stop();
+    for proxies in proxies.iter_mut() {
+        proxies.plain.stop();
+        proxies.tls_upstream.stop();
+        proxies.logged.stop();
     }
     drop(upstream);
     drop(slapd);
@@ -422,7 +423,11 @@ fn main() {
             .into(),
     );
     report.notes.push(
-        "Logging: nginx access_log off, HAProxy no log, seg SEG_LOG=warn (no per-request audit lines)."
+        "Logging: off in every scenario but \"logging on\" (nginx access_log off, HAProxy no log, \
+         seg SEG_LOG=warn: no per-request audit records). Logging on, each proxy writes one line \
+         per request where its operators usually do: seg its JSON audit record to stdout (a \
+         file here, as the journal's pipe would take it) and to an `[audit]` file, nginx the \
+         `combined` access log to a file, HAProxy `option httplog` to stdout."
             .into(),
     );
     if reniced {
@@ -683,6 +688,7 @@ mod fig {
     const HS: &str = "full handshake + 1 request";
     const KA: &str = "keep-alive, 64 connections";
     const LAT: &str = "latency at 2k req/s";
+    const LOG: &str = "logging on (one line per request)";
     const RES: &str = "resumed handshake + 1 request";
     const LP: &str = "held long polls";
     const STORM: &str = "reconnect storm";
@@ -718,6 +724,29 @@ mod fig {
         false,
     );
     pub const LAT_P50: Figure = Figure::new(LAT, "lat_p50", "p50 added over direct", "µs", false);
+    pub const LOG_KA_RPS: Figure =
+        Figure::new(LOG, "log_ka_rps", "keep-alive requests", "/s", true);
+    pub const LOG_KA_CPU: Figure = Figure::new(
+        LOG,
+        "log_ka_cpu",
+        "keep-alive: proxy CPU per request",
+        "µs",
+        false,
+    );
+    pub const LOG_LAT_P50: Figure = Figure::new(
+        LOG,
+        "log_lat_p50",
+        "p50 added over direct at 2k req/s",
+        "µs",
+        false,
+    );
+    pub const LOG_LAT_P99: Figure = Figure::new(
+        LOG,
+        "log_lat_p99",
+        "p99 added over direct at 2k req/s",
+        "µs",
+        false,
+    );
     pub const LAT_P99: Figure = Figure::new(LAT, "lat_p99", "p99 added over direct", "µs", false);
     pub const RESUMED: Figure = Figure::new(RES, "hs_resumed", "resumed", "/s", true);
     pub const RESUMED_CPU: Figure = Figure::new(
@@ -855,9 +884,21 @@ mod fig {
     );
 }
 
+/// One proxy in its three set-ups: quiet toward the plain upstream (most scenarios), toward
+/// the upstream over TLS, and with its per-request log on.
+struct Proxies {
+    plain: Proxy,
+    tls_upstream: Proxy,
+    logged: Proxy,
+}
+
 /// Every scenario against one proxy, one round.
 async fn run_proxy(
-    (proxy, tls_upstream): (&mut Proxy, &mut Proxy),
+    Proxies {
+        plain: proxy,
+        tls_upstream,
+        logged,
+    }: &mut Proxies,
     fleet: &Fleet,
     opts: &Opts,
     levels: &[usize],
@@ -940,6 +981,31 @@ async fn run_proxy(
             }
             Err(e) => report.fact(kind, format!("latency failed: {e}")),
         }
+    }
+
+    if opts.runs("logged") {
+        // The same two scenarios as deployed: one log line per request.
+        logged.start_cold();
+        match keepalive(logged, fleet, 64, opts.keepalive_secs).await {
+            Ok((rps, cpu, _, errors)) => {
+                eprintln!("  {name}, logging on: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each, {errors} errors");
+                report.add(&fig::LOG_KA_RPS, kind, rps);
+                report.add(&fig::LOG_KA_CPU, kind, cpu);
+            }
+            Err(e) => report.fact(kind, format!("keep-alive with logging failed: {e}")),
+        }
+        match latency(logged.addr, fleet, opts).await {
+            Ok((p50, p99, errors)) => {
+                eprintln!(
+                    "  {name}, logging on: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
+                    opts.latency_rate
+                );
+                report.add(&fig::LOG_LAT_P50, kind, p50 - direct.0);
+                report.add(&fig::LOG_LAT_P99, kind, p99 - direct.1);
+            }
+            Err(e) => report.fact(kind, format!("latency with logging failed: {e}")),
+        }
+        logged.stop();
     }
 
     if opts.runs("resumed") {

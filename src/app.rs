@@ -235,6 +235,9 @@ impl App {
     /// The same, deciding certificate validity and session age by `clock` (tests move it).
     pub fn build_with_clock(config: Config, clock: crate::clock::Clock) -> Result<App, BuildError> {
         let metrics = Arc::new(Metrics::new());
+        if let Some(log) = crate::audit::global() {
+            metrics.register_audit(log.counters());
+        }
         let gateway = Arc::new(build_gateway(config, &metrics, None, &clock)?);
         Ok(App { gateway, metrics })
     }
@@ -404,6 +407,8 @@ impl Running {
             Err(ReloadError::NeedsRestart("[listen]"))
         } else if config.admin.address != current.config.admin.address {
             Err(ReloadError::NeedsRestart("admin.address"))
+        } else if config.audit != current.config.audit {
+            Err(ReloadError::NeedsRestart("[audit]"))
         } else {
             build_gateway(config, &self.metrics, Some(&current), &current.clock)
                 .map_err(ReloadError::from)

@@ -30,7 +30,34 @@ pub struct Config {
     pub reload: ReloadConfig,
     pub revocation: RevocationConfig,
     pub ntauth: NtAuthConfig,
+    pub audit: AuditConfig,
 }
+
+/// Where the audit log's lines go and how its queue behaves (`[audit]`); read at start only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// One line per request on stdout (when `SEG_LOG` lets `seg::audit` through at info).
+    pub stdout: bool,
+    /// One line per request appended to this file too.
+    pub file: Option<PathBuf>,
+    pub when_full: WhenFull,
+    /// The most bytes of lines waiting for the writer.
+    pub queue_bytes: usize,
+    /// How long the writer lets a batch gather after its first line: the most a crash loses.
+    pub flush_interval: Duration,
+}
+
+/// What a request does when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Served without its line; counted in `seg_audit_records_dropped_total`.
+    Drop,
+    /// Held until the writer has made room.
+    Block,
+}
+
+/// The longest `audit.flush_interval`.
+const MAX_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Which CAs may issue logon certificates (`[ntauth]`), as the forest's NTAuth store says.
 #[derive(Debug, Clone, PartialEq)]
@@ -894,6 +921,10 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     }
     s.finish(p);
 
+    let mut s = root.section("audit", p);
+    let audit = read_audit(&mut s, p);
+    s.finish(p);
+
     let mut s = root.section("admin", p);
     let admin = AdminConfig {
         address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
@@ -930,7 +961,36 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         reload,
         revocation,
         ntauth,
+        audit,
     })
+}
+
+fn read_audit(s: &mut Section, p: &mut Problems) -> AuditConfig {
+    let when_full = match s.string("when_full", "drop", p).as_str() {
+        "drop" => WhenFull::Drop,
+        "block" => WhenFull::Block,
+        other => {
+            p.push(
+                &s.key("when_full"),
+                &format!("unknown value \"{other}\"; one of drop, block"),
+            );
+            WhenFull::Drop
+        }
+    };
+    let flush_interval = s.duration("flush_interval", "10ms", p);
+    if flush_interval.is_zero() || flush_interval > MAX_AUDIT_FLUSH_INTERVAL {
+        p.push(
+            &s.key("flush_interval"),
+            "must be between 1ms and 1s (a crash loses the lines of one interval)",
+        );
+    }
+    AuditConfig {
+        stdout: s.boolean("stdout", true, p),
+        file: s.writable_file("file", p),
+        when_full,
+        queue_bytes: s.integer("queue_bytes", 4 << 20, 64 << 10, p),
+        flush_interval,
+    }
 }
 
 /// An http:// URL for revocation data; anything else is a problem at `key`.

@@ -21,7 +21,9 @@
 //!    - [`metrics`]: every Prometheus metric, on one registry.
 //!    - [`directory`]: accounts by `Lookup` — AD over LDAP (pool, failover, RFC 4515
 //!      escaping) or an in-process LDIF directory for the demo.
-//! 4. Decisions about a certificate and a request:
+//! 4. [`audit`]: the audit log, one JSON line per request, formed by hand and written in
+//!    batches by its own thread to stdout and a file; bounded, flushed on shutdown.
+//! 5. Decisions about a certificate and a request:
 //!    - [`identity`]: `CertFacts` read once from a certificate, the mapping rules and their
 //!      strength, account checks, the `Identity` a request is forwarded as; the resolver
 //!      (certificate → decision, cached by leaf SHA-256, coalesced, bounded) and its snapshot
@@ -30,10 +32,10 @@
 //!    - [`revocation`]: the CRLs in force (base and delta) for the verifier and the
 //!      per-request check; the online checks (OCSP, distribution points over http:// and
 //!      ldap://), hard-fail unless a `danger_` key opts out.
-//! 5. [`tls`]: the listener's rustls configuration, the client-certificate policy (chain,
+//! 6. [`tls`]: the listener's rustls configuration, the client-certificate policy (chain,
 //!    EKU, deltas, the alert that names a refusal), session tickets bound to the trust
 //!    policy and `tls.session_lifetime`, the NTAuth store.
-//! 6. Connections and what rides on them:
+//! 7. Connections and what rides on them:
 //!    - [`transport`]: the TLS driver both sides run on (rustls's unbuffered API), the PROXY
 //!      protocol header from the L4 front.
 //!    - [`upstream`]: connections to the mail server, their pool, the HTTP/1.1 exchange run
@@ -41,17 +43,18 @@
 //!    - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream.
 //!    - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
 //!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
-//! 7. [`proxy`]: accept, connection caps, handshake, the device connection, slow-client
+//! 8. [`proxy`]: accept, connection caps, handshake, the device connection, slow-client
 //!    limits, the per-request decision, header hygiene, forwarding, refusals, audit.
-//! 8. The whole: [`app`] (a configuration built into a running gateway, reloads, drain) and
+//! 9. The whole: [`app`] (a configuration built into a running gateway, reloads, drain) and
 //!    [`mapcheck`] (`seg map`: the listener's validation and mapping for one certificate,
 //!    explained).
-//! 9. [`demo`]: `seg demo`, the whole job on one machine, with its throwaway PKI and an
-//!    ActiveSync stand-in that answers with what it received (also used by the tests).
+//! 10. [`demo`]: `seg demo`, the whole job on one machine, with its throwaway PKI and an
+//!     ActiveSync stand-in that answers with what it received (also used by the tests).
 
 pub mod activesync;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod certs;
 pub mod clock;
 pub mod config;

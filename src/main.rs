@@ -3,9 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use seg::config::{Config, EXIT_CONFIG};
+use seg::audit::{Settings, Sink};
+use seg::config::{Config, WhenFull, EXIT_CONFIG};
 use seg::demo::{Demo, DemoOptions};
 use seg::App;
 
@@ -140,7 +142,17 @@ fn build(config: Config) -> Result<App, i32> {
 }
 
 async fn run(path: PathBuf) -> i32 {
-    let app = match load(&path).and_then(build) {
+    let config = match load(&path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    // The audit log's stdout lines follow `SEG_LOG`, as they did when they were log events.
+    let stdout = tracing::enabled!(target: "seg::audit", tracing::Level::INFO);
+    if let Err(e) = seg::audit::install(Settings::from_config(&config.audit, stdout)) {
+        eprintln!("seg: {e}");
+        return EXIT_CONFIG;
+    }
+    let app = match build(config) {
         Ok(app) => app,
         Err(code) => return code,
     };
@@ -162,7 +174,15 @@ async fn run(path: PathBuf) -> i32 {
     let window = running.drain_window();
     running.drain(window).await;
     tracing::info!(target: "seg::listener", "stopped");
+    flush_audit();
     0
+}
+
+/// Writes every queued audit line before the process ends.
+fn flush_audit() {
+    if let Some(log) = seg::audit::global() {
+        log.flush();
+    }
 }
 
 /// Reloads on SIGHUP and, when enabled, when a watched file changes; returns on Ctrl-C or
@@ -186,7 +206,10 @@ async fn serve_until_stopped(running: &seg::Running, path: &std::path::Path) {
         tokio::select! {
             _ = &mut stop => return,
             _ = hup => {
-                tracing::info!(target: "seg::config", "SIGHUP: reloading");
+                if let Some(log) = seg::audit::global() {
+                    log.reopen();
+                }
+                tracing::info!(target: "seg::config", "SIGHUP: reopening the audit file, reloading");
                 let _ = running.reload_file(path);
             }
             _ = tokio::time::sleep(interval), if watch => {
@@ -247,6 +270,12 @@ async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explai
 }
 
 async fn demo(dir: Option<PathBuf>, listen: SocketAddr, admin: SocketAddr) -> i32 {
+    let _ = seg::audit::install(Settings {
+        sinks: vec![Sink::Stdout],
+        when_full: WhenFull::Drop,
+        queue_bytes: 4 << 20,
+        flush_interval: Duration::from_millis(10),
+    });
     let demo = match Demo::start(DemoOptions { dir, listen, admin }).await {
         Ok(d) => d,
         Err(e) => {
@@ -258,6 +287,7 @@ async fn demo(dir: Option<PathBuf>, listen: SocketAddr, admin: SocketAddr) -> i3
     wait_for_stop().await;
     println!("stopping the demo");
     demo.running.stop().await;
+    flush_audit();
     0
 }
 

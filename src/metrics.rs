@@ -50,6 +50,49 @@ pub struct Metrics {
     pub kerberos: KerberosMetrics,
 }
 
+/// The audit log's own figures: one set per process (the log is), exported by every
+/// gateway's registry.
+#[derive(Clone)]
+pub struct AuditCounters {
+    pub written: IntCounter,
+    pub dropped: IntCounter,
+    pub write_errors: IntCounter,
+    pub queued_bytes: IntGauge,
+}
+
+impl AuditCounters {
+    pub fn new() -> AuditCounters {
+        let counter = |name: &str, help: &str| {
+            IntCounter::with_opts(Opts::new(name, help)).expect("valid metric")
+        };
+        AuditCounters {
+            written: counter(
+                "audit_records_written_total",
+                "Audit records handed to the log's sinks.",
+            ),
+            dropped: counter(
+                "audit_records_dropped_total",
+                "Audit records not written: the queue was full (audit.when_full = \"drop\").",
+            ),
+            write_errors: counter(
+                "audit_write_errors_total",
+                "Audit records a sink failed to take (the write returned an error).",
+            ),
+            queued_bytes: IntGauge::with_opts(Opts::new(
+                "audit_queue_bytes",
+                "Audit record bytes waiting for the writer.",
+            ))
+            .expect("valid metric"),
+        }
+    }
+}
+
+impl Default for AuditCounters {
+    fn default() -> Self {
+        AuditCounters::new()
+    }
+}
+
 /// What the CRL gauges show of one CRL in force.
 pub struct CrlGauge<'a> {
     pub issuer: &'a str,
@@ -422,6 +465,18 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Exports the process's audit-log counters with this gateway's.
+    pub fn register_audit(&self, counters: &AuditCounters) {
+        let _ = self.registry.register(Box::new(counters.written.clone()));
+        let _ = self.registry.register(Box::new(counters.dropped.clone()));
+        let _ = self
+            .registry
+            .register(Box::new(counters.write_errors.clone()));
+        let _ = self
+            .registry
+            .register(Box::new(counters.queued_bytes.clone()));
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.

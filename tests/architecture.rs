@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["clock", "limiter", "certs", "syntax"],
     &["config"],
     &["metrics", "directory", "http1"],
+    &["audit"],
     &["identity", "activesync", "revocation"],
     &["tls"],
     &["transport", "upstream", "kerberos", "policy", "admin"],

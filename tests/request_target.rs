@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use seg::demo::pki::LeafSpec;
 use seg::Running;
-use support::audit::{audit, capture_audit};
+use support::audit::{capture_audit, mark, since};
 use support::lab::{
     config_text, start_seg, start_slapd, Client, Device, DirectoryRef, HttpResponse, Lab, Pki,
 };
@@ -835,7 +835,6 @@ async fn request_headers_outside_the_allow_list_never_reach_the_upstream() {
     let response = exchange(
         &listener,
         &alice,
-        "H1",
         &head("POST", target.as_bytes(), &headers),
     )
     .await
@@ -990,7 +989,6 @@ async fn headers_and_cookies_the_operator_lists_are_forwarded() {
     let response = exchange(
         &Listener::of(&lab.seg, &lab.pki),
         &alice,
-        "FWD1",
         &head("POST", target.as_bytes(), &headers),
     )
     .await
@@ -1120,7 +1118,7 @@ struct Row {
 async fn run_rows(listener: &Listener, rows: &[Row]) -> Vec<String> {
     let mut failures = Vec::new();
     for row in rows {
-        let got = match exchange(listener, &row.device, &row.tag, &row.head).await {
+        let got = match exchange(listener, &row.device, &row.head).await {
             Ok(got) => got,
             Err(e) => {
                 failures.push(format!("{}: {e}", row.name));
@@ -1153,13 +1151,9 @@ struct Exchanged {
 }
 
 /// Sends `head` on a new TLS connection presenting `device`; reads the response and finds
-/// the request's audit record, by its DeviceId or else by the connection's source address.
-async fn exchange(
-    listener: &Listener,
-    device: &Device,
-    device_id: &str,
-    head: &[u8],
-) -> Result<Exchanged, String> {
+/// the request's audit record by the connection's source address.
+async fn exchange(listener: &Listener, device: &Device, head: &[u8]) -> Result<Exchanged, String> {
+    let before = mark();
     let tcp = TcpStream::connect(listener.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -1179,21 +1173,18 @@ async fn exchange(
     Ok(Exchanged {
         status: response.status,
         body: response.text(),
-        reason: audit_reason(device_id, peer).await,
+        reason: audit_reason(before, peer).await,
     })
 }
 
-/// The reason of the audit record of the request from `peer`, waiting a little for it (a
-/// record is written when its response body ends); `None` when seg wrote none.
-async fn audit_reason(device_id: &str, peer: SocketAddr) -> Option<String> {
+/// The reason of the audit record of the request from `peer` among those written after
+/// `before` (a port is used again by later connections of the same test process), waiting a
+/// little for it (a record is written when its response body ends); `None` when seg wrote
+/// none.
+async fn audit_reason(before: usize, peer: SocketAddr) -> Option<String> {
     let peer = peer.to_string();
     for _ in 0..50 {
-        let mut records = audit(device_id);
-        if !device_id.is_empty() {
-            // A refused query leaves the record without the DeviceId it carried.
-            records.extend(audit(""));
-        }
-        if let Some(record) = records.iter().find(|r| r["peer"] == peer.as_str()) {
+        if let Some(record) = since(before).iter().find(|r| r["peer"] == peer.as_str()) {
             return Some(record["reason"].as_str().unwrap_or("").to_string());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

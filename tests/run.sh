@@ -32,6 +32,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs.
 # slowhttptest: the slowloris / slow body / slow read tool run against seg by
 # tests/slow_clients.rs.
+# logrotate: rotates seg's audit file in tests/audit_log.rs (create and copytruncate).
 APT_PACKAGES=(
     libkrb5-dev libclang-dev apache2 libapache2-mod-auth-gssapi
     slapd ldap-utils
@@ -40,7 +41,7 @@ APT_PACKAGES=(
     sogo sogo-activesync postgresql dovecot-imapd memcached
     nginx haproxy
     prometheus systemd python3-venv
-    slowhttptest
+    slowhttptest logrotate
 )
 # The real ActiveSync client the SOGo test drives (tests/eas_client.py).
 PIP_PACKAGES=(pyactivesync==0.17.0)

@@ -93,6 +93,9 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// seg's admin listener (/metrics).
     pub admin: Option<SocketAddr>,
+    /// Deployed as operators run it: seg's audit records (stdout and a file), nginx's access
+    /// log, HAProxy's request log; otherwise none of them.
+    pub logged: bool,
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -102,11 +105,19 @@ pub struct Proxy {
 
 impl Proxy {
     /// Writes the configuration for `kind` on `port` (seg's admin on `admin_port`), toward
-    /// the upstream over plain HTTP, or over TLS with `tls_upstream`.
-    pub fn new(kind: Kind, setup: &Setup, port: u16, admin_port: u16, tls_upstream: bool) -> Proxy {
-        let name = match tls_upstream {
-            false => kind.name().to_string(),
-            true => format!("{}-tls-upstream", kind.name()),
+    /// the upstream over plain HTTP, or over TLS with `tls_upstream`; with its per-request log
+    /// when `logged`.
+    pub fn new(
+        kind: Kind,
+        setup: &Setup,
+        (port, admin_port): (u16, u16),
+        tls_upstream: bool,
+        logged: bool,
+    ) -> Proxy {
+        let name = match (tls_upstream, logged) {
+            (false, false) => kind.name().to_string(),
+            (true, _) => format!("{}-tls-upstream", kind.name()),
+            (false, true) => format!("{}-logged", kind.name()),
         };
         let dir = setup.dir.join(name);
         let ca = setup.ca.display().to_string();
@@ -127,7 +138,23 @@ impl Proxy {
             Kind::Nginx => NGINX_CONF,
             Kind::Haproxy => HAPROXY_CFG,
         };
+        // Each writes where its operators usually do: seg to stdout (the journal) and a file,
+        // nginx to its access log file, HAProxy to stdout.
+        let logging = match (kind, logged) {
+            (Kind::Seg, true) => "[audit]\nfile = \"{{DIR}}/audit.log\"",
+            (Kind::Nginx, true) => "access_log {{DIR}}/access.log combined;",
+            (Kind::Haproxy, true) => "log stdout format raw local0",
+            (Kind::Seg, false) => "",
+            (Kind::Nginx, false) => "access_log off;",
+            (Kind::Haproxy, false) => "",
+        };
+        let haproxy_httplog = match logged {
+            true => "log global\n    option httplog",
+            false => "",
+        };
         let text = template
+            .replace("{{LOGGING}}", logging)
+            .replace("{{HAPROXY_HTTPLOG}}", haproxy_httplog)
             .replace("{{DIR}}", &dir.display().to_string())
             .replace("{{PORT}}", &port.to_string())
             .replace("{{ADMIN}}", &admin_port.to_string())
@@ -179,6 +206,7 @@ impl Proxy {
         std::fs::write(&file, text).expect("write proxy config");
         Proxy {
             kind,
+            logged,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin: (kind == Kind::Seg).then(|| SocketAddr::from(([127, 0, 0, 1], admin_port))),
             program: kind.binary(&setup.seg_bin),
@@ -203,9 +231,9 @@ impl Proxy {
             .args(heaptrack_prefix(self.kind))
             .arg(&self.program)
             .args(&self.args)
-            // seg's audit records are info-level log lines; the peers run without an access
-            // log, so seg runs without its per-request records too (warnings still logged).
-            .env("SEG_LOG", "warn")
+            // Quiet, seg's audit records are off as the peers' access logs are (warnings still
+            // logged); logged, they go to stdout and the `[audit]` file.
+            .env("SEG_LOG", if self.logged { "info" } else { "warn" })
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

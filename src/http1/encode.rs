@@ -6,6 +6,7 @@ use http::{StatusCode, Version};
 
 use super::response::forbids_body;
 use super::ResponseFraming;
+use crate::clock::civil_from_days;
 
 /// The interim answer to `Expect: 100-continue`.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -132,26 +133,6 @@ pub fn http_date(unix_secs: u64) -> [u8; 29] {
     put_two_digits(&mut out[20..22], of_day / 60 % 60);
     put_two_digits(&mut out[23..25], of_day % 60);
     out
-}
-
-/// Year, month (1–12) and day of the month of a count of days since 1970-01-01, in the
-/// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`, for days ≥ 0).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468; // days since 0000-03-01
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153; // March is 0
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 fn put_two_digits(out: &mut [u8], n: u64) {

@@ -148,31 +148,37 @@ impl AuditRecord {
                 "",
             ),
         };
-        tracing::info!(
-            target: "seg::audit",
-            peer = %self.peer,
-            cert_serial,
-            cert_issuer,
-            account,
-            mapping,
-            strength,
-            cmd = self.eas.command_name(),
-            protocol_version = self.eas.protocol_version.as_deref().unwrap_or(""),
-            device_id = self.eas.device_id.as_deref().unwrap_or(""),
-            device_type = self.eas.device_type.as_deref().unwrap_or(""),
-            user_agent = self.eas.user_agent.as_deref().unwrap_or(""),
-            user_param = self.eas.user.as_deref().unwrap_or(""),
-            policy = self.policy,
-            status = self.status,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
-            bytes_out,
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            completed,
-            decision = self.decision,
-            reason = self.reason,
-            kdc_event = self.kdc_event,
-            "request"
-        );
+        let eas = &self.eas;
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        crate::audit::record(|line| {
+            line.display("peer", &self.peer);
+            line.str("cert_serial", cert_serial);
+            line.str("cert_issuer", cert_issuer);
+            line.str("account", account);
+            line.str("mapping", mapping);
+            line.str("strength", strength);
+            line.str("cmd", eas.command_name());
+            line.str(
+                "protocol_version",
+                eas.protocol_version.as_deref().unwrap_or(""),
+            );
+            line.str("device_id", eas.device_id.as_deref().unwrap_or(""));
+            line.str("device_type", eas.device_type.as_deref().unwrap_or(""));
+            line.str("user_agent", eas.user_agent.as_deref().unwrap_or(""));
+            line.str("user_param", eas.user.as_deref().unwrap_or(""));
+            line.str("policy", self.policy);
+            line.uint("status", u64::from(self.status));
+            line.uint("bytes_in", bytes_in);
+            line.uint("bytes_out", bytes_out);
+            line.millis("duration_ms", duration_us);
+            line.bool("completed", completed);
+            line.str("decision", self.decision);
+            line.str("reason", self.reason);
+            if let Some(event) = self.kdc_event {
+                line.uint("kdc_event", u64::from(event));
+            }
+        });
     }
 }
 

@@ -1,5 +1,6 @@
-//! Audit capture for tests that run seg in process: every `seg::audit` and `seg::tls` record
-//! of the test process, as JSON lines; the records of one device id, or of one message.
+//! Audit capture for tests that run seg in process: every audit record (the process's audit
+//! log, writing here) and every `seg::tls` log record of the test process, as JSON lines; the
+//! records of one device id, or of one message.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -23,8 +24,22 @@ pub fn log_records(message: &str) -> Vec<serde_json::Value> {
     fields().filter(|f| f["message"] == message).collect()
 }
 
-/// The fields of every captured record, oldest first.
+/// Where the capture stands: records captured from now on are `since` it.
+pub fn mark() -> usize {
+    fields().count()
+}
+
+/// The fields of every record captured after `mark`, oldest first.
+pub fn since(mark: usize) -> Vec<serde_json::Value> {
+    fields().skip(mark).collect()
+}
+
+/// The fields of every captured record, oldest first; the audit log's queue is written
+/// out first.
 fn fields() -> impl Iterator<Item = serde_json::Value> {
+    if let Some(log) = seg::audit::global() {
+        log.flush();
+    }
     let text = String::from_utf8_lossy(&AUDIT.lock().unwrap()).into_owned();
     let records: Vec<serde_json::Value> = text
         .lines()
@@ -40,9 +55,16 @@ pub fn capture_audit() {
     INIT.get_or_init(|| {
         let _ = tracing_subscriber::fmt()
             .json()
-            .with_env_filter("seg::audit=info,seg::tls=info")
+            .with_env_filter("seg::tls=info")
             .with_writer(|| AuditWriter)
             .try_init();
+        seg::audit::install(seg::audit::Settings {
+            sinks: vec![seg::audit::Sink::Writer(Box::new(AuditWriter))],
+            when_full: seg::config::WhenFull::Block,
+            queue_bytes: 1 << 20,
+            flush_interval: std::time::Duration::from_millis(5),
+        })
+        .expect("audit log");
     });
 }
 
