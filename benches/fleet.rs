@@ -33,7 +33,8 @@
 //! (does the upstream see its request closed?).
 //!
 //! `FLEET_SEG_BIN=/path/to/seg` measures that seg binary instead of this build's (an earlier
-//! commit's, for a before/after in one session).
+//! commit's, for a before/after in one session); `FLEET_SEG_AUDIT=stdout` has seg write its
+//! audit records to stdout only in the "logging on" scenario (no `[audit]` file).
 //! `FLEET_HEAPTRACK=/tmp/seg.heap` runs seg under heaptrack (benches/fleet/peers.rs says how
 //! to read the profiles); `--keepalive-secs N` lengthens the keep-alive scenario for `perf`.
 

@@ -140,8 +140,11 @@ impl Proxy {
         };
         // Each writes where its operators usually do: seg to stdout (the journal) and a file,
         // nginx to its access log file, HAProxy to stdout.
+        // `FLEET_SEG_AUDIT=stdout`: seg's records on stdout only (a build before `[audit]`).
+        let seg_audit_file = std::env::var("FLEET_SEG_AUDIT").map_or(true, |v| v != "stdout");
         let logging = match (kind, logged) {
-            (Kind::Seg, true) => "[audit]\nfile = \"{{DIR}}/audit.log\"",
+            (Kind::Seg, true) if seg_audit_file => "[audit]\nfile = \"{{DIR}}/audit.log\"",
+            (Kind::Seg, true) => "",
             (Kind::Nginx, true) => "access_log {{DIR}}/access.log combined;",
             (Kind::Haproxy, true) => "log stdout format raw local0",
             (Kind::Seg, false) => "",

@@ -3,10 +3,9 @@
 //! for a write.
 //!
 //! Lines go to stdout (the journal under systemd, the container log on Kubernetes), to a file,
-//! or to both (`[audit]`). The writer gathers lines for `audit.flush_interval` after the first
-//! of a batch, then writes the batch with one call per sink; so a crash loses at most the
-//! lines of the last interval, and a quiet gateway does not wake the writer at all. The
-//! queue holds at most `audit.queue_bytes`; when a sink is slower than the traffic,
+//! or to both (`[audit]`). The writer looks at the queue every `audit.flush_interval` and
+//! writes what it holds with one call per sink; so a crash loses at most the lines of the
+//! last interval, and a request never has to wake the writer. The queue holds at most `audit.queue_bytes`; when a sink is slower than the traffic,
 //! `audit.when_full` decides: `drop` (the default) keeps serving and counts every line it
 //! could not queue in `seg_audit_records_dropped_total`, `block` holds the request that would
 //! write the line until the writer has made room, so no request is answered without its
@@ -186,7 +185,6 @@ impl AuditLog {
                 }
             }
         }
-        let first = queue.buf.is_empty();
         let Queue { buf, date, .. } = &mut *queue;
         let mut line = Line::start(buf, date, unix_micros);
         fill(&mut line);
@@ -197,7 +195,7 @@ impl AuditLog {
         let hurry = !queue.hurry && queue.buf.len() >= shared.queue_bytes / 2;
         queue.hurry |= hurry;
         drop(queue);
-        if first || hurry {
+        if hurry {
             shared.work.notify_one();
         }
     }
@@ -247,18 +245,22 @@ impl Shared {
                 queue = self.lock();
                 continue;
             }
-            if queue.buf.is_empty() {
-                queue.hurry = false;
-                self.progress.notify_all();
-                queue = self.work.wait(queue).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            if !queue.hurry {
-                queue = self
+            if queue.buf.is_empty() || !queue.hurry {
+                // Lines wait for the next look, at most one interval; a request never wakes
+                // the writer (a wake-up on the request path costs a system call and, with
+                // both threads on one core, a switch to this thread), only `hurry` does.
+                if queue.buf.is_empty() {
+                    queue.hurry = false;
+                    self.progress.notify_all();
+                }
+                let (next, timed_out) = self
                     .work
-                    .wait_timeout_while(queue, self.flush_interval, |q| !q.hurry)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                    .wait_timeout(queue, self.flush_interval)
+                    .unwrap_or_else(|e| e.into_inner());
+                queue = next;
+                if !timed_out.timed_out() || queue.buf.is_empty() {
+                    continue;
+                }
             }
             queue.hurry = false;
             std::mem::swap(&mut queue.buf, &mut batch);

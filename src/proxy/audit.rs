@@ -152,7 +152,7 @@ impl AuditRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         crate::audit::record(|line| {
-            line.display("peer", &self.peer);
+            line.addr("peer", &self.peer);
             line.str("cert_serial", cert_serial);
             line.str("cert_issuer", cert_issuer);
             line.str("account", account);
