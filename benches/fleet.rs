@@ -34,7 +34,8 @@
 //!
 //! `FLEET_SEG_BIN=/path/to/seg` measures that seg binary instead of this build's (an earlier
 //! commit's, for a before/after in one session); `FLEET_SEG_AUDIT=stdout` has seg write its
-//! audit records to stdout only in the "logging on" scenario (no `[audit]` file).
+//! audit records to stdout only in the "logging on" scenario (no `[audit]` file);
+//! `FLEET_KEEP_DIR=1` keeps the work dir (the proxies' logs, seg's audit file) at the end.
 //! `FLEET_HEAPTRACK=/tmp/seg.heap` runs seg under heaptrack (benches/fleet/peers.rs says how
 //! to read the profiles); `--keepalive-secs N` lengthens the keep-alive scenario for `perf`.
 
@@ -403,7 +404,11 @@ fn main() {
     }
     drop(upstream);
     drop(slapd);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("FLEET_KEEP_DIR").is_some() {
+        eprintln!("fleet: kept {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     // Facts of the run.
     report.notes.push(format!(

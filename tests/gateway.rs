@@ -1069,6 +1069,74 @@ async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_
     assert!(lab.metric("seg_identity_cache_lookups_total{result=\"stale\"}") >= 1.0);
 }
 
+/// A kept-alive connection reuses its decision between requests (`Remembered`), never past
+/// the point where the cache itself would answer differently: the same sequence as above,
+/// each device on one connection throughout.
+#[tokio::test]
+async fn a_kept_alive_connection_reuses_its_decision_only_while_the_cache_would() {
+    let lab = Lab::start(
+        mapping_users(),
+        "[cache]\nsoft_ttl = \"1s\"\nhard_ttl = \"1h\"\nnegative_ttl = \"1s\"\n",
+    )
+    .await;
+    let client = lab.client();
+    let users = lab.slapd.users_dn();
+    let set_uac = |sam: &str, value: u32| {
+        lab.slapd.modify(&format!(
+            "dn: CN={sam},{users}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {value}\n"
+        ))
+    };
+    let dave = lab
+        .pki
+        .device(LeafSpec::device("dave").upn("dave@corp.test"));
+    let alice = lab
+        .pki
+        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let mut dave_conn = client.connect(Some(&dave), TlsVersion::Any).await.unwrap();
+    let mut alice_conn = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
+    async fn status(conn: &mut support::lab::Connection, user: &str) -> u16 {
+        conn.request("POST", &eas_target("Sync", user), &[], b"")
+            .await
+            .unwrap()
+            .status
+    }
+
+    assert_eq!(status(&mut dave_conn, "dave").await, 403);
+    assert_eq!(status(&mut alice_conn, "alice").await, 200);
+    set_uac("dave", 512);
+    set_uac("alice", 514);
+    assert_eq!(status(&mut dave_conn, "dave").await, 403, "denial reused");
+    assert_eq!(
+        status(&mut alice_conn, "alice").await,
+        200,
+        "admission reused"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        status(&mut dave_conn, "dave").await,
+        200,
+        "past the negative TTL the same connection asks again"
+    );
+    assert_eq!(
+        status(&mut alice_conn, "alice").await,
+        200,
+        "stale, refreshing"
+    );
+    let mut refused = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if status(&mut alice_conn, "alice").await == 403 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "the connection kept an admission the refresh had withdrawn"
+    );
+}
+
 #[tokio::test]
 async fn starttls_on_plain_ldap_works() {
     let pki = Pki::new();

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use prometheus::IntCounter;
+
 use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
 use crate::identity::snapshot::{Snapshot, SnapshotEntry};
@@ -90,6 +92,39 @@ pub struct Resolver {
     snapshotted: bool,
     limiter: WorkLimiter,
     metrics: Arc<Metrics>,
+    /// `seg_identity_cache_total` by result, looked up once: a hit is counted on every request.
+    counted: CacheCounters,
+}
+
+struct CacheCounters {
+    hit: IntCounter,
+    stale: IntCounter,
+    miss: IntCounter,
+    coalesced: IntCounter,
+}
+
+/// The decision one connection reuses between its requests while it is fresh, so the cache
+/// is asked once per connection and soft TTL instead of once per request. A cache read is
+/// not free: besides the hash lookup, every 64th read makes the reading request run the
+/// cache's upkeep (moka's pending tasks), tens of microseconds in the tail of that request.
+/// Reuse ends where the cache's own answer would change: at the soft TTL for an admission
+/// (then the cache serves it stale and refreshes it), at the entry's end for a denial.
+#[derive(Default)]
+pub struct Remembered(std::sync::Mutex<Option<(Decision, Instant)>>);
+
+impl Remembered {
+    fn fresh(&self) -> Option<Decision> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*kept {
+            Some((decision, until)) if Instant::now() < *until => Some(decision.clone()),
+            _ => None,
+        }
+    }
+
+    fn keep(&self, decision: &Decision, until: Option<Instant>) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *kept = until.map(|until| (decision.clone(), until));
+    }
 }
 
 #[derive(Clone)]
@@ -105,6 +140,17 @@ struct CachedDecision {
     refreshing: Arc<AtomicBool>,
     /// Kept only when the cache is written to a snapshot at shutdown.
     saved: Option<Arc<Saved>>,
+}
+
+impl CachedDecision {
+    /// Until when the cache answers with this decision as it is: an admission until its soft
+    /// TTL (then it is served stale while refreshed), a denial until it expires.
+    fn fresh_until(&self, soft_ttl: Duration) -> Instant {
+        match self.decision {
+            Decision::Admit(_) => self.resolved_at + soft_ttl.min(self.lifetime),
+            Decision::Deny(_) => self.resolved_at + self.lifetime,
+        }
+    }
 }
 
 /// What a snapshot needs beyond the decision: the certificate and the wall-clock time of the
@@ -142,6 +188,12 @@ impl Resolver {
             lookup_timeout: cache.lookup_timeout,
             snapshotted: cache.snapshot_file.is_some(),
             limiter: WorkLimiter::new(cache.max_concurrent_lookups, cache.max_queued_lookups),
+            counted: CacheCounters {
+                hit: metrics.identity_cache.with_label_values(&["hit"]),
+                stale: metrics.identity_cache.with_label_values(&["stale"]),
+                miss: metrics.identity_cache.with_label_values(&["miss"]),
+                coalesced: metrics.identity_cache.with_label_values(&["coalesced"]),
+            },
             metrics,
         }
     }
@@ -152,21 +204,45 @@ impl Resolver {
         fingerprint: CertFingerprint,
         leaf_der: &[u8],
     ) -> Result<Decision, ResolveError> {
+        self.resolve_cached(fingerprint, leaf_der)
+            .await
+            .map(|(decision, _)| decision)
+    }
+
+    /// The same for a connection's requests: the decision `remembered` holds while it is
+    /// fresh, else the cache's, remembered for the next request.
+    pub async fn resolve_remembering(
+        self: &Arc<Self>,
+        fingerprint: CertFingerprint,
+        leaf_der: &[u8],
+        remembered: &Remembered,
+    ) -> Result<Decision, ResolveError> {
+        if let Some(decision) = remembered.fresh() {
+            self.counted.hit.inc();
+            return Ok(decision);
+        }
+        let (decision, fresh_until) = self.resolve_cached(fingerprint, leaf_der).await?;
+        remembered.keep(&decision, fresh_until);
+        Ok(decision)
+    }
+
+    /// The decision, and until when the cache would give the same answer without asking the
+    /// directory (`None`: it is being refreshed now).
+    async fn resolve_cached(
+        self: &Arc<Self>,
+        fingerprint: CertFingerprint,
+        leaf_der: &[u8],
+    ) -> Result<(Decision, Option<Instant>), ResolveError> {
         if let Some(cached) = self.cache.get(&fingerprint).await {
             let admitted = matches!(cached.decision, Decision::Admit(_));
             if admitted && cached.resolved_at.elapsed() >= self.soft_ttl {
-                self.metrics
-                    .identity_cache
-                    .with_label_values(&["stale"])
-                    .inc();
+                self.counted.stale.inc();
                 self.refresh_in_background(fingerprint, &cached);
-            } else {
-                self.metrics
-                    .identity_cache
-                    .with_label_values(&["hit"])
-                    .inc();
+                return Ok((cached.decision, None));
             }
-            return Ok(cached.decision);
+            self.counted.hit.inc();
+            let fresh_until = cached.fresh_until(self.soft_ttl);
+            return Ok((cached.decision, Some(fresh_until)));
         }
         // Boxed: the directory lookup's state is several KiB, and every connection's request
         // future would otherwise reserve room for it even when the cache answers.
@@ -177,16 +253,14 @@ impl Resolver {
         )
         .await
         .map_err(|e| (*e).clone())?;
-        let label = if entry.is_fresh() {
-            "miss"
+        if entry.is_fresh() {
+            self.counted.miss.inc();
         } else {
-            "coalesced"
-        };
-        self.metrics
-            .identity_cache
-            .with_label_values(&[label])
-            .inc();
-        Ok(entry.into_value().decision)
+            self.counted.coalesced.inc();
+        }
+        let cached = entry.into_value();
+        let fresh_until = cached.fresh_until(self.soft_ttl);
+        Ok((cached.decision, Some(fresh_until)))
     }
 
     /// Resolves without the cache and records every step: `seg map`.

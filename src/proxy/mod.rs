@@ -34,7 +34,7 @@ pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 use crate::activesync::{EasRequest, QueryForm};
 use crate::config::Config;
 use crate::directory::Directory;
-use crate::identity::resolver::{Decision, Resolver};
+use crate::identity::resolver::{Decision, Remembered, Resolver};
 use crate::identity::{CertFingerprint, DenyReason, Identity};
 use crate::metrics::Metrics;
 use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
@@ -135,6 +135,8 @@ struct DeviceConnection {
     over_device_cap: bool,
     /// What the socket saw: a response write cut by `listen.write_timeout` is audited so.
     io: Arc<IoWatch>,
+    /// The identity decision this connection's requests reuse while it is fresh.
+    remembered: Remembered,
 }
 
 /// The `DependencyDown` code while the NTAuth store has not been read from the directory.
@@ -318,6 +320,7 @@ impl Gateway {
             long_polls: Arc::new(AtomicUsize::new(0)),
             over_device_cap: device_slot.is_none(),
             io: Arc::clone(&io_watch),
+            remembered: Remembered::default(),
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
         // Each request's upstream exchange (client.rs) runs within this connection's task.
@@ -418,7 +421,7 @@ impl Gateway {
     ) -> Result<Arc<Identity>, Stop> {
         let identity = match self
             .resolver
-            .resolve(device.fingerprint, &device.leaf)
+            .resolve_remembering(device.fingerprint, &device.leaf, &device.remembered)
             .await
         {
             Ok(Decision::Admit(identity)) => identity,
