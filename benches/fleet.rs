@@ -436,6 +436,28 @@ fn main() {
          `combined` access log to a file, HAProxy `option httplog` to stdout."
             .into(),
     );
+    for (figure, what) in [
+        (&fig::LAT_P99, "p99 added at 2k req/s, quiet"),
+        (&fig::LOG_LAT_P99, "p99 added at 2k req/s, logging on"),
+    ] {
+        if let Some((led, rounds)) = report.rounds_seg_leads(figure) {
+            let per_round = report
+                .rows
+                .iter()
+                .find(|r| r.key == figure.key)
+                .map(|r| {
+                    r.values
+                        .iter()
+                        .map(|(k, v)| format!("{} {v:.0?}", k.name()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            report.notes.push(format!(
+                "{what}: seg at or below the better peer in {led} of {rounds} rounds (per round, µs: {per_round})."
+            ));
+        }
+    }
     if reniced {
         report.notes.push(
             "Every process of the bench (proxies, upstream, slapd, load generator) ran at nice -10, \

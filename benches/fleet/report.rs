@@ -107,6 +107,33 @@ impl Report {
         }
     }
 
+    /// For a lower-is-better figure: in how many rounds seg's value was at or below the better
+    /// peer's of the same round, out of the rounds all three were measured.
+    pub fn rounds_seg_leads(&self, figure: &Figure) -> Option<(usize, usize)> {
+        let row = self.rows.iter().find(|r| r.key == figure.key)?;
+        let seg = row.values.get(&Kind::Seg)?;
+        let peers: Vec<&Vec<f64>> = [Kind::Nginx, Kind::Haproxy]
+            .iter()
+            .filter_map(|k| row.values.get(k))
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        let mut led = 0;
+        let mut rounds = 0;
+        for (round, value) in seg.iter().enumerate() {
+            let best = peers
+                .iter()
+                .filter_map(|p| p.get(round).copied())
+                .fold(f64::INFINITY, f64::min);
+            if value.is_finite() && best.is_finite() {
+                rounds += 1;
+                led += usize::from(*value <= best);
+            }
+        }
+        Some((led, rounds))
+    }
+
     fn ratio(row: &Row, peer: Kind) -> Option<f64> {
         let seg = summary(row.values.get(&Kind::Seg)?)?.median;
         let other = summary(row.values.get(&peer)?)?.median;
