@@ -1005,26 +1005,36 @@ async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
     );
 }
 
-#[tokio::test]
-async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_soft_ttl() {
+/// A lab whose cache keeps admissions fresh and denials for one second, with dave (denied:
+/// disabled) and alice (admitted) as devices.
+async fn one_second_cache_lab() -> (Lab, support::lab::Device, support::lab::Device) {
     let lab = Lab::start(
         mapping_users(),
         "[cache]\nsoft_ttl = \"1s\"\nhard_ttl = \"1h\"\nnegative_ttl = \"1s\"\n",
     )
     .await;
-    let client = lab.client();
-    let users = lab.slapd.users_dn();
-    let set_uac = |sam: &str, value: u32| {
-        lab.slapd.modify(&format!(
-            "dn: CN={sam},{users}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {value}\n"
-        ))
-    };
     let dave = lab
         .pki
         .device(LeafSpec::device("dave").upn("dave@corp.test"));
     let alice = lab
         .pki
         .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    (lab, dave, alice)
+}
+
+/// Sets an account's userAccountControl in the lab's slapd (512 enabled, 514 disabled).
+fn set_account_control(lab: &Lab, sam: &str, value: u32) {
+    let users = lab.slapd.users_dn();
+    lab.slapd.modify(&format!(
+        "dn: CN={sam},{users}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {value}\n"
+    ))
+}
+
+#[tokio::test]
+async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_soft_ttl() {
+    let (lab, dave, alice) = one_second_cache_lab().await;
+    let client = lab.client();
+    let set_uac = |sam: &str, value: u32| set_account_control(&lab, sam, value);
     let status = |device: &support::lab::Device| {
         let client = &client;
         let device = device.clone();
@@ -1074,24 +1084,9 @@ async fn denials_expire_after_the_negative_ttl_and_admissions_refresh_after_the_
 /// each device on one connection throughout.
 #[tokio::test]
 async fn a_kept_alive_connection_reuses_its_decision_only_while_the_cache_would() {
-    let lab = Lab::start(
-        mapping_users(),
-        "[cache]\nsoft_ttl = \"1s\"\nhard_ttl = \"1h\"\nnegative_ttl = \"1s\"\n",
-    )
-    .await;
+    let (lab, dave, alice) = one_second_cache_lab().await;
     let client = lab.client();
-    let users = lab.slapd.users_dn();
-    let set_uac = |sam: &str, value: u32| {
-        lab.slapd.modify(&format!(
-            "dn: CN={sam},{users}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {value}\n"
-        ))
-    };
-    let dave = lab
-        .pki
-        .device(LeafSpec::device("dave").upn("dave@corp.test"));
-    let alice = lab
-        .pki
-        .device(LeafSpec::device("alice").upn("alice@corp.test"));
+    let set_uac = |sam: &str, value: u32| set_account_control(&lab, sam, value);
     let mut dave_conn = client.connect(Some(&dave), TlsVersion::Any).await.unwrap();
     let mut alice_conn = client.connect(Some(&alice), TlsVersion::Any).await.unwrap();
     async fn status(conn: &mut support::lab::Connection, user: &str) -> u16 {

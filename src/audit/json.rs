@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 
 use crate::clock::civil_from_days;
+use crate::http1::push_decimal;
 
 /// The opening of every line after its timestamp.
 const AFTER_TIMESTAMP: &[u8] = b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"";
@@ -186,20 +187,6 @@ fn put_digits(out: &mut [u8], mut n: u64) {
         *digit = b'0' + (n % 10) as u8;
         n /= 10;
     }
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 #[cfg(test)]

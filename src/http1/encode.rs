@@ -154,7 +154,8 @@ fn push_date(out: &mut Vec<u8>, date: &[u8; 29]) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+/// `n` in decimal, appended (the audit log writes its numbers with it too).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {

@@ -23,8 +23,8 @@ pub mod response;
 
 pub use body::{BodyDecoder, BodyError, BodyEvent, BodyFraming};
 pub use encode::{
-    busy_response, encode_chunk, encode_response_head, error_response, http_date, CONTINUE,
-    LAST_CHUNK,
+    busy_response, encode_chunk, encode_response_head, error_response, http_date, push_decimal,
+    CONTINUE, LAST_CHUNK,
 };
 pub use request::{parse_request_head, HeadError, RequestHead, MAX_HEADERS};
 pub use response::{response_framing, ResponseFraming};
