@@ -27,6 +27,8 @@ pub enum BuildError {
     Directory(#[from] DirectoryError),
     #[error(transparent)]
     Upstream(#[from] UpstreamSetupError),
+    #[error("identity.mode = \"kerberos\": {0}")]
+    Kerberos(String),
 }
 
 /// Why a reload was refused; the old configuration keeps serving.
@@ -138,6 +140,9 @@ fn build_gateway(
         }
     };
     let mut upstream = Upstream::new(&config.upstream, metrics.upstream_connect_waits.clone())?;
+    if config.kerberos.is_some() {
+        crate::kerberos::load_library().map_err(BuildError::Kerberos)?;
+    }
     // Kerberos mode: the delegated credentials survive a reload that keeps their settings.
     let delegation = config.kerberos.as_ref().map(|kerberos| {
         previous

@@ -1153,14 +1153,6 @@ fn read_identity_mode(s: &mut Section, p: &mut Problems) -> Option<KerberosConfi
             }
             None
         }
-        "kerberos" if !cfg!(feature = "kerberos") => {
-            p.push(
-                &s.key("mode"),
-                "this seg was built without Kerberos (cargo feature \"kerberos\", on by default)",
-            );
-            k.table.clear();
-            None
-        }
         "kerberos" => Some(read_kerberos(&mut k, p)),
         other => {
             p.push(

@@ -397,3 +397,46 @@ fn the_reader_sees_use_trees_and_inline_paths() {
         ]
     );
 }
+
+/// A bare machine builds seg: no crate in the build looks for a system library at build
+/// time (bindgen and libclang, a pkg-config probe, a -sys crate for Kerberos). MIT's GSSAPI
+/// is opened at run time instead (`src/kerberos/gss.rs`).
+#[test]
+fn no_build_script_probes_for_a_system_library() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let crates: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        crates.contains(&"libloading"),
+        "the runtime loader is in the tree"
+    );
+    for probe in [
+        "bindgen",
+        "pkg-config",
+        "clang-sys",
+        "libgssapi",
+        "libgssapi-sys",
+        "system-deps",
+    ] {
+        assert!(!crates.contains(&probe), "{probe} is in the build: {tree}");
+    }
+}

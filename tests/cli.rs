@@ -387,3 +387,79 @@ fn a_self_test_certificate_the_cas_refuse_stops_the_start() {
         "{stderr}"
     );
 }
+
+/// Where the dynamic loader finds `name` (`ldconfig -p`).
+fn installed_library(name: &str) -> String {
+    let out = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .expect("ldconfig");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit("=> ").next())
+        .map(|p| p.trim().to_string())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: apt-get install libgssapi-krb5-2 (./tests/run.sh does)"
+            )
+        })
+}
+
+/// Kerberos mode opens MIT's GSSAPI library at run time. Hidden (a mount namespace with
+/// /dev/null bound over the library file), `check-config` refuses a Kerberos configuration
+/// with exit 64, naming the library and the package for Debian and RHEL, while a header-mode
+/// configuration is untouched; with the library present the same configuration is valid.
+#[test]
+fn kerberos_mode_without_its_library_is_refused_naming_the_package() {
+    let library = installed_library("libgssapi_krb5.so.2");
+    let pki = Pki::new();
+    let directory = support::lab::DirectoryRef {
+        urls: vec!["ldaps://127.0.0.1:9".into()],
+        base_dn: "DC=corp,DC=test".into(),
+        bind_dn: "CN=svc-seg,CN=Users,DC=corp,DC=test".into(),
+        password: "unused".into(),
+    };
+    let header = config_text(&pki, &directory, "127.0.0.1:9".parse().unwrap(), "");
+    let keytab = pki
+        .dir
+        .write("seg.keytab", "read only at the first request");
+    let kerberos = format!(
+        "{header}\n[identity]\nmode = \"kerberos\"\n[identity.kerberos]\nkeytab = \"{}\"\nprincipal = \"svc-seg\"\nrealm = \"CORP.TEST\"\ntarget_spn = \"HTTP/eas.corp.test\"\n",
+        keytab.display()
+    );
+    let header = pki.dir.write("header.toml", &header);
+    let kerberos = pki.dir.write("kerberos.toml", &kerberos);
+    let hidden = |config: &std::path::Path| {
+        let out = Command::new("unshare")
+            .args(["--mount", "sh", "-c"])
+            .arg(format!(
+                "mount --bind /dev/null {library} && exec {SEG} check-config --config {}",
+                config.display()
+            ))
+            .env("SEG_LOG", "off")
+            .output()
+            .expect("run unshare (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !stderr.contains("mount:") && !stderr.contains("unshare:"),
+            "hiding the library needs root and util-linux's unshare: {stderr}"
+        );
+        (out.status.code().unwrap_or(-1), stderr)
+    };
+
+    let (code, stdout, stderr) = seg(&["check-config", "--config", kerberos.to_str().unwrap()]);
+    assert_eq!(code, 0, "with the library: {stdout}{stderr}");
+    let (code, stderr) = hidden(&kerberos);
+    assert_eq!(code, 64, "{stderr}");
+    for needle in [
+        "identity.mode = \"kerberos\"",
+        "libgssapi_krb5.so.2",
+        "libgssapi-krb5-2",
+        "krb5-libs",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
+    }
+    let (code, stderr) = hidden(&header);
+    assert_eq!(code, 0, "header mode never opens the library: {stderr}");
+}

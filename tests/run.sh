@@ -27,14 +27,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # and tests/deploy_checks.sh (rules, dashboard, unit file, Kubernetes schemas, Containerfile).
 # sogo ... memcached: tests/support/sogo.rs (a real ActiveSync server for
 # tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
-# libkrb5-dev, libclang-dev: the default cargo feature "kerberos" links MIT libgssapi_krb5
-# (libgssapi-sys generates its bindings with bindgen, which needs libclang).
+# libgssapi-krb5-2: MIT's GSSAPI library, which seg opens at run time in Kerberos mode
+# (tests/kerberos.rs, the gss unit tests); nothing Kerberos is needed to build seg.
 # apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs.
 # slowhttptest: the slowloris / slow body / slow read tool run against seg by
 # tests/slow_clients.rs.
 # logrotate: rotates seg's audit file in tests/audit_log.rs (create and copytruncate).
 APT_PACKAGES=(
-    libkrb5-dev libclang-dev apache2 libapache2-mod-auth-gssapi
+    libgssapi-krb5-2 apache2 libapache2-mod-auth-gssapi
     slapd ldap-utils
     samba samba-dsdb-modules samba-vfs-modules samba-ad-provision ldb-tools krb5-user
     openssl curl

@@ -8,55 +8,15 @@
 //! account make one exchange. KDC work is bounded like directory work: a few exchanges at
 //! once, a bounded queue, 503 past it. The KDC's refusals become 403 with a reason code
 //! chosen by Kerberos error code; a KDC that cannot answer becomes 503. GSSAPI is blocking C:
-//! every call runs on tokio's blocking pool, never on an async worker.
+//! every call runs on tokio's blocking pool, never on an async worker. The library is opened
+//! at run time (`gss`), when a configuration first asks for Kerberos.
 
-#[cfg(feature = "kerberos")]
 mod gss;
-#[cfg(not(feature = "kerberos"))]
-mod gss {
-    //! Built without the `kerberos` feature: the configuration refuses
-    //! `identity.mode = "kerberos"`, so none of this is ever called.
-    use std::path::Path;
-    use std::time::Duration;
 
-    #[derive(Debug, Clone)]
-    pub struct GssFailure {
-        pub minor: i32,
-        pub message: String,
-    }
-    impl std::fmt::Display for GssFailure {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(&self.message)
-        }
-    }
-    #[derive(Clone)]
-    pub struct GatewayCredential;
-    #[derive(Clone)]
-    pub struct UserCredential;
-    fn unsupported<T>() -> Result<T, GssFailure> {
-        Err(GssFailure {
-            minor: 0,
-            message: "built without the kerberos feature".into(),
-        })
-    }
-    pub fn acquire_gateway(_: &Path, _: &str, _: &str) -> Result<GatewayCredential, GssFailure> {
-        unsupported()
-    }
-    pub fn impersonate(_: &GatewayCredential, _: &str) -> Result<UserCredential, GssFailure> {
-        unsupported()
-    }
-    pub fn token(_: &UserCredential, _: &str) -> Result<Vec<u8>, GssFailure> {
-        unsupported()
-    }
-    pub fn delegate(_: &UserCredential, _: &str) -> Result<(), GssFailure> {
-        unsupported()
-    }
-    pub fn probe(_: &Path, _: &str, _: &str) -> Result<(), GssFailure> {
-        unsupported()
-    }
-    pub fn lifetime(_: &UserCredential) -> Result<Duration, GssFailure> {
-        unsupported()
-    }
+/// Opens MIT's GSSAPI library for `identity.mode = "kerberos"` (once per process); the error
+/// names the library and the package that installs it.
+pub fn load_library() -> Result<(), String> {
+    gss::load()
 }
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
