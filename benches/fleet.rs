@@ -761,6 +761,13 @@ mod fig {
         "µs",
         false,
     );
+    pub const LOG_KA_KERNEL: Figure = Figure::new(
+        LOG,
+        "log_ka_kernel",
+        "keep-alive: of which in the kernel",
+        "µs",
+        false,
+    );
     pub const LOG_LAT_P50: Figure = Figure::new(
         LOG,
         "log_lat_p50",
@@ -985,54 +992,24 @@ async fn run_proxy(
 
     if opts.runs("keepalive") {
         // Keep-alive throughput.
-        match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
-            Ok((rps, cpu, kernel, errors)) => {
-                eprintln!("  {name}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each ({kernel:.1} in the kernel), {errors} errors");
-                report.add(&fig::KA_RPS, kind, rps);
-                report.add(&fig::KA_CPU, kind, cpu);
-                report.add(&fig::KA_KERNEL, kind, kernel);
-            }
-            Err(e) => report.fact(kind, format!("keep-alive failed: {e}")),
-        }
+        let figures = [&fig::KA_RPS, &fig::KA_CPU, &fig::KA_KERNEL];
+        report_keepalive(proxy, fleet, opts, name, figures, report).await;
     }
 
     if opts.runs("latency") {
         // Added latency at a fixed rate.
-        match latency(addr, fleet, opts).await {
-            Ok((p50, p99, errors)) => {
-                eprintln!(
-                    "  {name}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
-                    opts.latency_rate
-                );
-                report.add(&fig::LAT_P50, kind, p50 - direct.0);
-                report.add(&fig::LAT_P99, kind, p99 - direct.1);
-            }
-            Err(e) => report.fact(kind, format!("latency failed: {e}")),
-        }
+        let figures = [&fig::LAT_P50, &fig::LAT_P99];
+        report_latency(proxy, fleet, opts, (name, direct), figures, report).await;
     }
 
     if opts.runs("logged") {
         // The same two scenarios as deployed: one log line per request.
         logged.start_cold();
-        match keepalive(logged, fleet, 64, opts.keepalive_secs).await {
-            Ok((rps, cpu, _, errors)) => {
-                eprintln!("  {name}, logging on: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each, {errors} errors");
-                report.add(&fig::LOG_KA_RPS, kind, rps);
-                report.add(&fig::LOG_KA_CPU, kind, cpu);
-            }
-            Err(e) => report.fact(kind, format!("keep-alive with logging failed: {e}")),
-        }
-        match latency(logged.addr, fleet, opts).await {
-            Ok((p50, p99, errors)) => {
-                eprintln!(
-                    "  {name}, logging on: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
-                    opts.latency_rate
-                );
-                report.add(&fig::LOG_LAT_P50, kind, p50 - direct.0);
-                report.add(&fig::LOG_LAT_P99, kind, p99 - direct.1);
-            }
-            Err(e) => report.fact(kind, format!("latency with logging failed: {e}")),
-        }
+        let label = format!("{name}, logging on");
+        let figures = [&fig::LOG_KA_RPS, &fig::LOG_KA_CPU, &fig::LOG_KA_KERNEL];
+        report_keepalive(logged, fleet, opts, &label, figures, report).await;
+        let figures = [&fig::LOG_LAT_P50, &fig::LOG_LAT_P99];
+        report_latency(logged, fleet, opts, (&label, direct), figures, report).await;
         logged.stop();
     }
 
@@ -1137,6 +1114,48 @@ async fn run_proxy(
         tls_upstream.stop();
     }
     eprintln!("  {name}: round done in {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// Keep-alive throughput and CPU per request into `figures` (rate, CPU, of which kernel).
+async fn report_keepalive(
+    proxy: &Proxy,
+    fleet: &Fleet,
+    opts: &Opts,
+    label: &str,
+    figures: [&Figure; 3],
+    report: &mut Report,
+) {
+    match keepalive(proxy, fleet, 64, opts.keepalive_secs).await {
+        Ok((rps, cpu, kernel, errors)) => {
+            eprintln!("  {label}: keep-alive {rps:.0} req/s, {cpu:.1} µs CPU each ({kernel:.1} in the kernel), {errors} errors");
+            for (figure, value) in figures.into_iter().zip([rps, cpu, kernel]) {
+                report.add(figure, proxy.kind, value);
+            }
+        }
+        Err(e) => report.fact(proxy.kind, format!("{label}: keep-alive failed: {e}")),
+    }
+}
+
+/// p50 and p99 at the fixed rate, less the direct upstream's (`direct`), into `figures`.
+async fn report_latency(
+    proxy: &Proxy,
+    fleet: &Fleet,
+    opts: &Opts,
+    (label, direct): (&str, (f64, f64)),
+    figures: [&Figure; 2],
+    report: &mut Report,
+) {
+    match latency(proxy.addr, fleet, opts).await {
+        Ok((p50, p99, errors)) => {
+            eprintln!(
+                "  {label}: at {}/s p50 {p50} µs, p99 {p99} µs ({errors} errors)",
+                opts.latency_rate
+            );
+            report.add(figures[0], proxy.kind, p50 - direct.0);
+            report.add(figures[1], proxy.kind, p99 - direct.1);
+        }
+        Err(e) => report.fact(proxy.kind, format!("{label}: latency failed: {e}")),
+    }
 }
 
 /// Memory per idle connection and per device holding a Ping, from the slopes over the

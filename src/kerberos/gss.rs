@@ -176,6 +176,11 @@ fn api() -> Result<&'static Api, &'static str> {
     .map_err(String::as_str)
 }
 
+/// The library for a call that reports failures as `GssFailure`.
+fn loaded() -> Result<&'static Api, GssFailure> {
+    api().map_err(|e| GssFailure::of(e.to_string()))
+}
+
 unsafe fn open() -> Result<Api, String> {
     let gssapi =
         unsafe { Library::new(GSSAPI_LIBRARY) }.map_err(|e| format!("{GSSAPI_LIBRARY} ({e})"))?;
@@ -280,7 +285,7 @@ pub fn acquire_gateway(
     principal: &str,
     ccache: &str,
 ) -> Result<GatewayCredential, GssFailure> {
-    let api = api().map_err(|e| GssFailure::of(e.to_string()))?;
+    let api = loaded()?;
     let keytab = c_string(&format!("FILE:{}", keytab.display()))?;
     let ccache = c_string(ccache)?;
     let elements = [
@@ -327,7 +332,7 @@ pub fn acquire_gateway(
 /// code already seen from the Kerberos mechanism gets a new number), and decisions are
 /// made by the Kerberos error code.
 pub fn impersonate(gateway: &GatewayCredential, user: &str) -> Result<UserCredential, GssFailure> {
-    let api = api().map_err(|e| GssFailure::of(e.to_string()))?;
+    let api = loaded()?;
     let name = OwnedName::import(api, user)?;
     let attempt = |mechanisms: &[&'static [u8]]| -> Result<UserCredential, GssFailure> {
         let mechs = OwnedOidSet::of(api, mechanisms)?;
@@ -396,7 +401,7 @@ pub fn probe(keytab: &Path, principal: &str, target: &str) -> Result<(), GssFail
 
 /// What is left of the credential's ticket lifetime.
 pub fn lifetime(credential: &UserCredential) -> Result<Duration, GssFailure> {
-    let api = api().map_err(|e| GssFailure::of(e.to_string()))?;
+    let api = loaded()?;
     let mut minor = 0;
     let mut lifetime: OmUint32 = 0;
     // SAFETY: the credential is live; only the lifetime is asked for.
@@ -420,7 +425,7 @@ fn first_token(
     target: &str,
     mech: &'static [u8],
 ) -> Result<Vec<u8>, GssFailure> {
-    let api = api().map_err(|e| GssFailure::of(e.to_string()))?;
+    let api = loaded()?;
     let target = OwnedName::import(api, target)?;
     let mut oid = oid_desc(mech);
     let mut context = OwnedContext(ptr::null_mut());
