@@ -148,13 +148,9 @@ async fn run(path: PathBuf) -> i32 {
     };
     // The audit log's stdout lines follow `SEG_LOG`, as they did when they were log events.
     let stdout = tracing::enabled!(target: "seg::audit", tracing::Level::INFO);
-    let settings = Settings::from_config(&config.audit, stdout);
-    // With nowhere to write, no record is formed at all.
-    if !settings.sinks.is_empty() {
-        if let Err(e) = seg::audit::install(settings) {
-            eprintln!("seg: {e}");
-            return EXIT_CONFIG;
-        }
+    if let Err(e) = seg::audit::install(Settings::from_config(&config.audit, stdout)) {
+        eprintln!("seg: {e}");
+        return EXIT_CONFIG;
     }
     let app = match build(config) {
         Ok(app) => app,

@@ -14,6 +14,9 @@ pub struct Metrics {
     process_registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// `request_duration` by kind, looked up once: every request observes one of them.
+    pub request_duration_short: prometheus::Histogram,
+    pub request_duration_long_poll: prometheus::Histogram,
     pub handshakes: IntCounterVec,
     pub identity_cache: IntCounterVec,
     pub identity_decisions: IntCounterVec,
@@ -343,6 +346,8 @@ impl Metrics {
             registry,
             process_registry: Registry::new(),
             requests,
+            request_duration_short: request_duration.with_label_values(&["short"]),
+            request_duration_long_poll: request_duration.with_label_values(&["long_poll"]),
             request_duration,
             handshakes,
             identity_cache,

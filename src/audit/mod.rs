@@ -103,13 +103,17 @@ struct Queue {
 static LOG: OnceLock<AuditLog> = OnceLock::new();
 
 /// Builds the log and starts its writer; the first call wins (later ones return the log
-/// already installed). Fails when a file cannot be opened.
-pub fn install(settings: Settings) -> io::Result<&'static AuditLog> {
+/// already installed). With no sink nothing is installed, so no record is formed at all.
+/// Fails when a file cannot be opened.
+pub fn install(settings: Settings) -> io::Result<Option<&'static AuditLog>> {
     if let Some(log) = LOG.get() {
-        return Ok(log);
+        return Ok(Some(log));
+    }
+    if settings.sinks.is_empty() {
+        return Ok(None);
     }
     let log = AuditLog::start(settings)?;
-    Ok(LOG.get_or_init(|| log))
+    Ok(Some(LOG.get_or_init(|| log)))
 }
 
 /// The installed log, if any.

@@ -119,15 +119,12 @@ impl AuditRecord {
             .requests
             .with_label_values(&[command, status_class])
             .inc();
-        let kind = if self.eas.is_long_poll() {
-            "long_poll"
+        let by_kind = if self.eas.is_long_poll() {
+            &self.metrics.request_duration_long_poll
         } else {
-            "short"
+            &self.metrics.request_duration_short
         };
-        self.metrics
-            .request_duration
-            .with_label_values(&[kind])
-            .observe(duration.as_secs_f64());
+        by_kind.observe(duration.as_secs_f64());
         let (cert_serial, cert_issuer, account, mapping, strength) = match &self.subject {
             AuditSubject::Unknown => ("", "", "", "", ""),
             AuditSubject::Admitted(i) => (
