@@ -47,22 +47,6 @@ async fn post_new(client: &Client, device: &Device, user: &str) -> HttpResponse 
     post(&mut conn, user).await
 }
 
-fn kerberos_config(keytab: &std::path::Path) -> String {
-    format!(
-        r#"
-[identity]
-mode = "kerberos"
-
-[identity.kerberos]
-keytab = "{keytab}"
-principal = "svc-seg"
-realm = "CORP.TEST"
-target_spn = "HTTP/eas.corp.test"
-"#,
-        keytab = keytab.display()
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegation_against_samba_and_apache() {
     let _ = tracing_subscriber::fmt()
@@ -113,12 +97,7 @@ async fn delegation_against_samba_and_apache() {
         bind_dn: samba.admin_dn(),
         password: samba.admin_password().to_string(),
     };
-    let text = config_text(
-        &pki,
-        &directory,
-        apache.addr,
-        &kerberos_config(&keytabs.seg),
-    );
+    let text = config_text(&pki, &directory, apache.addr, &keytabs.identity_config());
     let config_path = pki.dir.write("seg.toml", &text);
     let seg = start_seg(&config_path).await;
     let client = Client::new(seg.listen_addr, &pki.ca_path);

@@ -29,7 +29,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # tests/activesync_sogo.rs, with its own PostgreSQL, Dovecot and memcached).
 # libgssapi-krb5-2: MIT's GSSAPI library, which seg opens at run time in Kerberos mode
 # (tests/kerberos.rs, the gss unit tests); nothing Kerberos is needed to build seg.
-# apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs.
+# apache2, libapache2-mod-auth-gssapi: the Negotiate acceptor of tests/kerberos.rs and SOGo's
+# Kerberos front in tests/activesync_kerberos.rs.
 # slowhttptest: the slowloris / slow body / slow read tool run against seg by
 # tests/slow_clients.rs.
 # logrotate: rotates seg's audit file in tests/audit_log.rs (create and copytruncate).

@@ -7,6 +7,10 @@
 //! port of the connection (`REMOTE_PORT=…`, to tell connections apart) and any
 //! `X-Remote-User` header that reached it. `/bad/Microsoft-Server-ActiveSync` is the same
 //! script behind a keytab that is not the target SPN's, so every token is refused with 401.
+//!
+//! [`Apache::start_sogo_front`] is the other shape: Apache as SOGo's Kerberos front,
+//! `mod_proxy_http` passing each authenticated request to SOGo with the user's name in
+//! `x-webobjects-remote-user`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
@@ -18,6 +22,7 @@ const MISSING: &str = "Apache with mod_auth_gssapi not found: install it with \
      `apt-get install apache2 libapache2-mod-auth-gssapi` \
      (the README's test command ./tests/run.sh does this)";
 const MODULES: &str = "/usr/lib/apache2/modules";
+const APACHE: &str = "/usr/sbin/apache2";
 
 /// A running Apache Negotiate acceptor.
 pub struct Apache {
@@ -30,26 +35,10 @@ impl Apache {
     /// Starts Apache in `dir` with `keytab` (the target SPN's) for `/` and `wrong_keytab`
     /// for `/bad`; `krb5_conf` is the realm's configuration.
     pub fn start(dir: &Path, keytab: &Path, wrong_keytab: &Path, krb5_conf: &Path) -> Apache {
-        let binary = Path::new("/usr/sbin/apache2");
-        for needed in [
-            binary.to_path_buf(),
-            Path::new(MODULES).join("mod_auth_gssapi.so"),
-            Path::new(MODULES).join("mod_cgi.so"),
-        ] {
-            if !needed.exists() {
-                panic!("{MISSING} [{} is missing]", needed.display());
-            }
-        }
+        require(&["mod_cgi.so"]);
         std::fs::create_dir_all(dir.join("cgi")).expect("apache dir");
-        // Apache's child runs as www-data: it must read the keytabs and the script.
-        let copy = |from: &Path, name: &str| {
-            let to = dir.join(name);
-            std::fs::copy(from, &to).expect("copy keytab");
-            set_mode(&to, 0o644);
-            to
-        };
-        let keytab = copy(keytab, "eas.keytab");
-        let wrong_keytab = copy(wrong_keytab, "wrong.keytab");
+        let keytab = copy_readable(keytab, &dir.join("eas.keytab"));
+        let wrong_keytab = copy_readable(wrong_keytab, &dir.join("wrong.keytab"));
         let script = dir.join("cgi/eas.cgi");
         std::fs::write(
             &script,
@@ -60,6 +49,66 @@ impl Apache {
         )
         .expect("write cgi");
         set_mode(&script, 0o755);
+        let d = dir.display();
+        let site = format!(
+            r#"LoadModule alias_module {MODULES}/mod_alias.so
+LoadModule cgi_module {MODULES}/mod_cgi.so
+ScriptAlias /bad/Microsoft-Server-ActiveSync "{d}/cgi/eas.cgi"
+ScriptAlias /Microsoft-Server-ActiveSync "{d}/cgi/eas.cgi"
+<Location /Microsoft-Server-ActiveSync>
+{auth}
+</Location>
+<Location /bad>
+{wrong}
+</Location>
+"#,
+            auth = negotiate(&keytab),
+            wrong = negotiate(&wrong_keytab),
+        );
+        Apache::launch(dir, &site, krb5_conf)
+    }
+
+    /// Starts Apache in `dir` as SOGo's front, as SOGo's documentation sets it up for
+    /// Kerberos: every request under `/SOGo/Microsoft-Server-ActiveSync` authenticates with
+    /// Negotiate against `keytab`, and is proxied to SOGo at `sogo` with
+    /// `x-webobjects-remote-user` set to the authenticated name without its realm
+    /// (`GssapiLocalName`); any copy of that header, or an `Authorization` header, sent by
+    /// the client is removed first.
+    pub fn start_sogo_front(
+        dir: &Path,
+        keytab: &Path,
+        krb5_conf: &Path,
+        sogo: SocketAddr,
+    ) -> Apache {
+        require(&["mod_proxy.so", "mod_proxy_http.so", "mod_headers.so"]);
+        let keytab = copy_readable(keytab, &dir.join("eas.keytab"));
+        let site = format!(
+            r#"LoadModule proxy_module {MODULES}/mod_proxy.so
+LoadModule proxy_http_module {MODULES}/mod_proxy_http.so
+LoadModule headers_module {MODULES}/mod_headers.so
+# A held Ping lasts up to SOGo's longest heartbeat.
+ProxyTimeout 120
+RequestHeader unset x-webobjects-remote-user early
+<Location /SOGo/Microsoft-Server-ActiveSync>
+{auth}
+    GssapiLocalName On
+    RequestHeader unset Authorization
+    RequestHeader set x-webobjects-remote-user "expr=%{{REMOTE_USER}}"
+    # sogod closes every connection after its response without saying so.
+    ProxyPass http://{sogo}/SOGo/Microsoft-Server-ActiveSync disablereuse=On
+</Location>
+"#,
+            auth = negotiate(&keytab),
+        );
+        Apache::launch(dir, &site, krb5_conf)
+    }
+
+    /// Writes `httpd.conf` (the common server settings, then `site`) and runs Apache in the
+    /// foreground until it listens.
+    fn launch(dir: &Path, site: &str, krb5_conf: &Path) -> Apache {
+        let binary = Path::new(APACHE);
+        std::fs::create_dir_all(dir).expect("apache dir");
+        // Apache's children run as www-data: they read the keytabs and scripts in `dir`.
         set_mode(dir, 0o755);
         // The replay cache is written by the www-data child.
         let rcache = dir.join("rcache");
@@ -75,6 +124,8 @@ Listen 127.0.0.1:{port}
 PidFile "{d}/httpd.pid"
 ErrorLog "{d}/error.log"
 LogLevel info auth_gssapi:debug
+LogFormat "%h \"%r\" %>s %u" seg
+CustomLog "{d}/access.log" seg
 DefaultRuntimeDir "{d}"
 Mutex file:{d} default
 User www-data
@@ -83,33 +134,13 @@ LoadModule mpm_prefork_module {MODULES}/mod_mpm_prefork.so
 LoadModule authz_core_module {MODULES}/mod_authz_core.so
 LoadModule authn_core_module {MODULES}/mod_authn_core.so
 LoadModule authz_user_module {MODULES}/mod_authz_user.so
-LoadModule alias_module {MODULES}/mod_alias.so
-LoadModule cgi_module {MODULES}/mod_cgi.so
 LoadModule auth_gssapi_module {MODULES}/mod_auth_gssapi.so
 DocumentRoot "{d}"
 KeepAlive On
 StartServers 4
 MinSpareServers 4
 MaxRequestWorkers 32
-ScriptAlias /bad/Microsoft-Server-ActiveSync "{d}/cgi/eas.cgi"
-ScriptAlias /Microsoft-Server-ActiveSync "{d}/cgi/eas.cgi"
-<Location /Microsoft-Server-ActiveSync>
-    AuthType GSSAPI
-    AuthName "EAS"
-    GssapiCredStore keytab:{keytab}
-    GssapiAllowedMech krb5
-    Require valid-user
-</Location>
-<Location /bad>
-    AuthType GSSAPI
-    AuthName "EAS"
-    GssapiCredStore keytab:{wrong}
-    GssapiAllowedMech krb5
-    Require valid-user
-</Location>
-"#,
-            keytab = keytab.display(),
-            wrong = wrong_keytab.display(),
+{site}"#
         );
         let conf_path = dir.join("httpd.conf");
         std::fs::write(&conf_path, conf).expect("write httpd.conf");
@@ -149,6 +180,44 @@ ScriptAlias /Microsoft-Server-ActiveSync "{d}/cgi/eas.cgi"
         let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!("{}{}", read("stdout.log"), read("error.log"))
     }
+
+    /// The access log: one line per request, `CLIENT "REQUEST LINE" STATUS USER`.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+/// Panics naming the packages when Apache, `mod_auth_gssapi` or one of `modules` is missing.
+fn require(modules: &[&str]) {
+    let mut needed = vec![
+        Path::new(APACHE).to_path_buf(),
+        Path::new(MODULES).join("mod_auth_gssapi.so"),
+    ];
+    needed.extend(modules.iter().map(|m| Path::new(MODULES).join(m)));
+    for path in needed {
+        if !path.exists() {
+            panic!("{MISSING} [{} is missing]", path.display());
+        }
+    }
+}
+
+/// The directives that demand Kerberos (SPNEGO) against `keytab`.
+fn negotiate(keytab: &Path) -> String {
+    format!(
+        "    AuthType GSSAPI\n    AuthName \"EAS\"\n    GssapiCredStore keytab:{}\n    \
+         GssapiAllowedMech krb5\n    Require valid-user",
+        keytab.display()
+    )
+}
+
+/// Copies `from` to `to`, readable by Apache's www-data children.
+fn copy_readable(from: &Path, to: &Path) -> PathBuf {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).expect("apache dir");
+    }
+    std::fs::copy(from, to).expect("copy keytab");
+    set_mode(to, 0o644);
+    to.to_path_buf()
 }
 
 impl Drop for Apache {

@@ -2,6 +2,7 @@
 pub mod apache;
 pub mod audit;
 pub mod chaos;
+pub mod eas_driver;
 pub mod lab;
 pub mod ldif;
 pub mod mapping_table;

@@ -174,6 +174,25 @@ pub struct DelegationKeytabs {
     pub eas: PathBuf,
 }
 
+impl DelegationKeytabs {
+    /// seg's `[identity]` for these keytabs: Kerberos as `svc-seg`, to `HTTP/eas.corp.test`.
+    pub fn identity_config(&self) -> String {
+        format!(
+            r#"
+[identity]
+mode = "kerberos"
+
+[identity.kerberos]
+keytab = "{keytab}"
+principal = "svc-seg"
+realm = "{REALM}"
+target_spn = "HTTP/eas.corp.test"
+"#,
+            keytab = self.seg.display()
+        )
+    }
+}
+
 /// A running Samba AD DC for `CORP.TEST` with its own temporary directory.
 pub struct Samba {
     child: Option<Child>,

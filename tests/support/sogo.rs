@@ -17,7 +17,12 @@
 //! * `sogod` as the `sogo` user (it refuses root), with `GNUSTEP_CONFIG_FILE` pointing at a
 //!   private GNUstep.conf so its defaults (`sogod.plist`) live in the temp dir.
 //!
-//! API: [`Sogo::start`] (users alice and bob), [`Sogo::start_with_users`], [`Sogo::url`]
+//! SOGo's users come from that SQL table, or from an LDAP directory ([`UserSource::Ldap`]: a
+//! Samba AD over LDAPS, users by `sAMAccountName`, mail from `mail`); Dovecot's users are the
+//! same names either way.
+//!
+//! API: [`Sogo::start`] (users alice and bob), [`Sogo::start_with_users`],
+//! [`Sogo::start_with_source`], [`Sogo::url`]
 //! (`http://127.0.0.1:PORT`; the EAS endpoint is [`EAS_PATH`] under it), [`Sogo::addr`],
 //! [`Sogo::deliver`], [`Sogo::log`], [`Sogo::requests`], [`Sogo::smtp_log`],
 //! [`Sogo::dovecot_log`], [`Sogo::startup`], [`Sogo::dir`]. Dropping a `Sogo` stops every
@@ -72,6 +77,48 @@ const WORKERS: usize = 8;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// The `SOGoUserSources` entry for `source` (a property list dictionary).
+fn user_source(source: &UserSource, db: &str) -> String {
+    match source {
+        UserSource::Sql => format!(
+            r#"    {{
+      type = sql;
+      id = users;
+      viewURL = "{db}/sogo_users";
+      canAuthenticate = YES;
+      isAddressBook = NO;
+      userPasswordAlgorithm = plain;
+    }}"#
+        ),
+        UserSource::Ldap(ldap) => format!(
+            r#"    {{
+      type = ldap;
+      id = directory;
+      hostname = "{host}";
+      port = {port};
+      encryption = SSL;
+      baseDN = "{base}";
+      scope = SUB;
+      bindDN = "{bind}";
+      bindPassword = "{password}";
+      canAuthenticate = YES;
+      isAddressBook = NO;
+      CNFieldName = cn;
+      IDFieldName = cn;
+      UIDFieldName = sAMAccountName;
+      bindFields = (sAMAccountName);
+      MailFieldNames = (mail);
+      filter = "objectClass='user'";
+    }}"#,
+            host = ldap.host,
+            port = ldap.port,
+            base = ldap.base_dn,
+            bind = ldap.bind_dn,
+            password = ldap.bind_password,
+        ),
+    }
+}
+
 /// A system account the servers run as.
 #[derive(Clone, Copy, Debug)]
 struct Account {
@@ -88,10 +135,34 @@ struct Tools {
     sogod: PathBuf,
 }
 
+/// Where SOGo looks its users up.
+#[derive(Clone, Debug)]
+pub enum UserSource {
+    /// The `sogo_users` table in SOGo's own PostgreSQL, one row per user.
+    Sql,
+    /// An Active Directory over LDAPS: users under `base_dn` by `sAMAccountName`.
+    Ldap(LdapSource),
+}
+
+/// An Active Directory SOGo reads its users from.
+#[derive(Clone, Debug)]
+pub struct LdapSource {
+    /// Host name or address in the server's certificate.
+    pub host: String,
+    pub port: u16,
+    /// Where the users are (searched with subtree scope).
+    pub base_dn: String,
+    pub bind_dn: String,
+    pub bind_password: String,
+    /// The CA that issued the server's certificate (`LDAPTLS_CACERT` for sogod).
+    pub ca_file: PathBuf,
+}
+
 /// A running SOGo with everything it needs.
 pub struct Sogo {
     dir: PathBuf,
     users: Vec<String>,
+    source: UserSource,
     http_port: u16,
     imap_port: u16,
     pg_port: u16,
@@ -116,6 +187,11 @@ impl Sogo {
     /// Panics with install instructions when a server is missing, and with the log tail of the
     /// server that did not come up within 30 s.
     pub fn start_with_users(users: &[&str]) -> Sogo {
+        Sogo::start_with_source(users, UserSource::Sql)
+    }
+
+    /// SOGo with the given Dovecot users, known to SOGo through `source`.
+    pub fn start_with_source(users: &[&str], source: UserSource) -> Sogo {
         let started = Instant::now();
         if !is_root() {
             panic!(
@@ -147,6 +223,7 @@ impl Sogo {
             lda: tools.lda.clone(),
             dir,
             users: users.iter().map(|u| u.to_string()).collect(),
+            source,
             http_port: 0,
             imap_port: 0,
             pg_port: 0,
@@ -366,7 +443,12 @@ impl Sogo {
              CREATE TABLE sogo_users (c_uid varchar(64) PRIMARY KEY, c_name varchar(64) NOT NULL, \
              c_password varchar(128) NOT NULL, c_cn varchar(128), mail varchar(128));\n",
         );
-        for user in &self.users {
+        let sql_users = if matches!(self.source, UserSource::Sql) {
+            &self.users[..]
+        } else {
+            &[]
+        };
+        for user in sql_users {
             sql.push_str(&format!(
                 "INSERT INTO sogo_users VALUES ('{user}', '{user}', 'unused', '{user} (test)', \
                  '{user}@{MAIL_DOMAIN}');\n"
@@ -581,14 +663,7 @@ protocol lda {{
   OCSSessionsFolderURL = "{db}/sogo_sessions_folder";
   OCSEMailAlarmsFolderURL = "{db}/sogo_alarms_folder";
   SOGoUserSources = (
-    {{
-      type = sql;
-      id = users;
-      viewURL = "{db}/sogo_users";
-      canAuthenticate = YES;
-      isAddressBook = NO;
-      userPasswordAlgorithm = plain;
-    }}
+{source}
   );
   SOGoTrustProxyAuthentication = YES;
   SOGoIMAPServer = "imap://127.0.0.1:{imap}";
@@ -616,6 +691,7 @@ protocol lda {{
   WOPidFile = "{home}/sogo.pid";
 }}
 "#,
+            source = user_source(&self.source, &db),
             imap = self.imap_port,
             smtp = smtp_port,
             memcached = memcached_port,
@@ -630,7 +706,8 @@ protocol lda {{
         let out_path = home.join("sogod.out");
         let out = fs::File::create(&out_path).expect("sogod.out");
         chown(&out_path, sogo);
-        let child = Command::new(&tools.sogod)
+        let mut command = Command::new(&tools.sogod);
+        command
             .args([
                 "-WONoDetach",
                 "YES",
@@ -641,7 +718,18 @@ protocol lda {{
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("HOME", &home)
             .env("LANG", "C.UTF-8")
-            .env("GNUSTEP_CONFIG_FILE", &gnustep_conf)
+            .env("GNUSTEP_CONFIG_FILE", &gnustep_conf);
+        if let UserSource::Ldap(ldap) = &self.source {
+            // libldap reads the directory's CA from its environment; sogod runs as `sogo`,
+            // so the CA goes where that user can read it.
+            let ca = home.join("ldap-ca.pem");
+            fs::copy(&ldap.ca_file, &ca).expect("copy the directory's CA");
+            chown(&ca, sogo);
+            command
+                .env("LDAPTLS_CACERT", &ca)
+                .env("LDAPTLS_REQCERT", "demand");
+        }
+        let child = command
             .current_dir(&home)
             .uid(sogo.uid)
             .gid(sogo.gid)
