@@ -124,6 +124,7 @@ impl Fixture {
             &config.identity,
             &config.cache,
             Arc::new(Metrics::new()),
+            None,
         ));
         let ntauth = seg::tls::ntauth::NtAuthStore::build(&config.ntauth, &config.tls.client_ca)
             .expect("the NTAuth store")

@@ -29,6 +29,8 @@ pub enum BuildError {
     Upstream(#[from] UpstreamSetupError),
     #[error("identity.mode = \"kerberos\": {0}")]
     Kerberos(String),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 /// Why a reload was refused; the old configuration keeps serving.
@@ -108,6 +110,23 @@ fn build_gateway(
     if !config.activesync.bind_user {
         tracing::warn!(target: "seg::config", "activesync.danger_allow_any_user is set: devices may name any mailbox in User=");
     }
+    // The fleet store's client lives as long as the process ([fleet] changes only on
+    // restart); a reload reads its key file again (a rotation).
+    let fleet = match (&config.fleet, previous.and_then(|p| p.fleet.clone())) {
+        (Some(_), Some(fleet)) => {
+            fleet.reload_keys()?;
+            Some(fleet)
+        }
+        (Some(fleet_config), None) => {
+            let fleet_metrics = crate::metrics::FleetMetrics::new();
+            metrics.register_fleet(&fleet_metrics);
+            Some(Arc::new(crate::fleet::Fleet::connect(
+                fleet_config,
+                fleet_metrics,
+            )?))
+        }
+        (None, _) => None,
+    };
     // The identity cache survives a reload that leaves identities as they were; new
     // directory files (a rotated bind password, a new DC CA) get a new directory under it.
     let directory_files = directory_files_digest(&config.directory);
@@ -135,6 +154,7 @@ fn build_gateway(
                 &config.identity,
                 &config.cache,
                 Arc::clone(metrics),
+                fleet.clone(),
             ));
             (directory, resolver, false)
         }
@@ -203,6 +223,7 @@ fn build_gateway(
             None => HeaderPolicy::new(&config.identity, &config.upstream, metrics),
         },
         delegation,
+        fleet,
         long_polls,
         tls,
         revocation: current_revocation,
@@ -414,6 +435,8 @@ impl Running {
             Err(ReloadError::NeedsRestart("admin.address"))
         } else if config.audit != current.config.audit {
             Err(ReloadError::NeedsRestart("[audit]"))
+        } else if config.fleet != current.config.fleet {
+            Err(ReloadError::NeedsRestart("[fleet]"))
         } else {
             build_gateway(config, &self.metrics, Some(&current), &current.clock)
                 .map_err(ReloadError::from)
@@ -595,6 +618,10 @@ async fn probe_dependencies(
             },
             None => true,
         };
+        // The fleet store is probed for its gauge only: readiness never depends on it.
+        if let Some(fleet) = &gateway.fleet {
+            fleet.probe().await;
+        }
         health.kdc_up.store(kdc_up, Ordering::Release);
         if gateway.delegation.is_some() {
             gateway

@@ -31,6 +31,39 @@ pub struct Config {
     pub revocation: RevocationConfig,
     pub ntauth: NtAuthConfig,
     pub audit: AuditConfig,
+    /// `[fleet]`: state shared by the replicas in Redis or Valkey; absent, each is on its own.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The store the replicas of a fleet share (`[fleet]`): identity decisions, device blocks,
+/// long-poll counts. Read at start only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// `redis://host:port[/db]`, or `rediss://…` for TLS; no password in it.
+    pub url: String,
+    /// ACL user (`AUTH username password`); without it, the default user.
+    pub username: Option<String>,
+    /// The password, first line of this file.
+    pub password_file: Option<PathBuf>,
+    /// CA bundle for `rediss://`; without it, the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for a store that asks for one.
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Secrets sealing the shared entries, one per line: the first seals, all open.
+    pub key_file: PathBuf,
+    /// Prefix of every key seg writes, so several fleets can share one store.
+    pub key_prefix: String,
+    /// This replica's name in the store (long-poll counts); the host name by default.
+    pub replica: String,
+    /// The most one store operation may take before it counts as a miss.
+    pub timeout: Duration,
+    /// How long a replica waits for another's directory search of the same certificate.
+    pub lock_wait: Duration,
+    /// How often the block list is read from the store.
+    pub block_poll_interval: Duration,
+    /// The last block list read, kept on local disk: enforced at start while the store is down.
+    pub block_file: Option<PathBuf>,
 }
 
 /// Where the audit log's lines go and how its queue behaves (`[audit]`); read at start only.
@@ -925,6 +958,13 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let audit = read_audit(&mut s, p);
     s.finish(p);
 
+    let fleet = root.has("fleet").then(|| {
+        let mut s = root.section("fleet", p);
+        let fleet = read_fleet(&mut s, p);
+        s.finish(p);
+        fleet
+    });
+
     let mut s = root.section("admin", p);
     let admin = AdminConfig {
         address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
@@ -962,7 +1002,94 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         revocation,
         ntauth,
         audit,
+        fleet,
     })
+}
+
+fn read_fleet(s: &mut Section, p: &mut Problems) -> FleetConfig {
+    let url = s.required_string("url", p).unwrap_or_default();
+    let tls = url.starts_with("rediss://");
+    if !(url.is_empty() || tls || url.starts_with("redis://")) {
+        p.push(
+            &s.key("url"),
+            &format!("\"{url}\" is not a redis:// or rediss:// URL"),
+        );
+    } else if url
+        .split('/')
+        .nth(2)
+        .is_some_and(|authority| authority.contains('@'))
+    {
+        p.push(
+            &s.key("url"),
+            "holds credentials: put the password in password_file (and the ACL user in username)",
+        );
+    }
+    let key_file = s.file("key_file", p);
+    if key_file.exists() {
+        if let Err(e) = crate::secrets::read_secret_lines(&key_file) {
+            p.push(&s.key("key_file"), &e);
+        }
+    }
+    let ca_file = s.optional_file("ca_file", p);
+    let client_certificate = s.optional_file("client_certificate", p);
+    let client_key = s.optional_file("client_key", p);
+    if !tls && (ca_file.is_some() || client_certificate.is_some()) {
+        p.push(
+            &s.key("url"),
+            "ca_file and client_certificate need a rediss:// (TLS) URL",
+        );
+    }
+    if client_certificate.is_some() != client_key.is_some() {
+        p.push(
+            &s.key("client_key"),
+            "client_certificate and client_key go together",
+        );
+    }
+    let timeout = s.duration("timeout", "10ms", p);
+    if timeout.is_zero() || timeout > Duration::from_secs(1) {
+        p.push(
+            &s.key("timeout"),
+            "must be between 1ms and 1s: every local miss waits for it when the store is slow",
+        );
+    }
+    let key_prefix = s.string("key_prefix", "seg:", p);
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        p.push(
+            &s.key("key_prefix"),
+            "must be non-empty, without spaces or controls",
+        );
+    }
+    let replica = s
+        .optional_string("replica", p)
+        .unwrap_or_else(default_replica_name);
+    FleetConfig {
+        url,
+        username: s.optional_string("username", p),
+        password_file: s.optional_file("password_file", p),
+        ca_file,
+        client_certificate,
+        client_key,
+        key_file,
+        key_prefix,
+        replica,
+        timeout,
+        lock_wait: s.duration("lock_wait", "2s", p),
+        block_poll_interval: s.duration("block_poll_interval", "1s", p),
+        block_file: s.writable_file("block_file", p),
+    }
+}
+
+/// The host name (a pod's name on Kubernetes), else `seg-<pid>`.
+fn default_replica_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("seg-{}", std::process::id()))
 }
 
 fn read_audit(s: &mut Section, p: &mut Problems) -> AuditConfig {
@@ -1793,5 +1920,61 @@ mod tests {
         for fine in ["upstream.forward_headers[0]", "upstream.forward_cookies[0]"] {
             assert!(!keys.contains(&fine), "{fine} refused: {keys:?}");
         }
+    }
+
+    #[test]
+    fn the_fleet_section_is_checked() {
+        let dir = std::env::temp_dir().join(format!("seg-fleet-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("short.keys"), "too short\n").unwrap();
+        let text = r#"
+            [fleet]
+            url = "redis://:hunter2@store.corp.example:6379"
+            key_file = "short.keys"
+            ca_file = "absent.pem"
+            timeout = "5s"
+            key_prefix = "a b"
+        "#;
+        let err = Config::parse(text, &dir, "test.toml").unwrap_err();
+        assert!(
+            problem_of(&err, "fleet.url").contains("password_file"),
+            "{err}"
+        );
+        assert!(problem_of(&err, "fleet.url").contains("rediss://"), "{err}");
+        assert!(
+            problem_of(&err, "fleet.key_file").contains("shorter than 32 bytes"),
+            "{err}"
+        );
+        assert!(
+            problem_of(&err, "fleet.ca_file").contains("cannot read"),
+            "{err}"
+        );
+        assert!(
+            problem_of(&err, "fleet.timeout").contains("between 1ms and 1s"),
+            "{err}"
+        );
+        assert!(
+            problem_of(&err, "fleet.key_prefix").contains("without spaces"),
+            "{err}"
+        );
+        let err = Config::parse("[fleet]\nurl = \"memcached://x\"\n", &dir, "t.toml").unwrap_err();
+        assert!(
+            problem_of(&err, "fleet.url").contains("not a redis://"),
+            "{err}"
+        );
+        assert!(
+            problem_of(&err, "fleet.key_file").contains("required"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn problem_of(err: &ConfigError, key: &str) -> String {
+        err.problems
+            .iter()
+            .filter(|p| p.key == key)
+            .map(|p| p.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }

@@ -15,14 +15,18 @@
 //!    - [`certs`]: PEM certificate bundles read whole; the error naming the key they come from.
 //!    - [`syntax`]: values named by the configuration and certificates: `ldap:///` URLs as AD
 //!      CS writes them, IP networks.
+//!    - [`secrets`]: files of secrets shared by replicas (the first line seals, all open).
 //! 2. [`config`]: the TOML file → typed `Config`; every problem reported with its key path;
 //!    the mapping rules' vocabulary.
 //! 3. Sources:
 //!    - [`metrics`]: every Prometheus metric, on one registry.
 //!    - [`directory`]: accounts by `Lookup` — AD over LDAP (pool, failover, RFC 4515
 //!      escaping) or an in-process LDIF directory for the demo.
-//! 4. [`audit`]: the audit log, one JSON line per request, formed by hand and written in
-//!    batches by its own thread to stdout and a file; bounded, flushed on shutdown.
+//! 4. Outputs and shared state:
+//!    - [`audit`]: the audit log, one JSON line per request, formed by hand and written in
+//!      batches by its own thread to stdout and a file; bounded, flushed on shutdown.
+//!    - [`fleet`]: the store the replicas share (Redis or Valkey, `[fleet]`): sealed entries
+//!      under a time budget, locks, block lists; a miss whenever it is late or wrong.
 //! 5. Decisions about a certificate and a request:
 //!    - [`identity`]: `CertFacts` read once from a certificate, the mapping rules and their
 //!      strength, account checks, the `Identity` a request is forwarded as; the resolver
@@ -60,6 +64,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod directory;
+pub mod fleet;
 pub mod http1;
 pub mod identity;
 pub mod kerberos;
@@ -69,6 +74,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod revocation;
+pub mod secrets;
 pub mod syntax;
 pub mod tls;
 pub mod transport;

@@ -559,3 +559,47 @@ impl KerberosMetrics {
         }
     }
 }
+
+/// The fleet store's metrics (`[fleet]`), registered only when a configuration has one, so a
+/// replica on its own exposes none (and no alert about a store it does not use can fire).
+#[derive(Clone)]
+pub struct FleetMetrics {
+    /// Store operations by operation and result.
+    pub operations: IntCounterVec,
+    /// 1 while the last store operation was answered in time, 0 after one that was not.
+    pub store_up: IntGauge,
+}
+
+impl FleetMetrics {
+    pub fn new() -> FleetMetrics {
+        FleetMetrics {
+            operations: IntCounterVec::new(
+                Opts::new(
+                    "fleet_store_operations_total",
+                    "Operations on the fleet store, by operation (get, set, lock, blocks, caps) and result: ok, absent (no such entry), held (another replica holds the lock), timeout (past fleet.timeout: treated as a miss), error (unreachable or refused: treated as a miss), rejected (an entry that failed authentication: a wrong key or a tampered store), expired (an authentic entry past its validity).",
+                ),
+                &["operation", "result"],
+            )
+            .expect("valid metric"),
+            store_up: IntGauge::with_opts(Opts::new(
+                "fleet_store_up",
+                "1 while the fleet store answers within fleet.timeout, 0 while it does not (replicas fall back to their own cache and the directory).",
+            ))
+            .expect("valid metric"),
+        }
+    }
+}
+
+impl Default for FleetMetrics {
+    fn default() -> Self {
+        FleetMetrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers the fleet store's metrics (once; a second registration is ignored).
+    pub fn register_fleet(&self, fleet: &FleetMetrics) {
+        let _ = self.registry.register(Box::new(fleet.operations.clone()));
+        let _ = self.registry.register(Box::new(fleet.store_up.clone()));
+    }
+}

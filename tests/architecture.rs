@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 /// `src/lib.rs` is in exactly one layer.
 const LAYERS: &[&[&str]] = &[
     // Foundations: no seg imports below them.
-    &["clock", "limiter", "certs", "syntax"],
+    &["clock", "limiter", "certs", "syntax", "secrets"],
     &["config"],
     &["metrics", "directory", "http1"],
-    &["audit"],
+    &["audit", "fleet"],
     &["identity", "activesync", "revocation"],
     &["tls"],
     &["transport", "upstream", "kerberos", "policy", "admin"],

@@ -117,6 +117,30 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// The reasons a directory lookup can give (what a shared decision may carry).
+    const FROM_DIRECTORY: [DenyReason; 13] = [
+        DenyReason::NoMapping,
+        DenyReason::AmbiguousMapping,
+        DenyReason::NoStrongMapping,
+        DenyReason::CertificatePredatesAccount,
+        DenyReason::SidMismatch,
+        DenyReason::AccountDisabled,
+        DenyReason::AccountExpired,
+        DenyReason::AccountLocked,
+        DenyReason::GroupRequired,
+        DenyReason::GroupDenied,
+        DenyReason::IdentityMissing,
+        DenyReason::IdentityUnrepresentable,
+        DenyReason::CertificateUnreadable,
+    ];
+
+    /// The directory lookup's reason of that code.
+    pub fn from_directory_code(code: &str) -> Option<DenyReason> {
+        DenyReason::FROM_DIRECTORY
+            .into_iter()
+            .find(|r| r.code() == code)
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             DenyReason::NoMapping => "no-mapping",

@@ -15,7 +15,8 @@ use prometheus::IntCounter;
 
 use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
-use crate::identity::snapshot::{Snapshot, SnapshotEntry};
+use crate::fleet::{Fetched, Fleet, Lock};
+use crate::identity::snapshot::{SharedEntry, Snapshot, SnapshotEntry};
 use crate::identity::{
     check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
     Identity, MappingPlan, MappingRule, MappingStrength, RuleAttempt,
@@ -94,6 +95,11 @@ pub struct Resolver {
     metrics: Arc<Metrics>,
     /// `seg_identity_cache_total` by result, looked up once: a hit is counted on every request.
     counted: CacheCounters,
+    /// The fleet store: a second cache level shared by the replicas (`[fleet]`).
+    fleet: Option<Arc<Fleet>>,
+    /// Digest of the settings a decision depends on: names the snapshot and the shared
+    /// entries, so none made under other settings is ever read.
+    settings: String,
 }
 
 struct CacheCounters {
@@ -101,7 +107,11 @@ struct CacheCounters {
     stale: IntCounter,
     miss: IntCounter,
     coalesced: IntCounter,
+    shared: IntCounter,
 }
+
+/// How often a replica waiting for another's directory search looks for its answer.
+const SHARED_POLL: Duration = Duration::from_millis(20);
 
 /// The decision one connection reuses between its requests while it is fresh, so the cache
 /// is asked once per connection and soft TTL instead of once per request. A cache read is
@@ -138,8 +148,12 @@ struct CachedDecision {
     /// What a background refresh maps again; absent for an unreadable certificate.
     facts: Option<Arc<CertFacts>>,
     refreshing: Arc<AtomicBool>,
-    /// Kept only when the cache is written to a snapshot at shutdown.
-    saved: Option<Arc<Saved>>,
+    /// When the directory gave this answer (here or on another replica), Unix seconds.
+    resolved_unix: i64,
+    /// The certificate, kept only when the cache is written to a snapshot.
+    leaf: Option<Arc<[u8]>>,
+    /// Read from the fleet store rather than from the directory.
+    shared: bool,
 }
 
 impl CachedDecision {
@@ -153,13 +167,6 @@ impl CachedDecision {
     }
 }
 
-/// What a snapshot needs beyond the decision: the certificate and the wall-clock time of the
-/// directory's answer.
-struct Saved {
-    leaf: Arc<[u8]>,
-    resolved_unix: i64,
-}
-
 /// How long a failed background refresh waits before the next one may start.
 const REFRESH_RETRY_DELAY: Duration = Duration::from_secs(10);
 
@@ -171,12 +178,20 @@ impl Resolver {
         identity: &IdentityConfig,
         cache: &CacheConfig,
         metrics: Arc<Metrics>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Resolver {
         let cache_store = moka::future::Cache::builder()
             .max_capacity(cache.max_entries)
             .expire_after(DecisionExpiry)
             .build();
+        let settings = {
+            let text = format!("{mapping:?}{account_policy:?}{identity:?}");
+            let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            CertFingerprint::of(digest.as_ref()).hex()
+        };
         Resolver {
+            fleet,
+            settings,
             cache: cache_store,
             directory: std::sync::RwLock::new(directory),
             mapping: mapping.clone(),
@@ -193,6 +208,7 @@ impl Resolver {
                 stale: metrics.identity_cache.with_label_values(&["stale"]),
                 miss: metrics.identity_cache.with_label_values(&["miss"]),
                 coalesced: metrics.identity_cache.with_label_values(&["coalesced"]),
+                shared: metrics.identity_cache.with_label_values(&["shared"]),
             },
             metrics,
         }
@@ -249,16 +265,17 @@ impl Resolver {
         let entry = Box::pin(
             self.cache
                 .entry(fingerprint)
-                .or_try_insert_with(self.lookup_bounded(leaf_der)),
+                .or_try_insert_with(self.lookup_bounded(fingerprint, leaf_der)),
         )
         .await
         .map_err(|e| (*e).clone())?;
-        if entry.is_fresh() {
-            self.counted.miss.inc();
-        } else {
-            self.counted.coalesced.inc();
-        }
+        let fresh = entry.is_fresh();
         let cached = entry.into_value();
+        match (fresh, cached.shared) {
+            (true, false) => self.counted.miss.inc(),
+            (true, true) => self.counted.shared.inc(),
+            (false, _) => self.counted.coalesced.inc(),
+        }
         let fresh_until = cached.fresh_until(self.soft_ttl);
         Ok((cached.decision, Some(fresh_until)))
     }
@@ -295,12 +312,7 @@ impl Resolver {
     /// Digest of the settings a cached decision depends on: a snapshot written under other
     /// settings is not restored.
     fn settings_digest(&self) -> String {
-        let text = format!(
-            "{:?}{:?}{:?}",
-            self.mapping, self.account_policy, self.identity
-        );
-        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-        CertFingerprint::of(digest.as_ref()).hex()
+        self.settings.clone()
     }
 
     /// The admitted devices in the cache, for `cache.snapshot_file`.
@@ -308,10 +320,10 @@ impl Resolver {
         let entries = self
             .cache
             .iter()
-            .filter_map(|(_, cached)| match (&cached.decision, &cached.saved) {
-                (Decision::Admit(identity), Some(saved)) => Some(SnapshotEntry::new(
-                    &saved.leaf,
-                    saved.resolved_unix,
+            .filter_map(|(_, cached)| match (&cached.decision, &cached.leaf) {
+                (Decision::Admit(identity), Some(leaf)) => Some(SnapshotEntry::new(
+                    leaf,
+                    cached.resolved_unix,
                     &identity.account,
                 )),
                 _ => None,
@@ -350,12 +362,7 @@ impl Resolver {
                 .checked_sub(self.soft_ttl - due_in)
                 .unwrap_or_else(Instant::now);
             cached.lifetime = lifetime;
-            cached.saved = cached.saved.map(|saved| {
-                Arc::new(Saved {
-                    leaf: Arc::clone(&saved.leaf),
-                    resolved_unix,
-                })
-            });
+            cached.resolved_unix = resolved_unix;
             self.cache.insert(fingerprint, cached).await;
             restored += 1;
         }
@@ -369,7 +376,20 @@ impl Resolver {
         leaf: Vec<u8>,
         account: AccountEntry,
     ) -> Option<(CertFingerprint, CachedDecision)> {
-        let facts = CertFacts::from_der(&leaf).ok()?;
+        let facts = Arc::new(CertFacts::from_der(&leaf).ok()?);
+        let fingerprint = CertFingerprint::of(&leaf);
+        let cached = self.judge_known(facts, account, Some(leaf.into()))?;
+        Some((fingerprint, cached))
+    }
+
+    /// An account the directory gave for this certificate earlier (here, in a snapshot, or
+    /// on another replica), judged by the current rules; `None` if they no longer admit it.
+    fn judge_known(
+        &self,
+        facts: Arc<CertFacts>,
+        account: AccountEntry,
+        leaf: Option<Arc<[u8]>>,
+    ) -> Option<CachedDecision> {
         let plan = MappingPlan::new(&facts, &self.mapping);
         let mapped = decide(&facts, &plan, &[account], self.mapping.enforcement)
             .outcome
@@ -390,13 +410,7 @@ impl Resolver {
             mapped.strength,
             header_value,
         );
-        let fingerprint = CertFingerprint::of(&leaf);
-        let cached = self.cached(
-            Decision::Admit(identity),
-            Some(Arc::new(facts)),
-            Some(leaf.into()),
-        );
-        Some((fingerprint, cached))
+        Some(self.cached(Decision::Admit(identity), Some(facts), leaf))
     }
 
     /// Number of cached decisions (approximate; for tests and diagnostics).
@@ -404,7 +418,11 @@ impl Resolver {
         self.cache.entry_count()
     }
 
-    async fn lookup_bounded(&self, leaf_der: &[u8]) -> Result<CachedDecision, ResolveError> {
+    async fn lookup_bounded(
+        &self,
+        fingerprint: CertFingerprint,
+        leaf_der: &[u8],
+    ) -> Result<CachedDecision, ResolveError> {
         let facts = match CertFacts::from_der(leaf_der) {
             Ok(f) => Arc::new(f),
             Err(e) => {
@@ -424,7 +442,120 @@ impl Resolver {
             }
         };
         let leaf = self.snapshotted.then(|| Arc::from(leaf_der));
-        self.lookup_facts(facts, leaf).await
+        match &self.fleet {
+            Some(fleet) => self.lookup_shared(fleet, fingerprint, facts, leaf).await,
+            None => self.lookup_facts(facts, leaf).await,
+        }
+    }
+
+    /// A local miss with a fleet store: its entry if another replica made one; else one
+    /// replica searches the directory for the certificate (the one holding the lock) while
+    /// the others wait for its entry, and searches themselves if none comes within
+    /// `fleet.lock_wait` or the store does not answer.
+    async fn lookup_shared(
+        &self,
+        fleet: &Fleet,
+        fingerprint: CertFingerprint,
+        facts: Arc<CertFacts>,
+        leaf: Option<Arc<[u8]>>,
+    ) -> Result<CachedDecision, ResolveError> {
+        let name = self.shared_name(fingerprint);
+        let deadline = Instant::now() + fleet.lock_wait();
+        loop {
+            if let Some(cached) = self.adopt_shared(fleet, &name, &facts, &leaf).await {
+                return Ok(cached);
+            }
+            match fleet.lock(&name).await {
+                Lock::Held if Instant::now() < deadline => {
+                    tokio::time::sleep(SHARED_POLL).await;
+                }
+                Lock::Acquired => {
+                    let result = self.lookup_and_share(fleet, &name, facts, leaf).await;
+                    fleet.unlock(&name).await;
+                    return result;
+                }
+                Lock::Held | Lock::Unavailable => {
+                    return self.lookup_and_share(fleet, &name, facts, leaf).await;
+                }
+            }
+        }
+    }
+
+    /// The store's key name for a certificate's decision under these settings.
+    fn shared_name(&self, fingerprint: CertFingerprint) -> String {
+        format!("id:{}:{}", &self.settings[..16], fingerprint.hex())
+    }
+
+    /// Searches the directory and puts the decision in the store for the other replicas.
+    async fn lookup_and_share(
+        &self,
+        fleet: &Fleet,
+        name: &str,
+        facts: Arc<CertFacts>,
+        leaf: Option<Arc<[u8]>>,
+    ) -> Result<CachedDecision, ResolveError> {
+        let cached = self.lookup_facts(facts, leaf).await?;
+        self.share(fleet, name, &cached).await;
+        Ok(cached)
+    }
+
+    async fn share(&self, fleet: &Fleet, name: &str, cached: &CachedDecision) {
+        let entry = match &cached.decision {
+            Decision::Admit(identity) => {
+                SharedEntry::admitted(cached.resolved_unix, &identity.account)
+            }
+            Decision::Deny(denial) => SharedEntry::denied(
+                cached.resolved_unix,
+                denial.reason.code(),
+                denial.account.as_deref(),
+            ),
+        };
+        let Ok(plaintext) = serde_json::to_vec(&entry) else {
+            return;
+        };
+        let valid_until = cached.resolved_unix + cached.lifetime.as_secs() as i64;
+        fleet.set(name, &plaintext, valid_until).await;
+    }
+
+    /// The decision another replica stored for this certificate, judged here again as a
+    /// lookup would judge the same directory answer; its age counts against the TTLs.
+    async fn adopt_shared(
+        &self,
+        fleet: &Fleet,
+        name: &str,
+        facts: &Arc<CertFacts>,
+        leaf: &Option<Arc<[u8]>>,
+    ) -> Option<CachedDecision> {
+        let Fetched::Found(plaintext) = fleet.get(name).await else {
+            return None;
+        };
+        let entry: SharedEntry = serde_json::from_slice(&plaintext).ok()?;
+        let age = Duration::from_secs(u64::try_from(unix_now() - entry.resolved_unix).unwrap_or(0));
+        let (mut cached, lifetime) = match &entry.denied {
+            Some(code) => {
+                let denial = Decision::Deny(Arc::new(Denial {
+                    reason: DenyReason::from_directory_code(code)?,
+                    account: entry.denied_account.clone(),
+                    cert_serial: facts.serial_hex(),
+                    cert_issuer: facts.issuer.clone(),
+                }));
+                let cached = self.cached(denial, Some(Arc::clone(facts)), None);
+                (cached, self.negative_ttl.checked_sub(age)?)
+            }
+            None => {
+                let account = entry.admitted_account()?;
+                let cached = self.judge_known(Arc::clone(facts), account, leaf.clone())?;
+                (cached, self.hard_ttl.checked_sub(age)?)
+            }
+        };
+        if lifetime.is_zero() {
+            return None;
+        }
+        cached.resolved_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        cached.lifetime = lifetime;
+        cached.resolved_unix = entry.resolved_unix;
+        cached.shared = true;
+        Some(cached)
     }
 
     /// A fresh cache entry; `leaf` is kept for the snapshot.
@@ -438,19 +569,15 @@ impl Resolver {
             Decision::Admit(_) => self.hard_ttl,
             Decision::Deny(_) => self.negative_ttl,
         };
-        let saved = leaf.map(|leaf| {
-            Arc::new(Saved {
-                leaf,
-                resolved_unix: unix_now(),
-            })
-        });
         CachedDecision {
             decision,
             resolved_at: Instant::now(),
             lifetime,
             facts,
             refreshing: Arc::new(AtomicBool::new(false)),
-            saved,
+            resolved_unix: unix_now(),
+            leaf,
+            shared: false,
         }
     }
 
@@ -487,9 +614,18 @@ impl Resolver {
         let resolver = Arc::clone(self);
         let facts = Arc::clone(facts);
         let refreshing = Arc::clone(&cached.refreshing);
-        let leaf = cached.saved.as_ref().map(|s| Arc::clone(&s.leaf));
+        let leaf = cached.leaf.clone();
+        let resolved_unix = cached.resolved_unix;
         tokio::spawn(async move {
-            match resolver.lookup_facts(facts, leaf).await {
+            let refreshed = match &resolver.fleet {
+                Some(fleet) => {
+                    resolver
+                        .refresh_shared(fleet, fingerprint, facts, leaf, resolved_unix)
+                        .await
+                }
+                None => resolver.lookup_facts(facts, leaf).await,
+            };
+            match refreshed {
                 Ok(fresh) => resolver.cache.insert(fingerprint, fresh).await,
                 Err(e) => {
                     tracing::warn!(target: "seg::identity", error = %e, "identity refresh failed; serving the cached decision");
@@ -498,6 +634,27 @@ impl Resolver {
                 }
             }
         });
+    }
+
+    /// A refresh with a fleet store: another replica's newer answer if there is one, else a
+    /// search whose answer is shared.
+    async fn refresh_shared(
+        &self,
+        fleet: &Fleet,
+        fingerprint: CertFingerprint,
+        facts: Arc<CertFacts>,
+        leaf: Option<Arc<[u8]>>,
+        resolved_unix: i64,
+    ) -> Result<CachedDecision, ResolveError> {
+        let name = self.shared_name(fingerprint);
+        if let Some(newer) = self
+            .adopt_shared(fleet, &name, &facts, &leaf)
+            .await
+            .filter(|c| c.resolved_unix > resolved_unix)
+        {
+            return Ok(newer);
+        }
+        self.lookup_and_share(fleet, &name, facts, leaf).await
     }
 
     /// One search for every rule's values, the KB5014754 verdict, then the account checks.

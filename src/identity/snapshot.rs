@@ -47,6 +47,59 @@ pub struct SnapshotEntry {
     pub object_sid: Option<String>,
 }
 
+/// A decision as the fleet store holds it (sealed by [`crate::fleet`]): the directory's
+/// answer for a certificate, not the certificate, which the replica reading it has in hand.
+#[derive(Serialize, Deserialize)]
+pub struct SharedEntry {
+    /// When the directory answered, Unix seconds: the soft and hard TTLs count from here on
+    /// every replica.
+    pub resolved_unix: i64,
+    /// An admission's account as the directory returned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_sid: Option<String>,
+    /// A denial's reason code, and the DN of the account it found, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied_account: Option<String>,
+}
+
+impl SharedEntry {
+    pub fn admitted(resolved_unix: i64, account: &AccountEntry) -> SharedEntry {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        SharedEntry {
+            resolved_unix,
+            account: Some(account.clone()),
+            object_sid: account.object_sid.as_ref().map(|sid| b64.encode(sid)),
+            denied: None,
+            denied_account: None,
+        }
+    }
+
+    pub fn denied(resolved_unix: i64, reason: &str, account: Option<&str>) -> SharedEntry {
+        SharedEntry {
+            resolved_unix,
+            account: None,
+            object_sid: None,
+            denied: Some(reason.to_string()),
+            denied_account: account.map(str::to_string),
+        }
+    }
+
+    /// The admitted account with its objectSid, if this is an admission.
+    pub fn admitted_account(&self) -> Option<AccountEntry> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut account = self.account.clone()?;
+        account.object_sid = match &self.object_sid {
+            Some(sid) => Some(b64.decode(sid).ok()?),
+            None => None,
+        };
+        Some(account)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("{0}")]

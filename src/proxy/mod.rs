@@ -65,6 +65,8 @@ pub struct Gateway {
     pub online: Arc<crate::revocation::online::OnlineRevocation>,
     /// Kerberos constrained delegation (`identity.mode = "kerberos"`); None in header mode.
     pub delegation: Option<Arc<crate::kerberos::Delegation>>,
+    /// The store shared with the other replicas (`[fleet]`).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     pub metrics: Arc<Metrics>,
     /// Digest of the directory's files, to notice a rotated bind password on reload.
     pub directory_files: Vec<u8>,

@@ -34,8 +34,6 @@ use crate::certs::TlsError;
 use crate::clock::Clock;
 use crate::config::TlsConfig;
 
-/// Shortest secret accepted.
-const MIN_SECRET: usize = 32;
 /// How far in the future a sealed issue time may lie: replicas' clocks disagree a little.
 const MAX_CLOCK_SKEW_SECS: i64 = 300;
 /// Bound to every ticket, so a ticket of another format or purpose never opens.
@@ -126,22 +124,7 @@ impl SharedTicketer {
             key: "tls.session_ticket_key_file",
             message,
         };
-        let text = std::fs::read(path)
-            .map_err(|e| error(format!("cannot read {}: {e}", path.display())))?;
-        let secrets: Vec<&[u8]> = text
-            .split(|b| *b == b'\n')
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-            .filter(|line| !line.is_empty())
-            .collect();
-        if secrets.is_empty() {
-            return Err(error(format!("{} holds no key", path.display())));
-        }
-        if let Some(n) = secrets.iter().position(|s| s.len() < MIN_SECRET) {
-            return Err(error(format!(
-                "key {} is shorter than {MIN_SECRET} bytes",
-                n + 1
-            )));
-        }
+        let secrets = crate::secrets::read_secret_lines(path).map_err(error)?;
         let policy = trust_policy_digest(tls)?;
         let keys = secrets
             .iter()

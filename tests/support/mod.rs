@@ -8,6 +8,7 @@ pub mod ldif;
 pub mod mapping_table;
 pub mod nginx;
 pub mod openssl_ca;
+pub mod redis;
 pub mod samba;
 pub mod slapd;
 pub mod sogo;

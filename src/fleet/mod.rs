@@ -1,0 +1,321 @@
+//! What the replicas of a fleet share, in Redis or Valkey (`[fleet]`): identity decisions (a
+//! second cache level under each replica's own), device blocks and long-poll counts.
+//!
+//! The store is a cache and a message board, never an authority. Every operation has a small
+//! time budget (`fleet.timeout`); one that is late, fails, or returns an entry that does not
+//! authenticate is a miss, counted, and the replica goes on as if it had no store: its own
+//! cache, then the directory. So a store that is down or slow costs at most the budget per
+//! local miss, and a store that is compromised can delete, delay or replay its entries within
+//! their validity, but cannot admit anyone: entries are sealed ([`seal`]) with a key from a
+//! file the replicas share and the store never sees.
+//!
+//! The client is one multiplexed connection per process (`redis`'s `ConnectionManager`,
+//! reconnecting by itself), made lazily, so a replica starts and serves while the store is
+//! down.
+
+pub mod seal;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::ConnectionManager;
+use redis::IntoConnectionInfo as _;
+
+use crate::config::FleetConfig;
+use crate::metrics::FleetMetrics;
+use seal::{Keys, OpenError};
+
+/// Why the fleet store cannot be set up from its configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("fleet.{key}: {message}")]
+pub struct FleetError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn error(key: &'static str, message: impl std::fmt::Display) -> FleetError {
+    FleetError {
+        key,
+        message: message.to_string(),
+    }
+}
+
+/// What reading one entry gave.
+#[derive(Debug)]
+pub enum Fetched {
+    /// An authentic, valid entry's plaintext.
+    Found(Vec<u8>),
+    /// No entry, or one that was refused (counted): either way, a miss.
+    Missing,
+}
+
+/// What asking for a lock gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// This replica holds it until it unlocks or `lock_wait` passes.
+    Acquired,
+    /// Another replica holds it.
+    Held,
+    /// The store did not answer in time.
+    Unavailable,
+}
+
+/// One replica's connection to the fleet store.
+pub struct Fleet {
+    store: ConnectionManager,
+    prefix: String,
+    replica: String,
+    timeout: Duration,
+    lock_wait: Duration,
+    key_file: PathBuf,
+    keys: RwLock<Arc<Keys>>,
+    metrics: FleetMetrics,
+}
+
+impl Fleet {
+    /// The client for `config`; nothing is sent until the first operation.
+    pub fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Result<Fleet, FleetError> {
+        let keys = read_keys(&config.key_file)?;
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| error("url", e))?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &config.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(path) = &config.password_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| error("password_file", format!("{}: {e}", path.display())))?;
+            let password = text.lines().next().unwrap_or("").trim_end();
+            settings = settings.set_password(password);
+        }
+        let info = info.set_redis_settings(settings);
+        let client = if config.url.starts_with("rediss://") {
+            // redis's TLS builds its rustls configuration with the process's default provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let read = |key: &'static str, path: &Option<PathBuf>| {
+                path.as_ref()
+                    .map(|p| {
+                        std::fs::read(p).map_err(|e| error(key, format!("{}: {e}", p.display())))
+                    })
+                    .transpose()
+            };
+            let client_tls = match (
+                read("client_certificate", &config.client_certificate)?,
+                read("client_key", &config.client_key)?,
+            ) {
+                (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+                _ => None,
+            };
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert: read("ca_file", &config.ca_file)?,
+                },
+            )
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(|e| error("url", e))?;
+        // Reconnects are the manager's own business, in the background; an operation never
+        // waits for one longer than the budget.
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let store = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| error("url", e))?;
+        metrics.store_up.set(1);
+        Ok(Fleet {
+            store,
+            prefix: config.key_prefix.clone(),
+            replica: config.replica.clone(),
+            timeout: config.timeout,
+            lock_wait: config.lock_wait,
+            key_file: config.key_file.clone(),
+            keys: RwLock::new(Arc::new(keys)),
+            metrics,
+        })
+    }
+
+    /// Reads the key file again (a rotation); on error the keys in use stay.
+    pub fn reload_keys(&self) -> Result<(), FleetError> {
+        let keys = read_keys(&self.key_file)?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        Ok(())
+    }
+
+    /// This replica's name in the store.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// How long a replica waits for another's answer to the same question.
+    pub fn lock_wait(&self) -> Duration {
+        self.lock_wait
+    }
+
+    /// The full key of `name`.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs one command within the budget; `None` when it failed (counted here: an answer is
+    /// counted by the caller, who knows what it means).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        operation: &str,
+        command: &redis::Cmd,
+    ) -> Option<T> {
+        let mut store = self.store.clone();
+        let outcome =
+            tokio::time::timeout(self.timeout, command.query_async::<T>(&mut store)).await;
+        let failure = match outcome {
+            Ok(Ok(value)) => {
+                self.metrics.store_up.set(1);
+                return Some(value);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(target: "seg::fleet", operation, error = %e, "fleet store operation failed");
+                "error"
+            }
+            Err(_) => "timeout",
+        };
+        self.metrics.store_up.set(0);
+        self.count(operation, failure);
+        None
+    }
+
+    fn count(&self, operation: &str, result: &str) {
+        self.metrics
+            .operations
+            .with_label_values(&[operation, result])
+            .inc();
+    }
+
+    /// The entry under `name`, opened and checked.
+    pub async fn get(&self, name: &str) -> Fetched {
+        let key = self.key(name);
+        let Some(value) = self
+            .run::<Option<Vec<u8>>>("get", redis::cmd("GET").arg(&key))
+            .await
+        else {
+            return Fetched::Missing;
+        };
+        let Some(entry) = value else {
+            self.count("get", "absent");
+            return Fetched::Missing;
+        };
+        match self.keys().open(&key, &entry, unix_now()) {
+            Ok(plaintext) => {
+                self.count("get", "ok");
+                Fetched::Found(plaintext)
+            }
+            Err(OpenError::Expired) => {
+                self.count("get", "expired");
+                Fetched::Missing
+            }
+            Err(OpenError::Rejected) => {
+                self.count("get", "rejected");
+                tracing::warn!(target: "seg::fleet", key, "a fleet store entry failed authentication (another key file, or a tampered store); ignored");
+                Fetched::Missing
+            }
+        }
+    }
+
+    /// Seals `plaintext` under `name`, valid until `valid_until` (Unix seconds); the store
+    /// drops it then too. Best effort: a failure is counted, and the next replica searches.
+    pub async fn set(&self, name: &str, plaintext: &[u8], valid_until: i64) {
+        let ttl_ms = (valid_until - unix_now()).saturating_mul(1000);
+        if ttl_ms <= 0 {
+            return;
+        }
+        let key = self.key(name);
+        let entry = self.keys().seal(&key, valid_until, plaintext);
+        if self
+            .run::<()>(
+                "set",
+                redis::cmd("SET").arg(&key).arg(entry).arg("PX").arg(ttl_ms),
+            )
+            .await
+            .is_some()
+        {
+            self.count("set", "ok");
+        }
+    }
+
+    /// Asks for the lock on `name` (`SET NX PX lock_wait`), held by this replica's name.
+    pub async fn lock(&self, name: &str) -> Lock {
+        let key = self.key(&format!("lock:{name}"));
+        let millis = self.lock_wait.as_millis().max(1) as u64;
+        let answer = self
+            .run::<Option<String>>(
+                "lock",
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&self.replica)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis),
+            )
+            .await;
+        match answer {
+            Some(Some(_)) => {
+                self.count("lock", "ok");
+                Lock::Acquired
+            }
+            Some(None) => {
+                self.count("lock", "held");
+                Lock::Held
+            }
+            None => Lock::Unavailable,
+        }
+    }
+
+    /// `PING`, for `seg_fleet_store_up` while no request asks the store anything (and to
+    /// reconnect before the next one does).
+    pub async fn probe(&self) {
+        let _ = self.run::<String>("ping", &redis::cmd("PING")).await;
+    }
+
+    /// Gives the lock on `name` back, if this replica still holds it.
+    pub async fn unlock(&self, name: &str) {
+        const UNLOCK: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let key = self.key(&format!("lock:{name}"));
+        let _ = self
+            .run::<i64>(
+                "unlock",
+                redis::cmd("EVAL")
+                    .arg(UNLOCK)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(&self.replica),
+            )
+            .await;
+    }
+}
+
+fn read_keys(path: &std::path::Path) -> Result<Keys, FleetError> {
+    crate::secrets::read_secret_lines(path)
+        .map(|secrets| Keys::from_secrets(&secrets))
+        .map_err(|e| error("key_file", e))
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
