@@ -402,7 +402,8 @@ impl App {
                 Arc::clone(&health),
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx)),
+            tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx.clone())),
+            tokio::spawn(poll_blocks(Arc::clone(&live), shutdown_rx)),
         ];
         tracing::info!(target: "seg::listener", %listen_addr, %admin_addr, "seg serving");
         Ok(Running {
@@ -593,6 +594,20 @@ pub fn files_signature(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::S
 }
 
 /// Keeps `/readyz` and `seg_dependency_up` current.
+/// With `[fleet]`: reads the fleet's block list every `fleet.block_poll_interval`.
+async fn poll_blocks(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let Some(fleet) = live.load().fleet.clone() else {
+            return;
+        };
+        fleet.refresh_blocks().await;
+        tokio::select! {
+            _ = tokio::time::sleep(fleet.block_poll_interval()) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn probe_dependencies(
     live: Arc<Live>,
     health: Arc<Health>,

@@ -52,6 +52,31 @@ enum Command {
         #[arg(long)]
         explain: bool,
     },
+    /// Block a device, an account or a certificate on every replica of the fleet ([fleet]).
+    Block {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        target: BlockTarget,
+        /// Why, for the audit records and `seg blocks`.
+        #[arg(long, default_value = "blocked by an operator")]
+        reason: String,
+    },
+    /// Lift a block written by `seg block`.
+    Unblock {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        target: BlockTarget,
+    },
+    /// List the fleet's blocks.
+    Blocks {
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: throwaway CA, demo directory, echo upstream, seg.
     Demo {
         /// Where to write the demo's certificates and configuration (default: a new temp dir).
@@ -62,6 +87,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+}
+
+/// What `seg block` and `seg unblock` name: exactly one of them.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct BlockTarget {
+    /// An ActiveSync DeviceId (compared without case).
+    #[arg(long)]
+    device: Option<String>,
+    /// An account's sAMAccountName (compared without case).
+    #[arg(long)]
+    account: Option<String>,
+    /// A device certificate file (PEM or DER): that certificate only.
+    #[arg(long)]
+    certificate: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +148,13 @@ fn main() -> ExitCode {
                 explain,
             } => map(config, cert, chain, explain).await,
             Command::Demo { dir, listen, admin } => demo(dir, listen, admin).await,
+            Command::Block {
+                config,
+                target,
+                reason,
+            } => block(config, target, Some(reason)).await,
+            Command::Unblock { config, target } => block(config, target, None).await,
+            Command::Blocks { config, json } => list_blocks(config, json).await,
         }
     });
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -265,6 +312,129 @@ async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explai
         Err(e) => {
             eprintln!("seg map: configuration cannot be used: {e}");
             EXIT_CONFIG
+        }
+    }
+}
+
+/// The fleet store of a configuration, for the block commands.
+fn fleet_of(config_path: &std::path::Path) -> Result<seg::fleet::Fleet, i32> {
+    let config = load(config_path)?;
+    let Some(fleet) = &config.fleet else {
+        eprintln!(
+            "seg: {} has no [fleet] section: blocks are written to the fleet store",
+            config_path.display()
+        );
+        return Err(EXIT_CONFIG);
+    };
+    seg::fleet::Fleet::connect(fleet, seg::metrics::FleetMetrics::new()).map_err(|e| {
+        eprintln!("seg: {e}");
+        EXIT_CONFIG
+    })
+}
+
+/// `seg block` (with a reason) and `seg unblock` (without).
+async fn block(config_path: PathBuf, target: BlockTarget, reason: Option<String>) -> i32 {
+    use seg::fleet::blocks::{Block, BlockKind};
+    let fleet = match fleet_of(&config_path) {
+        Ok(fleet) => fleet,
+        Err(code) => return code,
+    };
+    let (kind, value) = match target {
+        BlockTarget {
+            device: Some(device),
+            ..
+        } => (BlockKind::Device, device),
+        BlockTarget {
+            account: Some(account),
+            ..
+        } => (BlockKind::Account, account),
+        BlockTarget {
+            certificate: Some(path),
+            ..
+        } => match certificate_digest(&path) {
+            Ok(hex) => (BlockKind::Certificate, hex),
+            Err(e) => {
+                eprintln!("seg: --certificate {}: {e}", path.display());
+                return 66;
+            }
+        },
+        _ => unreachable!("clap requires one target"),
+    };
+    let block = reason.map(|reason| Block {
+        reason,
+        at: seg::fleet::unix_now(),
+        by: format!(
+            "{}@{}",
+            std::env::var("SUDO_USER")
+                .or_else(|_| std::env::var("USER"))
+                .unwrap_or_else(|_| "unknown".into()),
+            fleet.replica()
+        ),
+    });
+    match fleet.write_block(kind, &value, block.as_ref()).await {
+        Ok(()) => {
+            let verb = if block.is_some() {
+                "blocked"
+            } else {
+                "unblocked"
+            };
+            println!(
+                "{verb} {}: every replica applies it within fleet.block_poll_interval",
+                kind.field(&value)
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("seg: {e}");
+            69
+        }
+    }
+}
+
+/// The SHA-256 of a certificate file's first certificate (PEM) or of the file (DER), in hex.
+fn certificate_digest(path: &std::path::Path) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let der = match rustls::pki_types::CertificateDer::from_pem_slice(&bytes) {
+        Ok(der) => der.to_vec(),
+        Err(_) if bytes.first() == Some(&0x30) => bytes,
+        Err(e) => return Err(format!("neither PEM nor DER: {e}")),
+    };
+    Ok(seg::identity::CertFingerprint::of(&der).hex())
+}
+
+/// `seg blocks`: the list as the store holds it.
+async fn list_blocks(config_path: PathBuf, json: bool) -> i32 {
+    let fleet = match fleet_of(&config_path) {
+        Ok(fleet) => fleet,
+        Err(code) => return code,
+    };
+    match fleet.read_blocks().await {
+        Ok(list) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list.blocks).unwrap_or_default()
+            );
+            0
+        }
+        Ok(list) => {
+            println!(
+                "{:<44} {:<21} {:<24} REASON",
+                "BLOCKED", "SINCE (UTC)", "BY"
+            );
+            for (field, block) in &list.blocks {
+                println!(
+                    "{field:<44} {:<21} {:<24} {}",
+                    seg::fleet::blocks::utc(block.at),
+                    block.by,
+                    block.reason
+                );
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("seg: {e}");
+            69
         }
     }
 }

@@ -568,6 +568,8 @@ pub struct FleetMetrics {
     pub operations: IntCounterVec,
     /// 1 while the last store operation was answered in time, 0 after one that was not.
     pub store_up: IntGauge,
+    /// Held long polls closed because a block named their device.
+    pub blocked_long_polls_closed: IntCounter,
 }
 
 impl FleetMetrics {
@@ -586,6 +588,11 @@ impl FleetMetrics {
                 "1 while the fleet store answers within fleet.timeout, 0 while it does not (replicas fall back to their own cache and the directory).",
             ))
             .expect("valid metric"),
+            blocked_long_polls_closed: IntCounter::new(
+                "fleet_blocked_long_polls_closed_total",
+                "Held long polls (Pings) closed because a fleet block (seg block) named their device, account or certificate.",
+            )
+            .expect("valid metric"),
         }
     }
 }
@@ -601,5 +608,8 @@ impl Metrics {
     pub fn register_fleet(&self, fleet: &FleetMetrics) {
         let _ = self.registry.register(Box::new(fleet.operations.clone()));
         let _ = self.registry.register(Box::new(fleet.store_up.clone()));
+        let _ = self
+            .registry
+            .register(Box::new(fleet.blocked_long_polls_closed.clone()));
     }
 }

@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use seg::demo::echo::EchoUpstream;
@@ -16,7 +17,7 @@ use seg::fleet::seal::Keys;
 use seg::Running;
 use support::lab::{
     config_text, eas_target, metric_value, start_seg, start_slapd, Client, Device, DirectoryRef,
-    Pki,
+    Pki, TlsVersion,
 };
 use support::redis::Redis;
 use support::slapd::{Slapd, UserSpec};
@@ -34,22 +35,31 @@ struct Fleet {
 
 impl Fleet {
     async fn start(users: &[&str]) -> Fleet {
+        let upstream = EchoUpstream::start(([127, 0, 0, 1], 0).into())
+            .await
+            .expect("echo upstream");
+        Fleet::start_with(users, upstream).await
+    }
+
+    /// Replica `n`'s configuration is `seg-r<n>.toml` in the PKI's directory; each keeps its
+    /// copy of the block list in `blocks-r<n>.json` there.
+    async fn start_with(users: &[&str], upstream: EchoUpstream) -> Fleet {
         let pki = Pki::new();
         let redis = Redis::start();
         let slapd = tokio::task::block_in_place(|| {
             start_slapd(&pki, users.iter().map(|u| UserSpec::with_upn(u)).collect())
         });
-        let upstream = EchoUpstream::start(([127, 0, 0, 1], 0).into())
-            .await
-            .expect("echo upstream");
         let key_file = pki.dir.write("fleet.keys", &format!("{KEY}\n"));
         let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
         let mut replicas = Vec::new();
         for n in 1..=3 {
             let fleet = format!(
-                "\n[fleet]\nurl = \"{}\"\nkey_file = \"{}\"\nreplica = \"r{n}\"\ntimeout = \"50ms\"\n",
-                redis.url(),
-                key_file.display()
+                "\n[fleet]\nurl = \"{url}\"\nkey_file = \"{keys}\"\nreplica = \"r{n}\"\n\
+                 timeout = \"50ms\"\nblock_poll_interval = \"200ms\"\n\
+                 block_file = \"{dir}/blocks-r{n}.json\"\n",
+                url = redis.url(),
+                keys = key_file.display(),
+                dir = pki.dir.path().display(),
             );
             let text = config_text(&pki, &directory, upstream.addr, &fleet);
             let path = pki.dir.write(&format!("seg-r{n}.toml"), &text);
@@ -61,6 +71,57 @@ impl Fleet {
             upstream,
             redis,
             replicas,
+        }
+    }
+
+    fn config(&self, replica: usize) -> PathBuf {
+        self.pki
+            .dir
+            .path()
+            .join(format!("seg-r{}.toml", replica + 1))
+    }
+
+    /// Runs the `seg` command with `args` and `--config` of replica 1; its stdout.
+    fn command(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_seg"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config(0))
+            .output()
+            .expect("running seg");
+        assert!(
+            out.status.success(),
+            "seg {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls `request` on `replica` until it answers `status` (blocks arrive by polling).
+    async fn await_status(
+        &self,
+        replica: usize,
+        device: &Device,
+        target: &str,
+        status: u16,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let answer = self
+                .client(replica)
+                .post(Some(device), target, &[])
+                .await
+                .map(|r| r.status);
+            if answer.as_ref().ok() == Some(&status) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "r{} still answers {answer:?} to {target}, not {status}",
+                replica + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -309,12 +370,17 @@ async fn a_store_that_is_down_or_silent_admits_nobody_wrongly() {
     let (status, forwarded) = fleet.request(2, &carol, "carol").await;
     assert_eq!((status, forwarded.as_str()), (200, "carol@corp.test"));
     assert_eq!(fleet.request(2, &mallory, "mallory").await.0, 403);
-    assert!(
-        fleet.metric(
-            2,
-            "seg_fleet_store_operations_total{operation=\"get\",result=\"error\"}"
-        ) >= 1.0
-    );
+    // Refused connections, or a reconnect that outlasts the budget: a miss either way.
+    let failed: f64 = ["error", "timeout"]
+        .iter()
+        .map(|result| {
+            let name = format!(
+                "seg_fleet_store_operations_total{{operation=\"get\",result=\"{result}\"}}"
+            );
+            fleet.metric(2, &name)
+        })
+        .sum();
+    assert!(failed >= 1.0, "r3 never counted a failed read");
     // Readiness does not depend on the store.
     let ready = support::lab::http_get(fleet.replicas[2].admin_addr, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
@@ -341,5 +407,124 @@ async fn a_store_that_is_down_or_silent_admits_nobody_wrongly() {
         1.0,
         "dave was not shared after the store came back"
     );
+    fleet.stop().await;
+}
+
+/// `seg block` writes once; every replica refuses the device within a poll interval, a Ping
+/// it holds is closed, and the list survives a restart while the store is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_reaches_every_replica_and_closes_a_held_ping() {
+    let upstream = EchoUpstream::start_holding(([127, 0, 0, 1], 0).into(), Duration::from_secs(60))
+        .await
+        .expect("holding echo upstream");
+    let mut fleet = Fleet::start_with(&["alice", "bob"], upstream).await;
+    let (alice, bob) = (fleet.device("alice"), fleet.device("bob"));
+    let lost_phone =
+        "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ALICEPHONE&DeviceType=iPhone";
+    let ping =
+        "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId=ALICEPHONE&DeviceType=iPhone";
+    let tablet =
+        "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ALICETABLET&DeviceType=iPad";
+    for replica in 0..3 {
+        fleet.await_status(replica, &alice, lost_phone, 200).await;
+    }
+
+    // The lost phone holds a Ping on r2.
+    let mut held = fleet
+        .client(1)
+        .connect(Some(&alice), TlsVersion::Any)
+        .await
+        .expect("alice's phone connects");
+    let holding = tokio::spawn(async move { held.request("POST", ping, &[], b"").await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.upstream.active_holds() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the Ping never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Blocked once, from the command line (lower case: DeviceIds compare without case).
+    let blocked_at = Instant::now();
+    let said = fleet.command(&[
+        "block",
+        "--device",
+        "alicephone",
+        "--reason",
+        "reported lost",
+    ]);
+    assert!(said.contains("blocked device:ALICEPHONE"), "{said}");
+    let cut = tokio::time::timeout(Duration::from_secs(5), holding)
+        .await
+        .expect("the held Ping was not closed within 5 s")
+        .expect("task");
+    assert!(
+        cut.is_err(),
+        "the held Ping was answered instead of closed: {cut:?}"
+    );
+    let closed_after = blocked_at.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(2),
+        "closed after {closed_after:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fleet.upstream.aborted_holds() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream exchange of the Ping was not cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        fleet.metric(1, "seg_fleet_blocked_long_polls_closed_total"),
+        1.0
+    );
+    // Every replica refuses the phone; alice's tablet and bob are untouched.
+    for replica in 0..3 {
+        fleet.await_status(replica, &alice, lost_phone, 403).await;
+        assert_eq!(
+            fleet.metric(replica, "seg_policy_refusals_total{reason=\"blocked\"}"),
+            1.0
+        );
+        fleet.await_status(replica, &alice, tablet, 200).await;
+    }
+    fleet
+        .await_status(0, &bob, &eas_target("Sync", "bob"), 200)
+        .await;
+
+    // An account block (any spelling of the name) refuses every device of the account.
+    fleet.command(&["block", "--account", "BOB", "--reason", "left the company"]);
+    for replica in 0..3 {
+        fleet
+            .await_status(replica, &bob, &eas_target("Sync", "bob"), 403)
+            .await;
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&fleet.command(&["blocks", "--json"])).expect("seg blocks --json");
+    assert_eq!(
+        listed["device:ALICEPHONE"]["reason"], "reported lost",
+        "{listed}"
+    );
+    assert_eq!(
+        listed["account:bob"]["reason"], "left the company",
+        "{listed}"
+    );
+
+    // Lifted: served again everywhere.
+    fleet.command(&["unblock", "--device", "AlicePhone"]);
+    for replica in 0..3 {
+        fleet.await_status(replica, &alice, lost_phone, 200).await;
+    }
+
+    // The store goes down and r1 restarts: the list it kept on disk still holds bob.
+    fleet.redis.stop();
+    let r1 = fleet.replicas.remove(0);
+    r1.stop().await;
+    fleet.replicas.insert(0, start_seg(&fleet.config(0)).await);
+    fleet
+        .await_status(0, &bob, &eas_target("Sync", "bob"), 403)
+        .await;
+    fleet.await_status(0, &alice, lost_phone, 200).await;
     fleet.stop().await;
 }

@@ -13,18 +13,25 @@
 //! reconnecting by itself), made lazily, so a replica starts and serves while the store is
 //! down.
 
+pub mod blocks;
 pub mod seal;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use redis::aio::ConnectionManager;
 use redis::IntoConnectionInfo as _;
+use tokio::sync::watch;
 
 use crate::config::FleetConfig;
 use crate::metrics::FleetMetrics;
+use blocks::{Block, BlockKind, BlockList};
 use seal::{Keys, OpenError};
+
+/// The budget of one read of the whole block list, and of `seg block`'s write: not a request.
+const BLOCK_BUDGET: Duration = Duration::from_secs(2);
 
 /// Why the fleet store cannot be set up from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,10 @@ pub struct Fleet {
     key_file: PathBuf,
     keys: RwLock<Arc<Keys>>,
     metrics: FleetMetrics,
+    /// The block list in force, published to every connection.
+    blocks: watch::Sender<Arc<BlockList>>,
+    block_file: Option<PathBuf>,
+    block_poll_interval: Duration,
 }
 
 impl Fleet {
@@ -133,7 +144,22 @@ impl Fleet {
         let store = ConnectionManager::new_lazy_with_config(client, manager)
             .map_err(|e| error("url", e))?;
         metrics.store_up.set(1);
+        // The last list this replica knew, until the store answers.
+        let known = match config.block_file.as_deref().map(BlockList::read) {
+            Some(Ok(Some(list))) => {
+                tracing::info!(target: "seg::fleet", blocks = list.blocks.len(), "block list read from fleet.block_file");
+                list
+            }
+            Some(Err(e)) => {
+                tracing::warn!(target: "seg::fleet", error = %e, "fleet.block_file unreadable; blocks apply once the store answers");
+                BlockList::default()
+            }
+            _ => BlockList::default(),
+        };
         Ok(Fleet {
+            blocks: watch::Sender::new(Arc::new(known)),
+            block_file: config.block_file.clone(),
+            block_poll_interval: config.block_poll_interval,
             store,
             prefix: config.key_prefix.clone(),
             replica: config.replica.clone(),
@@ -178,9 +204,17 @@ impl Fleet {
         operation: &str,
         command: &redis::Cmd,
     ) -> Option<T> {
+        self.run_within(operation, command, self.timeout).await
+    }
+
+    async fn run_within<T: redis::FromRedisValue>(
+        &self,
+        operation: &str,
+        command: &redis::Cmd,
+        budget: Duration,
+    ) -> Option<T> {
         let mut store = self.store.clone();
-        let outcome =
-            tokio::time::timeout(self.timeout, command.query_async::<T>(&mut store)).await;
+        let outcome = tokio::time::timeout(budget, command.query_async::<T>(&mut store)).await;
         let failure = match outcome {
             Ok(Ok(value)) => {
                 self.metrics.store_up.set(1);
@@ -304,6 +338,102 @@ impl Fleet {
                     .arg(&self.replica),
             )
             .await;
+    }
+}
+
+/// The block list: read by every replica, written by `seg block` and `seg unblock`.
+impl Fleet {
+    /// The block list in force, and its changes.
+    pub fn blocks(&self) -> watch::Receiver<Arc<BlockList>> {
+        self.blocks.subscribe()
+    }
+
+    /// The field of the block that applies to this device, account and certificate, if any.
+    pub fn blocked(
+        &self,
+        device_id: Option<&str>,
+        account: Option<&str>,
+        certificate_hex: &str,
+    ) -> Option<String> {
+        let list = self.blocks.borrow();
+        list.find(device_id, account, certificate_hex)
+            .map(|(field, _)| field.to_string())
+    }
+
+    /// Counts a held long poll closed because a block named it.
+    pub fn count_closed_long_poll(&self) {
+        self.metrics.blocked_long_polls_closed.inc();
+    }
+
+    /// How often [`Fleet::refresh_blocks`] runs.
+    pub fn block_poll_interval(&self) -> Duration {
+        self.block_poll_interval
+    }
+
+    /// Reads the whole list from the store; publishes it and keeps it on disk if it changed.
+    /// A store that does not answer leaves the list in force as it is.
+    pub async fn refresh_blocks(&self) {
+        let command = redis::cmd("HGETALL").arg(self.key("blocks")).clone();
+        let Some(fields) = self
+            .run_within::<BTreeMap<String, String>>("blocks", &command, BLOCK_BUDGET)
+            .await
+        else {
+            return;
+        };
+        self.count("blocks", "ok");
+        let list = BlockList::from_fields(fields);
+        if **self.blocks.borrow() == list {
+            return;
+        }
+        tracing::info!(target: "seg::fleet", blocks = list.blocks.len(), "block list changed");
+        if let Some(path) = &self.block_file {
+            if let Err(e) = list.write(path) {
+                tracing::warn!(target: "seg::fleet", file = %path.display(), error = %e, "fleet.block_file not written");
+            }
+        }
+        self.blocks.send_replace(Arc::new(list));
+    }
+
+    /// Writes (`Some`) or removes (`None`) the block of `value`; the error says why not.
+    pub async fn write_block(
+        &self,
+        kind: BlockKind,
+        value: &str,
+        block: Option<&Block>,
+    ) -> Result<(), String> {
+        let field = kind.field(value);
+        let mut command = match block {
+            Some(_) => redis::cmd("HSET"),
+            None => redis::cmd("HDEL"),
+        };
+        command.arg(self.key("blocks")).arg(&field);
+        if let Some(block) = block {
+            command.arg(serde_json::to_string(block).map_err(|e| e.to_string())?);
+        }
+        self.query_reporting::<i64>(&command).await.map(|_| ())
+    }
+
+    /// The whole list as the store holds it now; the error says why it cannot be read.
+    pub async fn read_blocks(&self) -> Result<BlockList, String> {
+        let command = redis::cmd("HGETALL").arg(self.key("blocks")).clone();
+        self.query_reporting::<BTreeMap<String, String>>(&command)
+            .await
+            .map(BlockList::from_fields)
+    }
+
+    /// One command for a person at a terminal: a failure is an error to show, not a miss.
+    async fn query_reporting<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, String> {
+        let mut store = self.store.clone();
+        match tokio::time::timeout(BLOCK_BUDGET, command.query_async::<T>(&mut store)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("the fleet store refused: {e}")),
+            Err(_) => Err(format!(
+                "the fleet store did not answer within {BLOCK_BUDGET:?}"
+            )),
+        }
     }
 }
 

@@ -194,6 +194,11 @@ impl DeviceConn {
     /// Answers the gateway's decision for a request with no head at all (a connection over
     /// its certificate's cap: 503 with the account in the audit record), then closes,
     /// lingering over whatever the device sends meanwhile.
+    /// The device this connection serves.
+    pub fn device(&self) -> &DeviceConnection {
+        &self.device
+    }
+
     pub fn refuse_at_once(&mut self) {
         self.keep_alive = false;
         self.linger = true;

@@ -139,7 +139,43 @@ struct DeviceConnection {
     io: Arc<IoWatch>,
     /// The identity decision this connection's requests reuse while it is fresh.
     remembered: Remembered,
+    /// The DeviceId and account of the long poll held here last (`[fleet]` blocks close it).
+    long_poll_holder: std::sync::Mutex<Option<(Box<str>, Box<str>)>>,
 }
+
+impl DeviceConnection {
+    /// Whether a block in `list` applies to the long poll held on this connection now.
+    fn long_poll_blocked(&self, list: &crate::fleet::blocks::BlockList) -> bool {
+        if self.long_polls.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let holder = self
+            .long_poll_holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (device_id, account) = match &*holder {
+            Some((device_id, account)) => (Some(&**device_id), Some(&**account)),
+            None => (None, None),
+        };
+        list.find(device_id, account, &self.fingerprint.hex())
+            .is_some()
+    }
+}
+
+/// The next block list published by the fleet; never, without `[fleet]`.
+async fn block_list_change(
+    blocks: &mut Option<watch::Receiver<Arc<crate::fleet::blocks::BlockList>>>,
+) -> Arc<crate::fleet::blocks::BlockList> {
+    if let Some(receiver) = blocks {
+        if receiver.changed().await.is_ok() {
+            return Arc::clone(&receiver.borrow_and_update());
+        }
+    }
+    std::future::pending().await
+}
+
+/// The policy code of a request refused by a fleet block (`seg block`).
+const BLOCKED: &str = "blocked";
 
 /// The `DependencyDown` code while the NTAuth store has not been read from the directory.
 const NTAUTH_UNAVAILABLE: &str = "ntauth-unavailable";
@@ -323,6 +359,7 @@ impl Gateway {
             over_device_cap: device_slot.is_none(),
             io: Arc::clone(&io_watch),
             remembered: Remembered::default(),
+            long_poll_holder: std::sync::Mutex::new(None),
         });
         let holds_long_poll = Arc::clone(&device.long_polls);
         // Each request's upstream exchange (client.rs) runs within this connection's task.
@@ -334,14 +371,27 @@ impl Gateway {
             // connections past its cap.
             connection.refuse_at_once();
         }
-        let plan = tokio::select! {
-            result = poll_fn(|cx| connection.poll_run(cx)) => {
-                if let Err(e) = result {
-                    self.connection_failed(&e, &io_watch, peer);
+        // With [fleet]: a block that names the long poll held here closes the connection.
+        let mut blocks = self.fleet.as_ref().map(|fleet| fleet.blocks());
+        let plan = loop {
+            tokio::select! {
+                result = poll_fn(|cx| connection.poll_run(cx)) => {
+                    if let Err(e) = result {
+                        self.connection_failed(&e, &io_watch, peer);
+                    }
+                    return;
                 }
-                return;
+                _ = drain.changed() => break *drain.borrow(),
+                list = block_list_change(&mut blocks) => {
+                    if connection.device().long_poll_blocked(&list) {
+                        tracing::info!(target: "seg::fleet", %peer, "a held long poll closed: its device is blocked");
+                        if let Some(fleet) = &self.fleet {
+                            fleet.count_closed_long_poll();
+                        }
+                        return;
+                    }
+                }
             }
-            _ = drain.changed() => *drain.borrow(),
         };
         let Some(plan) = plan else {
             return;
@@ -532,6 +582,18 @@ impl Gateway {
         let activesync = &self.config.activesync;
         let netbios_domain = self.config.identity.netbios_domain.as_deref();
         let eas = &record.eas;
+        let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
+        if let Some(fleet) = &self.fleet {
+            let blocked = fleet.blocked(
+                eas.device_id.as_deref(),
+                Some(sam),
+                &device.fingerprint.hex(),
+            );
+            if let Some(block) = blocked {
+                tracing::info!(target: "seg::fleet", peer = %device.peer, block, "request of a blocked device refused");
+                return Err(Stop::policy_closing(Refusal::PolicyDenied(BLOCKED)));
+            }
+        }
         if activesync.bind_user && !user_matches(eas.user.as_deref(), account, netbios_domain) {
             let code = crate::policy::PolicyDenial::UserMismatch.code();
             return Err(Stop::policy(Refusal::PolicyDenied(code)));
@@ -545,10 +607,18 @@ impl Gateway {
             Err(denial) => return Err(Stop::policy(Refusal::PolicyDenied(denial.code()))),
         };
         let long_poll = if eas.is_long_poll() {
-            let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
             let device_id = eas.device_id.as_deref().unwrap_or("");
             match self.long_polls.acquire(sam, device_id, &device.long_polls) {
-                Ok(guard) => Some(guard),
+                Ok(guard) => {
+                    if self.fleet.is_some() {
+                        *device
+                            .long_poll_holder
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) =
+                            Some((device_id.into(), sam.into()));
+                    }
+                    Some(guard)
+                }
                 Err(cap) => return Err(Stop::policy(Refusal::Busy(cap.code()))),
             }
         } else {

@@ -1,0 +1,224 @@
+//! Device blocks written once for the whole fleet (`seg block`), applied by every replica.
+//!
+//! The list lives in one store hash, `<prefix>blocks`: a field per block, named by what it
+//! blocks in canonical form (`device:<DeviceId, upper case>`, `account:<sAMAccountName, lower
+//! case>`, `certificate:<SHA-256 of the certificate, lower-case hex>`), its value a small JSON
+//! record (reason, when, by whom). Each replica reads the whole hash every
+//! `fleet.block_poll_interval`, publishes it to its connections (a held Ping of a blocked
+//! device is closed) and keeps a copy in `fleet.block_file`, read at start, so a replica that
+//! restarts while the store is down still enforces the last list it knew.
+//!
+//! A block only refuses: whoever controls the store can add or remove blocks (a denial of
+//! service, or a lost phone let back in), never admit a device seg would refuse without it.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// What a block names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// An ActiveSync DeviceId.
+    Device,
+    /// An account, by `sAMAccountName`.
+    Account,
+    /// A device certificate, by its SHA-256.
+    Certificate,
+}
+
+impl BlockKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            BlockKind::Device => "device:",
+            BlockKind::Account => "account:",
+            BlockKind::Certificate => "certificate:",
+        }
+    }
+
+    /// The field naming `value` in the block list: the canonical form every replica compares.
+    /// DeviceIds are compared without case (as Exchange does), accounts too (AD does).
+    pub fn field(self, value: &str) -> String {
+        let value = match self {
+            BlockKind::Device => value.to_ascii_uppercase(),
+            BlockKind::Account | BlockKind::Certificate => value.to_ascii_lowercase(),
+        };
+        format!("{}{value}", self.prefix())
+    }
+}
+
+/// One block, as `seg block` wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub reason: String,
+    /// When it was written, Unix seconds.
+    pub at: i64,
+    /// Who wrote it (the user running `seg block`, and the host).
+    #[serde(default)]
+    pub by: String,
+}
+
+/// The fleet's block list, by field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockList {
+    pub blocks: BTreeMap<String, Block>,
+}
+
+impl BlockList {
+    /// The list from the store's hash; fields or values that are not blocks are skipped.
+    pub fn from_fields(fields: BTreeMap<String, String>) -> BlockList {
+        let blocks = fields
+            .into_iter()
+            .filter(|(field, _)| {
+                [
+                    BlockKind::Device,
+                    BlockKind::Account,
+                    BlockKind::Certificate,
+                ]
+                .iter()
+                .any(|kind| field.starts_with(kind.prefix()))
+            })
+            .filter_map(|(field, value)| Some((field, serde_json::from_str(&value).ok()?)))
+            .collect();
+        BlockList { blocks }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// The block that applies to a request of this device, account and certificate, if any.
+    pub fn find(
+        &self,
+        device_id: Option<&str>,
+        account: Option<&str>,
+        certificate_hex: &str,
+    ) -> Option<(&str, &Block)> {
+        if self.blocks.is_empty() {
+            return None;
+        }
+        let fields = [
+            device_id.map(|d| BlockKind::Device.field(d)),
+            account.map(|a| BlockKind::Account.field(a)),
+            Some(BlockKind::Certificate.field(certificate_hex)),
+        ];
+        fields
+            .into_iter()
+            .flatten()
+            .find_map(|field| self.blocks.get_key_value(&field))
+            .map(|(field, block)| (field.as_str(), block))
+    }
+
+    /// The list kept on local disk, if there is one.
+    pub fn read(path: &Path) -> Result<Option<BlockList>, String> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes the list with mode 0600 through a temporary file and a rename.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(&json)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS`, UTC.
+pub fn utc(unix: i64) -> String {
+    let unix = u64::try_from(unix).unwrap_or(0);
+    let (year, month, day) = crate::clock::civil_from_days(unix / 86_400);
+    let seconds = unix % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        seconds / 3_600,
+        seconds % 3_600 / 60,
+        seconds % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(reason: &str) -> String {
+        serde_json::to_string(&Block {
+            reason: reason.into(),
+            at: 1,
+            by: "ops".into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn blocks_match_in_canonical_form_only() {
+        let list = BlockList::from_fields(BTreeMap::from([
+            (BlockKind::Device.field("Appl4Lost"), block("lost")),
+            (BlockKind::Account.field("Mallory"), block("left")),
+            (BlockKind::Certificate.field("ABCD"), block("stolen")),
+            ("device:JUNK".into(), "not json".into()),
+            ("other:thing".into(), block("ignored")),
+        ]));
+        assert_eq!(list.blocks.len(), 3);
+        let find = |d, a, c| {
+            list.find(d, a, c)
+                .map(|(field, b)| (field.to_string(), b.reason.clone()))
+        };
+        assert_eq!(
+            find(Some("appl4lost"), Some("alice"), "00"),
+            Some(("device:APPL4LOST".into(), "lost".into()))
+        );
+        assert_eq!(
+            find(Some("OTHER"), Some("MALLORY"), "00"),
+            Some(("account:mallory".into(), "left".into()))
+        );
+        assert_eq!(
+            find(None, None, "abcd"),
+            Some(("certificate:abcd".into(), "stolen".into()))
+        );
+        assert_eq!(find(Some("APPL4LOST2"), Some("alice"), "abcde"), None);
+        assert_eq!(find(Some("JUNK"), None, "00"), None);
+    }
+
+    #[test]
+    fn times_print_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_796_563_845), "2026-12-06 13:30:45");
+    }
+
+    #[test]
+    fn the_local_copy_round_trips_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("seg-blocks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("blocks.json");
+        assert_eq!(BlockList::read(&path), Ok(None));
+        let list = BlockList::from_fields(BTreeMap::from([(
+            BlockKind::Device.field("X1"),
+            block("lost"),
+        )]));
+        list.write(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(BlockList::read(&path), Ok(Some(list)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
