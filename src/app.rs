@@ -403,7 +403,8 @@ impl App {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx.clone())),
-            tokio::spawn(poll_blocks(Arc::clone(&live), shutdown_rx)),
+            tokio::spawn(poll_blocks(Arc::clone(&live), shutdown_rx.clone())),
+            tokio::spawn(write_snapshots(Arc::clone(&live), shutdown_rx)),
         ];
         tracing::info!(target: "seg::listener", %listen_addr, %admin_addr, "seg serving");
         Ok(Running {
@@ -521,7 +522,7 @@ impl Running {
         let _ = self.serving.await;
         let gateway = self.live.load();
         if let Some(path) = &gateway.config.cache.snapshot_file {
-            write_snapshot(&gateway.resolver, path);
+            write_snapshot(&gateway.resolver, path, true);
         }
         let _ = self.shutdown.send(true);
         for task in self.tasks {
@@ -556,12 +557,19 @@ async fn restore_snapshot(resolver: &Resolver, path: &std::path::Path) {
     }
 }
 
-fn write_snapshot(resolver: &Resolver, path: &std::path::Path) {
+/// Writes the snapshot; `at_stop` is the last write of the process (logged at info; the
+/// periodic ones at debug). One write at a time: they share the temporary file.
+fn write_snapshot(resolver: &Resolver, path: &std::path::Path, at_stop: bool) {
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     let snapshot = resolver.snapshot();
     let entries = snapshot.entries.len();
     match snapshot.write(path) {
-        Ok(()) => {
+        Ok(()) if at_stop => {
             tracing::info!(target: "seg::identity", file = %path.display(), entries, "identity cache written to its snapshot");
+        }
+        Ok(()) => {
+            tracing::debug!(target: "seg::identity", file = %path.display(), entries, "identity cache written to its snapshot");
         }
         Err(e) => {
             tracing::warn!(target: "seg::identity", file = %path.display(), error = %e, "identity-cache snapshot not written");
@@ -594,6 +602,24 @@ pub fn files_signature(files: &[std::path::PathBuf]) -> Vec<Option<(std::time::S
 }
 
 /// Keeps `/readyz` and `seg_dependency_up` current.
+/// With `cache.snapshot_file`: writes the snapshot every `cache.snapshot_interval`, off the
+/// runtime's threads (a large cache takes tens of milliseconds to write).
+async fn write_snapshots(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let interval = live.load().config.cache.snapshot_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let gateway = live.load();
+        let Some(path) = gateway.config.cache.snapshot_file.clone() else {
+            continue;
+        };
+        let resolver = Arc::clone(&gateway.resolver);
+        let _ = tokio::task::spawn_blocking(move || write_snapshot(&resolver, &path, false)).await;
+    }
+}
+
 /// With `[fleet]`: reads the fleet's block list every `fleet.block_poll_interval`.
 async fn poll_blocks(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
     loop {

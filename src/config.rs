@@ -342,8 +342,12 @@ pub struct CacheConfig {
     pub max_queued_lookups: usize,
     /// Deadline for resolving a device not in the cache.
     pub lookup_timeout: Duration,
-    /// Where the admitted identities are written at shutdown and read at start.
+    /// Where the admitted identities are written (every `snapshot_interval` and at
+    /// shutdown) and read at start.
     pub snapshot_file: Option<PathBuf>,
+    /// How often the snapshot is written while seg runs, so a restart after a crash or a
+    /// `kill -9` starts warm too.
+    pub snapshot_interval: Duration,
 }
 
 /// Certificate-to-account mapping.
@@ -776,7 +780,11 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
         max_queued_lookups: s.integer("max_queued_lookups", 20_000, 0, p),
         lookup_timeout: s.duration("lookup_timeout", "5s", p),
         snapshot_file: s.writable_file("snapshot_file", p),
+        snapshot_interval: s.duration("snapshot_interval", "1m", p),
     };
+    if cache.snapshot_interval.is_zero() {
+        p.push("cache.snapshot_interval", "must be more than zero");
+    }
     if cache.soft_ttl > cache.hard_ttl {
         p.push("cache.soft_ttl", "must not exceed cache.hard_ttl");
     }

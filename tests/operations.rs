@@ -3,11 +3,12 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use seg::demo::pki::LeafSpec;
-use support::lab::{eas_target, Lab, Pki, TlsVersion, CA_AD_NAME};
+use support::lab::{eas_target, metric_value, Lab, Pki, TlsVersion, CA_AD_NAME};
 use support::slapd::UserSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -153,7 +154,29 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // A keep-alive connection idle when the drain begins, and one that stays idle (from
+    // another certificate of alice's: the first has its connection cap's worth open).
+    let tablet = alice(&lab.pki);
+    let mut idle = client
+        .connect(Some(&tablet), TlsVersion::Any)
+        .await
+        .unwrap();
+    let r = idle
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let mut silent = client
+        .connect(Some(&tablet), TlsVersion::Any)
+        .await
+        .unwrap();
+    let r = silent
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
 
+    let metrics = Arc::clone(&lab.seg.metrics);
     let Lab {
         seg,
         pki,
@@ -182,21 +205,32 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
             .is_err(),
         "accepted during drain"
     );
-    // The short request in flight finishes.
+    // The short request in flight finishes, told to close.
     let r = slow.read_response().await.unwrap();
     assert_eq!(r.status, 200, "a short request was cut by the drain");
-    // The held Pings close one by one over the window, none after it.
+    assert_eq!(r.header("connection"), Some("close"));
+    // The idle connection's next request is served, not met with a bare close, and told
+    // to close: the device reconnects elsewhere after a completed exchange.
+    let r = idle
+        .request("POST", &eas_target("Sync", "alice"), &[], b"")
+        .await
+        .expect("a request on an idle connection during the drain");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    // The held Pings are answered 503 + Retry-After + close one by one over the window,
+    // none after it: never a bare close.
     let watchers: Vec<_> = held
         .into_iter()
         .map(|mut conn| {
             tokio::spawn(async move {
                 let result =
                     tokio::time::timeout(window + Duration::from_secs(3), conn.read_response())
-                        .await;
-                assert!(
-                    matches!(result, Ok(Err(_))),
-                    "a held Ping got an answer or outlived the drain"
-                );
+                        .await
+                        .expect("a held Ping outlived the drain")
+                        .expect("a held Ping was closed without an answer");
+                assert_eq!(result.status, 503);
+                assert_eq!(result.header("retry-after"), Some("1"));
+                assert_eq!(result.header("connection"), Some("close"));
                 started.elapsed()
             })
         })
@@ -221,6 +255,20 @@ async fn a_drain_lets_requests_finish_and_spreads_long_poll_closes() {
         .unwrap();
     // Closing them aborted the upstream requests too.
     assert_eq!(upstream.aborted_holds(), 6);
+    assert_eq!(
+        metric_value(&metrics.render(), "seg_drained_connections_total"),
+        6.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics.render(),
+            "seg_requests_total{command=\"Ping\",status_class=\"5xx\"}"
+        ),
+        6.0
+    );
+    // The connection idle through the whole window was closed at its end.
+    let mut byte = [0u8; 1];
+    assert!(matches!(silent.read_some(&mut byte).await, Ok(0) | Err(_)));
     drop(slapd);
 }
 
@@ -332,7 +380,10 @@ async fn a_restart_keeps_the_identity_cache_through_its_snapshot() {
         200
     );
     assert_eq!(lab.metric(searches), 1.0);
-    assert!(!snapshot.exists(), "written at shutdown, not before");
+    assert!(
+        !snapshot.exists(),
+        "written at shutdown and every snapshot_interval (1m), not before"
+    );
 
     // Restart: alice is served from the restored cache, no search.
     let lab = lab.reconfigure(|text| text.to_string()).await;
@@ -393,4 +444,41 @@ async fn a_restart_keeps_the_identity_cache_through_its_snapshot() {
         status(lab.client().post(Some(&alice), &sync, &[]).await),
         503
     );
+}
+
+/// The snapshot is also written while seg runs (`cache.snapshot_interval`): a replica that
+/// never stopped cleanly (`kill -9`, a crashed node) leaves one, and its successor starts
+/// warm from it.
+#[tokio::test]
+async fn the_snapshot_is_written_while_seg_runs() {
+    let pki = Pki::new();
+    let alice = alice(&pki);
+    let snapshot = pki.dir.path().join("identity-cache.json");
+    let extra = format!(
+        "[cache]\nsnapshot_file = \"{}\"\nsnapshot_interval = \"200ms\"\n",
+        snapshot.display()
+    );
+    let lab = Lab::start_with(pki, accounts(), &extra).await;
+    let sync = eas_target("Sync", "alice");
+    let r = lab.client().post(Some(&alice), &sync, &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&snapshot).is_ok_and(|t| t.contains("alice")) {
+        assert!(Instant::now() < deadline, "no snapshot while running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A second process started from it, the first never stopped: alice without a search.
+    let successor = support::lab::start_seg(&lab.config_path).await;
+    let client = support::lab::Client::new(successor.listen_addr, &lab.pki.ca_path);
+    let r = client.post(Some(&alice), &sync, &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        metric_value(
+            &successor.metrics.render(),
+            "seg_directory_searches_total{result=\"ok\"}"
+        ),
+        0.0,
+        "the successor searched instead of reading the snapshot"
+    );
+    successor.stop().await;
 }

@@ -34,8 +34,8 @@ pub struct AuditRecord {
     pub subject: AuditSubject,
     pub eas: EasRequest,
     pub status: u16,
-    /// `forwarded`, `denied`, `unavailable`, `refused`, `throttled`, `upstream-error` or
-    /// `abandoned`.
+    /// `forwarded`, `denied`, `unavailable`, `refused`, `throttled`, `upstream-error`,
+    /// `abandoned` or `drained`.
     pub decision: &'static str,
     pub reason: &'static str,
     /// The KDC event a domain controller would log for the same refusal (39, 40, 41, 21).
@@ -55,12 +55,20 @@ pub struct AuditRecord {
 
 impl Drop for AuditRecord {
     /// A record dropped unwritten belongs to a request the device abandoned before any
-    /// response (a held Ping whose device went away): written as 499, as nginx does.
+    /// response (a held Ping whose device went away): written as 499, as nginx does. One
+    /// that a drain cut was answered 503 (`Retry-After`) by the connection: `drained`.
     fn drop(&mut self) {
         if !self.written {
-            self.status = 499;
-            self.decision = "abandoned";
-            self.finish(0, false);
+            if self.device_io.cut_by_drain() {
+                self.status = 503;
+                self.decision = "drained";
+                self.reason = "drain";
+                self.finish(0, true);
+            } else {
+                self.status = 499;
+                self.decision = "abandoned";
+                self.finish(0, false);
+            }
         }
     }
 }

@@ -51,6 +51,18 @@ const GATHER: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 256 * 1024;
 
+/// The answer to a request a drain cannot serve: try again (elsewhere) in a second.
+fn drained_response(date: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\
+          Connection: close\r\nDate: ",
+    );
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\n\r\n");
+    out
+}
+
 /// Why a connection ended other than cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -214,10 +226,34 @@ impl DeviceConn {
         self.state = self.dispatch(head);
     }
 
-    /// No new requests: an idle connection closes at its next poll, a busy one after its
-    /// response.
+    /// A drain began: the connection serves one more request, answered with `Connection:
+    /// close`, so the device learns from a completed exchange to reconnect (to another
+    /// replica); a busy connection closes after its current response. An idle connection is
+    /// not closed now, since a request may be on its way: it waits for one until
+    /// [`DeviceConn::end_drain`].
     pub fn drain(&mut self) {
         self.draining = true;
+    }
+
+    /// The drain's moment for this connection has come: whatever request is unfinished is
+    /// answered `503` with `Retry-After` and the connection closes, so no device sees a bare
+    /// close where it sent a request. A held long poll's upstream exchange is dropped (its
+    /// audit record says `drained`); an idle connection with nothing of a request closes.
+    /// Returns whether a request was unfinished.
+    pub fn end_drain(&mut self) -> Result<bool, ConnectionError> {
+        let unanswered = match &self.state {
+            State::Handling(_) => true,
+            State::Idle => !self.buf.is_empty() || self.tls.has_partial_record(),
+            State::Responding(_) | State::Closing | State::Lingering(..) => false,
+        };
+        self.device.io.mark_cut_by_drain();
+        // Dropping the request's work writes its audit record (`drained`).
+        self.state = State::Closing;
+        if unanswered {
+            self.tls.send(&drained_response(&date()))?;
+            self.linger = true;
+        }
+        Ok(unanswered)
     }
 
     /// Serves requests until the connection ends. Its state lives in `self`, so the future
@@ -251,9 +287,6 @@ impl DeviceConn {
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<Result<State, ConnectionError>> {
         loop {
-            if self.draining {
-                return Poll::Ready(Ok(State::Closing));
-            }
             if self.head_scan.may_be_complete(&self.buf, MAX_REQUEST_HEAD) {
                 match http1::parse_request_head(&self.buf, MAX_REQUEST_HEAD) {
                     Ok(Some((head, used))) => {

@@ -396,7 +396,8 @@ impl Gateway {
         let Some(plan) = plan else {
             return;
         };
-        // No new requests; the one in flight may finish, a held long poll until its moment.
+        // One more request, answered with `Connection: close`; the one in flight may finish,
+        // a held long poll until its moment in the window.
         connection.drain();
         let close_at = if holds_long_poll.load(Ordering::Acquire) > 0 {
             plan.spread()
@@ -408,10 +409,20 @@ impl Gateway {
                 if let Err(e) = result {
                     self.connection_failed(&e, &io_watch, peer);
                 }
+                return;
             }
-            _ = tokio::time::sleep_until(close_at.into()) => {
+            _ = tokio::time::sleep_until(close_at.into()) => {}
+        }
+        // Its moment: an unfinished request is answered 503 + Retry-After, then close.
+        if let Ok(unfinished) = connection.end_drain() {
+            if unfinished {
                 self.metrics.drained_connections.inc();
             }
+            let _ = tokio::time::timeout(
+                self.config.listen.write_timeout,
+                poll_fn(|cx| connection.poll_run(cx)),
+            )
+            .await;
         }
     }
 

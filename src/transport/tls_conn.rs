@@ -65,6 +65,9 @@ pub struct IoWatch {
     write_timed_out: AtomicBool,
     /// The device sent bytes since seg last wrote: a request (head) is on its way.
     read_since_write: AtomicBool,
+    /// seg ended the connection itself to finish a drain (a held long poll cut at its
+    /// moment in the drain window).
+    cut_by_drain: AtomicBool,
 }
 
 impl IoWatch {
@@ -75,6 +78,16 @@ impl IoWatch {
     /// Whether the device sent anything since seg last wrote (or since `forget_reads`).
     pub fn read_since_write(&self) -> bool {
         self.read_since_write.load(Ordering::Acquire)
+    }
+
+    /// Whether seg ended the connection to finish a drain.
+    pub fn cut_by_drain(&self) -> bool {
+        self.cut_by_drain.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection as ended by the drain, before its request is dropped.
+    pub fn mark_cut_by_drain(&self) {
+        self.cut_by_drain.store(true, Ordering::Release);
     }
 
     /// Forgets the handshake's bytes, so a connection silent after it counts as idle.
