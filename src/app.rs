@@ -403,7 +403,7 @@ impl App {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx.clone())),
-            tokio::spawn(poll_blocks(Arc::clone(&live), shutdown_rx.clone())),
+            tokio::spawn(fleet_upkeep(Arc::clone(&live), shutdown_rx.clone())),
             tokio::spawn(write_snapshots(Arc::clone(&live), shutdown_rx)),
         ];
         tracing::info!(target: "seg::listener", %listen_addr, %admin_addr, "seg serving");
@@ -620,13 +620,19 @@ async fn write_snapshots(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// With `[fleet]`: reads the fleet's block list every `fleet.block_poll_interval`.
-async fn poll_blocks(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+/// With `[fleet]`: reads the fleet's block list every `fleet.block_poll_interval`, and
+/// renews the leases of the long polls this replica counts in the store.
+async fn fleet_upkeep(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+    let mut renewed = std::time::Instant::now();
     loop {
         let Some(fleet) = live.load().fleet.clone() else {
             return;
         };
         fleet.refresh_blocks().await;
+        if renewed.elapsed() >= crate::fleet::caps::LEASE / 3 {
+            fleet.renew_long_polls().await;
+            renewed = std::time::Instant::now();
+        }
         tokio::select! {
             _ = tokio::time::sleep(fleet.block_poll_interval()) => {}
             _ = shutdown.changed() => return,

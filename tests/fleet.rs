@@ -38,12 +38,12 @@ impl Fleet {
         let upstream = EchoUpstream::start(([127, 0, 0, 1], 0).into())
             .await
             .expect("echo upstream");
-        Fleet::start_with(users, upstream).await
+        Fleet::start_with(users, upstream, "").await
     }
 
     /// Replica `n`'s configuration is `seg-r<n>.toml` in the PKI's directory; each keeps its
     /// copy of the block list in `blocks-r<n>.json` there.
-    async fn start_with(users: &[&str], upstream: EchoUpstream) -> Fleet {
+    async fn start_with(users: &[&str], upstream: EchoUpstream, extra: &str) -> Fleet {
         let pki = Pki::new();
         let redis = Redis::start();
         let slapd = tokio::task::block_in_place(|| {
@@ -56,7 +56,7 @@ impl Fleet {
             let fleet = format!(
                 "\n[fleet]\nurl = \"{url}\"\nkey_file = \"{keys}\"\nreplica = \"r{n}\"\n\
                  timeout = \"50ms\"\nblock_poll_interval = \"200ms\"\n\
-                 block_file = \"{dir}/blocks-r{n}.json\"\n",
+                 block_file = \"{dir}/blocks-r{n}.json\"\n{extra}",
                 url = redis.url(),
                 keys = key_file.display(),
                 dir = pki.dir.path().display(),
@@ -417,7 +417,7 @@ async fn a_block_reaches_every_replica_and_closes_a_held_ping() {
     let upstream = EchoUpstream::start_holding(([127, 0, 0, 1], 0).into(), Duration::from_secs(60))
         .await
         .expect("holding echo upstream");
-    let mut fleet = Fleet::start_with(&["alice", "bob"], upstream).await;
+    let mut fleet = Fleet::start_with(&["alice", "bob"], upstream, "").await;
     let (alice, bob) = (fleet.device("alice"), fleet.device("bob"));
     let lost_phone =
         "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alice&DeviceId=ALICEPHONE&DeviceType=iPhone";
@@ -526,5 +526,105 @@ async fn a_block_reaches_every_replica_and_closes_a_held_ping() {
         .await_status(0, &bob, &eas_target("Sync", "bob"), 403)
         .await;
     fleet.await_status(0, &alice, lost_phone, 200).await;
+    fleet.stop().await;
+}
+
+/// A Ping of `device_id` on `replica`: `Ok(connection)` while it is held, `Err(status)` when
+/// it was answered at once (refused).
+async fn hold(
+    fleet: &Fleet,
+    replica: usize,
+    device: &Device,
+    device_id: &str,
+) -> Result<support::lab::Connection, u16> {
+    let mut conn = fleet
+        .client(replica)
+        .connect(Some(device), TlsVersion::Any)
+        .await
+        .expect("connect");
+    let ping = format!(
+        "/Microsoft-Server-ActiveSync?Cmd=Ping&User=alice&DeviceId={device_id}&DeviceType=iPhone"
+    );
+    conn.send_raw(
+        format!("POST {ping} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    match tokio::time::timeout(Duration::from_millis(500), conn.read_response()).await {
+        Ok(Ok(response)) => Err(response.status),
+        Ok(Err(e)) => panic!("the Ping's connection failed: {e}"),
+        Err(_) => Ok(conn),
+    }
+}
+
+/// The long-poll caps count the whole fleet: a device or account spread over replicas gets
+/// its allowance once; a poll that ends frees its place everywhere; the polls of a replica
+/// that died stop counting when their lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_caps_hold_across_replicas() {
+    let upstream = EchoUpstream::start_holding(([127, 0, 0, 1], 0).into(), Duration::from_secs(60))
+        .await
+        .expect("holding echo upstream");
+    let caps = "[activesync]\nmax_long_polls_per_device = 2\nmax_long_polls_per_account = 3\n";
+    let fleet = Fleet::start_with(&["alice"], upstream, caps).await;
+    let alice = fleet.device("alice");
+    let refused = |replica: usize, cap: &str| {
+        fleet.metric(
+            replica,
+            &format!("seg_policy_refusals_total{{reason=\"long-poll-cap-{cap}\"}}"),
+        )
+    };
+
+    // The phone's two Pings on r1 and r2: a third on r3 is over the device's cap.
+    let phone_r1 = hold(&fleet, 0, &alice, "PHONE").await.expect("held on r1");
+    let _phone_r2 = hold(&fleet, 1, &alice, "PHONE").await.expect("held on r2");
+    assert_eq!(hold(&fleet, 2, &alice, "phone").await.err(), Some(503));
+    assert_eq!(refused(2, "device"), 1.0);
+    // The tablet's takes the account's third place; a watch's is over the account's cap.
+    let _tablet = hold(&fleet, 2, &alice, "TABLET").await.expect("held on r3");
+    assert_eq!(hold(&fleet, 0, &alice, "WATCH").await.err(), Some(503));
+    assert_eq!(refused(0, "account"), 1.0);
+
+    // A Ping that ends frees its place on every replica.
+    drop(phone_r1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _watch = loop {
+        match hold(&fleet, 1, &alice, "WATCH").await {
+            Ok(conn) => break conn,
+            Err(status) => assert_eq!(status, 503),
+        }
+        assert!(Instant::now() < deadline, "the ended Ping still counts");
+    };
+
+    // A replica that died (r9, never renewing) holds the laptop's two places until its
+    // leases end.
+    let mut store = fleet.redis.client();
+    let until = seg::fleet::unix_now_ms() + 1_500;
+    for member in ["r9:1:1", "r9:1:2"] {
+        let _: () = redis::cmd("ZADD")
+            .arg("seg:lp:dev:alice:LAPTOP")
+            .arg(until)
+            .arg(member)
+            .query(&mut store)
+            .expect("ZADD");
+    }
+    drop(_watch);
+    assert_eq!(hold(&fleet, 2, &alice, "LAPTOP").await.err(), Some(503));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _laptop = loop {
+        match hold(&fleet, 2, &alice, "LAPTOP").await {
+            Ok(conn) => break conn,
+            Err(status) => assert_eq!(status, 503),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a dead replica's polls never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seg::fleet::unix_now_ms() >= until,
+        "a dead replica's polls stopped counting before their lease ended"
+    );
     fleet.stop().await;
 }

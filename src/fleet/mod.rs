@@ -14,6 +14,7 @@
 //! down.
 
 pub mod blocks;
+pub mod caps;
 pub mod seal;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,10 @@ pub struct Fleet {
     blocks: watch::Sender<Arc<BlockList>>,
     block_file: Option<PathBuf>,
     block_poll_interval: Duration,
+    /// The long polls this replica counts in the store.
+    leases: caps::Leases,
+    /// Distinguishes this process's lease names from an earlier one of the same replica.
+    incarnation: u64,
 }
 
 impl Fleet {
@@ -160,6 +165,8 @@ impl Fleet {
             blocks: watch::Sender::new(Arc::new(known)),
             block_file: config.block_file.clone(),
             block_poll_interval: config.block_poll_interval,
+            leases: caps::Leases::default(),
+            incarnation: unix_now_ms(),
             store,
             prefix: config.key_prefix.clone(),
             replica: config.replica.clone(),
@@ -441,6 +448,13 @@ fn read_keys(path: &std::path::Path) -> Result<Keys, FleetError> {
     crate::secrets::read_secret_lines(path)
         .map(|secrets| Keys::from_secrets(&secrets))
         .map_err(|e| error("key_file", e))
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Now, in Unix seconds.

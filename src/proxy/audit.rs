@@ -46,6 +46,8 @@ pub struct AuditRecord {
     pub policy: &'static str,
     /// Held while a long poll is in flight; released with the record.
     pub long_poll: Option<crate::policy::LongPollGuard>,
+    /// With `[fleet]`: the same long poll counted across the fleet; released with the record.
+    pub fleet_lease: Option<crate::fleet::caps::LongPollLease>,
     /// The device connection's socket: a response cut because the device stopped reading
     /// is written with reason `response-write-timeout`.
     pub device_io: Arc<IoWatch>,
@@ -94,6 +96,7 @@ impl AuditRecord {
             metrics: Arc::clone(metrics),
             policy: "",
             long_poll: None,
+            fleet_lease: None,
             device_io: Arc::clone(device_io),
             written: false,
         }

@@ -34,10 +34,11 @@ pub use refusal::{Fault, Refusal, RETRY_AFTER_SECS, REVOCATION_UNAVAILABLE};
 use crate::activesync::{EasRequest, QueryForm};
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::fleet::caps::FleetCap;
 use crate::identity::resolver::{Decision, Remembered, Resolver};
 use crate::identity::{CertFingerprint, DenyReason, Identity};
 use crate::metrics::Metrics;
-use crate::policy::{check_device, rules_for, user_matches, LongPolls, PolicyDenial};
+use crate::policy::{check_device, rules_for, user_matches, LongPollCap, LongPolls, PolicyDenial};
 use crate::revocation::online::Verdict;
 use crate::revocation::CurrentRevocation;
 use crate::tls::ntauth::NtAuthVerdict;
@@ -465,7 +466,7 @@ impl Gateway {
         ) {
             return Handled::Answered(self.stop(stop, record));
         }
-        match self.prepare(request, &identity, &device, &record).await {
+        match self.prepare(request, &identity, &device, &mut record).await {
             Ok((outgoing, principal)) => Handled::Forward(Box::new(Forward {
                 record,
                 outgoing,
@@ -649,8 +650,33 @@ impl Gateway {
         request: Request<RequestBody>,
         identity: &Identity,
         device: &DeviceConnection,
-        record: &AuditRecord,
+        record: &mut AuditRecord,
     ) -> Result<(Box<Outgoing>, Option<Arc<str>>), Stop> {
+        // A long poll counts against the caps of the whole fleet too (the local caps were
+        // checked by `police`; they alone apply while the store does not answer).
+        if let (Some(fleet), Some(_)) = (&self.fleet, &record.long_poll) {
+            let activesync = &self.config.activesync;
+            let account = &identity.account;
+            let sam = account.sam_account_name.as_deref().unwrap_or(&account.dn);
+            let device_id = record.eas.device_id.as_deref().unwrap_or("");
+            let taken = Box::pin(fleet.acquire_long_poll(
+                sam,
+                device_id,
+                activesync.max_long_polls_per_device,
+                activesync.max_long_polls_per_account,
+            ))
+            .await;
+            match taken {
+                FleetCap::Taken(lease) => record.fleet_lease = Some(lease),
+                FleetCap::Unknown => {}
+                FleetCap::DeviceFull => {
+                    return Err(Stop::policy(Refusal::Busy(LongPollCap::Device.code())));
+                }
+                FleetCap::AccountFull => {
+                    return Err(Stop::policy(Refusal::Busy(LongPollCap::Account.code())));
+                }
+            }
+        }
         // Both Kerberos steps are boxed, like the identity miss path: their state would
         // otherwise enlarge every connection's request future in header mode too.
         let delegated = match &self.delegation {
