@@ -30,7 +30,9 @@
 //! level (VmRSS slopes), a restart under the held fleet (time until every device's re-issued
 //! Ping reached the upstream; seg's `seg_directory_searches_total`), for seg once more with
 //! its identity-cache snapshot (warm restart), and every device leaving during its held Ping
-//! (does the upstream see its request closed?).
+//! (does the upstream see its request closed?). Once, after the rounds (`replicas`): three seg
+//! replicas behind HAProxy in TCP mode, each alone and then sharing a redis-server
+//! (`[fleet]`), through a cold storm and a rolling restart (benches/fleet/replicas.rs).
 //!
 //! `FLEET_SEG_BIN=/path/to/seg` measures that seg binary instead of this build's (an earlier
 //! commit's, for a before/after in one session); `FLEET_SEG_AUDIT=stdout` has seg write its
@@ -45,6 +47,8 @@ mod http;
 mod ldif;
 #[path = "fleet/peers.rs"]
 mod peers;
+#[path = "fleet/replicas.rs"]
+mod replicas;
 #[path = "fleet/report.rs"]
 mod report;
 #[allow(dead_code)]
@@ -99,7 +103,7 @@ struct Opts {
 }
 
 /// The scenarios `--only` can pick.
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "handshakes",
     "keepalive",
     "latency",
@@ -109,6 +113,7 @@ const SCENARIOS: [&str; 9] = [
     "budget",
     "longpolls",
     "tlsupstream",
+    "replicas",
 ];
 
 impl Opts {
@@ -373,6 +378,7 @@ fn main() {
         .build()
         .expect("runtime");
     let mut direct = Vec::new();
+    let mut fleets = Vec::new();
     runtime.block_on(async {
         for round in 0..opts.rounds {
             eprintln!("fleet: round {} of {}", round + 1, opts.rounds);
@@ -395,6 +401,24 @@ fn main() {
                 .await;
             }
         }
+        // Three replicas behind an L4 front, alone and sharing a store (once, after the
+        // rounds; seg only).
+        if opts.runs("replicas") && kinds.contains(&Kind::Seg) {
+            let devices = fleet.len().min(9_000);
+            for shared in [false, true] {
+                eprintln!(
+                    "fleet: three replicas behind HAProxy, {} ({devices} devices)",
+                    if shared {
+                        "sharing a store"
+                    } else {
+                        "each alone"
+                    }
+                );
+                let figures = replicas::run(&setup, &fleet, devices, shared).await;
+                eprintln!("  {figures:?}");
+                fleets.push((shared, figures));
+            }
+        }
     });
 
     for proxies in proxies.iter_mut() {
@@ -408,6 +432,26 @@ fn main() {
         eprintln!("fleet: kept {}", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    for (shared, f) in &fleets {
+        report.notes.push(format!(
+            "Three seg replicas behind HAProxy (TCP, round robin), {}: {} devices' cold storm (two \
+             connections each) {:.1} s with {} directory searches; a first request {:.2} ms, a \
+             device's second (another replica) {:.2} ms; after a rolling restart (each replica \
+             cold), every device once more in {:.1} s with {} searches; {} requests refused \
+             (retried), {} lost.",
+            if *shared { "sharing a store ([fleet], redis-server)" } else { "each alone" },
+            f.devices,
+            f.storm_secs,
+            f.storm_searches,
+            f.first_ms,
+            f.second_ms,
+            f.restart_secs,
+            f.restart_searches,
+            f.refused,
+            f.lost
+        ));
     }
 
     // Facts of the run.

@@ -268,7 +268,7 @@ systemd_unit() {
 kubernetes_schemas() {
     local f version out rc=0 kind
     for version in "${K8S_VERSIONS[@]}"; do
-        for f in deploy/kubernetes/*.yaml; do
+        for f in deploy/kubernetes/*.yaml deploy/kubernetes/fleet-store/*.yaml; do
             kind=$(sed -n 's/^kind: *//p' "$f" | head -n1)
             case $kind in
             Kustomization | ServiceMonitor) continue ;; # not built-in kinds: see below
@@ -280,7 +280,7 @@ kubernetes_schemas() {
                 rc=1
             fi
         done
-        echo "Kubernetes $version schemas (strict: no unknown fields): $(cd deploy/kubernetes && ls *.yaml | grep -vxE 'kustomization.yaml|servicemonitor.yaml' | tr '\n' ' ')"
+        echo "Kubernetes $version schemas (strict: no unknown fields): $(cd deploy/kubernetes && ls *.yaml fleet-store/*.yaml | grep -vE '(^|/)kustomization.yaml$|servicemonitor.yaml' | tr '\n' ' ')"
     done
     return "$rc"
 }
@@ -315,6 +315,41 @@ files = {os.path.basename(f) for f in glob.glob("deploy/kubernetes/*.yaml")} - {
 if set(kust.get("resources", [])) != files:
     problem(f"kustomization.yaml resources {sorted(kust.get('resources', []))} != files {sorted(files)}")
 print(f"kustomization.yaml lists all {len(files)} manifests")
+
+# The fleet store (fleet-store/): its own kustomization, reachable from the seg pods only,
+# and allowed by seg's egress policy.
+store_docs = {}
+for f in sorted(glob.glob("deploy/kubernetes/fleet-store/*.yaml")):
+    for d in yaml.safe_load_all(open(f)):
+        if d:
+            store_docs.setdefault(d["kind"], []).append(d)
+store_kust = store_docs["Kustomization"][0]
+store_files = {os.path.basename(f) for f in glob.glob("deploy/kubernetes/fleet-store/*.yaml")} - {"kustomization.yaml"}
+if set(store_kust.get("resources", [])) != store_files:
+    problem(f"fleet-store/kustomization.yaml resources != files {sorted(store_files)}")
+store = store_docs["StatefulSet"][0]
+store_labels = store["spec"]["template"]["metadata"]["labels"]
+store_ports = {p["name"]: p["containerPort"] for p in store["spec"]["template"]["spec"]["containers"][0]["ports"]}
+store_svc = store_docs["Service"][0]
+if any(store_labels.get(k) != v for k, v in store_svc["spec"]["selector"].items()):
+    problem("fleet-store Service does not select the store's pods")
+store_np = store_docs["NetworkPolicy"][0]
+if any(store_labels.get(k) != v for k, v in store_np["spec"]["podSelector"]["matchLabels"].items()):
+    problem("fleet-store NetworkPolicy does not select the store's pods")
+for rule in store_np["spec"].get("ingress", []):
+    for peer in rule.get("from", []):
+        if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") != "gateway" or "namespaceSelector" in peer or "ipBlock" in peer:
+            problem("fleet-store NetworkPolicy admits more than the seg gateway pods")
+if store_np["spec"].get("egress") != [] or "Egress" not in store_np["spec"].get("policyTypes", []):
+    problem("fleet-store NetworkPolicy lets the store connect out")
+egress_np = one("NetworkPolicy", "seg-egress")
+if not any(
+    any(peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "fleet-store" for peer in rule.get("to", []))
+    and {p["port"] for p in rule.get("ports", [])} == {store_ports["store"]}
+    for rule in egress_np["spec"]["egress"]
+):
+    problem("seg-egress does not let seg reach the fleet store's port")
+print(f"fleet-store: Service and NetworkPolicy select the store; only seg gateway pods reach port {store_ports['store']}; seg-egress allows it")
 
 # ServiceMonitor: structural schema of the fields the Prometheus Operator reads.
 endpoint = {"type": "object", "additionalProperties": False, "properties": {

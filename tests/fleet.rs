@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,17 @@ impl Fleet {
     async fn start_with(users: &[&str], upstream: EchoUpstream, extra: &str) -> Fleet {
         let pki = Pki::new();
         let redis = Redis::start();
+        Fleet::start_on(users, upstream, extra, pki, redis).await
+    }
+
+    /// The same on a store the test set up (a secured one).
+    async fn start_on(
+        users: &[&str],
+        upstream: EchoUpstream,
+        extra: &str,
+        pki: Pki,
+        redis: Redis,
+    ) -> Fleet {
         let slapd = tokio::task::block_in_place(|| {
             start_slapd(&pki, users.iter().map(|u| UserSpec::with_upn(u)).collect())
         });
@@ -54,10 +66,10 @@ impl Fleet {
         let mut replicas = Vec::new();
         for n in 1..=3 {
             let fleet = format!(
-                "\n[fleet]\nurl = \"{url}\"\nkey_file = \"{keys}\"\nreplica = \"r{n}\"\n\
+                "\n[fleet]\n{store}key_file = \"{keys}\"\nreplica = \"r{n}\"\n\
                  timeout = \"50ms\"\nblock_poll_interval = \"200ms\"\n\
                  block_file = \"{dir}/blocks-r{n}.json\"\n{extra}",
-                url = redis.url(),
+                store = redis.fleet_config(),
                 keys = key_file.display(),
                 dir = pki.dir.path().display(),
             );
@@ -627,4 +639,187 @@ async fn long_poll_caps_hold_across_replicas() {
         "a dead replica's polls stopped counting before their lease ended"
     );
     fleet.stop().await;
+}
+
+/// The production shape of the store: TLS with client certificates and an ACL user limited
+/// to seg's keys. Decisions are shared through it; a replica with the wrong password is
+/// refused by the store and serves alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_over_tls_with_an_acl_user() {
+    let pki = Pki::new();
+    let client = pki.device(LeafSpec::device("seg-fleet-client"));
+    let redis = Redis::start_secured(support::redis::Secured {
+        ca: pki.ca_path.clone(),
+        server_cert: pki.server_cert.clone(),
+        server_key: pki.server_key.clone(),
+        client_cert: client.cert_path.clone(),
+        client_key: client.key_path.clone(),
+    });
+    let upstream = EchoUpstream::start(([127, 0, 0, 1], 0).into())
+        .await
+        .expect("echo upstream");
+    let fleet = Fleet::start_on(&["alice"], upstream, "", pki, redis).await;
+    let alice = fleet.device("alice");
+    for replica in 0..3 {
+        let (status, forwarded) = fleet.request(replica, &alice, "alice").await;
+        assert_eq!((status, forwarded.as_str()), (200, "alice@corp.test"));
+    }
+    assert_eq!(fleet.searches(), 1.0, "not shared over TLS");
+    assert_eq!(
+        fleet.total("seg_fleet_store_operations_total{operation=\"get\",result=\"ok\"}"),
+        2.0
+    );
+    // The ACL confines seg to its own keys.
+    let denied: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("other:key")
+        .arg("x")
+        .query(&mut fleet.redis.client());
+    assert!(denied.is_err(), "the ACL user wrote outside seg's prefix");
+    fleet.stop().await;
+}
+
+/// Restarts lose nothing: three replicas behind HAProxy (TCP, round robin) restarted one
+/// after another under keep-alive load (Syncs, and Pings the upstream holds). Every request
+/// sent gets an answer: a Sync on a draining replica is served with `Connection: close` (the
+/// client reconnects, HAProxy sends it to another replica), a Ping held there is answered
+/// 503 + `Retry-After` at its moment in the window; none meets a bare close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_behind_haproxy_loses_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let users = ["alice", "bob", "carol", "dave"];
+    let pki = Pki::new();
+    let redis = Redis::start();
+    let slapd = tokio::task::block_in_place(|| {
+        start_slapd(&pki, users.iter().map(|u| UserSpec::with_upn(u)).collect())
+    });
+    let upstream =
+        EchoUpstream::start_holding(([127, 0, 0, 1], 0).into(), Duration::from_millis(1500))
+            .await
+            .expect("holding echo upstream");
+    let key_file = pki.dir.write("fleet.keys", &format!("{KEY}\n"));
+    let directory = DirectoryRef::slapd(&slapd, &[slapd.ldaps_url()]);
+    let mut configs = Vec::new();
+    let mut addrs = Vec::new();
+    for n in 1..=3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let fleet = format!(
+            "\n[fleet]\n{}key_file = \"{}\"\nreplica = \"r{n}\"\n",
+            redis.fleet_config(),
+            key_file.display()
+        );
+        let text = config_text(&pki, &directory, upstream.addr, &fleet).replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"127.0.0.1:{port}\"\ndrain_window = \"1s\""),
+            1,
+        );
+        configs.push(pki.dir.write(&format!("seg-r{n}.toml"), &text));
+        addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    let mut replicas = Vec::new();
+    for config in &configs {
+        replicas.push(start_seg(config).await);
+    }
+    let haproxy = support::haproxy::Haproxy::start(&addrs);
+
+    #[derive(Default)]
+    struct Tally {
+        sent: AtomicUsize,
+        served: AtomicUsize,
+        drained: AtomicUsize,
+        other: AtomicUsize,
+        lost: AtomicUsize,
+        refused_connections: AtomicUsize,
+    }
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let user = users[i % users.len()];
+        let device = pki.device(LeafSpec::device(user).upn(&format!("{user}@corp.test")));
+        let cmd = if i % 4 == 3 { "Ping" } else { "Sync" };
+        let target = format!(
+            "/Microsoft-Server-ActiveSync?Cmd={cmd}&User={user}&DeviceId=LOAD{i}&DeviceType=iPhone"
+        );
+        let client = Client::new(haproxy.addr, &pki.ca_path);
+        let (tally, stop) = (Arc::clone(&tally), Arc::clone(&stop));
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let Ok(mut conn) = client.connect(Some(&device), TlsVersion::Any).await else {
+                    tally.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                while !stop.load(Ordering::Acquire) {
+                    tally.sent.fetch_add(1, Ordering::Relaxed);
+                    match conn.request("POST", &target, &[], b"").await {
+                        Ok(response) => {
+                            let counter = match response.status {
+                                200 => &tally.served,
+                                503 if response.header("retry-after").is_some() => &tally.drained,
+                                _ => &tally.other,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            if response.header("connection") == Some("close") {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            tally.lost.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    // Steady load, then each replica in turn: drained (1 s window) and started again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = tally.sent.load(Ordering::Relaxed);
+    for (n, config) in configs.iter().enumerate() {
+        let old = replicas.remove(n);
+        old.drain(Duration::from_secs(1)).await;
+        replicas.insert(n, start_seg(config).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Release);
+    for client in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
+    }
+    let get = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+    let (sent, served, drained, other, lost, refused) = (
+        get(&tally.sent),
+        get(&tally.served),
+        get(&tally.drained),
+        get(&tally.other),
+        get(&tally.lost),
+        get(&tally.refused_connections),
+    );
+    println!(
+        "rolling restart: {sent} requests sent ({} during the restarts), {served} served, \
+         {drained} drained Pings answered 503, {other} other, {lost} lost; {refused} refused connections",
+        sent - before
+    );
+    assert!(
+        sent - before > 200,
+        "too little load to mean anything: {sent}"
+    );
+    assert_eq!(lost, 0, "requests met a bare close");
+    assert_eq!(other, 0, "unexpected answers");
+    assert_eq!(refused, 0, "connections refused through HAProxy");
+    // Requests still in flight when the load stopped are neither answered nor lost.
+    assert!(
+        served + drained + 12 >= sent,
+        "{served} + {drained} of {sent}"
+    );
+    for replica in replicas {
+        replica.stop().await;
+    }
+    drop(haproxy);
 }

@@ -110,14 +110,32 @@ impl Proxy {
     pub fn new(
         kind: Kind,
         setup: &Setup,
-        (port, admin_port): (u16, u16),
+        ports: (u16, u16),
         tls_upstream: bool,
         logged: bool,
     ) -> Proxy {
-        let name = match (tls_upstream, logged) {
-            (false, false) => kind.name().to_string(),
-            (true, _) => format!("{}-tls-upstream", kind.name()),
-            (false, true) => format!("{}-logged", kind.name()),
+        Proxy::build(kind, setup, ports, tls_upstream, logged, None)
+    }
+
+    /// Replica `n` of a seg fleet (the `replicas` scenario): the plain configuration with
+    /// `extra` appended (its `[fleet]`), in a directory of its own.
+    pub fn seg_replica(setup: &Setup, n: usize, ports: (u16, u16), extra: &str) -> Proxy {
+        Proxy::build(Kind::Seg, setup, ports, false, false, Some((n, extra)))
+    }
+
+    fn build(
+        kind: Kind,
+        setup: &Setup,
+        (port, admin_port): (u16, u16),
+        tls_upstream: bool,
+        logged: bool,
+        replica: Option<(usize, &str)>,
+    ) -> Proxy {
+        let name = match (tls_upstream, logged, replica) {
+            (_, _, Some((n, _))) => format!("{}-r{n}", kind.name()),
+            (false, false, None) => kind.name().to_string(),
+            (true, _, None) => format!("{}-tls-upstream", kind.name()),
+            (false, true, None) => format!("{}-logged", kind.name()),
         };
         let dir = setup.dir.join(name);
         let ca = setup.ca.display().to_string();
@@ -155,7 +173,7 @@ impl Proxy {
             true => "log global\n    option httplog",
             false => "",
         };
-        let text = template
+        let text = format!("{template}\n{}", replica.map_or("", |(_, extra)| extra))
             .replace("{{LOGGING}}", logging)
             .replace("{{HAPROXY_HTTPLOG}}", haproxy_httplog)
             .replace("{{DIR}}", &dir.display().to_string())

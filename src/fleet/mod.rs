@@ -56,6 +56,8 @@ pub enum Fetched {
     Found(Vec<u8>),
     /// No entry, or one that was refused (counted): either way, a miss.
     Missing,
+    /// The store did not answer in time (counted): a miss, and no point asking it more now.
+    Unavailable,
 }
 
 /// What asking for a lock gave.
@@ -252,7 +254,7 @@ impl Fleet {
             .run::<Option<Vec<u8>>>("get", redis::cmd("GET").arg(&key))
             .await
         else {
-            return Fetched::Missing;
+            return Fetched::Unavailable;
         };
         let Some(entry) = value else {
             self.count("get", "absent");

@@ -110,6 +110,13 @@ struct CacheCounters {
     shared: IntCounter,
 }
 
+/// What the fleet store had for a certificate.
+enum Shared {
+    Adopted(CachedDecision),
+    Missing,
+    StoreDown,
+}
+
 /// How often a replica waiting for another's directory search looks for its answer.
 const SHARED_POLL: Duration = Duration::from_millis(20);
 
@@ -462,8 +469,12 @@ impl Resolver {
         let name = self.shared_name(fingerprint);
         let deadline = Instant::now() + fleet.lock_wait();
         loop {
-            if let Some(cached) = self.adopt_shared(fleet, &name, &facts, &leaf).await {
-                return Ok(cached);
+            match self.adopt_shared(fleet, &name, &facts, &leaf).await {
+                Shared::Adopted(cached) => return Ok(cached),
+                Shared::Missing => {}
+                // A store that did not answer is not asked for a lock nor given the answer:
+                // one budget lost per local miss, not three.
+                Shared::StoreDown => return self.lookup_facts(facts, leaf).await,
             }
             match fleet.lock(&name).await {
                 Lock::Held if Instant::now() < deadline => {
@@ -525,11 +536,26 @@ impl Resolver {
         name: &str,
         facts: &Arc<CertFacts>,
         leaf: &Option<Arc<[u8]>>,
-    ) -> Option<CachedDecision> {
-        let Fetched::Found(plaintext) = fleet.get(name).await else {
-            return None;
+    ) -> Shared {
+        let plaintext = match fleet.get(name).await {
+            Fetched::Found(plaintext) => plaintext,
+            Fetched::Missing => return Shared::Missing,
+            Fetched::Unavailable => return Shared::StoreDown,
         };
-        let entry: SharedEntry = serde_json::from_slice(&plaintext).ok()?;
+        match self.judge_shared(&plaintext, facts, leaf) {
+            Some(cached) => Shared::Adopted(cached),
+            None => Shared::Missing,
+        }
+    }
+
+    /// A shared entry's decision for this certificate, if it still holds here.
+    fn judge_shared(
+        &self,
+        plaintext: &[u8],
+        facts: &Arc<CertFacts>,
+        leaf: &Option<Arc<[u8]>>,
+    ) -> Option<CachedDecision> {
+        let entry: SharedEntry = serde_json::from_slice(plaintext).ok()?;
         let age = Duration::from_secs(u64::try_from(unix_now() - entry.resolved_unix).unwrap_or(0));
         let (mut cached, lifetime) = match &entry.denied {
             Some(code) => {
@@ -647,12 +673,10 @@ impl Resolver {
         resolved_unix: i64,
     ) -> Result<CachedDecision, ResolveError> {
         let name = self.shared_name(fingerprint);
-        if let Some(newer) = self
-            .adopt_shared(fleet, &name, &facts, &leaf)
-            .await
-            .filter(|c| c.resolved_unix > resolved_unix)
-        {
-            return Ok(newer);
+        if let Shared::Adopted(newer) = self.adopt_shared(fleet, &name, &facts, &leaf).await {
+            if newer.resolved_unix > resolved_unix {
+                return Ok(newer);
+            }
         }
         self.lookup_and_share(fleet, &name, facts, leaf).await
     }

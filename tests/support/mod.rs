@@ -3,6 +3,7 @@ pub mod apache;
 pub mod audit;
 pub mod chaos;
 pub mod eas_driver;
+pub mod haproxy;
 pub mod lab;
 pub mod ldif;
 pub mod mapping_table;

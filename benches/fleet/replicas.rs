@@ -1,0 +1,272 @@
+//! The `replicas` scenario: three seg replicas behind HAProxy (TCP mode, round robin, a
+//! refused connection redispatched), as a fleet is deployed, each replica alone and then
+//! sharing a Redis (`[fleet]`).
+//!
+//! Per set-up: a cold storm (every device connects twice, one Sync each time, so round robin
+//! sends most devices to two replicas), then a rolling restart (each replica in turn stopped
+//! with SIGTERM and started again without its snapshot, as a new pod on an `emptyDir`
+//! would), then every device once more. Reported: directory searches in each phase (summed
+//! over the replicas' `seg_directory_searches_total`; the target is no more than the number
+//! of distinct devices, whatever the replica count), the time until every device was served,
+//! the mean time of a request that missed its replica's own cache (asked the directory alone,
+//! or the store first), and how many requests were refused or lost.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::http::connect_tls;
+use crate::peers::{free_port, Proxy, Setup};
+use crate::{scrape, Fleet};
+
+/// Devices connecting at once in a storm.
+const CONCURRENCY: usize = 200;
+
+/// What one set-up (alone, or with the store) measured.
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaFigures {
+    pub devices: usize,
+    /// Directory searches in the cold storm (two connections per device).
+    pub storm_searches: f64,
+    pub storm_secs: f64,
+    /// Mean time of a device's first request (its first replica misses) and of its second
+    /// (another replica: alone, it misses too; with the store, the store answers), ms.
+    pub first_ms: f64,
+    pub second_ms: f64,
+    /// Directory searches after the rolling restart, every device once more.
+    pub restart_searches: f64,
+    pub restart_secs: f64,
+    /// Requests answered other than 200 (a 503 is retried), and requests that got no answer.
+    pub refused: u64,
+    pub lost: u64,
+}
+
+/// A bench-owned redis-server without persistence.
+struct Store {
+    child: Child,
+    url: String,
+}
+
+impl Store {
+    fn start(dir: &Path) -> Store {
+        let port = free_port();
+        let child = Command::new("taskset")
+            .args(["-c", "1", "redis-server", "--bind", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server; ./tests/run.sh does)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Store {
+            child,
+            url: format!("redis://{addr}"),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HAProxy in TCP mode in front of the replicas.
+struct Front {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Front {
+    fn start(dir: &Path, backends: &[SocketAddr]) -> Front {
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(n, a)| format!("    server r{} {a}\n", n + 1))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 1s\n\
+             \x20   timeout client 120s\n    timeout server 120s\n    retries 3\n\
+             \x20   option redispatch 1\n\nfrontend devices\n    bind 127.0.0.1:{port}\n\
+             \x20   default_backend seg\n\nbackend seg\n    balance roundrobin\n{servers}"
+        );
+        let path = dir.join("front-haproxy.cfg");
+        std::fs::write(&path, config).expect("front config");
+        let child = Command::new("taskset")
+            .args(["-c", "1", "/usr/sbin/haproxy", "-db", "-f"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Front { child, addr }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the scenario for one set-up: `shared` with a store, else each replica alone.
+pub async fn run(setup: &Setup, fleet: &Fleet, devices: usize, shared: bool) -> ReplicaFigures {
+    let dir = setup.dir.join(if shared {
+        "replicas-shared"
+    } else {
+        "replicas-alone"
+    });
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let store = shared.then(|| Store::start(&dir));
+    let keys: PathBuf = dir.join("fleet.keys");
+    std::fs::write(&keys, "replicas-bench-0123456789abcdef0123456789\n").expect("key file");
+    let mut replicas: Vec<Proxy> = (1..=3)
+        .map(|n| {
+            let extra = match &store {
+                Some(store) => format!(
+                    "[fleet]\nurl = \"{}\"\nkey_file = \"{}\"\nreplica = \"r{n}\"\n",
+                    store.url,
+                    keys.display()
+                ),
+                None => String::new(),
+            };
+            Proxy::seg_replica(setup, n, (free_port(), free_port()), &extra)
+        })
+        .collect();
+    for replica in replicas.iter_mut() {
+        replica.start_cold();
+    }
+    let front = Front::start(&dir, &replicas.iter().map(|r| r.addr).collect::<Vec<_>>());
+    let searches = |replicas: &[Proxy]| {
+        let admins: Vec<SocketAddr> = replicas.iter().filter_map(|r| r.admin).collect();
+        async move {
+            let mut total = 0.0;
+            for admin in admins {
+                total += scrape(admin, "seg_directory_searches_total{result=\"ok\"}")
+                    .await
+                    .unwrap_or(0.0);
+            }
+            total
+        }
+    };
+
+    let mut figures = ReplicaFigures {
+        devices,
+        ..ReplicaFigures::default()
+    };
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let times = storm(front.addr, fleet, devices, 2, &tally).await;
+    figures.storm_secs = started.elapsed().as_secs_f64();
+    figures.storm_searches = searches(&replicas).await;
+    figures.first_ms = times[0];
+    figures.second_ms = times[1];
+
+    // A rolling restart: each replica stopped (SIGTERM, drain) and started again cold; the
+    // restarted processes count their searches from zero.
+    for replica in replicas.iter_mut() {
+        replica.stop();
+        replica.start_cold();
+    }
+    let started = Instant::now();
+    storm(front.addr, fleet, devices, 1, &tally).await;
+    figures.restart_secs = started.elapsed().as_secs_f64();
+    figures.restart_searches = searches(&replicas).await;
+    figures.refused = tally.refused.load(Ordering::Relaxed);
+    figures.lost = tally.lost.load(Ordering::Relaxed);
+    drop(front);
+    for replica in replicas.iter_mut() {
+        replica.stop();
+    }
+    drop(store);
+    figures
+}
+
+#[derive(Default)]
+struct Tally {
+    refused: AtomicU64,
+    lost: AtomicU64,
+}
+
+/// Every one of the first `devices` devices makes `connections` connections through the
+/// front, one Sync each, retried after a 503 until served; returns the mean time of each
+/// connection's request (after its handshake), ms.
+async fn storm(
+    front: SocketAddr,
+    fleet: &Fleet,
+    devices: usize,
+    connections: usize,
+    tally: &Arc<Tally>,
+) -> Vec<f64> {
+    let gate = Arc::new(Semaphore::new(CONCURRENCY));
+    let totals: Arc<Vec<AtomicU64>> =
+        Arc::new((0..connections).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let (gate, fleet, totals, tally) = (
+            Arc::clone(&gate),
+            Arc::clone(fleet),
+            Arc::clone(&totals),
+            Arc::clone(tally),
+        );
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("gate");
+            let device = &fleet[i];
+            for nth in 0..connections {
+                loop {
+                    let Ok(mut conn) = connect_tls(front, &device.config).await else {
+                        tally.lost.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let sent = Instant::now();
+                    match conn.request(&device.sync).await {
+                        Ok(r) if r.status == 200 => {
+                            totals[nth]
+                                .fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            break;
+                        }
+                        Ok(_) => {
+                            tally.refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(_) => {
+                            tally.lost.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    totals
+        .iter()
+        .map(|t| t.load(Ordering::Relaxed) as f64 / devices.max(1) as f64 / 1000.0)
+        .collect()
+}
