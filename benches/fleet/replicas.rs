@@ -26,6 +26,9 @@ use crate::{scrape, Fleet};
 
 /// Devices connecting at once in a storm.
 const CONCURRENCY: usize = 200;
+/// Devices kept out of the storms and measured one at a time: what a local miss costs with
+/// and without the store, on replicas that are not saturated.
+const PROBES: usize = 100;
 
 /// What one set-up (alone, or with the store) measured.
 #[derive(Debug, Default, Clone)]
@@ -34,10 +37,14 @@ pub struct ReplicaFigures {
     /// Directory searches in the cold storm (two connections per device).
     pub storm_searches: f64,
     pub storm_secs: f64,
-    /// Mean time of a device's first request (its first replica misses) and of its second
-    /// (another replica: alone, it misses too; with the store, the store answers), ms.
+    /// One device at a time (the `PROBES` devices, unseen): the mean time of its first
+    /// request (its first replica misses: alone, a directory search; with the store, a
+    /// store miss, the lock, the search and the store write) and of its second (another
+    /// replica: alone, a search again; with the store, the store's entry), ms.
     pub first_ms: f64,
     pub second_ms: f64,
+    /// Store operations past `fleet.timeout` (counted as misses) during the storms.
+    pub store_timeouts: f64,
     /// Directory searches after the rolling restart, every device once more.
     pub restart_searches: f64,
     pub restart_secs: f64,
@@ -101,25 +108,30 @@ impl Front {
             .map(|(n, a)| format!("    server r{} {a}\n", n + 1))
             .collect();
         let config = format!(
-            "global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 1s\n\
+            "global\n    maxconn 9000\n\ndefaults\n    mode tcp\n    timeout connect 1s\n\
              \x20   timeout client 120s\n    timeout server 120s\n    retries 3\n\
              \x20   option redispatch 1\n\nfrontend devices\n    bind 127.0.0.1:{port}\n\
              \x20   default_backend seg\n\nbackend seg\n    balance roundrobin\n{servers}"
         );
         let path = dir.join("front-haproxy.cfg");
         std::fs::write(&path, config).expect("front config");
+        let log = std::fs::File::create(dir.join("front-haproxy.log")).expect("front log");
         let child = Command::new("taskset")
             .args(["-c", "1", "/usr/sbin/haproxy", "-db", "-f"])
             .arg(&path)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
             .spawn()
             .expect("haproxy");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < deadline, "haproxy did not listen");
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen: {}",
+                std::fs::read_to_string(dir.join("front-haproxy.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Front { child, addr }
@@ -133,12 +145,18 @@ impl Drop for Front {
     }
 }
 
-/// Runs the scenario for one set-up: `shared` with a store, else each replica alone.
-pub async fn run(setup: &Setup, fleet: &Fleet, devices: usize, shared: bool) -> ReplicaFigures {
-    let dir = setup.dir.join(if shared {
-        "replicas-shared"
-    } else {
-        "replicas-alone"
+/// Runs the scenario for one set-up: with a store whose operations have `budget` (a
+/// `fleet.timeout`), else (`None`) each replica alone.
+pub async fn run(
+    setup: &Setup,
+    fleet: &Fleet,
+    devices: usize,
+    budget: Option<&str>,
+) -> ReplicaFigures {
+    let shared = budget.is_some();
+    let dir = setup.dir.join(match budget {
+        Some(budget) => format!("replicas-shared-{budget}"),
+        None => "replicas-alone".into(),
     });
     std::fs::create_dir_all(&dir).expect("scenario dir");
     let store = shared.then(|| Store::start(&dir));
@@ -148,9 +166,11 @@ pub async fn run(setup: &Setup, fleet: &Fleet, devices: usize, shared: bool) -> 
         .map(|n| {
             let extra = match &store {
                 Some(store) => format!(
-                    "[fleet]\nurl = \"{}\"\nkey_file = \"{}\"\nreplica = \"r{n}\"\n",
+                    "[fleet]\nurl = \"{}\"\nkey_file = \"{}\"\nreplica = \"r{n}\"\n\
+                     timeout = \"{}\"\n",
                     store.url,
-                    keys.display()
+                    keys.display(),
+                    budget.unwrap_or("50ms")
                 ),
                 None => String::new(),
             };
@@ -179,10 +199,12 @@ pub async fn run(setup: &Setup, fleet: &Fleet, devices: usize, shared: bool) -> 
         ..ReplicaFigures::default()
     };
     let tally = Arc::new(Tally::default());
+    let stormed = 0..devices - PROBES;
     let started = Instant::now();
-    let times = storm(front.addr, fleet, devices, 2, &tally).await;
+    storm(front.addr, fleet, stormed.clone(), 2, CONCURRENCY, &tally).await;
     figures.storm_secs = started.elapsed().as_secs_f64();
     figures.storm_searches = searches(&replicas).await;
+    let times = storm(front.addr, fleet, devices - PROBES..devices, 2, 1, &tally).await;
     figures.first_ms = times[0];
     figures.second_ms = times[1];
 
@@ -193,9 +215,19 @@ pub async fn run(setup: &Setup, fleet: &Fleet, devices: usize, shared: bool) -> 
         replica.start_cold();
     }
     let started = Instant::now();
-    storm(front.addr, fleet, devices, 1, &tally).await;
+    storm(front.addr, fleet, 0..devices, 1, CONCURRENCY, &tally).await;
     figures.restart_secs = started.elapsed().as_secs_f64();
     figures.restart_searches = searches(&replicas).await;
+    for replica in &replicas {
+        for operation in ["get", "lock", "set"] {
+            let name = format!(
+                "seg_fleet_store_operations_total{{operation=\"{operation}\",result=\"timeout\"}}"
+            );
+            figures.store_timeouts += scrape(replica.admin.expect("admin"), &name)
+                .await
+                .unwrap_or(0.0);
+        }
+    }
     figures.refused = tally.refused.load(Ordering::Relaxed);
     figures.lost = tally.lost.load(Ordering::Relaxed);
     drop(front);
@@ -212,21 +244,23 @@ struct Tally {
     lost: AtomicU64,
 }
 
-/// Every one of the first `devices` devices makes `connections` connections through the
-/// front, one Sync each, retried after a 503 until served; returns the mean time of each
-/// connection's request (after its handshake), ms.
+/// Every device of `devices` makes `connections` connections through the front, one Sync
+/// each, retried after a 503 until served, `concurrency` devices at a time; returns the mean
+/// time of each connection's request (after its handshake), ms.
 async fn storm(
     front: SocketAddr,
     fleet: &Fleet,
-    devices: usize,
+    devices: std::ops::Range<usize>,
     connections: usize,
+    concurrency: usize,
     tally: &Arc<Tally>,
 ) -> Vec<f64> {
-    let gate = Arc::new(Semaphore::new(CONCURRENCY));
+    let count = devices.len();
+    let gate = Arc::new(Semaphore::new(concurrency));
     let totals: Arc<Vec<AtomicU64>> =
         Arc::new((0..connections).map(|_| AtomicU64::new(0)).collect());
-    let mut tasks = Vec::with_capacity(devices);
-    for i in 0..devices {
+    let mut tasks = Vec::with_capacity(count);
+    for i in devices {
         let (gate, fleet, totals, tally) = (
             Arc::clone(&gate),
             Arc::clone(fleet),
@@ -267,6 +301,6 @@ async fn storm(
     }
     totals
         .iter()
-        .map(|t| t.load(Ordering::Relaxed) as f64 / devices.max(1) as f64 / 1000.0)
+        .map(|t| t.load(Ordering::Relaxed) as f64 / count.max(1) as f64 / 1000.0)
         .collect()
 }
