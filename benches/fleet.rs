@@ -41,6 +41,8 @@
 //! `FLEET_HEAPTRACK=/tmp/seg.heap` runs seg under heaptrack (benches/fleet/peers.rs says how
 //! to read the profiles); `--keepalive-secs N` lengthens the keep-alive scenario for `perf`.
 
+#[path = "../tests/support/haproxy.rs"]
+mod haproxy;
 #[path = "fleet/http.rs"]
 mod http;
 #[path = "../tests/support/ldif.rs"]

@@ -1,9 +1,14 @@
-//! Files of shared secrets, as the replicas of a fleet hold them (a mounted Kubernetes Secret):
+//! Files seg keeps private. Files of shared secrets, as the replicas of a fleet hold them (a
+//! mounted Kubernetes Secret):
 //! one secret per non-empty line, at least [`MIN_SECRET`] bytes each. The first line seals
 //! (encrypts), every line opens, so a key rotates without a restart: add the new secret as the
 //! first line on every replica, wait until each has reloaded, and later remove the old line.
-//! Read by the TLS session tickets and the fleet's shared entries.
+//! Read by the TLS session tickets and the fleet's shared entries. And the files seg writes
+//! that name accounts (the identity snapshot, the fleet's block list): owner only, replaced
+//! whole ([`write_private`]).
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 /// The shortest secret accepted: 256 bits.
@@ -25,6 +30,22 @@ pub fn read_secret_lines(path: &Path) -> Result<Vec<Vec<u8>>, String> {
         return Err(format!("key {} is shorter than {MIN_SECRET} bytes", n + 1));
     }
     Ok(secrets)
+}
+
+/// Writes `bytes` to `path` with mode 0600 through a temporary file and a rename: a reader
+/// sees the old file or the whole new one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
 }
 
 #[cfg(test)]

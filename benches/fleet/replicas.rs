@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use crate::haproxy::Haproxy;
 use crate::http::connect_tls;
 use crate::peers::{free_port, Proxy, Setup};
 use crate::{scrape, Fleet};
@@ -93,58 +94,6 @@ impl Drop for Store {
     }
 }
 
-/// HAProxy in TCP mode in front of the replicas.
-struct Front {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Front {
-    fn start(dir: &Path, backends: &[SocketAddr]) -> Front {
-        let port = free_port();
-        let servers: String = backends
-            .iter()
-            .enumerate()
-            .map(|(n, a)| format!("    server r{} {a}\n", n + 1))
-            .collect();
-        let config = format!(
-            "global\n    maxconn 9000\n\ndefaults\n    mode tcp\n    timeout connect 1s\n\
-             \x20   timeout client 120s\n    timeout server 120s\n    retries 3\n\
-             \x20   option redispatch 1\n\nfrontend devices\n    bind 127.0.0.1:{port}\n\
-             \x20   default_backend seg\n\nbackend seg\n    balance roundrobin\n{servers}"
-        );
-        let path = dir.join("front-haproxy.cfg");
-        std::fs::write(&path, config).expect("front config");
-        let log = std::fs::File::create(dir.join("front-haproxy.log")).expect("front log");
-        let child = Command::new("taskset")
-            .args(["-c", "1", "/usr/sbin/haproxy", "-db", "-f"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("haproxy");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "haproxy did not listen: {}",
-                std::fs::read_to_string(dir.join("front-haproxy.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Front { child, addr }
-    }
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs the scenario for one set-up: with a store whose operations have `budget` (a
 /// `fleet.timeout`), else (`None`) each replica alone.
 pub async fn run(
@@ -180,7 +129,8 @@ pub async fn run(
     for replica in replicas.iter_mut() {
         replica.start_cold();
     }
-    let front = Front::start(&dir, &replicas.iter().map(|r| r.addr).collect::<Vec<_>>());
+    // HAProxy as the tests run it in front of replicas (tests/support/haproxy.rs).
+    let front = Haproxy::start(&replicas.iter().map(|r| r.addr).collect::<Vec<_>>());
     let searches = |replicas: &[Proxy]| {
         let admins: Vec<SocketAddr> = replicas.iter().filter_map(|r| r.admin).collect();
         async move {

@@ -13,8 +13,6 @@
 //! accounts, so it lives in seg's own state directory; a snapshot written under different
 //! mapping, account or identity settings is ignored as a whole.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use base64::Engine;
@@ -121,17 +119,7 @@ impl Snapshot {
     /// Writes the snapshot with mode 0600; a reader sees the old file or the whole new one.
     pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
         let json = serde_json::to_vec(self).map_err(|e| SnapshotError::Format(e.to_string()))?;
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.write_all(&json)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
+        crate::secrets::write_private(path, &json)?;
         Ok(())
     }
 
