@@ -1063,6 +1063,13 @@ fn read_fleet(s: &mut Section, p: &mut Problems) -> FleetConfig {
             "must be between 1ms and 1s: every local miss waits for it when the store is slow",
         );
     }
+    let block_poll_interval = s.duration("block_poll_interval", "1s", p);
+    if block_poll_interval < Duration::from_millis(100) {
+        p.push(
+            &s.key("block_poll_interval"),
+            "must be at least 100ms (every replica reads the whole list each time)",
+        );
+    }
     let key_prefix = s.string("key_prefix", "seg:", p);
     if key_prefix.is_empty()
         || key_prefix
@@ -1089,7 +1096,7 @@ fn read_fleet(s: &mut Section, p: &mut Problems) -> FleetConfig {
         replica,
         timeout,
         lock_wait: s.duration("lock_wait", "2s", p),
-        block_poll_interval: s.duration("block_poll_interval", "1s", p),
+        block_poll_interval,
         block_file: s.writable_file("block_file", p),
     }
 }

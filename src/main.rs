@@ -360,6 +360,10 @@ async fn block(config_path: PathBuf, target: BlockTarget, reason: Option<String>
         },
         _ => unreachable!("clap requires one target"),
     };
+    if let Err(e) = kind.check(&value) {
+        eprintln!("seg: {e}");
+        return EXIT_CONFIG;
+    }
     let block = reason.map(|reason| Block {
         reason,
         at: seg::fleet::unix_now(),

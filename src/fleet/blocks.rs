@@ -5,7 +5,7 @@
 //! case>`, `certificate:<SHA-256 of the certificate, lower-case hex>`), its value a small JSON
 //! record (reason, when, by whom). Each replica reads the whole hash every
 //! `fleet.block_poll_interval`, publishes it to its connections (a held Ping of a blocked
-//! device is closed) and keeps a copy in `fleet.block_file`, read at start, so a replica that
+//! device is answered 403 and closed) and keeps a copy in `fleet.block_file`, read at start, so a replica that
 //! restarts while the store is down still enforces the last list it knew.
 //!
 //! A block only refuses: whoever controls the store can add or remove blocks (a denial of
@@ -37,13 +37,35 @@ impl BlockKind {
     }
 
     /// The field naming `value` in the block list: the canonical form every replica compares.
-    /// DeviceIds are compared without case (as Exchange does), accounts too (AD does).
+    /// DeviceIds are compared without case as Exchange does, accounts as AD does, both with
+    /// Unicode's case mapping (`ſ` is `S`, `ı` is `I`): a device cannot spell its way around a
+    /// block with a letter .NET folds and ASCII does not.
     pub fn field(self, value: &str) -> String {
         let value = match self {
-            BlockKind::Device => value.to_ascii_uppercase(),
-            BlockKind::Account | BlockKind::Certificate => value.to_ascii_lowercase(),
+            BlockKind::Device => value.to_uppercase(),
+            BlockKind::Account => value.to_uppercase().to_lowercase(),
+            BlockKind::Certificate => value.to_ascii_lowercase(),
         };
         format!("{}{value}", self.prefix())
+    }
+
+    /// Why `value` cannot name what a block of this kind names, if it cannot: an account is
+    /// its `sAMAccountName` (not `DOMAIN\\name` nor a UPN), a certificate its SHA-256.
+    pub fn check(self, value: &str) -> Result<(), String> {
+        match self {
+            BlockKind::Device if value.is_empty() || value.chars().any(char::is_control) => {
+                Err("a DeviceId is a non-empty string without controls".into())
+            }
+            BlockKind::Account if value.is_empty() || value.contains(['\\', '@', '/']) => {
+                Err("an account is named by its sAMAccountName (not DOMAIN\\name or a UPN)".into())
+            }
+            BlockKind::Certificate
+                if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Err("a certificate is named by its SHA-256 in hex".into())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -65,20 +87,23 @@ pub struct BlockList {
 }
 
 impl BlockList {
-    /// The list from the store's hash; fields or values that are not blocks are skipped.
-    pub fn from_fields(fields: BTreeMap<String, String>) -> BlockList {
+    /// The list from the store's hash; fields or values that are not blocks (not UTF-8, not
+    /// one of the kinds, not a block record) are skipped, so one bad value never stops the
+    /// list from being read.
+    pub fn from_fields(fields: Vec<(Vec<u8>, Vec<u8>)>) -> BlockList {
         let blocks = fields
             .into_iter()
-            .filter(|(field, _)| {
-                [
+            .filter_map(|(field, value)| {
+                let field = String::from_utf8(field).ok()?;
+                let known = [
                     BlockKind::Device,
                     BlockKind::Account,
                     BlockKind::Certificate,
                 ]
                 .iter()
-                .any(|kind| field.starts_with(kind.prefix()))
+                .any(|kind| field.starts_with(kind.prefix()));
+                Some((field, serde_json::from_slice(&value).ok()?)).filter(|_| known)
             })
-            .filter_map(|(field, value)| Some((field, serde_json::from_str(&value).ok()?)))
             .collect();
         BlockList { blocks }
     }
@@ -155,14 +180,15 @@ mod tests {
 
     #[test]
     fn blocks_match_in_canonical_form_only() {
-        let list = BlockList::from_fields(BTreeMap::from([
+        let list = BlockList::from_fields(fields(vec![
             (BlockKind::Device.field("Appl4Lost"), block("lost")),
             (BlockKind::Account.field("Mallory"), block("left")),
             (BlockKind::Certificate.field("ABCD"), block("stolen")),
+            (BlockKind::Device.field("SPY"), block("found")),
             ("device:JUNK".into(), "not json".into()),
             ("other:thing".into(), block("ignored")),
         ]));
-        assert_eq!(list.blocks.len(), 3);
+        assert_eq!(list.blocks.len(), 4);
         let find = |d, a, c| {
             list.find(d, a, c)
                 .map(|(field, b)| (field.to_string(), b.reason.clone()))
@@ -181,6 +207,36 @@ mod tests {
         );
         assert_eq!(find(Some("APPL4LOST2"), Some("alice"), "abcde"), None);
         assert_eq!(find(Some("JUNK"), None, "00"), None);
+        // Letters Unicode (and .NET) fold to ASCII ones name the same device.
+        assert_eq!(
+            find(Some("ſpy"), None, "00"),
+            Some(("device:SPY".into(), "found".into()))
+        );
+        // A value that is not UTF-8 is skipped, the rest still read.
+        let mixed = BlockList::from_fields(vec![
+            (b"device:A".to_vec(), vec![0xff, 0xfe]),
+            (b"device:B".to_vec(), block("ok").into_bytes()),
+        ]);
+        assert_eq!(mixed.blocks.len(), 1);
+    }
+
+    #[test]
+    fn block_values_are_checked_for_their_kind() {
+        assert!(BlockKind::Account.check("jdoe").is_ok());
+        for wrong in ["CORP\\jdoe", "jdoe@corp.example", ""] {
+            assert!(BlockKind::Account.check(wrong).is_err(), "{wrong}");
+        }
+        assert!(BlockKind::Certificate.check(&"ab".repeat(32)).is_ok());
+        assert!(BlockKind::Certificate.check("abcd").is_err());
+        assert!(BlockKind::Device.check("ApplDNQ").is_ok());
+        assert!(BlockKind::Device.check("a\nb").is_err());
+    }
+
+    fn fields(pairs: Vec<(String, String)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .into_iter()
+            .map(|(f, v)| (f.into_bytes(), v.into_bytes()))
+            .collect()
     }
 
     #[test]
@@ -197,10 +253,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("blocks.json");
         assert_eq!(BlockList::read(&path), Ok(None));
-        let list = BlockList::from_fields(BTreeMap::from([(
-            BlockKind::Device.field("X1"),
-            block("lost"),
-        )]));
+        let list =
+            BlockList::from_fields(fields(vec![(BlockKind::Device.field("X1"), block("lost"))]));
         list.write(&path).unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{unix_now_ms, Fleet};
+use super::Fleet;
 
 /// How long a held poll counts without renewal: a dead replica's polls stop counting then.
 pub const LEASE: Duration = Duration::from_secs(60);
 
+/// The store's clock, in milliseconds, so replicas whose clocks differ agree on what has expired.
 const ACQUIRE: &str = r"
-local now = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 1 end
@@ -30,6 +32,17 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 0
+";
+
+/// A lease extended by the store's clock; added again if the store lost it (a restart).
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], until, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
 return 0
 ";
 
@@ -89,7 +102,7 @@ impl Fleet {
             .arg(2)
             .arg(&keys[0])
             .arg(&keys[1])
-            .arg(unix_now_ms())
+            .arg(0)
             .arg(LEASE.as_millis() as u64)
             .arg(&member)
             .arg(max_per_device)
@@ -116,7 +129,12 @@ impl Fleet {
                 self.count("caps", "account-full");
                 FleetCap::AccountFull
             }
-            None => FleetCap::Unknown,
+            None => {
+                // The script may have run with its answer lost: the member is removed so it
+                // does not hold a place for a whole lease.
+                release(Arc::clone(self), Held { keys, member });
+                FleetCap::Unknown
+            }
         }
     }
 
@@ -133,21 +151,16 @@ impl Fleet {
         if held.is_empty() {
             return;
         }
-        let until = unix_now_ms() + LEASE.as_millis() as u64;
         let mut pipe = redis::pipe();
         for Held { keys, member } in &held {
-            for key in keys {
-                pipe.cmd("ZADD")
-                    .arg(key)
-                    .arg("XX")
-                    .arg(until)
-                    .arg(member)
-                    .ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(key)
-                    .arg(LEASE.as_millis() as u64)
-                    .ignore();
-            }
+            pipe.cmd("EVAL")
+                .arg(RENEW)
+                .arg(keys.len())
+                .arg(&keys[0])
+                .arg(&keys[1])
+                .arg(LEASE.as_millis() as u64)
+                .arg(member)
+                .ignore();
         }
         let mut store = self.store.clone();
         if tokio::time::timeout(Duration::from_secs(2), pipe.query_async::<()>(&mut store))
@@ -172,21 +185,25 @@ impl Drop for LongPollLease {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
-        let (Some(Held { keys, member }), Ok(runtime)) =
-            (held, tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        let fleet = Arc::clone(&self.fleet);
-        runtime.spawn(async move {
-            let mut pipe = redis::pipe();
-            for key in &keys {
-                pipe.cmd("ZREM").arg(key).arg(&member).ignore();
-            }
-            let mut store = fleet.store.clone();
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), pipe.query_async::<()>(&mut store))
-                    .await;
-        });
+        if let Some(held) = held {
+            release(Arc::clone(&self.fleet), held);
+        }
     }
+}
+
+/// Removes a poll's member from the store, by a task of its own (best effort: a removal that
+/// fails expires with the lease).
+fn release(fleet: Arc<Fleet>, Held { keys, member }: Held) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("ZREM").arg(key).arg(&member).ignore();
+        }
+        let mut store = fleet.store.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), pipe.query_async::<()>(&mut store)).await;
+    });
 }

@@ -17,7 +17,6 @@ pub mod blocks;
 pub mod caps;
 pub mod seal;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -61,10 +60,9 @@ pub enum Fetched {
 }
 
 /// What asking for a lock gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
-    /// This replica holds it until it unlocks or `lock_wait` passes.
-    Acquired,
+    /// This replica holds it until the guard is dropped or `lock_wait` passes.
+    Acquired(LockGuard),
     /// Another replica holds it.
     Held,
     /// The store did not answer in time.
@@ -87,8 +85,11 @@ pub struct Fleet {
     block_poll_interval: Duration,
     /// The long polls this replica counts in the store.
     leases: caps::Leases,
-    /// Distinguishes this process's lease names from an earlier one of the same replica.
+    /// Distinguishes this process's lease and lock names from an earlier one of the same
+    /// replica.
     incarnation: u64,
+    /// Numbers this process's lock acquisitions.
+    locks: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
@@ -169,6 +170,7 @@ impl Fleet {
             block_poll_interval: config.block_poll_interval,
             leases: caps::Leases::default(),
             incarnation: unix_now_ms(),
+            locks: std::sync::atomic::AtomicU64::new(0),
             store,
             prefix: config.key_prefix.clone(),
             replica: config.replica.clone(),
@@ -299,15 +301,23 @@ impl Fleet {
     }
 
     /// Asks for the lock on `name` (`SET NX PX lock_wait`), held by this replica's name.
-    pub async fn lock(&self, name: &str) -> Lock {
+    pub async fn lock(self: &Arc<Self>, name: &str) -> Lock {
         let key = self.key(&format!("lock:{name}"));
         let millis = self.lock_wait.as_millis().max(1) as u64;
+        // Each acquisition its own value: only its own guard can give it back.
+        let token = format!(
+            "{}:{}:{}",
+            self.replica,
+            self.incarnation,
+            self.locks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let answer = self
             .run::<Option<String>>(
                 "lock",
                 redis::cmd("SET")
                     .arg(&key)
-                    .arg(&self.replica)
+                    .arg(&token)
                     .arg("NX")
                     .arg("PX")
                     .arg(millis),
@@ -316,7 +326,11 @@ impl Fleet {
         match answer {
             Some(Some(_)) => {
                 self.count("lock", "ok");
-                Lock::Acquired
+                Lock::Acquired(LockGuard {
+                    fleet: Arc::clone(self),
+                    key,
+                    token,
+                })
             }
             Some(None) => {
                 self.count("lock", "held");
@@ -331,22 +345,37 @@ impl Fleet {
     pub async fn probe(&self) {
         let _ = self.run::<String>("ping", &redis::cmd("PING")).await;
     }
+}
 
-    /// Gives the lock on `name` back, if this replica still holds it.
-    pub async fn unlock(&self, name: &str) {
+/// A lock this replica holds; given back when dropped (by a task of its own, so a lookup
+/// cancelled because its device left still gives it back), if it is still this acquisition's.
+pub struct LockGuard {
+    fleet: Arc<Fleet>,
+    key: String,
+    token: String,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
         const UNLOCK: &str =
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-        let key = self.key(&format!("lock:{name}"));
-        let _ = self
-            .run::<i64>(
-                "unlock",
-                redis::cmd("EVAL")
-                    .arg(UNLOCK)
-                    .arg(1)
-                    .arg(&key)
-                    .arg(&self.replica),
-            )
-            .await;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(&self.fleet);
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
+        runtime.spawn(async move {
+            let command = redis::cmd("EVAL")
+                .arg(UNLOCK)
+                .arg(1)
+                .arg(&key)
+                .arg(&token)
+                .clone();
+            let _ = fleet.run::<i64>("unlock", &command).await;
+        });
     }
 }
 
@@ -384,7 +413,7 @@ impl Fleet {
     pub async fn refresh_blocks(&self) {
         let command = redis::cmd("HGETALL").arg(self.key("blocks")).clone();
         let Some(fields) = self
-            .run_within::<BTreeMap<String, String>>("blocks", &command, BLOCK_BUDGET)
+            .run_within::<Vec<(Vec<u8>, Vec<u8>)>>("blocks", &command, BLOCK_BUDGET)
             .await
         else {
             return;
@@ -410,6 +439,7 @@ impl Fleet {
         value: &str,
         block: Option<&Block>,
     ) -> Result<(), String> {
+        kind.check(value)?;
         let field = kind.field(value);
         let mut command = match block {
             Some(_) => redis::cmd("HSET"),
@@ -425,7 +455,7 @@ impl Fleet {
     /// The whole list as the store holds it now; the error says why it cannot be read.
     pub async fn read_blocks(&self) -> Result<BlockList, String> {
         let command = redis::cmd("HGETALL").arg(self.key("blocks")).clone();
-        self.query_reporting::<BTreeMap<String, String>>(&command)
+        self.query_reporting::<Vec<(Vec<u8>, Vec<u8>)>>(&command)
             .await
             .map(BlockList::from_fields)
     }

@@ -15,7 +15,7 @@ use prometheus::IntCounter;
 
 use crate::config::{AccountPolicyConfig, CacheConfig, Enforcement, IdentityConfig, MappingConfig};
 use crate::directory::{AccountEntry, Directory, DirectoryError};
-use crate::fleet::{Fetched, Fleet, Lock};
+use crate::fleet::{Fetched, Fleet, Lock, LockGuard};
 use crate::identity::snapshot::{SharedEntry, Snapshot, SnapshotEntry};
 use crate::identity::{
     check_account, decide, header_value, AccountCheck, CertFacts, CertFingerprint, DenyReason,
@@ -117,8 +117,12 @@ enum Shared {
     StoreDown,
 }
 
-/// How often a replica waiting for another's directory search looks for its answer.
-const SHARED_POLL: Duration = Duration::from_millis(20);
+/// How soon a replica waiting for another's directory search first looks for its answer;
+/// the wait doubles up to `MAX_SHARED_POLL`.
+const SHARED_POLL: Duration = Duration::from_millis(10);
+const MAX_SHARED_POLL: Duration = Duration::from_millis(160);
+/// How far ahead of this replica's clock a shared answer may be dated.
+const MAX_CLOCK_SKEW_SECS: i64 = 300;
 
 /// The decision one connection reuses between its requests while it is fresh, so the cache
 /// is asked once per connection and soft TTL instead of once per request. A cache read is
@@ -461,13 +465,14 @@ impl Resolver {
     /// `fleet.lock_wait` or the store does not answer.
     async fn lookup_shared(
         &self,
-        fleet: &Fleet,
+        fleet: &Arc<Fleet>,
         fingerprint: CertFingerprint,
         facts: Arc<CertFacts>,
         leaf: Option<Arc<[u8]>>,
     ) -> Result<CachedDecision, ResolveError> {
         let name = self.shared_name(fingerprint);
         let deadline = Instant::now() + fleet.lock_wait();
+        let mut poll = SHARED_POLL;
         loop {
             match self.adopt_shared(fleet, &name, &facts, &leaf).await {
                 Shared::Adopted(cached) => return Ok(cached),
@@ -478,15 +483,16 @@ impl Resolver {
             }
             match fleet.lock(&name).await {
                 Lock::Held if Instant::now() < deadline => {
-                    tokio::time::sleep(SHARED_POLL).await;
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(MAX_SHARED_POLL);
                 }
-                Lock::Acquired => {
-                    let result = self.lookup_and_share(fleet, &name, facts, leaf).await;
-                    fleet.unlock(&name).await;
-                    return result;
+                Lock::Acquired(guard) => {
+                    return self
+                        .lookup_and_share(fleet, name, facts, leaf, Some(guard))
+                        .await;
                 }
                 Lock::Held | Lock::Unavailable => {
-                    return self.lookup_and_share(fleet, &name, facts, leaf).await;
+                    return self.lookup_and_share(fleet, name, facts, leaf, None).await;
                 }
             }
         }
@@ -497,20 +503,30 @@ impl Resolver {
         format!("id:{}:{}", &self.settings[..16], fingerprint.hex())
     }
 
-    /// Searches the directory and puts the decision in the store for the other replicas.
+    /// Searches the directory and puts the decision in the store for the other replicas, off
+    /// the request's path (the lock, if held, is given back after the write).
     async fn lookup_and_share(
         &self,
-        fleet: &Fleet,
-        name: &str,
+        fleet: &Arc<Fleet>,
+        name: String,
         facts: Arc<CertFacts>,
         leaf: Option<Arc<[u8]>>,
+        lock: Option<LockGuard>,
     ) -> Result<CachedDecision, ResolveError> {
         let cached = self.lookup_facts(facts, leaf).await?;
-        self.share(fleet, name, &cached).await;
+        if let Some((plaintext, valid_until)) = self.shared_entry(&cached) {
+            let fleet = Arc::clone(fleet);
+            tokio::spawn(async move {
+                fleet.set(&name, &plaintext, valid_until).await;
+                drop(lock);
+            });
+        }
         Ok(cached)
     }
 
-    async fn share(&self, fleet: &Fleet, name: &str, cached: &CachedDecision) {
+    /// A decision as the store keeps it, and until when: an admission for the soft TTL (a
+    /// replica reading it later asks the directory itself), a denial for the negative TTL.
+    fn shared_entry(&self, cached: &CachedDecision) -> Option<(Vec<u8>, i64)> {
         let entry = match &cached.decision {
             Decision::Admit(identity) => {
                 SharedEntry::admitted(cached.resolved_unix, &identity.account)
@@ -521,11 +537,12 @@ impl Resolver {
                 denial.account.as_deref(),
             ),
         };
-        let Ok(plaintext) = serde_json::to_vec(&entry) else {
-            return;
+        let plaintext = serde_json::to_vec(&entry).ok()?;
+        let valid_for = match cached.decision {
+            Decision::Admit(_) => self.soft_ttl.min(cached.lifetime),
+            Decision::Deny(_) => cached.lifetime,
         };
-        let valid_until = cached.resolved_unix + cached.lifetime.as_secs() as i64;
-        fleet.set(name, &plaintext, valid_until).await;
+        Some((plaintext, cached.resolved_unix + valid_for.as_secs() as i64))
     }
 
     /// The decision another replica stored for this certificate, judged here again as a
@@ -556,7 +573,12 @@ impl Resolver {
         leaf: &Option<Arc<[u8]>>,
     ) -> Option<CachedDecision> {
         let entry: SharedEntry = serde_json::from_slice(plaintext).ok()?;
-        let age = Duration::from_secs(u64::try_from(unix_now() - entry.resolved_unix).unwrap_or(0));
+        // Replicas' clocks differ a little; an answer from further ahead is refused.
+        let age = unix_now() - entry.resolved_unix;
+        if age < -MAX_CLOCK_SKEW_SECS {
+            return None;
+        }
+        let age = Duration::from_secs(u64::try_from(age).unwrap_or(0));
         let (mut cached, lifetime) = match &entry.denied {
             Some(code) => {
                 let denial = Decision::Deny(Arc::new(Denial {
@@ -569,6 +591,11 @@ impl Resolver {
                 (cached, self.negative_ttl.checked_sub(age)?)
             }
             None => {
+                // Past the soft TTL a replica alone would ask the directory: so does this
+                // one, whatever the store holds (a replayed old admission included).
+                if age >= self.soft_ttl {
+                    return None;
+                }
                 let account = entry.admitted_account()?;
                 let cached = self.judge_known(Arc::clone(facts), account, leaf.clone())?;
                 (cached, self.hard_ttl.checked_sub(age)?)
@@ -666,7 +693,7 @@ impl Resolver {
     /// search whose answer is shared.
     async fn refresh_shared(
         &self,
-        fleet: &Fleet,
+        fleet: &Arc<Fleet>,
         fingerprint: CertFingerprint,
         facts: Arc<CertFacts>,
         leaf: Option<Arc<[u8]>>,
@@ -678,7 +705,7 @@ impl Resolver {
                 return Ok(newer);
             }
         }
-        self.lookup_and_share(fleet, &name, facts, leaf).await
+        self.lookup_and_share(fleet, name, facts, leaf, None).await
     }
 
     /// One search for every rule's values, the KB5014754 verdict, then the account checks.

@@ -17,7 +17,7 @@ use crate::identity::{Identity, MappingStrength};
 use crate::metrics::Metrics;
 use crate::upstream::exchange::{ClientError, UpstreamBody};
 
-use crate::transport::tls_conn::IoWatch;
+use crate::transport::tls_conn::{Cut, IoWatch};
 
 /// Who the device turned out to be; the record reads its fields when it is written.
 pub enum AuditSubject {
@@ -58,15 +58,26 @@ pub struct AuditRecord {
 impl Drop for AuditRecord {
     /// A record dropped unwritten belongs to a request the device abandoned before any
     /// response (a held Ping whose device went away): written as 499, as nginx does. One
-    /// that a drain cut was answered 503 (`Retry-After`) by the connection: `drained`.
+    /// that seg cut was answered by the connection: 503 + `Retry-After` by a drain
+    /// (`drained`), 403 by a fleet block (`denied`, `blocked`).
     fn drop(&mut self) {
-        if !self.written {
-            if self.device_io.cut_by_drain() {
+        if self.written {
+            return;
+        }
+        match self.device_io.cut() {
+            Some(Cut::Drain) => {
                 self.status = 503;
                 self.decision = "drained";
                 self.reason = "drain";
                 self.finish(0, true);
-            } else {
+            }
+            Some(Cut::Blocked) => {
+                self.status = 403;
+                self.decision = "denied";
+                self.reason = "blocked";
+                self.finish(0, true);
+            }
+            None => {
                 self.status = 499;
                 self.decision = "abandoned";
                 self.finish(0, false);

@@ -33,7 +33,7 @@ use super::{CloseAfter, DeviceConnection, Gateway, Handled, MAX_REQUEST_HEAD};
 use crate::http1::{
     self, BodyDecoder, BodyEvent, BodyFraming, HeadError, HeadScan, ResponseFraming,
 };
-use crate::transport::tls_conn::DeviceTls;
+use crate::transport::tls_conn::{Cut, DeviceTls};
 use crate::upstream::exchange::BodyFault;
 
 /// The most bytes of a next (pipelined) request read while the current one is with the
@@ -51,13 +51,20 @@ const GATHER: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 256 * 1024;
 
-/// The answer to a request a drain cannot serve: try again (elsewhere) in a second.
-fn drained_response(date: &[u8]) -> Vec<u8> {
+/// The answer to a request seg ends: after a drain, try again (elsewhere) in a second; after
+/// a block, refused.
+fn ended_response(why: Cut, date: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
-    out.extend_from_slice(
-        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\
-          Connection: close\r\nDate: ",
-    );
+    out.extend_from_slice(match why {
+        Cut::Drain => {
+            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\
+              Connection: close\r\nDate: "
+                .as_slice()
+        }
+        Cut::Blocked => {
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\nDate: ".as_slice()
+        }
+    });
     out.extend_from_slice(date);
     out.extend_from_slice(b"\r\n\r\n");
     out
@@ -235,22 +242,22 @@ impl DeviceConn {
         self.draining = true;
     }
 
-    /// The drain's moment for this connection has come: whatever request is unfinished is
-    /// answered `503` with `Retry-After` and the connection closes, so no device sees a bare
-    /// close where it sent a request. A held long poll's upstream exchange is dropped (its
-    /// audit record says `drained`); an idle connection with nothing of a request closes.
-    /// Returns whether a request was unfinished.
-    pub fn end_drain(&mut self) -> Result<bool, ConnectionError> {
+    /// seg ends the connection (`why`): whatever request is unfinished is answered, so no
+    /// device sees a bare close where it sent a request. A drain's moment for this connection
+    /// answers `503` with `Retry-After`, a fleet block `403`; a held long poll's upstream
+    /// exchange is dropped (its audit record says `drained` or `blocked`); an idle connection
+    /// with nothing of a request closes. Returns whether a request was unfinished.
+    pub fn end(&mut self, why: Cut) -> Result<bool, ConnectionError> {
         let unanswered = match &self.state {
             State::Handling(_) => true,
             State::Idle => !self.buf.is_empty() || self.tls.has_partial_record(),
             State::Responding(_) | State::Closing | State::Lingering(..) => false,
         };
-        self.device.io.mark_cut_by_drain();
-        // Dropping the request's work writes its audit record (`drained`).
+        self.device.io.mark_cut(why);
+        // Dropping the request's work writes its audit record.
         self.state = State::Closing;
         if unanswered {
-            self.tls.send(&drained_response(&date()))?;
+            self.tls.send(&ended_response(why, &date()))?;
             self.linger = true;
         }
         Ok(unanswered)

@@ -42,7 +42,7 @@ use crate::policy::{check_device, rules_for, user_matches, LongPollCap, LongPoll
 use crate::revocation::online::Verdict;
 use crate::revocation::CurrentRevocation;
 use crate::tls::ntauth::NtAuthVerdict;
-use crate::transport::tls_conn::{DeviceTls, IoWatch};
+use crate::transport::tls_conn::{Cut, DeviceTls, IoWatch};
 use audit::{AuditRecord, AuditSubject};
 use caps::{address_key, CapFull, ConnectionCaps, HeadCharge};
 use connection::CountingBody;
@@ -372,9 +372,17 @@ impl Gateway {
             // connections past its cap.
             connection.refuse_at_once();
         }
-        // With [fleet]: a block that names the long poll held here closes the connection.
+        // With [fleet]: a block that names the long poll held here ends the connection, before
+        // and during a drain.
         let mut blocks = self.fleet.as_ref().map(|fleet| fleet.blocks());
-        let plan = loop {
+        let mut close_at: Option<Instant> = None;
+        let why = loop {
+            let moment = async {
+                match close_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 result = poll_fn(|cx| connection.poll_run(cx)) => {
                     if let Err(e) = result {
@@ -382,41 +390,35 @@ impl Gateway {
                     }
                     return;
                 }
-                _ = drain.changed() => break *drain.borrow(),
+                _ = drain.changed(), if close_at.is_none() => {
+                    let Some(plan) = *drain.borrow() else {
+                        return;
+                    };
+                    // One more request, answered with `Connection: close`; the one in flight
+                    // may finish, a held long poll until its moment in the window.
+                    connection.drain();
+                    close_at = Some(if holds_long_poll.load(Ordering::Acquire) > 0 {
+                        plan.spread()
+                    } else {
+                        plan.deadline()
+                    });
+                }
+                _ = moment => break Cut::Drain,
                 list = block_list_change(&mut blocks) => {
                     if connection.device().long_poll_blocked(&list) {
-                        tracing::info!(target: "seg::fleet", %peer, "a held long poll closed: its device is blocked");
+                        tracing::info!(target: "seg::fleet", %peer, "a held long poll ended: its device is blocked");
                         if let Some(fleet) = &self.fleet {
                             fleet.count_closed_long_poll();
                         }
-                        return;
+                        break Cut::Blocked;
                     }
                 }
             }
         };
-        let Some(plan) = plan else {
-            return;
-        };
-        // One more request, answered with `Connection: close`; the one in flight may finish,
-        // a held long poll until its moment in the window.
-        connection.drain();
-        let close_at = if holds_long_poll.load(Ordering::Acquire) > 0 {
-            plan.spread()
-        } else {
-            plan.deadline()
-        };
-        tokio::select! {
-            result = poll_fn(|cx| connection.poll_run(cx)) => {
-                if let Err(e) = result {
-                    self.connection_failed(&e, &io_watch, peer);
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(close_at.into()) => {}
-        }
-        // Its moment: an unfinished request is answered 503 + Retry-After, then close.
-        if let Ok(unfinished) = connection.end_drain() {
-            if unfinished {
+        // An unfinished request is answered (503 + Retry-After after a drain, 403 after a
+        // block), then the connection closes.
+        if let Ok(unfinished) = connection.end(why) {
+            if unfinished && why == Cut::Drain {
                 self.metrics.drained_connections.inc();
             }
             let _ = tokio::time::timeout(

@@ -65,9 +65,17 @@ pub struct IoWatch {
     write_timed_out: AtomicBool,
     /// The device sent bytes since seg last wrote: a request (head) is on its way.
     read_since_write: AtomicBool,
-    /// seg ended the connection itself to finish a drain (a held long poll cut at its
-    /// moment in the drain window).
-    cut_by_drain: AtomicBool,
+    /// Why seg ended the connection itself, if it did (`Cut`, as a number).
+    cut: std::sync::atomic::AtomicU8,
+}
+
+/// Why seg itself ended a connection whose request was unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// A drain reached this connection's moment in its window.
+    Drain = 1,
+    /// A fleet block named the device of the long poll held here.
+    Blocked = 2,
 }
 
 impl IoWatch {
@@ -80,14 +88,18 @@ impl IoWatch {
         self.read_since_write.load(Ordering::Acquire)
     }
 
-    /// Whether seg ended the connection to finish a drain.
-    pub fn cut_by_drain(&self) -> bool {
-        self.cut_by_drain.load(Ordering::Acquire)
+    /// Why seg ended the connection, if it did.
+    pub fn cut(&self) -> Option<Cut> {
+        match self.cut.load(Ordering::Acquire) {
+            1 => Some(Cut::Drain),
+            2 => Some(Cut::Blocked),
+            _ => None,
+        }
     }
 
-    /// Marks the connection as ended by the drain, before its request is dropped.
-    pub fn mark_cut_by_drain(&self) {
-        self.cut_by_drain.store(true, Ordering::Release);
+    /// Marks why seg ends the connection, before its request is dropped.
+    pub fn mark_cut(&self, why: Cut) {
+        self.cut.store(why as u8, Ordering::Release);
     }
 
     /// Forgets the handshake's bytes, so a connection silent after it counts as idle.
