@@ -224,6 +224,10 @@ fn build_gateway(
         },
         delegation,
         fleet,
+        devices: match previous {
+            Some(p) => Arc::clone(&p.devices),
+            None => Arc::new(crate::devices::Devices::new(config.admin.device_capacity)),
+        },
         long_polls,
         tls,
         revocation: current_revocation,
@@ -380,6 +384,10 @@ impl App {
             restore_snapshot(&self.gateway.resolver, path).await;
         }
         self.gateway.online.start();
+        let device_api = Arc::new(crate::admin::DeviceApi::new(
+            Arc::clone(&self.gateway.devices),
+            self.gateway.config.admin.api_token_file.as_deref(),
+        ));
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -395,6 +403,7 @@ impl App {
                 admin_listener,
                 Arc::clone(&self.metrics),
                 Arc::clone(&health),
+                device_api,
                 shutdown_rx.clone(),
             )),
             tokio::spawn(probe_dependencies(

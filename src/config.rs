@@ -546,6 +546,11 @@ pub struct UpstreamConfig {
 pub struct AdminConfig {
     pub address: SocketAddr,
     pub probe_interval: Duration,
+    /// The device API's bearer token (first line); without it the API answers loopback
+    /// peers only.
+    pub api_token_file: Option<PathBuf>,
+    /// The most devices the gateway remembers for the device API.
+    pub device_capacity: usize,
 }
 
 /// Longest `tls.session_lifetime`: a TLS 1.3 ticket's lifetime is at most seven days.
@@ -977,6 +982,8 @@ fn read_config(root: &mut Section, p: &mut Problems) -> Option<Config> {
     let admin = AdminConfig {
         address: s.socket_addr("address", Some("127.0.0.1:9090"), p),
         probe_interval: s.duration("probe_interval", "5s", p),
+        api_token_file: s.optional_file("api_token_file", p),
+        device_capacity: s.integer("device_capacity", 50_000, 16, p),
     };
     s.finish(p);
 

@@ -46,7 +46,8 @@
 //!      in the device connection's task.
 //!    - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream.
 //!    - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
-//!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`, and the device API (`/api/…`).
+//!    - [`devices`]: what the gateway knows about each device, live and bounded.
 //! 8. [`proxy`]: accept, connection caps, handshake, the device connection, slow-client
 //!    limits, the per-request decision, header hygiene, forwarding, refusals, audit.
 //! 9. The whole: [`app`] (a configuration built into a running gateway, reloads, drain) and
@@ -63,6 +64,7 @@ pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod directory;
 pub mod fleet;
 pub mod http1;

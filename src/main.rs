@@ -77,6 +77,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What a running seg knows about an account's devices (or one device, or the last
+    /// refusals), in the shape of Get-MobileDeviceStatistics; asks the admin listener.
+    Devices {
+        #[arg(long)]
+        config: PathBuf,
+        /// The account (sAMAccountName).
+        account: Option<String>,
+        /// One DeviceId instead of an account.
+        #[arg(long)]
+        device: Option<String>,
+        /// The devices refused last.
+        #[arg(long)]
+        refused: bool,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The admin listener(s) to ask (default: `admin.address` of the configuration);
+        /// repeat it to ask every replica of a fleet.
+        #[arg(long)]
+        admin: Vec<SocketAddr>,
+    },
     /// Run a self-contained demo: throwaway CA, demo directory, echo upstream, seg.
     Demo {
         /// Where to write the demo's certificates and configuration (default: a new temp dir).
@@ -155,6 +176,14 @@ fn main() -> ExitCode {
             } => block(config, target, Some(reason)).await,
             Command::Unblock { config, target } => block(config, target, None).await,
             Command::Blocks { config, json } => list_blocks(config, json).await,
+            Command::Devices {
+                config,
+                account,
+                device,
+                refused,
+                json,
+                admin,
+            } => devices(config, account, device, refused, json, admin).await,
         }
     });
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -314,6 +343,149 @@ async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explai
             EXIT_CONFIG
         }
     }
+}
+
+/// `seg devices`: the admin listener's device API, as a table or JSON.
+async fn devices(
+    config_path: PathBuf,
+    account: Option<String>,
+    device: Option<String>,
+    refused: bool,
+    json: bool,
+    admins: Vec<SocketAddr>,
+) -> i32 {
+    let config = match load(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let encode = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let target = match (account, device, refused) {
+        (Some(account), None, false) => format!("/api/devices?account={}", encode(&account)),
+        (None, Some(device), false) => format!("/api/devices?device={}", encode(&device)),
+        (None, None, true) => "/api/refusals".to_string(),
+        _ => {
+            eprintln!("seg devices: give an account, or --device ID, or --refused");
+            return EXIT_CONFIG;
+        }
+    };
+    let admins = if admins.is_empty() {
+        let mut address = config.admin.address;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        vec![address]
+    } else {
+        admins
+    };
+    let token = config
+        .admin
+        .api_token_file
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().next().unwrap_or("").trim().to_string())
+        .filter(|t| !t.is_empty());
+    let mut devices: Vec<serde_json::Value> = Vec::new();
+    for address in &admins {
+        let body = match admin_get(*address, &target, token.as_deref()).await {
+            Ok(body) => body,
+            Err(e) => {
+                eprintln!("seg devices: {address}{target}: {e}");
+                return 69;
+            }
+        };
+        match serde_json::from_str::<Vec<serde_json::Value>>(&body) {
+            Ok(list) => devices.extend(list),
+            Err(e) => {
+                eprintln!("seg devices: {address}: the answer is not the device list: {e}");
+                return 69;
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(devices));
+        return 0;
+    }
+    let text = |d: &serde_json::Value, k: &str| d[k].as_str().unwrap_or("").to_string();
+    let time = |d: &serde_json::Value, k: &str| match d[k].as_i64() {
+        Some(t) if t > 0 => seg::fleet::blocks::utc(t),
+        _ => "-".into(),
+    };
+    println!(
+        "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} USER AGENT",
+        "ACCOUNT",
+        "DEVICE ID",
+        "TYPE",
+        "LAST SUCCESS",
+        "LAST SEEN",
+        "STATUS",
+        "LAST REFUSAL",
+        "PING HELD SINCE",
+        "CERT NOT AFTER"
+    );
+    for d in &devices {
+        println!(
+            "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} {}",
+            text(d, "account"),
+            text(d, "device_id"),
+            text(d, "device_type"),
+            time(d, "last_success"),
+            time(d, "last_seen"),
+            d["last_status"].as_u64().unwrap_or(0),
+            text(d, "last_refusal"),
+            time(d, "ping_held_since"),
+            time(d, "cert_not_after"),
+            text(d, "user_agent"),
+        );
+    }
+    0
+}
+
+/// One GET to the admin listener; the body of a 200, else an error naming the status.
+async fn admin_get(
+    address: SocketAddr,
+    target: &str,
+    token: Option<&str>,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .map_err(|_| "no answer within 5 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status_line = head.lines().next().unwrap_or("");
+    if !status_line.starts_with("HTTP/1.1 200") {
+        return Err(format!("{status_line}: {}", body.trim()));
+    }
+    // hyper answers a known length with Content-Length: the body is what follows the head.
+    Ok(body.to_string())
 }
 
 /// The fleet store of a configuration, for the block commands.

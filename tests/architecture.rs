@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["audit", "fleet"],
     &["identity", "activesync", "revocation"],
     &["tls"],
+    &["devices"],
     &["transport", "upstream", "kerberos", "policy", "admin"],
     &["proxy"],
     &["app", "mapcheck"],

@@ -53,6 +53,8 @@ pub struct AuditRecord {
     pub device_io: Arc<IoWatch>,
     /// Set once the record is written, so it is written exactly once.
     pub written: bool,
+    /// What the gateway remembers of each device, updated as the record is written.
+    pub devices: Arc<crate::devices::Devices>,
 }
 
 impl Drop for AuditRecord {
@@ -93,6 +95,7 @@ impl AuditRecord {
         eas: EasRequest,
         metrics: &Arc<Metrics>,
         device_io: &Arc<IoWatch>,
+        devices: &Arc<crate::devices::Devices>,
     ) -> AuditRecord {
         AuditRecord {
             started: Instant::now(),
@@ -110,6 +113,7 @@ impl AuditRecord {
             fleet_lease: None,
             device_io: Arc::clone(device_io),
             written: false,
+            devices: Arc::clone(devices),
         }
     }
 
@@ -170,6 +174,32 @@ impl AuditRecord {
         let eas = &self.eas;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        // The device API's view: by account when the certificate mapped to one.
+        let (device_account, not_after) = match &self.subject {
+            AuditSubject::Admitted(i) => (
+                i.account
+                    .sam_account_name
+                    .as_deref()
+                    .unwrap_or(&i.account.dn),
+                i.validity.1,
+            ),
+            _ => ("", 0),
+        };
+        self.devices.seen(&crate::devices::Seen {
+            account: device_account,
+            device_id: eas.device_id.as_deref().unwrap_or(""),
+            device_type: eas.device_type.as_deref().unwrap_or(""),
+            user_agent: eas.user_agent.as_deref().unwrap_or(""),
+            cert_serial,
+            cert_not_after: not_after,
+            mapping,
+            strength,
+            command: eas.command_name(),
+            status: self.status,
+            decision: self.decision,
+            reason: self.reason,
+            duration_ms: duration_us as f64 / 1000.0,
+        });
         crate::audit::record(|line| {
             line.addr("peer", &self.peer);
             line.str("cert_serial", cert_serial);

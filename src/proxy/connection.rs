@@ -369,6 +369,7 @@ impl DeviceConn {
             eas,
             &self.gateway.metrics,
             &self.device.io,
+            &self.gateway.devices,
         )
         .refused_head(status, reason);
     }

@@ -68,6 +68,8 @@ pub struct Gateway {
     pub delegation: Option<Arc<crate::kerberos::Delegation>>,
     /// The store shared with the other replicas (`[fleet]`).
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// What the gateway knows about each device (the device API), for the process.
+    pub devices: Arc<crate::devices::Devices>,
     pub metrics: Arc<Metrics>,
     /// Digest of the directory's files, to notice a rotated bind password on reload.
     pub directory_files: Vec<u8>,
@@ -453,7 +455,8 @@ impl Gateway {
             Ok(eas) => (eas, None),
             Err(e) => (EasRequest::headers_only(request.headers()), Some(e)),
         };
-        let mut record = AuditRecord::new(device.peer, eas, &self.metrics, &device.io);
+        let mut record =
+            AuditRecord::new(device.peer, eas, &self.metrics, &device.io, &self.devices);
         let identity = match self.admit(&device, &mut record).await {
             Ok(identity) => identity,
             Err(stop) => return Handled::Answered(self.stop(stop, record)),
@@ -624,6 +627,7 @@ impl Gateway {
             let device_id = eas.device_id.as_deref().unwrap_or("");
             match self.long_polls.acquire(sam, device_id, &device.long_polls) {
                 Ok(guard) => {
+                    self.devices.ping_held(sam, device_id);
                     if self.fleet.is_some() {
                         *device
                             .long_poll_holder

@@ -1,0 +1,306 @@
+//! What the gateway knows about each device, live: the helpdesk's "why can't alice sync?"
+//! answered from the running process, in the shape of Exchange's
+//! `Get-MobileDeviceStatistics`.
+//!
+//! One entry per account and DeviceId, updated when a request's audit record is written
+//! (`proxy/audit.rs`): the device's type and User-Agent, its certificate, first and last seen,
+//! the last request (command, status, reason, duration), the last refusal, whether a Ping is
+//! held now, and the mapping rule that admitted it. Requests refused before the account is
+//! known (no decision, a refused handshake) are kept by certificate serial instead.
+//!
+//! Bounded: at most `admin.device_capacity` entries (50,000 by default; about 1 KiB each,
+//! so 50 MiB at most) in 16 shards; a shard that is full drops its entry seen longest ago (a
+//! linear pass over that shard for each device new to a full shard). The hot path costs one
+//! shard lock, one hash lookup and two small allocations (the key) per request; reason codes,
+//! the mapping rule and its strength are static strings.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+const SHARDS: usize = 16;
+
+/// One device of one account.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DeviceState {
+    /// The account (`sAMAccountName`), or empty when the request was refused before the
+    /// account was known.
+    pub account: String,
+    pub device_id: String,
+    pub device_type: String,
+    pub user_agent: String,
+    pub cert_serial: String,
+    /// The certificate's notAfter, Unix seconds (0 when unknown).
+    pub cert_not_after: i64,
+    /// How the certificate was mapped (`issuer-serial`…) and how strong that is.
+    pub mapping: &'static str,
+    pub strength: &'static str,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// The last request: its command, status, reason code (empty when served) and duration.
+    pub last_command: String,
+    pub last_status: u16,
+    pub last_reason: &'static str,
+    pub last_duration_ms: f64,
+    /// The last successful (2xx) request, Unix seconds (0 when none).
+    pub last_success: i64,
+    /// The last refusal (4xx/5xx decided by seg) and when.
+    pub last_refusal: &'static str,
+    pub last_refusal_at: i64,
+    /// Since when a Ping is held now (0 when none).
+    pub ping_held_since: i64,
+    /// Requests seen since the entry was made.
+    pub requests: u64,
+}
+
+/// What a finished request tells about its device.
+pub struct Seen<'a> {
+    pub account: &'a str,
+    pub device_id: &'a str,
+    pub device_type: &'a str,
+    pub user_agent: &'a str,
+    pub cert_serial: &'a str,
+    pub cert_not_after: i64,
+    pub mapping: &'static str,
+    pub strength: &'static str,
+    pub command: &'a str,
+    pub status: u16,
+    /// The audit record's decision (`forwarded`, `denied`…) and reason code.
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub duration_ms: f64,
+}
+
+/// The devices the gateway has seen, bounded.
+pub struct Devices {
+    shards: Vec<Mutex<HashMap<(String, String), DeviceState>>>,
+    per_shard: usize,
+}
+
+impl Devices {
+    pub fn new(capacity: usize) -> Devices {
+        Devices {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(
+        &self,
+        account: &str,
+        device_id: &str,
+    ) -> &Mutex<HashMap<(String, String), DeviceState>> {
+        // FNV-1a: cheap, and the shard only spreads contention.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in account.bytes().chain([0]).chain(device_id.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.shards[(hash % SHARDS as u64) as usize]
+    }
+
+    /// A request has ended: its record, as the audit log writes it.
+    pub fn seen(&self, seen: &Seen<'_>) {
+        let now = unix_now();
+        let key_account = if seen.account.is_empty() {
+            format!("certificate:{}", seen.cert_serial)
+        } else {
+            seen.account.to_ascii_lowercase()
+        };
+        let key = (key_account, seen.device_id.to_string());
+        let mut shard = self
+            .shard(&key.0, &key.1)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
+            evict_oldest(&mut shard);
+        }
+        let state = shard.entry(key).or_insert_with(|| DeviceState {
+            account: seen.account.to_string(),
+            device_id: seen.device_id.to_string(),
+            first_seen: now,
+            ..DeviceState::default()
+        });
+        let set = |field: &mut String, value: &str| {
+            if !value.is_empty() && field != value {
+                *field = value.to_string();
+            }
+        };
+        set(&mut state.device_type, seen.device_type);
+        set(&mut state.user_agent, seen.user_agent);
+        set(&mut state.cert_serial, seen.cert_serial);
+        set(&mut state.last_command, seen.command);
+        if !seen.mapping.is_empty() {
+            state.mapping = seen.mapping;
+            state.strength = seen.strength;
+        }
+        if seen.cert_not_after != 0 {
+            state.cert_not_after = seen.cert_not_after;
+        }
+        state.last_seen = now;
+        state.last_status = seen.status;
+        state.last_reason = seen.reason;
+        state.last_duration_ms = seen.duration_ms;
+        state.requests += 1;
+        if (200..300).contains(&seen.status) {
+            state.last_success = now;
+        }
+        if !matches!(seen.decision, "forwarded" | "abandoned") {
+            state.last_refusal = if seen.reason.is_empty() {
+                seen.decision
+            } else {
+                seen.reason
+            };
+            state.last_refusal_at = now;
+        }
+        if seen.command == "Ping" {
+            state.ping_held_since = 0;
+        }
+    }
+
+    /// A Ping of this device is held from now on (until its request is `seen`).
+    pub fn ping_held(&self, account: &str, device_id: &str) {
+        let key = (account.to_ascii_lowercase(), device_id.to_string());
+        let mut shard = self
+            .shard(&key.0, &key.1)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = unix_now();
+        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
+            evict_oldest(&mut shard);
+        }
+        let state = shard.entry(key).or_insert_with(|| DeviceState {
+            account: account.to_string(),
+            device_id: device_id.to_string(),
+            first_seen: now,
+            last_seen: now,
+            ..DeviceState::default()
+        });
+        state.ping_held_since = now;
+    }
+
+    /// Every device of `account` (compared without ASCII case), last seen first.
+    pub fn of_account(&self, account: &str) -> Vec<DeviceState> {
+        let account = account.to_ascii_lowercase();
+        self.collect(|key, _| key.0 == account)
+    }
+
+    /// Every device with this DeviceId, whatever its account.
+    pub fn by_device(&self, device_id: &str) -> Vec<DeviceState> {
+        self.collect(|key, _| key.1.eq_ignore_ascii_case(device_id))
+    }
+
+    /// The `limit` devices refused last, most recent first.
+    pub fn refused(&self, limit: usize) -> Vec<DeviceState> {
+        let mut all = self.collect(|_, state| state.last_refusal_at > 0);
+        all.sort_by_key(|s| std::cmp::Reverse(s.last_refusal_at));
+        all.truncate(limit);
+        all
+    }
+
+    /// How many devices are kept now.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn collect(
+        &self,
+        wanted: impl Fn(&(String, String), &DeviceState) -> bool,
+    ) -> Vec<DeviceState> {
+        let mut out: Vec<DeviceState> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .iter()
+                    .filter(|(key, state)| wanted(key, state))
+                    .map(|(_, state)| state.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by_key(|s| std::cmp::Reverse(s.last_seen));
+        out
+    }
+}
+
+fn evict_oldest(shard: &mut HashMap<(String, String), DeviceState>) {
+    let oldest = shard
+        .iter()
+        .min_by_key(|(_, state)| state.last_seen)
+        .map(|(key, _)| key.clone());
+    if let Some(key) = oldest {
+        shard.remove(&key);
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen<'a>(account: &'a str, device: &'a str, status: u16, reason: &'static str) -> Seen<'a> {
+        Seen {
+            account,
+            device_id: device,
+            device_type: "iPhone",
+            user_agent: "Apple-iPhone15C2/2104.60",
+            cert_serial: "0a",
+            cert_not_after: 2_000_000_000,
+            mapping: "issuer-serial",
+            strength: "strong",
+            command: "Sync",
+            status,
+            decision: if status == 200 { "forwarded" } else { "denied" },
+            reason,
+            duration_ms: 1.5,
+        }
+    }
+
+    #[test]
+    fn a_device_keeps_its_last_request_and_last_refusal() {
+        let devices = Devices::new(100);
+        devices.seen(&seen("alice", "PHONE", 200, ""));
+        devices.seen(&seen("Alice", "PHONE", 403, "user-mismatch"));
+        devices.seen(&seen("alice", "PHONE", 200, ""));
+        devices.seen(&seen("alice", "TABLET", 200, ""));
+        let alice = devices.of_account("ALICE");
+        assert_eq!(alice.len(), 2);
+        let phone = alice.iter().find(|d| d.device_id == "PHONE").unwrap();
+        assert_eq!(phone.requests, 3);
+        assert_eq!(phone.last_status, 200);
+        assert_eq!(phone.last_refusal, "user-mismatch");
+        assert!(phone.last_success > 0 && phone.last_refusal_at > 0);
+        assert_eq!(devices.by_device("phone").len(), 1);
+        assert_eq!(devices.refused(10).len(), 1);
+        devices.ping_held("alice", "PHONE");
+        assert!(
+            devices.of_account("alice")[0].ping_held_since > 0
+                || devices.by_device("PHONE")[0].ping_held_since > 0
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_capacity() {
+        let devices = Devices::new(32);
+        for n in 0..1_000 {
+            let id = format!("D{n}");
+            devices.seen(&seen("bulk", &id, 200, ""));
+        }
+        assert!(devices.len() <= 32, "{} kept", devices.len());
+        assert!(!devices.is_empty());
+    }
+}
