@@ -193,36 +193,13 @@ fn json(devices: &[crate::devices::DeviceState]) -> (StatusCode, String) {
     }
 }
 
-/// The percent-decoded value of `name` in a query string (`+` is a space).
+/// The percent-decoded value of `name` in a query string (`+` is a space; as ActiveSync's
+/// query is decoded, so a broken escape or a control character is no value).
 fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
-        (key == name).then(|| percent_decode(value))?
+        (key == name).then(|| crate::activesync::percent_decode(value).ok())?
     })
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Compares without returning early, so the time taken says nothing about the token.
