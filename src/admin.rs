@@ -87,15 +87,11 @@ impl DeviceApi {
     /// unreadable or empty file leaves the API to loopback peers, logged).
     pub fn new(devices: Arc<Devices>, token_file: Option<&std::path::Path>) -> DeviceApi {
         let token = token_file.and_then(|path| {
-            let token = std::fs::read_to_string(path)
-                .map(|text| text.lines().next().unwrap_or("").trim().to_string())
-                .unwrap_or_default();
-            if token.is_empty() {
+            let token = read_token(path);
+            if token.is_none() {
                 tracing::warn!(target: "seg::admin", file = %path.display(), "admin.api_token_file is unreadable or empty: the device API answers loopback peers only");
-                None
-            } else {
-                Some(token)
             }
+            token
         });
         DeviceApi { devices, token }
     }
@@ -184,6 +180,12 @@ impl DeviceApi {
         }
         response
     }
+}
+
+/// The device API's token: the first line of `path`, if it is readable and not empty.
+pub fn read_token(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.lines().next()?.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 fn json(devices: &[crate::devices::DeviceState]) -> (StatusCode, String) {

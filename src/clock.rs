@@ -38,9 +38,7 @@ impl Clock {
 
     /// Seconds since the Unix epoch.
     pub fn now_unix(&self) -> i64 {
-        let system = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let system = unix_now();
         let offset = self
             .offset
             .as_ref()
@@ -54,6 +52,14 @@ impl rustls::time_provider::TimeProvider for Clock {
         let secs = u64::try_from(self.now_unix()).ok()?;
         Some(UnixTime::since_unix_epoch(Duration::from_secs(secs)))
     }
+}
+
+/// The system's wall clock in seconds since the Unix epoch (what records and shared entries
+/// are stamped with; decisions about certificates read a `Clock`).
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// A uniformly random number in [0, 1]: to spread work (drained long polls, restored

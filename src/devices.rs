@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -113,15 +112,7 @@ impl Devices {
             .shard(&key.0, &key.1)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
-            evict_oldest(&mut shard);
-        }
-        let state = shard.entry(key).or_insert_with(|| DeviceState {
-            account: seen.account.to_string(),
-            device_id: seen.device_id.to_string(),
-            first_seen: now,
-            ..DeviceState::default()
-        });
+        let state = self.entry(&mut shard, key, seen.account, seen.device_id, now);
         let set = |field: &mut String, value: &str| {
             if !value.is_empty() && field != value {
                 *field = value.to_string();
@@ -167,16 +158,10 @@ impl Devices {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let now = unix_now();
-        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
-            evict_oldest(&mut shard);
+        let state = self.entry(&mut shard, key, account, device_id, now);
+        if state.last_seen == 0 {
+            state.last_seen = now;
         }
-        let state = shard.entry(key).or_insert_with(|| DeviceState {
-            account: account.to_string(),
-            device_id: device_id.to_string(),
-            first_seen: now,
-            last_seen: now,
-            ..DeviceState::default()
-        });
         state.ping_held_since = now;
     }
 
@@ -232,6 +217,29 @@ impl Devices {
     }
 }
 
+impl Devices {
+    /// The device's entry in its shard, made (first seen `now`) if it has none; a full shard
+    /// forgets the device it saw longest ago first.
+    fn entry<'s>(
+        &self,
+        shard: &'s mut HashMap<(String, String), DeviceState>,
+        key: (String, String),
+        account: &str,
+        device_id: &str,
+        now: i64,
+    ) -> &'s mut DeviceState {
+        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
+            evict_oldest(shard);
+        }
+        shard.entry(key).or_insert_with(|| DeviceState {
+            account: account.to_string(),
+            device_id: device_id.to_string(),
+            first_seen: now,
+            ..DeviceState::default()
+        })
+    }
+}
+
 fn evict_oldest(shard: &mut HashMap<(String, String), DeviceState>) {
     let oldest = shard
         .iter()
@@ -242,11 +250,7 @@ fn evict_oldest(shard: &mut HashMap<(String, String), DeviceState>) {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use crate::clock::unix_now;
 
 #[cfg(test)]
 mod tests {

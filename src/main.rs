@@ -389,10 +389,8 @@ async fn devices(
     let token = config
         .admin
         .api_token_file
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .map(|t| t.lines().next().unwrap_or("").trim().to_string())
-        .filter(|t| !t.is_empty());
+        .as_deref()
+        .and_then(seg::admin::read_token);
     let mut devices: Vec<serde_json::Value> = Vec::new();
     for address in &admins {
         let body = match admin_get(*address, &target, token.as_deref()).await {

@@ -43,6 +43,24 @@ async fn get(admin: SocketAddr, target: &str, token: Option<&str>) -> (u16, Stri
     (status, body)
 }
 
+/// `seg devices ARGS` against the lab's seg (its admin listener, its configuration); the
+/// output, once the command succeeded.
+fn seg_devices(lab: &Lab, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_seg"))
+        .arg("devices")
+        .args(args)
+        .args(["--admin", &lab.seg.admin_addr.to_string(), "--config"])
+        .arg(&lab.config_path)
+        .output()
+        .expect("seg devices");
+    assert!(
+        out.status.success(),
+        "seg devices {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_helpdesk_sees_alices_devices_and_why_one_was_refused() {
     let lab = Lab::start(users(), "").await;
@@ -96,23 +114,7 @@ async fn the_helpdesk_sees_alices_devices_and_why_one_was_refused() {
     assert_eq!(get(admin, "/api/devices", None).await.0, 400);
 
     // The helpdesk's command, against the running seg.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_seg"))
-        .args([
-            "devices",
-            "alice",
-            "--admin",
-            &admin.to_string(),
-            "--config",
-        ])
-        .arg(&lab.config_path)
-        .output()
-        .expect("seg devices");
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = seg_devices(&lab, &["alice"]);
     assert!(table.starts_with("ACCOUNT"), "{table}");
     let tablet_line = table
         .lines()
@@ -159,23 +161,7 @@ async fn with_a_token_file_the_device_api_needs_the_token() {
     // /metrics stays open: Prometheus has no token.
     assert_eq!(get(admin, "/metrics", None).await.0, 200);
     // The command reads the token file named by the configuration.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_seg"))
-        .args([
-            "devices",
-            "alice",
-            "--json",
-            "--admin",
-            &admin.to_string(),
-            "--config",
-        ])
-        .arg(&lab.config_path)
-        .output()
-        .expect("seg devices");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let out = seg_devices(&lab, &["alice", "--json"]);
+    let listed: Vec<Value> = serde_json::from_str(&out).expect("JSON");
     assert_eq!(listed[0]["device_id"], "TESTDEVICE1");
 }

@@ -856,11 +856,7 @@ fn identity(
     })
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+use crate::clock::unix_now;
 
 /// Each entry lives for its own `lifetime`, counted again when a refresh replaces it.
 struct DecisionExpiry;
