@@ -226,7 +226,10 @@ fn build_gateway(
         fleet,
         devices: match previous {
             Some(p) => Arc::clone(&p.devices),
-            None => Arc::new(crate::devices::Devices::new(config.admin.device_capacity)),
+            None => Arc::new(crate::devices::Devices::new(
+                config.admin.device_capacity,
+                config.fleet.as_ref().map_or("", |f| f.replica.as_str()),
+            )),
         },
         long_polls,
         tls,
@@ -384,12 +387,15 @@ impl App {
             restore_snapshot(&self.gateway.resolver, path).await;
         }
         self.gateway.online.start();
-        let device_api = Arc::new(crate::admin::DeviceApi::new(
-            Arc::clone(&self.gateway.devices),
-            self.gateway.config.admin.api_token_file.as_deref(),
-        ));
+        let token_file = self.gateway.config.admin.api_token_file.clone();
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
+        let admin = Arc::new(crate::admin::Admin::new(
+            Arc::clone(&live),
+            Arc::clone(&self.metrics),
+            Arc::clone(&health),
+            token_file.as_deref(),
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(None);
         let serving = tokio::spawn(crate::proxy::serve(
@@ -401,9 +407,7 @@ impl App {
         let tasks = vec![
             tokio::spawn(crate::admin::serve(
                 admin_listener,
-                Arc::clone(&self.metrics),
-                Arc::clone(&health),
-                device_api,
+                admin,
                 shutdown_rx.clone(),
             )),
             tokio::spawn(probe_dependencies(

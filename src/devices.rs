@@ -5,8 +5,10 @@
 //! One entry per account and DeviceId, updated when a request's audit record is written
 //! (`proxy/audit.rs`): the device's type and User-Agent, its certificate, first and last seen,
 //! the last request (command, status, reason, duration), the last refusal, whether a Ping is
-//! held now, and the mapping rule that admitted it. Requests refused before the account is
-//! known (no decision, a refused handshake) are kept by certificate serial instead.
+//! held now, and the mapping rule that admitted it with the age of that decision. Requests
+//! refused before the account is known (no decision, a refused handshake) are kept by
+//! certificate serial instead, with the certificate's subject so a search for the person
+//! finds them.
 //!
 //! Bounded: at most `admin.device_capacity` entries (50,000 by default; about 1 KiB each,
 //! so 50 MiB at most) in 16 shards; a shard that is full drops its entry seen longest ago (a
@@ -31,11 +33,16 @@ pub struct DeviceState {
     pub device_type: String,
     pub user_agent: String,
     pub cert_serial: String,
+    /// The certificate's subject; kept for a device refused before its account was known.
+    pub cert_subject: String,
     /// The certificate's notAfter, Unix seconds (0 when unknown).
     pub cert_not_after: i64,
     /// How the certificate was mapped (`issuer-serial`…) and how strong that is.
     pub mapping: &'static str,
     pub strength: &'static str,
+    /// When the directory gave the identity decision in force at the last admitted request
+    /// (here, in a snapshot or on another replica), Unix seconds; 0 when none.
+    pub decided_at: i64,
     pub first_seen: i64,
     pub last_seen: i64,
     /// The last request: its command, status, reason code (empty when served) and duration.
@@ -52,6 +59,8 @@ pub struct DeviceState {
     pub ping_held_since: i64,
     /// Requests seen since the entry was made.
     pub requests: u64,
+    /// The replica that answers (`fleet.replica`; empty without `[fleet]`).
+    pub replica: String,
 }
 
 /// What a finished request tells about its device.
@@ -64,6 +73,7 @@ pub struct Seen<'a> {
     pub cert_not_after: i64,
     pub mapping: &'static str,
     pub strength: &'static str,
+    pub decided_at: i64,
     pub command: &'a str,
     pub status: u16,
     /// The audit record's decision (`forwarded`, `denied`…) and reason code.
@@ -76,13 +86,16 @@ pub struct Seen<'a> {
 pub struct Devices {
     shards: Vec<Mutex<HashMap<(String, String), DeviceState>>>,
     per_shard: usize,
+    replica: String,
 }
 
 impl Devices {
-    pub fn new(capacity: usize) -> Devices {
+    /// At most `capacity` devices, answered as `replica`'s (empty without a fleet).
+    pub fn new(capacity: usize, replica: &str) -> Devices {
         Devices {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
+            replica: replica.to_string(),
         }
     }
 
@@ -125,6 +138,7 @@ impl Devices {
         if !seen.mapping.is_empty() {
             state.mapping = seen.mapping;
             state.strength = seen.strength;
+            state.decided_at = seen.decided_at;
         }
         if seen.cert_not_after != 0 {
             state.cert_not_after = seen.cert_not_after;
@@ -148,6 +162,36 @@ impl Devices {
         if seen.command == "Ping" {
             state.ping_held_since = 0;
         }
+    }
+
+    /// A handshake was refused for `reason` (a TLS reason code such as
+    /// `certificate-expired`): kept by the certificate's serial, as no account is known.
+    pub fn handshake_refused(
+        &self,
+        serial: &str,
+        subject: &str,
+        not_after: i64,
+        reason: &'static str,
+    ) {
+        let key = (format!("certificate:{serial}"), String::new());
+        let mut shard = self
+            .shard(&key.0, &key.1)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = unix_now();
+        let state = self.entry(&mut shard, key, "", "", now);
+        if state.cert_serial != serial {
+            state.cert_serial = serial.to_string();
+            state.cert_subject = subject.to_string();
+        }
+        state.cert_not_after = not_after;
+        state.last_command = "handshake".into();
+        state.last_seen = now;
+        state.last_status = 0;
+        state.last_reason = reason;
+        state.last_refusal = reason;
+        state.last_refusal_at = now;
+        state.requests += 1;
     }
 
     /// A Ping of this device is held from now on (until its request is `seen`).
@@ -174,6 +218,24 @@ impl Devices {
     /// Every device with this DeviceId, whatever its account.
     pub fn by_device(&self, device_id: &str) -> Vec<DeviceState> {
         self.collect(|key, _| key.1.eq_ignore_ascii_case(device_id))
+    }
+
+    /// What a helpdesk's search for `query` finds: the devices of the account of that name,
+    /// the device of that DeviceId, the certificate of that serial, and devices refused
+    /// before their account was known whose certificate subject names `query`.
+    pub fn search(&self, query: &str) -> Vec<DeviceState> {
+        let query = query.trim();
+        if query.is_empty() {
+            return Vec::new();
+        }
+        let account = query.to_ascii_lowercase();
+        self.collect(|key, state| {
+            key.0 == account
+                || key.1.eq_ignore_ascii_case(query)
+                || state.cert_serial.eq_ignore_ascii_case(query)
+                || (state.account.is_empty()
+                    && state.cert_subject.to_ascii_lowercase().contains(&account))
+        })
     }
 
     /// The `limit` devices refused last, most recent first.
@@ -208,7 +270,10 @@ impl Devices {
                 shard
                     .iter()
                     .filter(|(key, state)| wanted(key, state))
-                    .map(|(_, state)| state.clone())
+                    .map(|(_, state)| DeviceState {
+                        replica: self.replica.clone(),
+                        ..state.clone()
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -266,6 +331,7 @@ mod tests {
             cert_not_after: 2_000_000_000,
             mapping: "issuer-serial",
             strength: "strong",
+            decided_at: 1_700_000_000,
             command: "Sync",
             status,
             decision: if status == 200 { "forwarded" } else { "denied" },
@@ -276,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_device_keeps_its_last_request_and_last_refusal() {
-        let devices = Devices::new(100);
+        let devices = Devices::new(100, "r1");
         devices.seen(&seen("alice", "PHONE", 200, ""));
         devices.seen(&seen("Alice", "PHONE", 403, "user-mismatch"));
         devices.seen(&seen("alice", "PHONE", 200, ""));
@@ -290,6 +356,21 @@ mod tests {
         assert!(phone.last_success > 0 && phone.last_refusal_at > 0);
         assert_eq!(devices.by_device("phone").len(), 1);
         assert_eq!(devices.refused(10).len(), 1);
+        assert_eq!(phone.decided_at, 1_700_000_000);
+        assert_eq!(phone.replica, "r1");
+        // A handshake refused before any account was known, found by the subject's name.
+        devices.handshake_refused(
+            "0b",
+            "CN=alice,O=Corp",
+            1_600_000_000,
+            "certificate-expired",
+        );
+        let found = devices.search("Alice");
+        assert_eq!(found.len(), 3, "{found:?}");
+        let refused = found.iter().find(|d| d.account.is_empty()).unwrap();
+        assert_eq!(refused.last_refusal, "certificate-expired");
+        assert_eq!(devices.search("0B").len(), 1);
+        assert!(devices.search("  ").is_empty());
         devices.ping_held("alice", "PHONE");
         assert!(
             devices.of_account("alice")[0].ping_held_since > 0
@@ -299,7 +380,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_the_capacity() {
-        let devices = Devices::new(32);
+        let devices = Devices::new(32, "");
         for n in 0..1_000 {
             let id = format!("D{n}");
             devices.seen(&seen("bulk", &id, 200, ""));

@@ -46,13 +46,14 @@
 //!      in the device connection's task.
 //!    - [`kerberos`]: constrained delegation (S4U2Self + S4U2Proxy) toward the upstream.
 //!    - [`policy`]: `User=` binding, device allow/block rules, long-poll caps.
-//!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`, and the device API (`/api/…`).
-//!    - [`devices`]: what the gateway knows about each device, live and bounded.
+//!    - [`devices`]: what the gateway knows about each device, live and bounded (a layer
+//!      of its own below these).
 //! 8. [`proxy`]: accept, connection caps, handshake, the device connection, slow-client
 //!    limits, the per-request decision, header hygiene, forwarding, refusals, audit.
-//! 9. The whole: [`app`] (a configuration built into a running gateway, reloads, drain) and
+//! 9. The whole: [`app`] (a configuration built into a running gateway, reloads, drain),
 //!    [`mapcheck`] (`seg map`: the listener's validation and mapping for one certificate,
-//!    explained).
+//!    explained) and [`admin`] (the admin listener: `/metrics`, `/healthz`, `/readyz`, the
+//!    device API with the live decision for a certificate, and the status page).
 //! 10. [`demo`]: `seg demo`, the whole job on one machine, with its throwaway PKI and an
 //!     ActiveSync stand-in that answers with what it received (also used by the tests).
 

@@ -79,25 +79,7 @@ enum Command {
     },
     /// What a running seg knows about an account's devices (or one device, or the last
     /// refusals), in the shape of Get-MobileDeviceStatistics; asks the admin listener.
-    Devices {
-        #[arg(long)]
-        config: PathBuf,
-        /// The account (sAMAccountName).
-        account: Option<String>,
-        /// One DeviceId instead of an account.
-        #[arg(long)]
-        device: Option<String>,
-        /// The devices refused last.
-        #[arg(long)]
-        refused: bool,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// The admin listener(s) to ask (default: `admin.address` of the configuration);
-        /// repeat it to ask every replica of a fleet.
-        #[arg(long)]
-        admin: Vec<SocketAddr>,
-    },
+    Devices(DevicesArgs),
     /// Run a self-contained demo: throwaway CA, demo directory, echo upstream, seg.
     Demo {
         /// Where to write the demo's certificates and configuration (default: a new temp dir).
@@ -108,6 +90,35 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+}
+
+/// `seg devices`.
+#[derive(clap::Args)]
+struct DevicesArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// The account (sAMAccountName).
+    account: Option<String>,
+    /// One DeviceId instead of an account.
+    #[arg(long)]
+    device: Option<String>,
+    /// The devices refused last.
+    #[arg(long)]
+    refused: bool,
+    /// The running listener's decision for this certificate (PEM), made now, as
+    /// `seg map --explain` gives it.
+    #[arg(long, value_name = "PEM")]
+    certificate: Option<PathBuf>,
+    /// Intermediate CA certificates (PEM) sent with --certificate.
+    #[arg(long, value_name = "PEM", requires = "certificate")]
+    chain: Option<PathBuf>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The admin listener(s) to ask (default: `admin.address` of the configuration);
+    /// repeat it to ask every replica of a fleet.
+    #[arg(long)]
+    admin: Vec<SocketAddr>,
 }
 
 /// What `seg block` and `seg unblock` name: exactly one of them.
@@ -176,14 +187,7 @@ fn main() -> ExitCode {
             } => block(config, target, Some(reason)).await,
             Command::Unblock { config, target } => block(config, target, None).await,
             Command::Blocks { config, json } => list_blocks(config, json).await,
-            Command::Devices {
-                config,
-                account,
-                device,
-                refused,
-                json,
-                admin,
-            } => devices(config, account, device, refused, json, admin).await,
+            Command::Devices(args) => devices(args).await,
         }
     });
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -346,15 +350,8 @@ async fn map(config_path: PathBuf, cert: PathBuf, chain: Option<PathBuf>, explai
 }
 
 /// `seg devices`: the admin listener's device API, as a table or JSON.
-async fn devices(
-    config_path: PathBuf,
-    account: Option<String>,
-    device: Option<String>,
-    refused: bool,
-    json: bool,
-    admins: Vec<SocketAddr>,
-) -> i32 {
-    let config = match load(&config_path) {
+async fn devices(args: DevicesArgs) -> i32 {
+    let config = match load(&args.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -368,32 +365,56 @@ async fn devices(
             })
             .collect()
     };
-    let target = match (account, device, refused) {
-        (Some(account), None, false) => format!("/api/devices?account={}", encode(&account)),
-        (None, Some(device), false) => format!("/api/devices?device={}", encode(&device)),
-        (None, None, true) => "/api/refusals".to_string(),
+    let target = match (&args.account, &args.device, args.refused, &args.certificate) {
+        (Some(account), None, false, None) => {
+            format!("/api/devices?account={}", encode(account))
+        }
+        (None, Some(device), false, None) => format!("/api/devices?device={}", encode(device)),
+        (None, None, true, None) => "/api/refusals".to_string(),
+        (None, None, false, Some(_)) => "/api/decision".to_string(),
         _ => {
-            eprintln!("seg devices: give an account, or --device ID, or --refused");
+            eprintln!(
+                "seg devices: give an account, or --device ID, or --refused, or --certificate FILE"
+            );
             return EXIT_CONFIG;
         }
     };
-    let admins = if admins.is_empty() {
+    let admins = if args.admin.is_empty() {
         let mut address = config.admin.address;
         if address.ip().is_unspecified() {
             address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         vec![address]
     } else {
-        admins
+        args.admin
     };
     let token = config
         .admin
         .api_token_file
         .as_deref()
         .and_then(seg::admin::read_token);
+    if let Some(certificate) = &args.certificate {
+        let mut pem = match std::fs::read(certificate) {
+            Ok(pem) => pem,
+            Err(e) => {
+                eprintln!("seg devices: --certificate {}: {e}", certificate.display());
+                return EXIT_CONFIG;
+            }
+        };
+        if let Some(chain) = &args.chain {
+            match std::fs::read(chain) {
+                Ok(more) => pem.extend(more),
+                Err(e) => {
+                    eprintln!("seg devices: --chain {}: {e}", chain.display());
+                    return EXIT_CONFIG;
+                }
+            }
+        }
+        return decisions(&admins, &pem, token.as_deref(), args.json).await;
+    }
     let mut devices: Vec<serde_json::Value> = Vec::new();
     for address in &admins {
-        let body = match admin_get(*address, &target, token.as_deref()).await {
+        let body = match admin_call(*address, &target, token.as_deref(), None).await {
             Ok(body) => body,
             Err(e) => {
                 eprintln!("seg devices: {address}{target}: {e}");
@@ -408,17 +429,31 @@ async fn devices(
             }
         }
     }
-    if json {
+    if args.json {
         println!("{}", serde_json::Value::Array(devices));
         return 0;
     }
+    print_devices(&devices);
+    0
+}
+
+/// The device list as a table in the shape of `Get-MobileDeviceStatistics`.
+fn print_devices(devices: &[serde_json::Value]) {
     let text = |d: &serde_json::Value, k: &str| d[k].as_str().unwrap_or("").to_string();
     let time = |d: &serde_json::Value, k: &str| match d[k].as_i64() {
-        Some(t) if t > 0 => seg::fleet::blocks::utc(t),
+        Some(t) if t > 0 => seg::clock::utc(t),
         _ => "-".into(),
     };
+    let now = seg::clock::unix_now();
+    let decision = |d: &serde_json::Value| match (text(d, "mapping"), d["decided_at"].as_i64()) {
+        (mapping, Some(at)) if !mapping.is_empty() && at > 0 => {
+            format!("{mapping}/{} {}s ago", text(d, "strength"), now - at)
+        }
+        _ => "-".into(),
+    };
+    let replicas = devices.iter().any(|d| !text(d, "replica").is_empty());
     println!(
-        "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} USER AGENT",
+        "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} {:<28} {}USER AGENT",
         "ACCOUNT",
         "DEVICE ID",
         "TYPE",
@@ -427,12 +462,18 @@ async fn devices(
         "STATUS",
         "LAST REFUSAL",
         "PING HELD SINCE",
-        "CERT NOT AFTER"
+        "CERT NOT AFTER",
+        "DECISION",
+        if replicas { "REPLICA    " } else { "" },
     );
-    for d in &devices {
+    for d in devices {
+        let account = match text(d, "account") {
+            a if a.is_empty() => format!("({})", text(d, "cert_subject")),
+            a => a,
+        };
         println!(
-            "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} {}",
-            text(d, "account"),
+            "{:<10} {:<18} {:<12} {:<19} {:<19} {:<6} {:<22} {:<19} {:<19} {:<28} {}{}",
+            account,
             text(d, "device_id"),
             text(d, "device_type"),
             time(d, "last_success"),
@@ -441,17 +482,59 @@ async fn devices(
             text(d, "last_refusal"),
             time(d, "ping_held_since"),
             time(d, "cert_not_after"),
+            decision(d),
+            if replicas {
+                format!("{:<10} ", text(d, "replica"))
+            } else {
+                String::new()
+            },
             text(d, "user_agent"),
         );
     }
-    0
 }
 
-/// One GET to the admin listener; the body of a 200, else an error naming the status.
-async fn admin_get(
+/// `seg devices --certificate`: each listener's own decision for the certificate.
+async fn decisions(admins: &[SocketAddr], pem: &[u8], token: Option<&str>, json: bool) -> i32 {
+    let mut code = 0;
+    for address in admins {
+        let body = match admin_call(*address, "/api/decision", token, Some(pem)).await {
+            Ok(body) => body,
+            Err(e) => {
+                eprintln!("seg devices: {address}/api/decision: {e}");
+                return 69;
+            }
+        };
+        let report: serde_json::Value = match serde_json::from_str(&body) {
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("seg devices: {address}: the answer is not a decision: {e}");
+                return 69;
+            }
+        };
+        if json {
+            println!("{report}");
+        } else {
+            if admins.len() > 1 {
+                println!("== {address}");
+            }
+            print!("{}", report["explanation"].as_str().unwrap_or(""));
+        }
+        code = code.max(match report["decision"].as_str() {
+            Some("admit") => 0,
+            Some("deny") => 1,
+            _ => 69,
+        });
+    }
+    code
+}
+
+/// One request to the admin listener: a GET, or a POST of `pem`; the body of a 200, else
+/// an error naming the status.
+async fn admin_call(
     address: SocketAddr,
     target: &str,
     token: Option<&str>,
+    pem: Option<&[u8]>,
 ) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::time::timeout(
@@ -464,17 +547,30 @@ async fn admin_get(
     let authorization = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!(
-        "GET {target} HTTP/1.1\r\nHost: {address}\r\n{authorization}Connection: close\r\n\r\n"
-    );
+    let (method, body_headers) = match pem {
+        Some(pem) => (
+            "POST",
+            format!(
+                "Content-Type: application/x-pem-file\r\nContent-Length: {}\r\n",
+                pem.len()
+            ),
+        ),
+        None => ("GET", String::new()),
+    };
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {address}\r\n{authorization}{body_headers}Connection: close\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(pem.unwrap_or_default());
     stream
-        .write_all(request.as_bytes())
+        .write_all(&request)
         .await
         .map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+    // A decision may wait for a directory search.
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
         .await
-        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|_| "no answer within 30 s".to_string())?
         .map_err(|e| e.to_string())?;
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
@@ -599,7 +695,7 @@ async fn list_blocks(config_path: PathBuf, json: bool) -> i32 {
             for (field, block) in &list.blocks {
                 println!(
                     "{field:<44} {:<21} {:<24} {}",
-                    seg::fleet::blocks::utc(block.at),
+                    seg::clock::utc(block.at),
                     block.by,
                     block.reason
                 );

@@ -68,8 +68,21 @@ pub async fn map_certificate(
         None => Vec::new(),
     };
     let revocation = crate::revocation::RevocationList::load(&config.tls.crl_files)?;
-    let policy = ClientCertPolicy::new(&config.tls, &revocation)?;
-    if let Err((reason, e)) = policy.verify_chain(&leaf, &intermediates) {
+    map_der(config, &revocation, resolver, ntauth, &leaf, &intermediates).await
+}
+
+/// Validates and maps `leaf` (with `intermediates`) against the CRLs of `revocation`: the
+/// admin listener's `/api/decision` gives it the CRLs in force in the running gateway.
+pub async fn map_der(
+    config: &Config,
+    revocation: &crate::revocation::RevocationList,
+    resolver: &Resolver,
+    ntauth: Option<&NtAuthStore>,
+    leaf: &CertificateDer<'static>,
+    intermediates: &[CertificateDer<'static>],
+) -> Result<MapReport, crate::certs::TlsError> {
+    let policy = ClientCertPolicy::new(&config.tls, revocation)?;
+    if let Err((reason, e)) = policy.verify_chain(leaf, intermediates) {
         return Ok(MapReport {
             chain_error: Some(e.to_string()),
             chain_reason: Some(reason),

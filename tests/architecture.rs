@@ -20,9 +20,9 @@ const LAYERS: &[&[&str]] = &[
     &["identity", "activesync", "revocation"],
     &["tls"],
     &["devices"],
-    &["transport", "upstream", "kerberos", "policy", "admin"],
+    &["transport", "upstream", "kerberos", "policy"],
     &["proxy"],
-    &["app", "mapcheck"],
+    &["app", "mapcheck", "admin"],
     &["demo"],
 ];
 

@@ -1018,11 +1018,26 @@ async fn the_admin_listener_answers_get_and_head_only() {
         ("TRACE", 405),
     ];
     let mut failures = Vec::new();
-    for path in ["/metrics", "/healthz"] {
+    // The status page and the device API read too; the one thing POSTed is a certificate to
+    // /api/decision, which answers without one 415 (below, and in tests/devices.rs).
+    let admin = lab.seg.admin_addr;
+    for path in [
+        "/metrics",
+        "/healthz",
+        "/",
+        "/api/devices?account=alice",
+        "/api/decision",
+    ] {
         for (method, expected) in methods {
-            let mut tcp = TcpStream::connect(lab.seg.admin_addr).await.expect("admin");
+            let expected = match (path, method) {
+                ("/api/devices?account=alice", "HEAD") => 405,
+                ("/api/decision", "GET" | "HEAD") => 405,
+                ("/api/decision", "POST") => 415,
+                _ => expected,
+            };
+            let mut tcp = TcpStream::connect(admin).await.expect("admin");
             let request = format!(
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             );
             tcp.write_all(request.as_bytes()).await.expect("write");
             let mut answer = Vec::new();

@@ -190,6 +190,32 @@ impl CertAuthority {
         self.cert.der().to_vec()
     }
 
+    /// A CRL of this CA (PEM) revoking `serials`, issued yesterday, the next due in a week.
+    pub fn crl_pem(&self, serials: &[&[u8]]) -> Result<String, PkiError> {
+        let today = crate::clock::unix_now() / 86_400;
+        let day = |days: i64| {
+            let (y, m, d) = crate::clock::civil_from_days(u64::try_from(days).unwrap_or(0));
+            rcgen::date_time_ymd(y as i32, m as u8, d as u8)
+        };
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: day(today - 1),
+            next_update: day(today + 7),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: day(today - 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
+    }
+
     /// Issues a leaf certificate signed by this CA.
     pub fn issue(&self, spec: &LeafSpec) -> Result<IssuedCert, PkiError> {
         let mut params = CertificateParams::default();

@@ -152,19 +152,6 @@ impl BlockList {
     }
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS`, UTC.
-pub fn utc(unix: i64) -> String {
-    let unix = u64::try_from(unix).unwrap_or(0);
-    let (year, month, day) = crate::clock::civil_from_days(unix / 86_400);
-    let seconds = unix % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        seconds / 3_600,
-        seconds % 3_600 / 60,
-        seconds % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,13 +224,6 @@ mod tests {
             .into_iter()
             .map(|(f, v)| (f.into_bytes(), v.into_bytes()))
             .collect()
-    }
-
-    #[test]
-    fn times_print_in_utc() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(utc(1_796_563_845), "2026-12-06 13:30:45");
     }
 
     #[test]

@@ -189,6 +189,11 @@ impl Fleet {
         Ok(())
     }
 
+    /// Whether the last store operation was answered in time.
+    pub fn store_up(&self) -> bool {
+        self.metrics.store_up.get() == 1
+    }
+
     /// This replica's name in the store.
     pub fn replica(&self) -> &str {
         &self.replica

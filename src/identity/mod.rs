@@ -44,6 +44,9 @@ pub struct Identity {
     /// The certificate's validity (notBefore, notAfter), Unix seconds: checked on every
     /// request, because a resumed session never shows the certificate to the verifier again.
     pub validity: (i64, i64),
+    /// When the directory gave the answer this identity comes from (here, in a snapshot or
+    /// on another replica), Unix seconds: the cached decision's age is counted from it.
+    pub decided_unix: i64,
 }
 
 impl Identity {

@@ -361,7 +361,7 @@ impl Resolver {
             let resolved_unix = entry.resolved_unix;
             let judged = remaining.and_then(|lifetime| {
                 let (leaf, account) = entry.parts()?;
-                Some((self.judge_restored(leaf, account)?, lifetime))
+                Some((self.judge_restored(leaf, account, resolved_unix)?, lifetime))
             });
             let Some(((fingerprint, mut cached), lifetime)) = judged else {
                 dropped += 1;
@@ -386,20 +386,23 @@ impl Resolver {
         &self,
         leaf: Vec<u8>,
         account: AccountEntry,
+        resolved_unix: i64,
     ) -> Option<(CertFingerprint, CachedDecision)> {
         let facts = Arc::new(CertFacts::from_der(&leaf).ok()?);
         let fingerprint = CertFingerprint::of(&leaf);
-        let cached = self.judge_known(facts, account, Some(leaf.into()))?;
+        let cached = self.judge_known(facts, account, Some(leaf.into()), resolved_unix)?;
         Some((fingerprint, cached))
     }
 
     /// An account the directory gave for this certificate earlier (here, in a snapshot, or
-    /// on another replica), judged by the current rules; `None` if they no longer admit it.
+    /// on another replica) at `resolved_unix`, judged by the current rules; `None` if they
+    /// no longer admit it.
     fn judge_known(
         &self,
         facts: Arc<CertFacts>,
         account: AccountEntry,
         leaf: Option<Arc<[u8]>>,
+        resolved_unix: i64,
     ) -> Option<CachedDecision> {
         let plan = MappingPlan::new(&facts, &self.mapping);
         let mapped = decide(&facts, &plan, &[account], self.mapping.enforcement)
@@ -420,12 +423,15 @@ impl Resolver {
             mapped.rule,
             mapped.strength,
             header_value,
+            resolved_unix,
         );
         Some(self.cached(Decision::Admit(identity), Some(facts), leaf))
     }
 
-    /// Number of cached decisions (approximate; for tests and diagnostics).
-    pub fn cached_entries(&self) -> u64 {
+    /// Number of cached decisions, once the cache's pending work is done (for the status
+    /// page).
+    pub async fn cached_entries(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
         self.cache.entry_count()
     }
 
@@ -597,7 +603,12 @@ impl Resolver {
                     return None;
                 }
                 let account = entry.admitted_account()?;
-                let cached = self.judge_known(Arc::clone(facts), account, leaf.clone())?;
+                let cached = self.judge_known(
+                    Arc::clone(facts),
+                    account,
+                    leaf.clone(),
+                    entry.resolved_unix,
+                )?;
                 (cached, self.hard_ttl.checked_sub(age)?)
             }
         };
@@ -782,6 +793,7 @@ impl Resolver {
             mapped.rule,
             mapped.strength,
             header_value,
+            unix_now(),
         )))
     }
 
@@ -843,8 +855,10 @@ fn identity(
     rule: MappingRule,
     strength: MappingStrength,
     header_value: http::HeaderValue,
+    decided_unix: i64,
 ) -> Arc<Identity> {
     Arc::new(Identity {
+        decided_unix,
         account,
         rule,
         strength,

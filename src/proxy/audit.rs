@@ -175,15 +175,16 @@ impl AuditRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         // The device API's view: by account when the certificate mapped to one.
-        let (device_account, not_after) = match &self.subject {
+        let (device_account, not_after, decided_at) = match &self.subject {
             AuditSubject::Admitted(i) => (
                 i.account
                     .sam_account_name
                     .as_deref()
                     .unwrap_or(&i.account.dn),
                 i.validity.1,
+                i.decided_unix,
             ),
-            _ => ("", 0),
+            _ => ("", 0, 0),
         };
         self.devices.seen(&crate::devices::Seen {
             account: device_account,
@@ -194,6 +195,7 @@ impl AuditRecord {
             cert_not_after: not_after,
             mapping,
             strength,
+            decided_at,
             command: eas.command_name(),
             status: self.status,
             decision: self.decision,

@@ -322,6 +322,19 @@ impl Gateway {
                 let reason = crate::tls::RefusedHandshake::reason_of(&e);
                 self.count_handshake(crate::tls::failure_label(reason));
                 refusals.refused(peer, &e);
+                // The device registry's view: by certificate, as no account is known yet.
+                if let Some(c) =
+                    crate::tls::RefusedHandshake::of(&e).and_then(|r| r.certificate.as_ref())
+                {
+                    if !c.serial.is_empty() {
+                        self.devices.handshake_refused(
+                            &c.serial,
+                            &c.subject,
+                            c.not_after_unix,
+                            reason,
+                        );
+                    }
+                }
                 return;
             }
             Err(_) => {

@@ -368,6 +368,8 @@ pub struct RefusedCertificate {
     pub serial: String,
     pub not_before: String,
     pub not_after: String,
+    /// notAfter in Unix seconds (0 when the certificate could not be read).
+    pub not_after_unix: i64,
     /// SHA-256 of the leaf: the rate limit of the refusal's log records is per certificate.
     pub fingerprint: Option<crate::identity::CertFingerprint>,
 }
@@ -472,6 +474,7 @@ fn refused(
             serial: crate::identity::hex(cert.raw_serial()),
             not_before: cert.validity().not_before.to_string(),
             not_after: cert.validity().not_after.to_string(),
+            not_after_unix: cert.validity().not_after.timestamp(),
             fingerprint: Some(crate::identity::CertFingerprint::of(end_entity.as_ref())),
         },
         Err(_) => RefusedCertificate {

@@ -2,6 +2,7 @@
 pub mod apache;
 pub mod audit;
 pub mod chaos;
+pub mod chromium;
 pub mod eas_driver;
 pub mod haproxy;
 pub mod lab;
