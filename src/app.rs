@@ -416,7 +416,12 @@ impl App {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(refresh_ntauth(Arc::clone(&live), shutdown_rx.clone())),
-            tokio::spawn(fleet_upkeep(Arc::clone(&live), shutdown_rx.clone())),
+            tokio::spawn(fleet_upkeep(
+                Arc::clone(&live),
+                Arc::clone(&health),
+                admin_addr,
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(write_snapshots(Arc::clone(&live), shutdown_rx)),
         ];
         tracing::info!(target: "seg::listener", %listen_addr, %admin_addr, "seg serving");
@@ -635,12 +640,28 @@ async fn write_snapshots(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
 
 /// With `[fleet]`: reads the fleet's block list every `fleet.block_poll_interval`, and
 /// renews the leases of the long polls this replica counts in the store.
-async fn fleet_upkeep(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
+async fn fleet_upkeep(
+    live: Arc<Live>,
+    health: Arc<Health>,
+    admin: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut renewed = std::time::Instant::now();
+    let mut advertised = None;
     loop {
         let Some(fleet) = live.load().fleet.clone() else {
             return;
         };
+        if health.draining.load(Ordering::Acquire) {
+            fleet.withdraw().await;
+        } else {
+            if advertised.is_none() {
+                advertised = Some(advertised_address(admin, &fleet).await);
+            }
+            if let Some(address) = advertised {
+                fleet.announce(address).await;
+            }
+        }
         fleet.refresh_blocks().await;
         if renewed.elapsed() >= crate::fleet::caps::LEASE / 3 {
             fleet.renew_long_polls().await;
@@ -650,6 +671,25 @@ async fn fleet_upkeep(live: Arc<Live>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(fleet.block_poll_interval()) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The address other hosts reach this replica's admin listener at: its own, or, when it
+/// listens on every address (a pod), the address this host uses toward the fleet store (no
+/// packet is sent: a UDP socket is only connected to learn the route).
+async fn advertised_address(admin: SocketAddr, fleet: &crate::fleet::Fleet) -> SocketAddr {
+    if !admin.ip().is_unspecified() {
+        return admin;
+    }
+    let route = async {
+        let (host, port) = fleet.store_address()?;
+        let socket = tokio::net::UdpSocket::bind((admin.ip(), 0)).await.ok()?;
+        socket.connect((host, port)).await.ok()?;
+        socket.local_addr().ok()
+    };
+    match route.await {
+        Some(local) => SocketAddr::new(local.ip(), admin.port()),
+        None => admin,
     }
 }
 

@@ -379,14 +379,16 @@ async fn devices(args: DevicesArgs) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let admins = if args.admin.is_empty() {
+    let admins = if !args.admin.is_empty() {
+        args.admin
+    } else if let Some(replicas) = fleet_replicas(&config).await {
+        replicas
+    } else {
         let mut address = config.admin.address;
         if address.ip().is_unspecified() {
             address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         vec![address]
-    } else {
-        args.admin
     };
     let token = config
         .admin
@@ -412,29 +414,71 @@ async fn devices(args: DevicesArgs) -> i32 {
         }
         return decisions(&admins, &pem, token.as_deref(), args.json).await;
     }
+    // Every replica that answers; one that does not is named, and only none answering fails.
     let mut devices: Vec<serde_json::Value> = Vec::new();
+    let mut answered = 0;
     for address in &admins {
         let body = match admin_call(*address, &target, token.as_deref(), None).await {
             Ok(body) => body,
             Err(e) => {
                 eprintln!("seg devices: {address}{target}: {e}");
-                return 69;
+                continue;
             }
         };
         match serde_json::from_str::<Vec<serde_json::Value>>(&body) {
-            Ok(list) => devices.extend(list),
+            Ok(list) => {
+                devices.extend(list);
+                answered += 1;
+            }
             Err(e) => {
                 eprintln!("seg devices: {address}: the answer is not the device list: {e}");
-                return 69;
             }
         }
     }
+    if answered == 0 {
+        return 69;
+    }
+    devices.sort_by_key(|d| std::cmp::Reverse(d["last_seen"].as_i64().unwrap_or(0)));
     if args.json {
         println!("{}", serde_json::Value::Array(devices));
         return 0;
     }
     print_devices(&devices);
     0
+}
+
+/// With `[fleet]`, the admin listeners of the replicas that announced themselves in the
+/// store; `None` without a fleet or when the store does not answer (then the configuration's
+/// own `admin.address` is asked, said on stderr).
+async fn fleet_replicas(config: &Config) -> Option<Vec<SocketAddr>> {
+    let settings = config.fleet.as_ref()?;
+    let fleet = match seg::fleet::Fleet::connect(settings, seg::metrics::FleetMetrics::new()) {
+        Ok(fleet) => fleet,
+        Err(e) => {
+            eprintln!("seg devices: {e}; asking admin.address only");
+            return None;
+        }
+    };
+    match fleet.replicas().await {
+        Some(replicas) if !replicas.is_empty() => {
+            // Replicas on loopback announce the same address from every host: ask it once.
+            let mut addresses: Vec<SocketAddr> = Vec::new();
+            for (_, address) in replicas {
+                if !addresses.contains(&address) {
+                    addresses.push(address);
+                }
+            }
+            Some(addresses)
+        }
+        Some(_) => {
+            eprintln!("seg devices: no replica has announced itself in the fleet store; asking admin.address only");
+            None
+        }
+        None => {
+            eprintln!("seg devices: the fleet store did not answer; asking admin.address only");
+            None
+        }
+    }
 }
 
 /// The device list as a table in the shape of `Get-MobileDeviceStatistics`.

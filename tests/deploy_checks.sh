@@ -433,7 +433,7 @@ if hpa.get("spec", {}).get("minReplicas", 1) <= pdb.get("spec", {}).get("maxUnav
 print("PodDisruptionBudget, NetworkPolicies and HPA point at the seg pods / Deployment")
 
 # NetworkPolicy: the device port only from ipBlocks (the front), the admin port only from
-# Prometheus pods.
+# Prometheus pods and the seg gateway pods (seg devices across the fleet).
 ingress = one("NetworkPolicy", "seg-ingress")
 for rule in ingress.get("spec", {}).get("ingress", []):
     rule_ports = {p["port"] for p in rule.get("ports", [])}
@@ -442,12 +442,17 @@ for rule in ingress.get("spec", {}).get("ingress", []):
         problem("seg-ingress: a rule without ports or without sources admits everything")
     if "eas" in rule_ports and not all("ipBlock" in p for p in peers):
         problem("seg-ingress: the device port admits more than the front's addresses")
-    if "admin" in rule_ports and not all(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "prometheus" for p in peers):
-        problem("seg-ingress: the admin port admits more than Prometheus")
+    def prometheus_or_seg(peer):
+        labels = peer.get("podSelector", {}).get("matchLabels", {})
+        return labels.get("app.kubernetes.io/name") == "prometheus" or (
+            labels == {"app.kubernetes.io/name": "seg", "app.kubernetes.io/component": "gateway"}
+            and "namespaceSelector" not in peer)
+    if "admin" in rule_ports and not all(prometheus_or_seg(p) for p in peers):
+        problem("seg-ingress: the admin port admits more than Prometheus and the seg pods")
     for p in rule_ports:
         if p not in ports:
             problem(f"seg-ingress: port {p} is not a container port")
-print("NetworkPolicy seg-ingress: port eas from the front's ipBlock only, port admin from Prometheus only")
+print("NetworkPolicy seg-ingress: port eas from the front's ipBlock only, port admin from Prometheus and the seg pods only")
 
 # Probes, drain, hardening.
 probe = lambda name: container.get(name, {}).get("httpGet", {})

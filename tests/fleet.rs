@@ -208,6 +208,27 @@ async fn one_directory_search_per_certificate_for_the_whole_fleet() {
         "{:?}",
         fleet.redis.keys("*")
     );
+    // The helpdesk asks one command: it finds every replica through the store, and each
+    // says it served alice's device, under the one decision the directory gave on r1.
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..50 {
+        rows = serde_json::from_str(&fleet.command(&["devices", "alice", "--json"])).unwrap();
+        if rows.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut replicas: Vec<&str> = rows
+        .iter()
+        .map(|d| d["replica"].as_str().unwrap())
+        .collect();
+    replicas.sort();
+    assert_eq!(replicas, ["r1", "r2", "r3"], "{rows:?}");
+    let decided: std::collections::BTreeSet<i64> = rows
+        .iter()
+        .map(|d| d["decided_at"].as_i64().unwrap())
+        .collect();
+    assert_eq!(decided.len(), 1, "one decision, shared: {rows:?}");
 
     // Twelve concurrent first requests of bob, four on each replica: one search.
     let bob = fleet.device("bob");

@@ -17,6 +17,7 @@ pub mod blocks;
 pub mod caps;
 pub mod seal;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -32,6 +33,9 @@ use seal::{Keys, OpenError};
 
 /// The budget of one read of the whole block list, and of `seg block`'s write: not a request.
 const BLOCK_BUDGET: Duration = Duration::from_secs(2);
+/// A replica that has not announced itself for this long is taken for gone (it announces
+/// every upkeep round, `block_poll_interval`).
+pub const REPLICA_FRESH: Duration = Duration::from_secs(30);
 
 /// Why the fleet store cannot be set up from its configuration.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +92,8 @@ pub struct Fleet {
     /// Distinguishes this process's lease and lock names from an earlier one of the same
     /// replica.
     incarnation: u64,
+    /// The store's host and port, as the URL names them.
+    store_address: Option<(String, u16)>,
     /// Numbers this process's lock acquisitions.
     locks: std::sync::atomic::AtomicU64,
 }
@@ -101,6 +107,11 @@ impl Fleet {
             .as_str()
             .into_connection_info()
             .map_err(|e| error("url", e))?;
+        let store_address = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+            _ => None,
+        };
         let mut settings = info.redis_settings().clone();
         if let Some(user) = &config.username {
             settings = settings.set_username(user);
@@ -170,6 +181,7 @@ impl Fleet {
             block_poll_interval: config.block_poll_interval,
             leases: caps::Leases::default(),
             incarnation: unix_now_ms(),
+            store_address,
             locks: std::sync::atomic::AtomicU64::new(0),
             store,
             prefix: config.key_prefix.clone(),
@@ -343,6 +355,51 @@ impl Fleet {
             }
             None => Lock::Unavailable,
         }
+    }
+
+    /// The store's host and port, as the URL names them (`None` for a Unix socket).
+    pub fn store_address(&self) -> Option<(&str, u16)> {
+        self.store_address.as_ref().map(|(h, p)| (h.as_str(), *p))
+    }
+
+    /// Says where this replica's admin listener is, for `seg devices` across the fleet: the
+    /// hash `<prefix>replicas`, replica name → `<unix seconds> <address>`, written again by
+    /// every upkeep round.
+    pub async fn announce(&self, admin: SocketAddr) {
+        let command = redis::cmd("HSET")
+            .arg(self.key("replicas"))
+            .arg(&self.replica)
+            .arg(format!("{} {admin}", unix_now()))
+            .clone();
+        let _ = self.run::<i64>("announce", &command).await;
+    }
+
+    /// Takes this replica out of the list (a drain).
+    pub async fn withdraw(&self) {
+        let command = redis::cmd("HDEL")
+            .arg(self.key("replicas"))
+            .arg(&self.replica)
+            .clone();
+        let _ = self.run::<i64>("announce", &command).await;
+    }
+
+    /// The replicas that announced their admin listener within `REPLICA_FRESH`, by name.
+    pub async fn replicas(&self) -> Option<Vec<(String, SocketAddr)>> {
+        let command = redis::cmd("HGETALL").arg(self.key("replicas")).clone();
+        let fields: Vec<(String, String)> = self
+            .run_within("replicas", &command, Duration::from_secs(5))
+            .await?;
+        let now = unix_now();
+        let mut fresh: Vec<(String, SocketAddr)> = fields
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let (at, address) = value.split_once(' ')?;
+                let age = now - at.parse::<i64>().ok()?;
+                (age <= REPLICA_FRESH.as_secs() as i64).then_some((name, address.parse().ok()?))
+            })
+            .collect();
+        fresh.sort();
+        Some(fresh)
     }
 
     /// `PING`, for `seg_fleet_store_up` while no request asks the store anything (and to
