@@ -22,6 +22,12 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 const SHARDS: usize = 16;
+/// The most devices one question answers (a search for a common name, say).
+pub const MAX_ANSWER: usize = 500;
+
+fn by_last_seen(state: &DeviceState) -> i64 {
+    state.last_seen
+}
 
 /// One device of one account.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -212,12 +218,16 @@ impl Devices {
     /// Every device of `account` (compared without ASCII case), last seen first.
     pub fn of_account(&self, account: &str) -> Vec<DeviceState> {
         let account = account.to_ascii_lowercase();
-        self.collect(|key, _| key.0 == account)
+        self.collect(|key, _| key.0 == account, by_last_seen, MAX_ANSWER)
     }
 
     /// Every device with this DeviceId, whatever its account.
     pub fn by_device(&self, device_id: &str) -> Vec<DeviceState> {
-        self.collect(|key, _| key.1.eq_ignore_ascii_case(device_id))
+        self.collect(
+            |key, _| key.1.eq_ignore_ascii_case(device_id),
+            by_last_seen,
+            MAX_ANSWER,
+        )
     }
 
     /// What a helpdesk's search for `query` finds: the devices of the account of that name,
@@ -229,21 +239,23 @@ impl Devices {
             return Vec::new();
         }
         let account = query.to_ascii_lowercase();
-        self.collect(|key, state| {
+        let found = |key: &(String, String), state: &DeviceState| {
             key.0 == account
                 || key.1.eq_ignore_ascii_case(query)
                 || state.cert_serial.eq_ignore_ascii_case(query)
                 || (state.account.is_empty()
                     && state.cert_subject.to_ascii_lowercase().contains(&account))
-        })
+        };
+        self.collect(found, by_last_seen, MAX_ANSWER)
     }
 
     /// The `limit` devices refused last, most recent first.
     pub fn refused(&self, limit: usize) -> Vec<DeviceState> {
-        let mut all = self.collect(|_, state| state.last_refusal_at > 0);
-        all.sort_by_key(|s| std::cmp::Reverse(s.last_refusal_at));
-        all.truncate(limit);
-        all
+        self.collect(
+            |_, state| state.last_refusal_at > 0,
+            |state| state.last_refusal_at,
+            limit.min(MAX_ANSWER),
+        )
     }
 
     /// How many devices are kept now.
@@ -258,26 +270,31 @@ impl Devices {
         self.len() == 0
     }
 
+    /// The `limit` wanted devices that come first by `order` (highest first), copied out. A
+    /// shard is locked while it is read, and only its first `limit` are copied, so a broad
+    /// question costs a pass over the registry, not a copy of it.
     fn collect(
         &self,
         wanted: impl Fn(&(String, String), &DeviceState) -> bool,
+        order: impl Fn(&DeviceState) -> i64,
+        limit: usize,
     ) -> Vec<DeviceState> {
-        let mut out: Vec<DeviceState> = self
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                shard
-                    .iter()
-                    .filter(|(key, state)| wanted(key, state))
-                    .map(|(_, state)| DeviceState {
-                        replica: self.replica.clone(),
-                        ..state.clone()
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        out.sort_by_key(|s| std::cmp::Reverse(s.last_seen));
+        let mut out: Vec<DeviceState> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut found: Vec<&DeviceState> = shard
+                .iter()
+                .filter(|(key, state)| wanted(key, state))
+                .map(|(_, state)| state)
+                .collect();
+            found.sort_by_key(|s| std::cmp::Reverse(order(s)));
+            out.extend(found.into_iter().take(limit).map(|state| DeviceState {
+                replica: self.replica.clone(),
+                ..state.clone()
+            }));
+        }
+        out.sort_by_key(|s| std::cmp::Reverse(order(s)));
+        out.truncate(limit);
         out
     }
 }
@@ -376,6 +393,18 @@ mod tests {
             devices.of_account("alice")[0].ping_held_since > 0
                 || devices.by_device("PHONE")[0].ping_held_since > 0
         );
+    }
+
+    #[test]
+    fn a_question_answers_at_most_its_limit() {
+        let devices = Devices::new(10_000, "");
+        for n in 0..(MAX_ANSWER + 100) {
+            devices.handshake_refused(&format!("{n:x}"), "CN=scanner", 0, "unknown-issuer");
+        }
+        assert_eq!(devices.search("scanner").len(), MAX_ANSWER);
+        assert_eq!(devices.refused(7).len(), 7);
+        assert_eq!(devices.refused(usize::MAX).len(), MAX_ANSWER);
+        assert_eq!(devices.search("1f").len(), 1, "by serial");
     }
 
     #[test]
