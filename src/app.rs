@@ -196,7 +196,7 @@ fn build_gateway(
             old.stop();
         }
     }
-    current_revocation.install(&crl_files, verifier, &revocation);
+    current_revocation.install(&crl_files, verifier.clone(), &revocation);
     if rebound {
         resolver.set_directory(Arc::clone(&directory));
     }
@@ -233,6 +233,7 @@ fn build_gateway(
         },
         long_polls,
         tls,
+        client_policy: verifier,
         revocation: current_revocation,
         online,
         metrics: Arc::clone(metrics),
@@ -387,14 +388,12 @@ impl App {
             restore_snapshot(&self.gateway.resolver, path).await;
         }
         self.gateway.online.start();
-        let token_file = self.gateway.config.admin.api_token_file.clone();
         let live = Arc::new(Live::new(self.gateway));
         let health = Arc::new(Health::default());
         let admin = Arc::new(crate::admin::Admin::new(
             Arc::clone(&live),
             Arc::clone(&self.metrics),
             Arc::clone(&health),
-            token_file.as_deref(),
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(None);
@@ -656,7 +655,9 @@ async fn fleet_upkeep(
             fleet.withdraw().await;
         } else {
             if advertised.is_none() {
-                advertised = Some(advertised_address(admin, &fleet).await);
+                // No route yet (the store's name does not resolve, say): the next round tries
+                // again; an unspecified address is never announced.
+                advertised = advertised_address(admin, &fleet).await;
             }
             if let Some(address) = advertised {
                 fleet.announce(address).await;
@@ -676,10 +677,11 @@ async fn fleet_upkeep(
 
 /// The address other hosts reach this replica's admin listener at: its own, or, when it
 /// listens on every address (a pod), the address this host uses toward the fleet store (no
-/// packet is sent: a UDP socket is only connected to learn the route).
-async fn advertised_address(admin: SocketAddr, fleet: &crate::fleet::Fleet) -> SocketAddr {
+/// packet is sent: a UDP socket is only connected to learn the route); `None` when that
+/// route cannot be learnt now.
+async fn advertised_address(admin: SocketAddr, fleet: &crate::fleet::Fleet) -> Option<SocketAddr> {
     if !admin.ip().is_unspecified() {
-        return admin;
+        return Some(admin);
     }
     let route = async {
         let (host, port) = fleet.store_address()?;
@@ -687,10 +689,8 @@ async fn advertised_address(admin: SocketAddr, fleet: &crate::fleet::Fleet) -> S
         socket.connect((host, port)).await.ok()?;
         socket.local_addr().ok()
     };
-    match route.await {
-        Some(local) => SocketAddr::new(local.ip(), admin.port()),
-        None => admin,
-    }
+    let local = route.await?;
+    Some(SocketAddr::new(local.ip(), admin.port()))
 }
 
 async fn probe_dependencies(

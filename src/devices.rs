@@ -22,6 +22,23 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 const SHARDS: usize = 16;
+/// The refused handshakes remembered (the latest; about 1 KiB each).
+pub const HANDSHAKE_CAPACITY: usize = 1_024;
+/// What a device chose (DeviceId, type, User-Agent) and what a refused certificate says
+/// (subject, serial) is kept up to this many bytes.
+const MAX_FIELD: usize = 256;
+
+/// `value` cut to `MAX_FIELD` bytes, at a character's boundary.
+fn clip(value: &str) -> &str {
+    if value.len() <= MAX_FIELD {
+        return value;
+    }
+    let mut end = MAX_FIELD;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
 /// The most devices one question answers (a search for a common name, say).
 pub const MAX_ANSWER: usize = 500;
 
@@ -76,6 +93,8 @@ pub struct Seen<'a> {
     pub device_type: &'a str,
     pub user_agent: &'a str,
     pub cert_serial: &'a str,
+    /// The certificate's subject when no account was known (empty otherwise).
+    pub cert_subject: &'a str,
     pub cert_not_after: i64,
     pub mapping: &'static str,
     pub strength: &'static str,
@@ -92,6 +111,9 @@ pub struct Seen<'a> {
 pub struct Devices {
     shards: Vec<Mutex<HashMap<(String, String), DeviceState>>>,
     per_shard: usize,
+    /// Refused handshakes, apart: anyone can make one with a certificate of their own, so
+    /// they have their own small room and never push a device that got through out.
+    handshakes: Mutex<HashMap<(String, String), DeviceState>>,
     replica: String,
 }
 
@@ -101,6 +123,7 @@ impl Devices {
         Devices {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: capacity.div_ceil(SHARDS).max(1),
+            handshakes: Mutex::new(HashMap::new()),
             replica: replica.to_string(),
         }
     }
@@ -126,13 +149,22 @@ impl Devices {
         } else {
             seen.account.to_ascii_lowercase()
         };
-        let key = (key_account, seen.device_id.to_string());
+        let device_id = clip(seen.device_id);
+        let key = (key_account, device_id.to_string());
         let mut shard = self
             .shard(&key.0, &key.1)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let state = self.entry(&mut shard, key, seen.account, seen.device_id, now);
+        let state = entry(
+            &mut shard,
+            self.per_shard,
+            key,
+            seen.account,
+            device_id,
+            now,
+        );
         let set = |field: &mut String, value: &str| {
+            let value = clip(value);
             if !value.is_empty() && field != value {
                 *field = value.to_string();
             }
@@ -140,6 +172,7 @@ impl Devices {
         set(&mut state.device_type, seen.device_type);
         set(&mut state.user_agent, seen.user_agent);
         set(&mut state.cert_serial, seen.cert_serial);
+        set(&mut state.cert_subject, seen.cert_subject);
         set(&mut state.last_command, seen.command);
         if !seen.mapping.is_empty() {
             state.mapping = seen.mapping;
@@ -179,16 +212,14 @@ impl Devices {
         not_after: i64,
         reason: &'static str,
     ) {
+        let serial = clip(serial);
         let key = (format!("certificate:{serial}"), String::new());
-        let mut shard = self
-            .shard(&key.0, &key.1)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut handshakes = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
         let now = unix_now();
-        let state = self.entry(&mut shard, key, "", "", now);
+        let state = entry(&mut handshakes, HANDSHAKE_CAPACITY, key, "", "", now);
         if state.cert_serial != serial {
             state.cert_serial = serial.to_string();
-            state.cert_subject = subject.to_string();
+            state.cert_subject = clip(subject).to_string();
         }
         state.cert_not_after = not_after;
         state.last_command = "handshake".into();
@@ -208,7 +239,7 @@ impl Devices {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let now = unix_now();
-        let state = self.entry(&mut shard, key, account, device_id, now);
+        let state = entry(&mut shard, self.per_shard, key, account, device_id, now);
         if state.last_seen == 0 {
             state.last_seen = now;
         }
@@ -258,10 +289,9 @@ impl Devices {
         )
     }
 
-    /// How many devices are kept now.
+    /// How many devices are kept now (refused handshakes included).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
+        self.rooms()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum()
     }
@@ -280,7 +310,7 @@ impl Devices {
         limit: usize,
     ) -> Vec<DeviceState> {
         let mut out: Vec<DeviceState> = Vec::new();
-        for shard in &self.shards {
+        for shard in self.rooms() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let mut found: Vec<&DeviceState> = shard
                 .iter()
@@ -300,26 +330,31 @@ impl Devices {
 }
 
 impl Devices {
-    /// The device's entry in its shard, made (first seen `now`) if it has none; a full shard
-    /// forgets the device it saw longest ago first.
-    fn entry<'s>(
-        &self,
-        shard: &'s mut HashMap<(String, String), DeviceState>,
-        key: (String, String),
-        account: &str,
-        device_id: &str,
-        now: i64,
-    ) -> &'s mut DeviceState {
-        if !shard.contains_key(&key) && shard.len() >= self.per_shard {
-            evict_oldest(shard);
-        }
-        shard.entry(key).or_insert_with(|| DeviceState {
-            account: account.to_string(),
-            device_id: device_id.to_string(),
-            first_seen: now,
-            ..DeviceState::default()
-        })
+    /// The shards and the room of refused handshakes.
+    fn rooms(&self) -> impl Iterator<Item = &Mutex<HashMap<(String, String), DeviceState>>> {
+        self.shards.iter().chain(std::iter::once(&self.handshakes))
     }
+}
+
+/// The device's entry in `room`, made (first seen `now`) if it has none; a full room (of
+/// `capacity`) forgets the device it saw longest ago first.
+fn entry<'s>(
+    room: &'s mut HashMap<(String, String), DeviceState>,
+    capacity: usize,
+    key: (String, String),
+    account: &str,
+    device_id: &str,
+    now: i64,
+) -> &'s mut DeviceState {
+    if !room.contains_key(&key) && room.len() >= capacity {
+        evict_oldest(room);
+    }
+    room.entry(key).or_insert_with(|| DeviceState {
+        account: account.to_string(),
+        device_id: device_id.to_string(),
+        first_seen: now,
+        ..DeviceState::default()
+    })
 }
 
 fn evict_oldest(shard: &mut HashMap<(String, String), DeviceState>) {
@@ -345,6 +380,7 @@ mod tests {
             device_type: "iPhone",
             user_agent: "Apple-iPhone15C2/2104.60",
             cert_serial: "0a",
+            cert_subject: "",
             cert_not_after: 2_000_000_000,
             mapping: "issuer-serial",
             strength: "strong",
@@ -405,6 +441,25 @@ mod tests {
         assert_eq!(devices.refused(7).len(), 7);
         assert_eq!(devices.refused(usize::MAX).len(), MAX_ANSWER);
         assert_eq!(devices.search("1f").len(), 1, "by serial");
+    }
+
+    #[test]
+    fn refused_handshakes_never_push_out_a_device_and_fields_are_clipped() {
+        let devices = Devices::new(16, "");
+        devices.seen(&seen("alice", &"P".repeat(1_000), 200, ""));
+        for n in 0..(HANDSHAKE_CAPACITY + 10) {
+            devices.handshake_refused(&format!("{n:x}"), &"S".repeat(70_000), 0, "unknown-issuer");
+        }
+        let alice = devices.of_account("alice");
+        assert_eq!(alice.len(), 1, "alice's phone is still known");
+        assert_eq!(alice[0].device_id.len(), MAX_FIELD);
+        assert_eq!(devices.len(), 1 + HANDSHAKE_CAPACITY);
+        assert!(devices
+            .refused(10)
+            .iter()
+            .all(|d| d.cert_subject.len() == MAX_FIELD));
+        assert_eq!(clip("ééé"), "ééé");
+        assert_eq!(clip(&"é".repeat(200)).len(), MAX_FIELD);
     }
 
     #[test]

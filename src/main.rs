@@ -382,13 +382,26 @@ async fn devices(args: DevicesArgs) -> i32 {
     let admins = if !args.admin.is_empty() {
         args.admin
     } else if let Some(replicas) = fleet_replicas(&config).await {
-        replicas
-    } else {
-        let mut address = config.admin.address;
-        if address.ip().is_unspecified() {
-            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        if config.admin.api_token_file.is_some() {
+            replicas
+        } else {
+            // Without a token a replica answers only its own host: ask those on loopback.
+            let (local, elsewhere): (Vec<_>, Vec<_>) =
+                replicas.into_iter().partition(|a| a.ip().is_loopback());
+            if !elsewhere.is_empty() {
+                eprintln!(
+                    "seg devices: without admin.api_token_file the replicas at {} answer only their own host; not asked",
+                    elsewhere.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                );
+            }
+            if local.is_empty() {
+                vec![local_admin(&config)]
+            } else {
+                local
+            }
         }
-        vec![address]
+    } else {
+        vec![local_admin(&config)]
     };
     let token = config
         .admin
@@ -405,7 +418,10 @@ async fn devices(args: DevicesArgs) -> i32 {
         };
         if let Some(chain) = &args.chain {
             match std::fs::read(chain) {
-                Ok(more) => pem.extend(more),
+                Ok(more) => {
+                    pem.push(b'\n');
+                    pem.extend(more);
+                }
                 Err(e) => {
                     eprintln!("seg devices: --chain {}: {e}", chain.display());
                     return EXIT_CONFIG;
@@ -438,13 +454,41 @@ async fn devices(args: DevicesArgs) -> i32 {
     if answered == 0 {
         return 69;
     }
-    devices.sort_by_key(|d| std::cmp::Reverse(d["last_seen"].as_i64().unwrap_or(0)));
+    // Merged as each replica ordered its own: the last refused, or the last seen, first.
+    let order = if args.refused {
+        "last_refusal_at"
+    } else {
+        "last_seen"
+    };
+    devices.sort_by_key(|d| std::cmp::Reverse(d[order].as_i64().unwrap_or(0)));
+    if args.refused {
+        devices.truncate(50);
+    }
     if args.json {
         println!("{}", serde_json::Value::Array(devices));
-        return 0;
+    } else {
+        print_devices(&devices);
     }
-    print_devices(&devices);
-    0
+    partial(answered, admins.len())
+}
+
+/// The exit status when `answered` of `asked` admin listeners answered: 0 for all, 75
+/// (EX_TEMPFAIL) when some did not (each was named on stderr).
+fn partial(answered: usize, asked: usize) -> i32 {
+    if answered == asked {
+        0
+    } else {
+        75
+    }
+}
+
+/// The configuration's own admin listener, on loopback when it listens on every address.
+fn local_admin(config: &Config) -> SocketAddr {
+    let mut address = config.admin.address;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    address
 }
 
 /// With `[fleet]`, the admin listeners of the replicas that announced themselves in the
@@ -461,10 +505,15 @@ async fn fleet_replicas(config: &Config) -> Option<Vec<SocketAddr>> {
     };
     match fleet.replicas().await {
         Some(replicas) if !replicas.is_empty() => {
-            // Replicas on loopback announce the same address from every host: ask it once.
+            // Replicas on loopback announce the same address from every host: ask it once,
+            // and say that the others cannot be told apart from here.
             let mut addresses: Vec<SocketAddr> = Vec::new();
-            for (_, address) in replicas {
-                if !addresses.contains(&address) {
+            for (name, address) in replicas {
+                if addresses.contains(&address) {
+                    eprintln!(
+                        "seg devices: replica {name} announces {address} like another; asked once"
+                    );
+                } else {
                     addresses.push(address);
                 }
             }
@@ -483,7 +532,15 @@ async fn fleet_replicas(config: &Config) -> Option<Vec<SocketAddr>> {
 
 /// The device list as a table in the shape of `Get-MobileDeviceStatistics`.
 fn print_devices(devices: &[serde_json::Value]) {
-    let text = |d: &serde_json::Value, k: &str| d[k].as_str().unwrap_or("").to_string();
+    // What a device or a certificate chose is printed without its control characters, so it
+    // cannot move the cursor or recolour the helpdesk's terminal.
+    let text = |d: &serde_json::Value, k: &str| {
+        d[k].as_str()
+            .unwrap_or("")
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+    };
     let time = |d: &serde_json::Value, k: &str| match d[k].as_i64() {
         Some(t) if t > 0 => seg::clock::utc(t),
         _ => "-".into(),
@@ -540,21 +597,23 @@ fn print_devices(devices: &[serde_json::Value]) {
 /// `seg devices --certificate`: each listener's own decision for the certificate.
 async fn decisions(admins: &[SocketAddr], pem: &[u8], token: Option<&str>, json: bool) -> i32 {
     let mut code = 0;
+    let mut answered = 0;
     for address in admins {
         let body = match admin_call(*address, "/api/decision", token, Some(pem)).await {
             Ok(body) => body,
             Err(e) => {
                 eprintln!("seg devices: {address}/api/decision: {e}");
-                return 69;
+                continue;
             }
         };
         let report: serde_json::Value = match serde_json::from_str(&body) {
             Ok(report) => report,
             Err(e) => {
                 eprintln!("seg devices: {address}: the answer is not a decision: {e}");
-                return 69;
+                continue;
             }
         };
+        answered += 1;
         if json {
             println!("{report}");
         } else {
@@ -569,7 +628,11 @@ async fn decisions(admins: &[SocketAddr], pem: &[u8], token: Option<&str>, json:
             _ => 69,
         });
     }
-    code
+    match answered {
+        0 => 69,
+        n if n < admins.len() => code.max(75),
+        _ => code,
+    }
 }
 
 /// One request to the admin listener: a GET, or a POST of `pem`; the body of a 200, else

@@ -68,22 +68,21 @@ pub async fn map_certificate(
         None => Vec::new(),
     };
     let revocation = crate::revocation::RevocationList::load(&config.tls.crl_files)?;
-    map_der(config, &revocation, resolver, ntauth, &leaf, &intermediates).await
+    let policy = ClientCertPolicy::new(&config.tls, &revocation)?;
+    Ok(map_der(&policy, resolver, ntauth, &leaf, &intermediates).await)
 }
 
-/// Validates and maps `leaf` (with `intermediates`) against the CRLs of `revocation`: the
-/// admin listener's `/api/decision` gives it the CRLs in force in the running gateway.
+/// Validates `leaf` (with `intermediates`) by `policy` and maps it: the admin listener's
+/// `/api/decision` gives it the running listener's own policy (its CAs and CRLs in force).
 pub async fn map_der(
-    config: &Config,
-    revocation: &crate::revocation::RevocationList,
+    policy: &ClientCertPolicy,
     resolver: &Resolver,
     ntauth: Option<&NtAuthStore>,
     leaf: &CertificateDer<'static>,
     intermediates: &[CertificateDer<'static>],
-) -> Result<MapReport, crate::certs::TlsError> {
-    let policy = ClientCertPolicy::new(&config.tls, revocation)?;
+) -> MapReport {
     if let Err((reason, e)) = policy.verify_chain(leaf, intermediates) {
-        return Ok(MapReport {
+        return MapReport {
             chain_error: Some(e.to_string()),
             chain_reason: Some(reason),
             ntauth: None,
@@ -92,7 +91,7 @@ pub async fn map_der(
                 reason: "certificate-invalid",
                 kdc_event: None,
             },
-        });
+        };
     }
     let (result, trace) = resolver.explain(leaf.as_ref()).await;
     // The gateway's order: the mapping's own denial first, then the NTAuth store.
@@ -113,7 +112,7 @@ pub async fn map_der(
     });
     let result = match (result, verdict.map(|(v, _)| v)) {
         (Ok(Decision::Admit(_)), Some(NtAuthVerdict::NotIssued)) => {
-            return Ok(MapReport {
+            return MapReport {
                 chain_error: None,
                 chain_reason: None,
                 ntauth: ntauth_line,
@@ -122,10 +121,10 @@ pub async fn map_der(
                     reason: DenyReason::CaNotInNtauth.code(),
                     kdc_event: DenyReason::CaNotInNtauth.kdc_event(),
                 },
-            });
+            };
         }
         (Ok(Decision::Admit(_)), Some(NtAuthVerdict::Unknown)) => {
-            return Ok(MapReport {
+            return MapReport {
                 chain_error: None,
                 chain_reason: None,
                 ntauth: ntauth_line,
@@ -134,7 +133,7 @@ pub async fn map_der(
                     reason: "ntauth-unavailable",
                     error: "the directory's NTAuth store could not be read".into(),
                 },
-            });
+            };
         }
         (result, _) => result,
     };
@@ -151,13 +150,13 @@ pub async fn map_der(
             error: e.to_string(),
         },
     };
-    Ok(MapReport {
+    MapReport {
         chain_error: None,
         chain_reason: None,
         ntauth: ntauth_line,
         trace,
         outcome,
-    })
+    }
 }
 
 impl MapReport {

@@ -148,6 +148,23 @@ async fn the_helpdesk_sees_alices_devices_and_why_one_was_refused() {
         .expect("the refused handshake");
     assert_eq!(refused_handshake["last_refusal"], "certificate-expired");
     assert_eq!(refused_handshake["account"], "");
+    // A certificate of the enterprise CA that maps to no account: found by its subject.
+    let mallory = lab.pki.device(LeafSpec::device("mallory"));
+    let r = client
+        .post(Some(&mallory), &eas_target("Sync", "mallory"), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    let (_, body) = get(admin, "/api/devices?q=mallory", None).await;
+    let found: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(found.len(), 1, "{body}");
+    assert!(
+        found[0]["cert_subject"]
+            .as_str()
+            .unwrap()
+            .contains("CN=mallory"),
+        "{body}"
+    );
 
     // The listener's own decision for a certificate, made now.
     let pem = alice.issued.cert_pem.as_bytes();
@@ -256,13 +273,31 @@ async fn with_a_token_file_the_device_api_needs_the_token() {
         head.contains("www-authenticate: Basic realm=\"seg admin\""),
         "{head}"
     );
-    let (status, _, body) = page(format!("Authorization: Basic {basic}\r\n")).await;
+    let (status, head, body) = page(format!("Authorization: Basic {basic}\r\n")).await;
     assert_eq!(status, 200);
     assert!(body.contains("TESTDEVICE1"), "{body}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; style-src 'self'"),
+        "{head}"
+    );
+    // The file is read at each call: a rotated token takes effect at once.
+    std::fs::write(&token_file, "rotated-token-9876543210\n").unwrap();
+    assert_eq!(get(admin, target, Some(token)).await.0, 401);
+    assert_eq!(
+        get(admin, target, Some("rotated-token-9876543210")).await.0,
+        200
+    );
     // /metrics stays open: Prometheus has no token.
     assert_eq!(get(admin, "/metrics", None).await.0, 200);
-    // The command reads the token file named by the configuration.
+    // The command reads the token file named by the configuration (the rotated token).
     let out = seg_devices(&lab, &["alice", "--json"]);
     let listed: Vec<Value> = serde_json::from_str(&out).expect("JSON");
     assert_eq!(listed[0]["device_id"], "TESTDEVICE1");
+    // A token file that is named but gone answers nobody, loopback included.
+    std::fs::remove_file(&token_file).unwrap();
+    assert_eq!(
+        get(admin, target, Some("rotated-token-9876543210")).await.0,
+        503
+    );
+    assert_eq!(get(admin, target, None).await.0, 503);
 }

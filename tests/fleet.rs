@@ -229,6 +229,17 @@ async fn one_directory_search_per_certificate_for_the_whole_fleet() {
         .map(|d| d["decided_at"].as_i64().unwrap())
         .collect();
     assert_eq!(decided.len(), 1, "one decision, shared: {rows:?}");
+    // An announcement written into the store without the key file is not asked: the
+    // command would fail to reach 127.0.0.1:1 and exit 75.
+    let _: i64 = redis::cmd("HSET")
+        .arg("seg:replicas")
+        .arg("forged")
+        .arg(format!("{} 127.0.0.1:1", seg::clock::unix_now()))
+        .query(&mut fleet.redis.client())
+        .unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&fleet.command(&["devices", "alice", "--json"])).unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
 
     // Twelve concurrent first requests of bob, four on each replica: one search.
     let bob = fleet.device("bob");

@@ -13,6 +13,8 @@ use super::{Admin, Answer};
 
 /// A certificate chain is a few KiB; a decision request is refused past this.
 const MAX_DECISION_BODY: usize = 64 * 1024;
+/// How long a decision's body may take to arrive, and the decision itself.
+const DECISION_TIME: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Admin {
     pub(super) async fn api(&self, request: Request<Incoming>) -> Answer {
@@ -50,7 +52,8 @@ impl Admin {
 
     /// The listener's decision for the certificate in the body. The body must say it is PEM
     /// (`application/x-pem-file`): a form on another site cannot send that type without a
-    /// CORS preflight, which this listener never answers.
+    /// CORS preflight, which this listener never answers. One decision at a time (each asks
+    /// the directory, uncached), its body within `DECISION_TIME` and its answer too.
     async fn decision(&self, request: Request<Incoming>) -> Answer {
         let is_pem = request
             .headers()
@@ -63,16 +66,26 @@ impl Admin {
                 "POST the certificate (PEM) as application/x-pem-file\n",
             );
         }
-        let body = match Limited::new(request.into_body(), MAX_DECISION_BODY)
-            .collect()
-            .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(_) => {
+        let Ok(_turn) = self.deciding.try_acquire() else {
+            let mut busy = Answer::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "another decision is being made; try again\n",
+            );
+            busy.headers
+                .push((header::RETRY_AFTER, http::HeaderValue::from_static("1")));
+            return busy;
+        };
+        let body = Limited::new(request.into_body(), MAX_DECISION_BODY).collect();
+        let body = match tokio::time::timeout(DECISION_TIME, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => {
                 return Answer::text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "a certificate chain of at most 64 KiB\n",
                 )
+            }
+            Err(_) => {
+                return Answer::text(StatusCode::REQUEST_TIMEOUT, "the body came too slowly\n")
             }
         };
         let chain: Vec<CertificateDer<'static>> =
@@ -86,24 +99,29 @@ impl Admin {
                 }
             };
         let gateway = self.live.load();
-        let revocation = gateway.revocation.load();
         let report = crate::mapcheck::map_der(
-            &gateway.config,
-            &revocation,
+            &gateway.client_policy,
             &gateway.resolver,
             gateway.ntauth.as_deref(),
             &chain[0],
             &chain[1..],
-        )
-        .await;
-        let mut answer = match report {
+        );
+        let mut answer = match tokio::time::timeout(DECISION_TIME, report).await {
             Ok(report) => {
                 let mut json = report.to_json();
                 json["explanation"] = report.explain().into();
                 json["replica"] = gateway.fleet.as_ref().map_or("", |f| f.replica()).into();
                 Answer::json(&json)
             }
-            Err(e) => Answer::text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            Err(_) => {
+                let mut late = Answer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no decision within 15 s: the directory is slow or down\n",
+                );
+                late.headers
+                    .push((header::RETRY_AFTER, http::HeaderValue::from_static("5")));
+                late
+            }
         };
         answer.cert_serial = crate::identity::CertFacts::from_der(chain[0].as_ref())
             .ok()

@@ -5,12 +5,16 @@
 //! The API and the page carry personal data (who uses which phone, and when), so they are
 //! not open like `/metrics`. With `admin.api_token_file`, every call needs the token:
 //! `Authorization: Bearer <token>` from a program, or the token as the password of HTTP Basic
-//! from a browser (any user name). A token, not client certificates: the listener is plain
-//! HTTP inside the pod or host, where Prometheus scrapes it, and a token file is one more
-//! Secret where a client CA would be a second PKI for the helpdesk. Without a token file only
-//! loopback peers are answered, and only when they name the listener by an IP address or
-//! `localhost` (a page elsewhere that rebinds its own name to 127.0.0.1 is refused). Every
-//! call, allowed or not, is written to the audit log.
+//! from a browser (any user name, recorded as claimed). The file is read at each call, so a
+//! rotated Secret takes effect at once; one that is named but cannot be read refuses every
+//! call (it never falls back to the rule without a token). A token, not client certificates:
+//! the listener is plain HTTP inside the pod or host, where Prometheus scrapes it, and a
+//! token file is one more Secret where a client CA would be a second PKI for the helpdesk.
+//! Without a token file only connections from loopback *to* a loopback address are answered
+//! (a sidecar proxy or port-forward that connects from 127.0.0.1 to the pod's own address
+//! is not local), and only when they name the listener by an IP address or `localhost` (a
+//! page elsewhere that rebinds its own name to 127.0.0.1 is refused). Every call, allowed or
+//! not, is written to the audit log.
 
 mod api;
 mod page;
@@ -86,10 +90,10 @@ pub struct Admin {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// The token of `admin.api_token_file`; `None`: loopback peers only.
-    token: Option<String>,
     /// When the process started serving, Unix seconds.
     started: i64,
+    /// One live decision at a time (`/api/decision`): each asks the directory, uncached.
+    deciding: tokio::sync::Semaphore,
 }
 
 /// Whether a caller may read the API and the page.
@@ -98,65 +102,83 @@ enum Access {
     Allowed,
     /// A token is set and the caller gave none, or another.
     NoToken,
-    /// No token is set and the caller is not on loopback, or named the listener by a name
+    /// `admin.api_token_file` is named but cannot be read: nobody is answered.
+    TokenUnreadable,
+    /// No token is set and the connection is not local, or named the listener by a name
     /// other than `localhost` (DNS rebinding).
     NotLoopback,
 }
 
+/// One connection to the admin listener: who connected, to which of our addresses.
+#[derive(Clone, Copy)]
+struct Caller {
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
 impl Admin {
-    /// The admin side of a running gateway, guarded by the first line of `token_file` if
-    /// there is one (an unreadable or empty file leaves it to loopback peers, logged).
-    pub fn new(
-        live: Arc<Live>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-        token_file: Option<&std::path::Path>,
-    ) -> Admin {
-        let token = token_file.and_then(|path| {
-            let token = read_token(path);
-            if token.is_none() {
-                tracing::warn!(target: "seg::admin", file = %path.display(), "admin.api_token_file is unreadable or empty: the device API answers loopback peers only");
-            }
-            token
-        });
+    /// The admin side of a running gateway; `admin.api_token_file` is read from the live
+    /// configuration at each call.
+    pub fn new(live: Arc<Live>, metrics: Arc<Metrics>, health: Arc<Health>) -> Admin {
         Admin {
             live,
             metrics,
             health,
-            token,
             started: crate::clock::unix_now(),
+            deciding: tokio::sync::Semaphore::new(1),
         }
     }
 
-    fn access(&self, peer: SocketAddr, headers: &http::HeaderMap) -> Access {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        match &self.token {
-            Some(token) => match given.and_then(presented_token) {
-                Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
-                    Access::Allowed
+    fn access(&self, caller: Caller, headers: &http::HeaderMap) -> Access {
+        let token_file = self.live.load().config.admin.api_token_file.clone();
+        match token_file {
+            Some(path) => {
+                let Some(token) = read_token(&path) else {
+                    tracing::error!(target: "seg::admin", file = %path.display(), "admin.api_token_file cannot be read or is empty: the device API and the status page refuse every call");
+                    return Access::TokenUnreadable;
+                };
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(presented_token);
+                match given {
+                    Some((_, given)) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+                        Access::Allowed
+                    }
+                    _ => Access::NoToken,
                 }
-                _ => Access::NoToken,
-            },
-            None if peer.ip().is_loopback() && names_this_host(headers) => Access::Allowed,
+            }
+            None if caller.peer.ip().to_canonical().is_loopback()
+                && caller.local.ip().to_canonical().is_loopback()
+                && names_this_host(headers) =>
+            {
+                Access::Allowed
+            }
             None => Access::NotLoopback,
         }
     }
 
     /// The answer to one request of the API or the page, audited.
-    async fn personal(
-        &self,
-        request: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<Full<Bytes>> {
+    async fn personal(&self, request: Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or("").to_string();
-        let access = self.access(peer, request.headers());
+        let access = self.access(caller, request.headers());
+        // The user name a browser typed with the token: a claim, recorded as one.
+        let claimed_user = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(presented_token)
+            .and_then(|(user, _)| user);
+        let peer = caller.peer;
         let mut answer = match access {
             Access::Allowed if path.starts_with("/api/") => self.api(request).await,
             Access::Allowed => self.page(request.method(), &path, &query).await,
             Access::NoToken => Answer::text(StatusCode::UNAUTHORIZED, "the admin token is required\n"),
+            Access::TokenUnreadable => Answer::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "admin.api_token_file cannot be read: nothing is answered until it can\n",
+            ),
             Access::NotLoopback => Answer::text(
                 StatusCode::FORBIDDEN,
                 "without admin.api_token_file only loopback peers that name this host by address or as localhost are answered\n",
@@ -167,6 +189,9 @@ impl Admin {
             line.addr("peer", &peer);
             line.str("path", &path);
             line.str("query", &query);
+            if let Some(user) = &claimed_user {
+                line.str("claimed_user", user);
+            }
             if let Some(serial) = &answer.cert_serial {
                 line.str("cert_serial", serial);
             }
@@ -195,18 +220,25 @@ impl Admin {
     }
 }
 
-/// The token of an `Authorization` value: a bearer token, or the password of HTTP Basic.
-fn presented_token(value: &str) -> Option<String> {
-    if let Some(token) = value.strip_prefix("Bearer ") {
-        return Some(token.trim().to_string());
+/// The token of an `Authorization` value: a bearer token, or the password of HTTP Basic
+/// with the user name given beside it. The scheme's name is case-insensitive (RFC 9110).
+fn presented_token(value: &str) -> Option<(Option<String>, String)> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("Bearer") {
+        return Some((None, rest.to_string()));
     }
-    let encoded = value.strip_prefix("Basic ")?;
+    if !scheme.eq_ignore_ascii_case("Basic") {
+        return None;
+    }
     use base64::Engine as _;
     let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
+        .decode(rest)
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
-    Some(text.split_once(':')?.1.to_string())
+    let (user, password) = text.split_once(':')?;
+    let user = user.chars().filter(|c| !c.is_control()).take(64).collect();
+    Some((Some(user), password.to_string()))
 }
 
 /// Whether the request names the listener by an IP address or as `localhost`: what a
@@ -300,6 +332,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
             },
             _ = shutdown.changed() => return,
         };
+        let Ok(local) = tcp.local_addr() else {
+            continue;
+        };
+        let caller = Caller { peer, local };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
@@ -312,7 +348,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
                             &admin.metrics,
                             &admin.health,
                         ),
-                        _ => admin.personal(request, peer).await,
+                        _ => admin.personal(request, caller).await,
                     };
                     Ok::<_, Infallible>(response)
                 }
@@ -361,14 +397,16 @@ mod tests {
 
     #[test]
     fn a_token_comes_as_a_bearer_or_as_basics_password() {
-        assert_eq!(presented_token("Bearer abc").as_deref(), Some("abc"));
+        assert_eq!(presented_token("Bearer abc"), Some((None, "abc".into())));
+        assert_eq!(presented_token("bearer  abc"), Some((None, "abc".into())));
         // "helpdesk:abc"
         assert_eq!(
-            presented_token("Basic aGVscGRlc2s6YWJj").as_deref(),
-            Some("abc")
+            presented_token("Basic aGVscGRlc2s6YWJj"),
+            Some((Some("helpdesk".into()), "abc".into()))
         );
         assert_eq!(presented_token("Basic !!!"), None);
         assert_eq!(presented_token("Digest abc"), None);
+        assert_eq!(presented_token("Bearer"), None);
     }
 
     #[test]

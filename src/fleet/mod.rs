@@ -363,13 +363,20 @@ impl Fleet {
     }
 
     /// Says where this replica's admin listener is, for `seg devices` across the fleet: the
-    /// hash `<prefix>replicas`, replica name → `<unix seconds> <address>`, written again by
-    /// every upkeep round.
+    /// hash `<prefix>replicas`, replica name → the address, sealed like every entry (so a
+    /// store written by someone without the key file cannot send `seg devices`, and its
+    /// token, elsewhere) and valid for `REPLICA_FRESH`; written again by every upkeep round.
     pub async fn announce(&self, admin: SocketAddr) {
+        let hash = self.key("replicas");
+        let entry = self.keys().seal(
+            &format!("{hash}:{}", self.replica),
+            unix_now() + REPLICA_FRESH.as_secs() as i64,
+            admin.to_string().as_bytes(),
+        );
         let command = redis::cmd("HSET")
-            .arg(self.key("replicas"))
+            .arg(&hash)
             .arg(&self.replica)
-            .arg(format!("{} {admin}", unix_now()))
+            .arg(entry)
             .clone();
         let _ = self.run::<i64>("announce", &command).await;
     }
@@ -383,19 +390,21 @@ impl Fleet {
         let _ = self.run::<i64>("announce", &command).await;
     }
 
-    /// The replicas that announced their admin listener within `REPLICA_FRESH`, by name.
+    /// The replicas whose announcement is still valid and opens under the key file, by name;
+    /// `None` when the store does not answer.
     pub async fn replicas(&self) -> Option<Vec<(String, SocketAddr)>> {
-        let command = redis::cmd("HGETALL").arg(self.key("replicas")).clone();
-        let fields: Vec<(String, String)> = self
+        let hash = self.key("replicas");
+        let command = redis::cmd("HGETALL").arg(&hash).clone();
+        let fields: Vec<(String, Vec<u8>)> = self
             .run_within("replicas", &command, Duration::from_secs(5))
             .await?;
+        let keys = self.keys();
         let now = unix_now();
         let mut fresh: Vec<(String, SocketAddr)> = fields
             .into_iter()
-            .filter_map(|(name, value)| {
-                let (at, address) = value.split_once(' ')?;
-                let age = now - at.parse::<i64>().ok()?;
-                (age <= REPLICA_FRESH.as_secs() as i64).then_some((name, address.parse().ok()?))
+            .filter_map(|(name, entry)| {
+                let address = keys.open(&format!("{hash}:{name}"), &entry, now).ok()?;
+                Some((name, std::str::from_utf8(&address).ok()?.parse().ok()?))
             })
             .collect();
         fresh.sort();

@@ -39,6 +39,8 @@ pub struct Denial {
     pub account: Option<String>,
     pub cert_serial: String,
     pub cert_issuer: String,
+    /// The certificate's subject, for the device registry (a refusal without an account).
+    pub cert_subject: String,
 }
 
 /// Why no decision could be made now. Never cached.
@@ -302,6 +304,7 @@ impl Resolver {
                     account: None,
                     cert_serial: String::new(),
                     cert_issuer: String::new(),
+                    cert_subject: String::new(),
                 };
                 return (Ok(Decision::Deny(Arc::new(denial))), trace);
             }
@@ -454,6 +457,7 @@ impl Resolver {
                     account: None,
                     cert_serial: String::new(),
                     cert_issuer: String::new(),
+                    cert_subject: String::new(),
                 }));
                 return Ok(self.cached(denial, None, None));
             }
@@ -592,6 +596,7 @@ impl Resolver {
                     account: entry.denied_account.clone(),
                     cert_serial: facts.serial_hex(),
                     cert_issuer: facts.issuer.clone(),
+                    cert_subject: facts.subject.clone(),
                 }));
                 let cached = self.cached(denial, Some(Arc::clone(facts)), None);
                 (cached, self.negative_ttl.checked_sub(age)?)
@@ -731,6 +736,7 @@ impl Resolver {
                 account: account.map(|a| a.dn.clone()),
                 cert_serial: facts.serial_hex(),
                 cert_issuer: facts.issuer.clone(),
+                cert_subject: facts.subject.clone(),
             }))
         };
         trace.enforcement = Some(self.mapping.enforcement);

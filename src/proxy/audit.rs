@@ -175,6 +175,10 @@ impl AuditRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         // The device API's view: by account when the certificate mapped to one.
+        let cert_subject = match &self.subject {
+            AuditSubject::Denied(d) if d.account.is_none() => d.cert_subject.as_str(),
+            _ => "",
+        };
         let (device_account, not_after, decided_at) = match &self.subject {
             AuditSubject::Admitted(i) => (
                 i.account
@@ -192,6 +196,7 @@ impl AuditRecord {
             device_type: eas.device_type.as_deref().unwrap_or(""),
             user_agent: eas.user_agent.as_deref().unwrap_or(""),
             cert_serial,
+            cert_subject,
             cert_not_after: not_after,
             mapping,
             strength,

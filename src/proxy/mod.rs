@@ -61,6 +61,9 @@ pub struct Gateway {
     pub long_polls: Arc<LongPolls>,
     /// The listener's TLS configuration (`crate::tls::server_config`).
     pub tls: Arc<rustls::ServerConfig>,
+    /// The client-certificate policy inside it (chain, EKU, CRLs in force), for the admin
+    /// listener's live decision.
+    pub client_policy: Arc<crate::tls::ClientCertPolicy>,
     pub revocation: Arc<CurrentRevocation>,
     /// OCSP and distribution-point CRLs, checked per request after the CRLs in force.
     pub online: Arc<crate::revocation::online::OnlineRevocation>,
