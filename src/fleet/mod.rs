@@ -34,7 +34,7 @@ use seal::{Keys, OpenError};
 /// The budget of one read of the whole block list, and of `seg block`'s write: not a request.
 const BLOCK_BUDGET: Duration = Duration::from_secs(2);
 /// A replica that has not announced itself for this long is taken for gone (it announces
-/// every upkeep round, `block_poll_interval`).
+/// every upkeep round, `block_poll_interval`: three rounds when they are longer).
 pub const REPLICA_FRESH: Duration = Duration::from_secs(30);
 
 /// Why the fleet store cannot be set up from its configuration.
@@ -368,9 +368,10 @@ impl Fleet {
     /// token, elsewhere) and valid for `REPLICA_FRESH`; written again by every upkeep round.
     pub async fn announce(&self, admin: SocketAddr) {
         let hash = self.key("replicas");
+        let valid_for = REPLICA_FRESH.max(self.block_poll_interval * 3);
         let entry = self.keys().seal(
             &format!("{hash}:{}", self.replica),
-            unix_now() + REPLICA_FRESH.as_secs() as i64,
+            unix_now() + valid_for.as_secs() as i64,
             admin.to_string().as_bytes(),
         );
         let command = redis::cmd("HSET")
