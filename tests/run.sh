@@ -35,7 +35,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # tests/slow_clients.rs.
 # logrotate: rotates seg's audit file in tests/audit_log.rs (create and copytruncate).
 # redis-server: the store the replicas of tests/fleet.rs share ([fleet]).
-# chromium: the headless browser tests/status_page.rs drives over the DevTools protocol.
+# chromium: the headless browser tests/status_page.rs drives over the DevTools protocol;
+# fonts-liberation: the fonts it renders the page (and its screenshot) with, a recommends
+# that --no-install-recommends would leave out.
 APT_PACKAGES=(
     libgssapi-krb5-2 apache2 libapache2-mod-auth-gssapi
     slapd ldap-utils
@@ -44,7 +46,7 @@ APT_PACKAGES=(
     sogo sogo-activesync postgresql dovecot-imapd memcached
     nginx haproxy
     prometheus systemd python3-venv
-    slowhttptest logrotate redis-server chromium
+    slowhttptest logrotate redis-server chromium fonts-liberation
 )
 # The real ActiveSync client the SOGo test drives (tests/eas_client.py).
 PIP_PACKAGES=(pyactivesync==0.17.0)
