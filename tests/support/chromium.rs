@@ -39,6 +39,8 @@ impl Chromium {
                 // Root in a container has no user namespace for Chromium's sandbox.
                 "--no-sandbox",
                 "--disable-gpu",
+                // A container's /dev/shm is often 64 MiB: keep shared memory in /tmp.
+                "--disable-dev-shm-usage",
                 "--no-first-run",
                 "--no-default-browser-check",
                 "--disable-extensions",
