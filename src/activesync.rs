@@ -499,6 +499,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Percent-encodes a query value: RFC 3986's unreserved characters stay, every other byte
+/// is `%XX` (what `percent_decode` reads back).
+pub fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Decodes `%xx` and `+`; refuses a broken escape, invalid UTF-8 or a control character.
 pub fn percent_decode(value: &str) -> Result<String, QueryError> {
     let bytes = value.as_bytes();

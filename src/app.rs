@@ -647,12 +647,16 @@ async fn fleet_upkeep(
 ) {
     let mut renewed = std::time::Instant::now();
     let mut advertised = None;
+    let mut withdrawn = false;
     loop {
         let Some(fleet) = live.load().fleet.clone() else {
             return;
         };
         if health.draining.load(Ordering::Acquire) {
-            fleet.withdraw().await;
+            if !withdrawn {
+                fleet.withdraw().await;
+                withdrawn = true;
+            }
         } else {
             if advertised.is_none() {
                 // No route yet (the store's name does not resolve, say): the next round tries

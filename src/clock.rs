@@ -106,6 +106,7 @@ pub fn utc(unix: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::time_provider::TimeProvider;
 
     #[test]
     fn times_print_in_utc() {
@@ -113,7 +114,6 @@ mod tests {
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(utc(1_796_563_845), "2026-12-06 13:30:45");
     }
-    use rustls::time_provider::TimeProvider;
 
     #[test]
     fn an_adjustable_clock_moves_and_the_system_clock_does_not() {

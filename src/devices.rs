@@ -87,6 +87,7 @@ pub struct DeviceState {
 }
 
 /// What a finished request tells about its device.
+#[derive(Default)]
 pub struct Seen<'a> {
     pub account: &'a str,
     pub device_id: &'a str,

@@ -355,16 +355,7 @@ async fn devices(args: DevicesArgs) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let encode = |v: &str| -> String {
-        v.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
+    let encode = seg::activesync::percent_encode;
     let target = match (&args.account, &args.device, args.refused, &args.certificate) {
         (Some(account), None, false, None) => {
             format!("/api/devices?account={}", encode(account))

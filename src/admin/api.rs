@@ -67,13 +67,7 @@ impl Admin {
             );
         }
         let Ok(_turn) = self.deciding.try_acquire() else {
-            let mut busy = Answer::text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "another decision is being made; try again\n",
-            );
-            busy.headers
-                .push((header::RETRY_AFTER, http::HeaderValue::from_static("1")));
-            return busy;
+            return Answer::unavailable("1", "another decision is being made; try again\n");
         };
         let body = Limited::new(request.into_body(), MAX_DECISION_BODY).collect();
         let body = match tokio::time::timeout(DECISION_TIME, body).await {
@@ -113,15 +107,10 @@ impl Admin {
                 json["replica"] = gateway.fleet.as_ref().map_or("", |f| f.replica()).into();
                 Answer::json(&json)
             }
-            Err(_) => {
-                let mut late = Answer::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no decision within 15 s: the directory is slow or down\n",
-                );
-                late.headers
-                    .push((header::RETRY_AFTER, http::HeaderValue::from_static("5")));
-                late
-            }
+            Err(_) => Answer::unavailable(
+                "5",
+                "no decision within 15 s: the directory is slow or down\n",
+            ),
         };
         answer.cert_serial = crate::identity::CertFacts::from_der(chain[0].as_ref())
             .ok()

@@ -129,7 +129,8 @@ impl Admin {
         }
     }
 
-    fn access(&self, caller: Caller, headers: &http::HeaderMap) -> Access {
+    /// Whether `caller`, presenting the token `given` (if any), may read the API and the page.
+    fn access(&self, caller: Caller, given: Option<&str>, headers: &http::HeaderMap) -> Access {
         let token_file = self.live.load().config.admin.api_token_file.clone();
         match token_file {
             Some(path) => {
@@ -137,12 +138,8 @@ impl Admin {
                     tracing::error!(target: "seg::admin", file = %path.display(), "admin.api_token_file cannot be read or is empty: the device API and the status page refuse every call");
                     return Access::TokenUnreadable;
                 };
-                let given = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(presented_token);
                 match given {
-                    Some((_, given)) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+                    Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
                         Access::Allowed
                     }
                     _ => Access::NoToken,
@@ -162,14 +159,18 @@ impl Admin {
     async fn personal(&self, request: Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or("").to_string();
-        let access = self.access(caller, request.headers());
-        // The user name a browser typed with the token: a claim, recorded as one.
-        let claimed_user = request
+        let presented = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(presented_token)
-            .and_then(|(user, _)| user);
+            .and_then(presented_token);
+        let access = self.access(
+            caller,
+            presented.as_ref().map(|(_, token)| token.as_str()),
+            request.headers(),
+        );
+        // The user name a browser typed with the token: a claim, recorded as one.
+        let claimed_user = presented.and_then(|(user, _)| user);
         let peer = caller.peer;
         let mut answer = match access {
             Access::Allowed if path.starts_with("/api/") => self.api(request).await,
@@ -293,6 +294,15 @@ impl Answer {
 
     fn text(status: StatusCode, body: &str) -> Answer {
         Answer::new(status, "text/plain; charset=utf-8", body.to_string())
+    }
+
+    /// 503 with `Retry-After: <seconds>`.
+    fn unavailable(retry_after: &'static str, body: &str) -> Answer {
+        let mut answer = Answer::text(StatusCode::SERVICE_UNAVAILABLE, body);
+        answer
+            .headers
+            .push((header::RETRY_AFTER, HeaderValue::from_static(retry_after)));
+        answer
     }
 
     fn json(value: &impl serde::Serialize) -> Answer {

@@ -148,37 +148,18 @@ impl Admin {
         );
         let up = |flag: &std::sync::atomic::AtomicBool| flag.load(Ordering::Acquire);
         let health = &self.health;
-        tile(
+        up_tile(
             &mut html,
             "directory",
             "Directory",
-            updown(up(&health.directory_up)),
-            Some(up(&health.directory_up)),
+            up(&health.directory_up),
         );
-        tile(
-            &mut html,
-            "upstream",
-            "Upstream",
-            updown(up(&health.upstream_up)),
-            Some(up(&health.upstream_up)),
-        );
+        up_tile(&mut html, "upstream", "Upstream", up(&health.upstream_up));
         if gateway.delegation.is_some() {
-            tile(
-                &mut html,
-                "kdc",
-                "KDC",
-                updown(up(&health.kdc_up)),
-                Some(up(&health.kdc_up)),
-            );
+            up_tile(&mut html, "kdc", "KDC", up(&health.kdc_up));
         }
         if let Some(fleet) = &gateway.fleet {
-            tile(
-                &mut html,
-                "fleet",
-                "Fleet store",
-                updown(fleet.store_up()),
-                Some(fleet.store_up()),
-            );
+            up_tile(&mut html, "fleet", "Fleet store", fleet.store_up());
         }
         let revocation = gateway.revocation.load();
         let stale = revocation.stale(now).len();
@@ -275,12 +256,9 @@ fn tile(html: &mut String, id: &str, name: &str, value: &str, good: Option<bool>
     );
 }
 
-fn updown(up: bool) -> &'static str {
-    if up {
-        "up"
-    } else {
-        "down"
-    }
+/// A dependency's tile: up (green) or down (red).
+fn up_tile(html: &mut String, id: &str, name: &str, up: bool) {
+    tile(html, id, name, if up { "up" } else { "down" }, Some(up));
 }
 
 /// The table of `devices`, in the shape of `Get-MobileDeviceStatistics`.

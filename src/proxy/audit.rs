@@ -151,62 +151,51 @@ impl AuditRecord {
             &self.metrics.request_duration_short
         };
         by_kind.observe(duration.as_secs_f64());
-        let (cert_serial, cert_issuer, account, mapping, strength) = match &self.subject {
-            AuditSubject::Unknown => ("", "", "", "", ""),
-            AuditSubject::Admitted(i) => (
-                i.cert_serial.as_str(),
-                i.cert_issuer.as_str(),
-                i.account.dn.as_str(),
-                i.rule.name(),
-                match i.strength {
-                    MappingStrength::Strong => "strong",
-                    MappingStrength::Weak => "weak",
-                },
-            ),
-            AuditSubject::Denied(d) => (
-                d.cert_serial.as_str(),
-                d.cert_issuer.as_str(),
-                d.account.as_deref().unwrap_or(""),
-                "",
-                "",
-            ),
-        };
         let eas = &self.eas;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let duration_us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
-        // The device API's view: by account when the certificate mapped to one.
-        let cert_subject = match &self.subject {
-            AuditSubject::Denied(d) if d.account.is_none() => d.cert_subject.as_str(),
-            _ => "",
-        };
-        let (device_account, not_after, decided_at) = match &self.subject {
-            AuditSubject::Admitted(i) => (
-                i.account
-                    .sam_account_name
-                    .as_deref()
-                    .unwrap_or(&i.account.dn),
-                i.validity.1,
-                i.decided_unix,
-            ),
-            _ => ("", 0, 0),
-        };
-        self.devices.seen(&crate::devices::Seen {
-            account: device_account,
+        // What the device registry keeps of this request; the subject's part is read once,
+        // for it and for the record.
+        let mut seen = crate::devices::Seen {
             device_id: eas.device_id.as_deref().unwrap_or(""),
             device_type: eas.device_type.as_deref().unwrap_or(""),
             user_agent: eas.user_agent.as_deref().unwrap_or(""),
-            cert_serial,
-            cert_subject,
-            cert_not_after: not_after,
-            mapping,
-            strength,
-            decided_at,
             command: eas.command_name(),
             status: self.status,
             decision: self.decision,
             reason: self.reason,
             duration_ms: duration_us as f64 / 1000.0,
-        });
+            ..crate::devices::Seen::default()
+        };
+        let (cert_issuer, account) = match &self.subject {
+            AuditSubject::Unknown => ("", ""),
+            AuditSubject::Admitted(i) => {
+                // The registry keeps a device by its account's sAMAccountName.
+                seen.account = i
+                    .account
+                    .sam_account_name
+                    .as_deref()
+                    .unwrap_or(&i.account.dn);
+                seen.cert_serial = &i.cert_serial;
+                seen.cert_not_after = i.validity.1;
+                seen.mapping = i.rule.name();
+                seen.strength = match i.strength {
+                    MappingStrength::Strong => "strong",
+                    MappingStrength::Weak => "weak",
+                };
+                seen.decided_at = i.decided_unix;
+                (i.cert_issuer.as_str(), i.account.dn.as_str())
+            }
+            AuditSubject::Denied(d) => {
+                seen.cert_serial = &d.cert_serial;
+                if d.account.is_none() {
+                    seen.cert_subject = &d.cert_subject;
+                }
+                (d.cert_issuer.as_str(), d.account.as_deref().unwrap_or(""))
+            }
+        };
+        self.devices.seen(&seen);
+        let (cert_serial, mapping, strength) = (seen.cert_serial, seen.mapping, seen.strength);
         crate::audit::record(|line| {
             line.addr("peer", &self.peer);
             line.str("cert_serial", cert_serial);
